@@ -1,0 +1,230 @@
+"""Checkpoint folders: written atomically, checksummed, and validated before use.
+
+Layout of one checkpoint (``RUN/checkpoints/step_00000100/``)::
+
+    model.safetensors    model weights (a tied head is stored once, under embed_tokens)
+    config.yaml          the resolved Config of the run
+    train_state.pt       optimizer, scheduler, loader and RNG state, step (optional; torch.load weights_only)
+    tokenizer.json       the run's tokenizer (optional)
+    manifest.json        size and sha256 of every file above; written last, so its presence marks completion
+
+A checkpoint is written into ``step_XXXXXXXX.tmp-<pid>`` and renamed into place, so an interrupted write never
+leaves a folder that looks complete. A folder whose files do not match its manifest is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import Config, config_from_dict, load_yaml, save_config
+from lmforge.errors import CheckpointError
+
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.yaml"
+TRAIN_STATE = "train_state.pt"
+TOKENIZER = "tokenizer.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def model_state_for_saving(state: dict[str, Any], tied: bool) -> dict[str, Any]:
+    """Contiguous CPU tensors, with the tied head dropped (safetensors refuses shared storage)."""
+    out = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    if tied:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    model_state: dict[str, Any],
+    config: Config,
+    train_state: dict[str, Any] | None = None,
+    tokenizer_file: str | Path | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a checkpoint folder atomically and return its path. ``extra_files`` maps name -> text content."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_file(model_state_for_saving(model_state, config.model.tie_embeddings), tmp / WEIGHTS)
+        save_config(config, tmp / CONFIG)
+        if train_state is not None:
+            torch.save(train_state, tmp / TRAIN_STATE)
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        manifest = {"format": "lmforge-checkpoint/1", "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        _fsync_dir(tmp)
+        if directory.exists():
+            old = directory.with_name(f"{directory.name}.old-{os.getpid()}")
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+        _fsync_dir(directory.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def verify_checkpoint(directory: str | Path) -> list[str]:
+    """Problems with a checkpoint folder (missing manifest, missing files, size or checksum mismatch)."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return [f"{directory}: no {MANIFEST} (an interrupted write, or not an lmforge checkpoint)"]
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        return [f"{manifest_path}: unreadable manifest ({exc})"]
+    problems = []
+    for name, entry in files.items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != entry["bytes"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']} (truncated?)")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path}: checksum mismatch (corrupt)")
+    return problems
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Completed-looking checkpoint folders of a run, oldest first (validity is not checked here)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and "." not in p.name)
+
+
+@dataclass
+class FoundCheckpoint:
+    path: Path
+    skipped: list[str]  # problems of newer checkpoints that were passed over
+
+
+def latest_valid_checkpoint(run_dir: str | Path) -> FoundCheckpoint | None:
+    """The newest checkpoint of a run whose files match their manifest; the problems of any skipped."""
+    skipped: list[str] = []
+    for path in reversed(list_checkpoints(run_dir)):
+        problems = verify_checkpoint(path)
+        if not problems:
+            return FoundCheckpoint(path, skipped)
+        skipped.extend(problems)
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (its newest valid checkpoint). Raises CheckpointError otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run folder")
+    if (path / MANIFEST).is_file() or (path / WEIGHTS).is_file():
+        problems = verify_checkpoint(path) if (path / MANIFEST).is_file() else []
+        if problems:
+            raise CheckpointError("invalid checkpoint:\n  " + "\n  ".join(problems))
+        return path
+    found = latest_valid_checkpoint(path)
+    if found is None:
+        raise CheckpointError(f"{path}: neither a checkpoint (no {WEIGHTS}) nor a run folder with a valid checkpoint")
+    return found.path
+
+
+def load_config_from(directory: str | Path) -> Config:
+    directory = Path(directory)
+    if not (directory / CONFIG).is_file():
+        raise CheckpointError(f"{directory}: no {CONFIG}")
+    return config_from_dict(load_yaml(directory / CONFIG))
+
+
+def load_model_state(directory: str | Path, config: Config) -> dict[str, Any]:
+    """Weights from ``model.safetensors``, with the tied head restored as the same tensor."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {WEIGHTS}")
+    try:
+        state = load_file(path)
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from None
+    if config.model.tie_embeddings and "embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    return state
+
+
+def load_train_state(directory: str | Path) -> dict[str, Any] | None:
+    import torch
+
+    path = Path(directory) / TRAIN_STATE
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_model(path: str | Path, *, device: str = "cpu"):
+    """Build the model of a checkpoint (or a run's newest valid one) and load its weights.
+    Returns (model, config, checkpoint folder)."""
+    from lmforge.model.transformer import build_model
+
+    directory = resolve_checkpoint(path)
+    config = load_config_from(directory)
+    state = load_model_state(directory, config)
+    model = build_model(config.model, device="meta")
+    model.to_empty(device=device)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.model.tie_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory / WEIGHTS} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.init_buffers()
+    return model, config, directory

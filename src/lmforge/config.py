@@ -1,0 +1,467 @@
+"""Typed configuration: dataclasses built once at the boundary from YAML and dotted overrides, validated once.
+
+A config file has one section per dataclass below (``model``, ``data``, ``train``, ``parallel``, ``eval``).
+``model.preset`` names a preset from ``lmforge.model.presets``; the other ``model`` keys override it.
+Overrides on the command line use dotted keys: ``train.lr=3e-4 model.n_layers=8``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lmforge.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The shape of the one decoder-only Transformer. Every switch is named for the idea it turns on."""
+
+    preset: str | None = None  # the preset these values started from (informational once resolved)
+    vocab_size: int = 256
+    max_seq_len: int = 256
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (multi-head); 1: multi-query
+    ffn_hidden: int | None = None  # None: 4*d_model for gelu, Llama's 2/3*4*d_model rounded to 256 for swiglu
+    position: Literal["rope", "learned", "sinusoidal"] = "rope"
+    rope_theta: float = 10000.0
+    ffn: Literal["swiglu", "gelu"] = "swiglu"
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    bias: bool = False  # biases on attention and feed-forward projections (GPT-2 has them, Llama not)
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        if self.ffn == "gelu":
+            return 4 * self.d_model
+        hidden = int(2 * (4 * self.d_model) / 3)
+        return 256 * ((hidden + 255) // 256)
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("vocab_size", "max_seq_len", "n_layers", "d_model", "n_heads"):
+            if getattr(self, name) < 1:
+                out.append(f"model.{name}={getattr(self, name)} must be >= 1")
+        if self.n_heads >= 1 and self.d_model % self.n_heads:
+            out.append(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if self.n_kv_heads is not None and self.n_kv_heads < 1:
+            out.append(f"model.n_kv_heads={self.n_kv_heads} must be >= 1 (or null for n_heads)")
+        elif self.n_heads >= 1 and self.n_heads % self.kv_heads:
+            out.append(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.kv_heads}")
+        if self.position == "rope" and self.n_heads >= 1 and self.d_model % self.n_heads == 0:
+            if self.head_dim % 2:
+                out.append(f"model.position=rope needs an even head dimension, got {self.head_dim}")
+        if self.position == "sinusoidal" and self.d_model % 2:
+            out.append(f"model.position=sinusoidal needs an even model.d_model, got {self.d_model}")
+        if self.ffn_hidden is not None and self.ffn_hidden < 1:
+            out.append(f"model.ffn_hidden={self.ffn_hidden} must be >= 1 (or null for the default)")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.rope_theta <= 0:
+            out.append(f"model.rope_theta={self.rope_theta} must be > 0")
+        if self.norm_eps <= 0:
+            out.append(f"model.norm_eps={self.norm_eps} must be > 0")
+        if self.init_std <= 0:
+            out.append(f"model.init_std={self.init_std} must be > 0")
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the training text comes from and how it becomes token shards."""
+
+    sources: list[str] = field(default_factory=list)  # raw files, folders or globs; prepared on demand
+    prepared: str | None = None  # a folder written by `lmforge data prepare` (default: derived from out_dir)
+    mixture: dict[str, float] = field(default_factory=dict)  # prepared folder -> weight
+    tokenizer: str = "bpe"  # "bpe" (train byte-level BPE), "char", or a path to tokenizer.json / HF folder
+    vocab_size: int = 4096
+    text_field: str = "text"
+    val_fraction: float = 0.01
+    seed: int = 1234
+    workers: int = 2
+    min_chars: int = 1
+    max_chars: int = 10_000_000
+    max_repeated_line_fraction: float = 1.0
+    dedup: bool = True
+    near_dedup: bool = False
+    near_dedup_threshold: float = 0.8
+    scrub_pii: bool = False
+    document_mask: bool = False  # pass document boundaries to attention (no attending across documents)
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 0.0 <= self.val_fraction < 1.0:
+            out.append(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.vocab_size < 2:
+            out.append(f"data.vocab_size={self.vocab_size} must be >= 2")
+        if self.workers < 1:
+            out.append(f"data.workers={self.workers} must be >= 1")
+        if not 0.0 < self.near_dedup_threshold <= 1.0:
+            out.append(f"data.near_dedup_threshold={self.near_dedup_threshold} must be in (0, 1]")
+        if not 0.0 < self.max_repeated_line_fraction <= 1.0:
+            out.append(f"data.max_repeated_line_fraction={self.max_repeated_line_fraction} must be in (0, 1]")
+        if self.min_chars > self.max_chars:
+            out.append(f"data.min_chars={self.min_chars} is larger than data.max_chars={self.max_chars}")
+        for name, weight in self.mixture.items():
+            if weight <= 0:
+                out.append(f"data.mixture[{name!r}]={weight} must be > 0")
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The optimisation loop."""
+
+    out_dir: str = "runs/demo"
+    steps: int = 1000
+    seq_len: int = 128
+    micro_batch: int = 8
+    global_batch_tokens: int | None = None  # None: one micro-batch per process per step
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps that decays
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    seed: int = 1337
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    ckpt_every: int = 200
+    keep_last: int = 3
+    max_bad_steps: int = 5  # consecutive non-finite steps before rolling back to the last checkpoint
+    spike_zscore: float = 6.0
+    sample_every: int = 0  # 0: samples only at the end
+    sample_prompts: list[str] = field(default_factory=lambda: ["\n"])
+    sample_tokens: int = 200
+    time_limit_minutes: float = 0.0  # 0: no limit; otherwise stop (with a checkpoint) after this long
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("steps", "seq_len", "micro_batch", "log_every", "eval_every", "ckpt_every", "keep_last"):
+            if getattr(self, name) < 1:
+                out.append(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.global_batch_tokens is not None and self.global_batch_tokens < 1:
+            out.append(f"train.global_batch_tokens={self.global_batch_tokens} must be >= 1")
+        if self.lr <= 0:
+            out.append(f"train.lr={self.lr} must be > 0")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            out.append(f"train.min_lr={self.min_lr} must be in [0, train.lr={self.lr}]")
+        if self.warmup_steps < 0:
+            out.append(f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            out.append(f"train.decay_fraction={self.decay_fraction} must be in [0, 1]")
+        if self.grad_clip < 0:
+            out.append(f"train.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            out.append(f"train.beta1={self.beta1} and train.beta2={self.beta2} must be in [0, 1)")
+        if self.max_bad_steps < 1:
+            out.append(f"train.max_bad_steps={self.max_bad_steps} must be >= 1")
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """How the model is spread over processes. Applied from outside the model by ``distributed.parallelize``."""
+
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto"
+    cpu_offload: bool = False
+    tp: int = 1  # tensor-parallel degree (second mesh dimension)
+    backend: str = "auto"  # auto: nccl on CUDA, gloo otherwise
+    world_size: int | None = None  # when set, must match the launcher's WORLD_SIZE
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.tp < 1:
+            out.append(f"parallel.tp={self.tp} must be >= 1")
+        if self.world_size is not None and self.world_size < 1:
+            out.append(f"parallel.world_size={self.world_size} must be >= 1")
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Evaluation tasks run inside training every ``every`` steps (0: never)."""
+
+    every: int = 0
+    tasks: list[str] = field(default_factory=list)  # multiple-choice JSONL files (HellaSwag format)
+    limit: int = 200  # items per task
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.every < 0:
+            out.append(f"eval.every={self.every} must be >= 0")
+        if self.limit < 1:
+            out.append(f"eval.limit={self.limit} must be >= 1")
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """A whole run: what to train, on what, how, and where."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def problems(self) -> list[str]:
+        out = self.model.problems() + self.data.problems() + self.train.problems()
+        out += self.parallel.problems() + self.eval.problems()
+        if self.train.seq_len > self.model.max_seq_len and self.model.position != "rope":
+            out.append(
+                f"train.seq_len={self.train.seq_len} is longer than model.max_seq_len={self.model.max_seq_len} "
+                f"(the model's {self.model.position} positions stop there)"
+            )
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with coercion and "did you mean" for unknown keys.
+
+
+def suggest(name: str, choices: typing.Iterable[str]) -> str:
+    """A ' (did you mean X?)' suffix when ``name`` is close to one of ``choices``, else ''."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` to the annotated type ``tp`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}={value!r} is not a valid {_type_name(tp)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(
+            f"{key}={value!r} must be one of {', '.join(repr(a) for a in args)}{suggest(str(value), map(str, args))}"
+        )
+    if origin is list:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} must be a mapping")
+        return {coerce(k, args[0], key): coerce(v, args[1], f"{key}[{k!r}]") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(parse_number(value))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(parse_number(value))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r} must be a string")
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a programming error
+
+
+_SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_number(text: str) -> float:
+    """Parse '3e-4', '4M', '1T', '1_000' as numbers (suffixes are powers of 1000)."""
+    text = text.strip().replace("_", "")
+    if text and text[-1].lower() in _SUFFIXES:
+        return float(text[:-1]) * _SUFFIXES[text[-1].lower()]
+    return float(text)
+
+
+def build(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with a suggestion."""
+    if data is None:
+        data = {}
+    if dataclasses.is_dataclass(data) and isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}'{suggest(str(key), names)}")
+        kwargs[key] = coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def resolve_model_dict(model: dict) -> dict:
+    """Expand ``model.preset`` into its values; explicit keys win over the preset's."""
+    from lmforge.model.presets import PRESETS  # presets are plain data built on this module
+
+    name = model.get("preset")
+    if name is None:
+        return model
+    if name not in PRESETS:
+        raise ConfigError(
+            f"unknown preset model.preset={name!r}{suggest(str(name), PRESETS)}; known: {', '.join(PRESETS)}"
+        )
+    merged = dataclasses.asdict(PRESETS[name])
+    merged.update(model)
+    return merged
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a whole Config from plain data (a parsed YAML file with overrides applied)."""
+    data = dict(data or {})
+    if isinstance(data.get("model"), dict):
+        data["model"] = resolve_model_dict(data["model"])
+    cfg = build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    problems = cfg.problems()
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, turning unreadable files into one clear ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}{where}: malformed YAML ({problem})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
+    """Apply ``section.key=value`` overrides to plain config data; values are parsed as YAML scalars."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (data or {}).items()}
+    sections = [f.name for f in dataclasses.fields(Config)]
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override key {key!r} must be section.key (e.g. model.n_layers=8)")
+        section, name = parts
+        if section not in sections:
+            raise ConfigError(
+                f"unknown config section '{section}' in override {item!r}{suggest(section, sections)}"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping")
+        target[name] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """The one entry point: YAML file (optional) + dotted overrides -> validated Config."""
+    data = load_yaml(path) if path is not None else {}
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    tmp.replace(path)

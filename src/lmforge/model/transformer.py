@@ -1,0 +1,364 @@
+"""The one decoder-only Transformer, switched by ``ModelConfig``.
+
+Shape legend: B batch, T query length, S key length (cache + T), C d_model, H heads, Hkv key/value heads,
+hd head dimension, V vocabulary.
+
+Parameter names follow the Hugging Face Llama layout (``embed_tokens``, ``layers.{i}.self_attn.q_proj``,
+``mlp.gate_proj``, ``input_layernorm``, ...), so the export key map in ``model/hf.py`` stays short.
+The model knows nothing of devices, process groups or training: build it (on ``meta`` if you like),
+parallelise it from outside, then call ``init_weights()``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.model.info import model_flops_per_token
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32 (as Llama does), scaled by a learned weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=True)
+
+
+def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
+    """The original Transformer's table: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(same)."""
+    position = torch.arange(n_positions, dtype=torch.float64).unsqueeze(1)  # (P, 1)
+    inv_freq = torch.pow(10000.0, -torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (d/2,)
+    angles = position * inv_freq  # (P, d/2)
+    table = torch.zeros(n_positions, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles)
+    return table.float()
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (hd/2,)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for rotate-half RoPE (the Llama convention) at the given positions: each (B, T, hd)."""
+    freqs = position_ids.float().unsqueeze(-1) * inv_freq.to(position_ids.device)  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, hd) queries or keys by position; cos/sin are (B, T, hd)."""
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)  # (B, 1, T, hd)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class KVCache:
+    """Pre-allocated keys and values for incremental decoding: one (B, Hkv, max_len, hd) pair per layer.
+
+    ``length`` is the number of positions already filled; ``key_mask`` (B, max_len) marks which cached
+    positions are real tokens (False for left padding in batched generation).
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    key_mask: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(
+        cls, cfg: ModelConfig, batch: int, max_len: int, *, device: torch.device, dtype: torch.dtype
+    ) -> KVCache:
+        shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
+        return cls(
+            keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+            values=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+            key_mask=torch.ones(batch, max_len, dtype=torch.bool, device=device),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+
+def attention_mask_for(
+    *,
+    batch: int,
+    q_len: int,
+    start: int,
+    device: torch.device,
+    doc_ids: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Boolean (B, 1, T, S) mask, True where a query may attend; None means plain causal from position 0.
+
+    ``start`` is the number of cached positions before the queries; ``doc_ids`` (B, S) stops attention
+    across packed documents; ``key_mask`` (B, S) is False for padding keys. A query always sees itself, so
+    a fully padded row yields finite (ignored) outputs instead of NaN.
+    """
+    if doc_ids is None and key_mask is None and start == 0:
+        return None
+    k_len = start + q_len
+    q_pos = torch.arange(start, k_len, device=device)  # (T,)
+    k_pos = torch.arange(k_len, device=device)  # (S,)
+    mask = (k_pos[None, :] <= q_pos[:, None]).expand(batch, 1, q_len, k_len)  # (B, 1, T, S)
+    if doc_ids is not None:
+        same_doc = doc_ids[:, None, start:, None] == doc_ids[:, None, None, :k_len]  # (B, 1, T, S)
+        mask = mask & same_doc
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, None, :k_len]
+    diagonal = q_pos[:, None] == k_pos[None, :]  # (T, S)
+    return mask | diagonal
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            start = cache.length
+            cache.keys[layer][:, :, start : start + T] = k
+            cache.values[layer][:, :, start : start + T] = v
+            k = cache.keys[layer][:, :, : start + T]  # (B, Hkv, S, hd)
+            v = cache.values[layer][:, :, : start + T]
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and T > 1,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (``down(silu(gate(x)) * up(x))``) or GELU (``down(gelu_tanh(up(x)))``, as GPT-2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.ffn == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = make_norm(cfg)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = make_norm(cfg)
+        self.mlp = FeedForward(cfg)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache, layer))
+        return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.position == "learned":
+            self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # Derived tables are non-persistent buffers: never saved, recomputed by init_weights() after `meta`.
+        self.register_buffer("rope_inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.register_buffer("sinusoidal", torch.empty(0), persistent=False)
+        self.init_buffers()
+
+    # -- initialisation ----------------------------------------------------------------------------------
+
+    def init_buffers(self) -> None:
+        """Recompute the derived position tables (after ``to_empty`` or loading weights)."""
+        if self.rope_inv_freq.is_meta:
+            return
+        with torch.no_grad():
+            self.rope_inv_freq.copy_(rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta))
+            if self.cfg.position == "sinusoidal":
+                self.sinusoidal = sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model).to(
+                    self.rope_inv_freq.device
+                )
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """GPT-2/Llama initialisation: N(0, init_std) for weights, zero biases, unit norms, and the residual
+        output projections (``o_proj``, ``down_proj``) scaled by 1/sqrt(2 * n_layers) so the residual stream
+        keeps unit scale at any depth. Call after moving off ``meta`` (``model.to_empty(device=...)``)."""
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual = name.endswith("o_proj") or name.endswith("down_proj")
+                nn.init.normal_(module.weight, 0.0, residual_std if is_residual else std, generator=generator)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std, generator=generator)
+            elif isinstance(module, RMSNorm | nn.LayerNorm):
+                module.reset_parameters()
+        self.init_buffers()
+
+    # -- forward -----------------------------------------------------------------------------------------
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        *,
+        doc_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, C) for token ids ``idx`` (B, T).
+
+        ``doc_ids`` (B, T): packed-document ids; attention stays inside a document.
+        ``attention_mask`` (B, T): 1 for real tokens, 0 for padding; with a cache it covers cache + new tokens.
+        ``position_ids`` (B, T): explicit positions (defaults to cache length + 0..T-1).
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=idx.device).expand(B, T)  # (B, T)
+        x = self.embed_tokens(idx)  # (B, T, C)
+        rope = None
+        if self.cfg.position == "rope":
+            rope = rope_cos_sin(position_ids, self.rope_inv_freq)
+        elif self.cfg.position == "learned":
+            x = x + self.embed_positions(position_ids)
+        else:
+            x = x + self.sinusoidal[position_ids].to(x.dtype)
+        x = self.drop(x)
+        key_mask = None
+        if cache is not None:
+            if attention_mask is not None:
+                cache.key_mask[:, : start + T] = attention_mask[:, -(start + T) :].bool()
+            key_mask = cache.key_mask[:, : start + T]
+        elif attention_mask is not None:
+            key_mask = attention_mask.bool()
+        if key_mask is not None and bool(key_mask.all()):
+            key_mask = None
+        if T == 1 and doc_ids is None and key_mask is None:
+            mask = None  # one new token sees every cached key: no mask needed
+        else:
+            mask = attention_mask_for(
+                batch=B, q_len=T, start=start, device=idx.device, doc_ids=doc_ids, key_mask=key_mask
+            )
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, cache, i)
+        if cache is not None:
+            cache.length = start + T
+        return self.norm(x)  # (B, T, C)
+
+    def forward(self, idx: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Logits (B, T, V) for token ids (B, T). Keyword arguments as in ``hidden_states``."""
+        return self.lm_head(self.hidden_states(idx, **kwargs))
+
+    @staticmethod
+    def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The representation (B, C) of each row's last non-pad token (right padding)."""
+        B, T, _ = hidden.shape
+        if attention_mask is None:
+            return hidden[:, -1]
+        positions = torch.arange(T, device=hidden.device).expand(B, T)  # (B, T)
+        last = torch.where(attention_mask.bool(), positions, -1).max(dim=1).values.clamp(min=0)  # (B,)
+        return hidden[torch.arange(B, device=hidden.device), last]
+
+    # -- accounting --------------------------------------------------------------------------------------
+
+    def num_params(self) -> int:
+        """Every distinct parameter (a tied head counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x (parameters used in matmuls) + attention scores and values,
+        6 x 2 x n_layers x d_attn x seq_len (the PaLM appendix B formula, causal masking not discounted)."""
+        return model_flops_per_token(self.cfg, seq_len)
+
+
+class SequenceClassifier(nn.Module):
+    """A classification head on the Transformer's last-token ``pool`` (semantic analysis, labels...)."""
+
+    def __init__(self, backbone: Transformer, n_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.score = nn.Linear(backbone.cfg.d_model, n_classes, bias=False)
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.backbone.hidden_states(idx, attention_mask=attention_mask)  # (B, T, C)
+        return self.score(Transformer.pool(hidden, attention_mask))  # (B, n_classes)
+
+
+def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu", seed: int | None = 0) -> Transformer:
+    """Build the model on ``device``. On ``meta`` nothing is allocated and nothing initialised; elsewhere the
+    weights are initialised (from ``seed`` when given, for reproducible runs)."""
+    device = torch.device(device)
+    with torch.device(device):
+        model = Transformer(cfg)
+    if device.type != "meta":
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        model.init_weights(generator)
+    return model
