@@ -220,6 +220,7 @@ def load_model(path: str | Path, *, device: str = "cpu"):
     state = load_model_state(directory, config)
     model = build_model(config.model, device="meta")
     model.to_empty(device=device)
+    model.tie_weights()  # to_empty gives the head its own tensor; a tied head must share the embedding's
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.model.tie_embeddings)]
     if missing or unexpected:

@@ -221,14 +221,19 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         # Derived tables are non-persistent buffers: never saved, recomputed by init_weights() after `meta`.
         self.register_buffer("rope_inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
         self.register_buffer("sinusoidal", torch.empty(0), persistent=False)
         self.init_buffers()
 
     # -- initialisation ----------------------------------------------------------------------------------
+
+    def tie_weights(self) -> None:
+        """Share the head with the token embedding when ``tie_embeddings``. ``to_empty`` (leaving ``meta``)
+        gives each module its own new tensor, so callers re-tie after it (``init_weights`` does)."""
+        if self.cfg.tie_embeddings and self.lm_head.weight is not self.embed_tokens.weight:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def init_buffers(self) -> None:
         """Recompute the derived position tables (after ``to_empty`` or loading weights)."""
@@ -246,6 +251,7 @@ class Transformer(nn.Module):
         """GPT-2/Llama initialisation: N(0, init_std) for weights, zero biases, unit norms, and the residual
         output projections (``o_proj``, ``down_proj``) scaled by 1/sqrt(2 * n_layers) so the residual stream
         keeps unit scale at any depth. Call after moving off ``meta`` (``model.to_empty(device=...)``)."""
+        self.tie_weights()
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, module in self.named_modules():

@@ -1,0 +1,544 @@
+"""Hugging Face interop: lmforge checkpoints to and from ``LlamaForCausalLM`` and ``GPT2LMHeadModel`` folders.
+
+Everything goes through two explicit tables (``LLAMA_KEYS``, ``GPT2_KEYS``) that pair lmforge parameter names
+with Hugging Face ones, and two config translations (``hf_config`` and ``model_config_from_hf``). One table
+serves both directions. A model that neither architecture can express is refused, naming the switch.
+
+Shape legend: C d_model, F feed-forward hidden, V vocabulary, H heads, Hkv key/value heads, hd head dimension.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from lmforge.checkpoint import TOKENIZER, load_model, save_checkpoint
+from lmforge.config import Config, ModelConfig, TrainConfig, build
+from lmforge.errors import CheckpointError, ConfigError, ExportError
+from lmforge.model.transformer import Transformer
+
+LLAMA = "LlamaForCausalLM"
+GPT2 = "GPT2LMHeadModel"
+VERIFY_TOLERANCE = 1e-3  # max |logits difference| accepted by export's self-check (fp32)
+
+
+class KeyRow(NamedTuple):
+    """One Hugging Face tensor and the lmforge tensors it is made of. ``{i}`` stands for the layer index.
+
+    ``how``: ``copy``; ``transpose`` (GPT-2's Conv1D stores (in, out), nn.Linear (out, in)); ``fuse_t`` (GPT-2's
+    c_attn: q, k, v weights concatenated on the output side, then transposed); ``fuse`` (q, k, v biases
+    concatenated).
+    """
+
+    hf: str
+    ours: tuple[str, ...]
+    how: str = "copy"
+
+
+def _llama_row(name: str) -> KeyRow:
+    return KeyRow(f"model.{name}", (name,))
+
+
+LLAMA_KEYS: tuple[KeyRow, ...] = (
+    _llama_row("embed_tokens.weight"),
+    *(
+        _llama_row(f"layers.{{i}}.{module}.{kind}")
+        for module in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+        for kind in ("weight", "bias")
+    ),
+    _llama_row("layers.{i}.input_layernorm.weight"),
+    _llama_row("layers.{i}.post_attention_layernorm.weight"),
+    _llama_row("norm.weight"),
+    KeyRow("lm_head.weight", ("lm_head.weight",)),
+)
+
+_QKV = ("layers.{i}.self_attn.q_proj", "layers.{i}.self_attn.k_proj", "layers.{i}.self_attn.v_proj")
+GPT2_KEYS: tuple[KeyRow, ...] = (
+    KeyRow("transformer.wte.weight", ("embed_tokens.weight",)),
+    KeyRow("transformer.wpe.weight", ("embed_positions.weight",)),
+    KeyRow("transformer.h.{i}.ln_1.weight", ("layers.{i}.input_layernorm.weight",)),
+    KeyRow("transformer.h.{i}.ln_1.bias", ("layers.{i}.input_layernorm.bias",)),
+    KeyRow("transformer.h.{i}.attn.c_attn.weight", tuple(f"{m}.weight" for m in _QKV), "fuse_t"),
+    KeyRow("transformer.h.{i}.attn.c_attn.bias", tuple(f"{m}.bias" for m in _QKV), "fuse"),
+    KeyRow("transformer.h.{i}.attn.c_proj.weight", ("layers.{i}.self_attn.o_proj.weight",), "transpose"),
+    KeyRow("transformer.h.{i}.attn.c_proj.bias", ("layers.{i}.self_attn.o_proj.bias",)),
+    KeyRow("transformer.h.{i}.ln_2.weight", ("layers.{i}.post_attention_layernorm.weight",)),
+    KeyRow("transformer.h.{i}.ln_2.bias", ("layers.{i}.post_attention_layernorm.bias",)),
+    KeyRow("transformer.h.{i}.mlp.c_fc.weight", ("layers.{i}.mlp.up_proj.weight",), "transpose"),
+    KeyRow("transformer.h.{i}.mlp.c_fc.bias", ("layers.{i}.mlp.up_proj.bias",)),
+    KeyRow("transformer.h.{i}.mlp.c_proj.weight", ("layers.{i}.mlp.down_proj.weight",), "transpose"),
+    KeyRow("transformer.h.{i}.mlp.c_proj.bias", ("layers.{i}.mlp.down_proj.bias",)),
+    KeyRow("transformer.ln_f.weight", ("norm.weight",)),
+    KeyRow("transformer.ln_f.bias", ("norm.bias",)),
+    KeyRow("lm_head.weight", ("lm_head.weight",)),
+)
+
+KEY_TABLES = {LLAMA: LLAMA_KEYS, GPT2: GPT2_KEYS}
+
+# Tensors some Hugging Face folders carry that are not weights (causal-mask and RoPE buffers of old versions).
+_IGNORED_HF_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+
+def _expand(table: tuple[KeyRow, ...], n_layers: int) -> list[KeyRow]:
+    rows = []
+    for row in table:
+        layers = range(n_layers) if "{i}" in row.hf else [None]
+        for i in layers:
+            if i is None:
+                rows.append(row)
+            else:
+                rows.append(KeyRow(row.hf.format(i=i), tuple(k.format(i=i) for k in row.ours), row.how))
+    return rows
+
+
+# -- which architecture ------------------------------------------------------------------------------------
+
+
+def architecture_for(cfg: ModelConfig) -> str:
+    """``LlamaForCausalLM`` or ``GPT2LMHeadModel`` for this model shape, or an ExportError naming the switch."""
+    if cfg.position == "rope":
+        needs = {"ffn": "swiglu", "norm": "rmsnorm"}
+        wrong = [
+            f"model.{k}={getattr(cfg, k)} (Llama needs {v})" for k, v in needs.items() if getattr(cfg, k) != v
+        ]
+        if wrong:
+            raise ExportError(
+                "cannot export: position=rope maps to Llama, which cannot express " + "; ".join(wrong)
+            )
+        return LLAMA
+    if cfg.position == "learned":
+        needs = {"ffn": "gelu", "norm": "layernorm", "bias": True}
+        wrong = [
+            f"model.{k}={getattr(cfg, k)} (GPT-2 needs {v})" for k, v in needs.items() if getattr(cfg, k) != v
+        ]
+        if cfg.kv_heads != cfg.n_heads:
+            wrong.append(f"model.n_kv_heads={cfg.kv_heads} (GPT-2 has no grouped-query attention)")
+        if wrong:
+            raise ExportError(
+                "cannot export: position=learned maps to GPT-2, which cannot express " + "; ".join(wrong)
+            )
+        return GPT2
+    raise ExportError(
+        f"cannot export: model.position={cfg.position} has no Hugging Face equivalent "
+        "(Llama uses rope, GPT-2 uses learned positions)"
+    )
+
+
+# -- config translation ------------------------------------------------------------------------------------
+
+
+def hf_config(
+    cfg: ModelConfig, *, token_ids: dict[str, int | None] | None = None, dtype: str = "float32"
+) -> dict:
+    """The ``config.json`` of the Hugging Face model equivalent to ``cfg``."""
+    ids = {f"{k}_token_id": v for k, v in (token_ids or {}).items()}
+    ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **ids}
+    common = {"vocab_size": cfg.vocab_size, "initializer_range": cfg.init_std, "use_cache": True}
+    common.update(tie_word_embeddings=cfg.tie_embeddings, torch_dtype=dtype, **ids)
+    if architecture_for(cfg) == LLAMA:
+        return {
+            "architectures": [LLAMA],
+            "model_type": "llama",
+            "hidden_size": cfg.d_model,
+            "intermediate_size": cfg.hidden_dim,
+            "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.kv_heads,
+            "head_dim": cfg.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": cfg.max_seq_len,
+            "rms_norm_eps": cfg.norm_eps,
+            # rope_theta for transformers 4.x, rope_parameters for 5.x; both say the same.
+            "rope_theta": cfg.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "attention_bias": cfg.bias,
+            "mlp_bias": cfg.bias,
+            "attention_dropout": cfg.dropout,
+            **common,
+        }
+    return {
+        "architectures": [GPT2],
+        "model_type": "gpt2",
+        "n_positions": cfg.max_seq_len,
+        "n_embd": cfg.d_model,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_inner": cfg.hidden_dim,
+        "activation_function": "gelu_new",  # the tanh approximation, as lmforge's gelu
+        "layer_norm_epsilon": cfg.norm_eps,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "scale_attn_weights": True,
+        **common,
+    }
+
+
+def _require(hf: dict, keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if hf.get(k) is None]
+    if missing:
+        raise CheckpointError(f"{where}: missing {', '.join(missing)}")
+
+
+def _model_type(hf: dict) -> str:
+    model_type = hf.get("model_type")
+    if model_type is None:
+        archs = hf.get("architectures") or []
+        model_type = {LLAMA: "llama", GPT2: "gpt2"}.get(archs[0] if archs else "", None)
+    return str(model_type)
+
+
+def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+    """The lmforge ``ModelConfig`` equivalent to a Hugging Face Llama or GPT-2 ``config.json``."""
+    model_type = _model_type(hf)
+    if model_type == "llama":
+        _require(
+            hf,
+            ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
+            where,
+        )
+        d, heads = hf["hidden_size"], hf["num_attention_heads"]
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        wrong = []
+        if hf.get("hidden_act", "silu") != "silu":
+            wrong.append(f"hidden_act={hf['hidden_act']} (lmforge's swiglu uses silu)")
+        if rope_type != "default":
+            wrong.append(f"rope type {rope_type!r} (lmforge implements plain RoPE)")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            wrong.append(f"partial_rotary_factor={rope['partial_rotary_factor']}")
+        if hf.get("head_dim") is not None and hf["head_dim"] * heads != d:
+            wrong.append(f"head_dim={hf['head_dim']} with hidden_size={d}, {heads} heads")
+        if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
+            wrong.append("attention_bias != mlp_bias (lmforge has one bias switch)")
+        if wrong:
+            raise ExportError(f"{where}: cannot import this Llama: " + "; ".join(wrong))
+        fields: dict[str, Any] = dict(
+            vocab_size=hf["vocab_size"],
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            n_layers=hf["num_hidden_layers"],
+            d_model=d,
+            n_heads=heads,
+            n_kv_heads=hf.get("num_key_value_heads") or heads,
+            ffn_hidden=hf["intermediate_size"],
+            position="rope",
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            ffn="swiglu",
+            norm="rmsnorm",
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            bias=bool(hf.get("attention_bias", False)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+    elif model_type == "gpt2":
+        _require(hf, ("vocab_size", "n_embd", "n_layer", "n_head"), where)
+        wrong = []
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            wrong.append(f"activation_function={hf['activation_function']} (lmforge's gelu is the tanh form)")
+        if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
+            wrong.append("non-standard attention scaling")
+        if hf.get("add_cross_attention", False):
+            wrong.append("cross-attention")
+        if wrong:
+            raise ExportError(f"{where}: cannot import this GPT-2: " + "; ".join(wrong))
+        fields = dict(
+            vocab_size=hf["vocab_size"],
+            max_seq_len=hf.get("n_positions", 1024),
+            n_layers=hf["n_layer"],
+            d_model=hf["n_embd"],
+            n_heads=hf["n_head"],
+            ffn_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
+            position="learned",
+            ffn="gelu",
+            norm="layernorm",
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            bias=True,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        )
+    else:
+        raise ExportError(
+            f"{where}: unsupported architecture {model_type!r} (lmforge imports llama and gpt2)"
+        )
+    fields["init_std"] = float(hf.get("initializer_range", 0.02))
+    try:
+        cfg = build(ModelConfig, fields, "model")  # coerces and type-checks every value
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    problems = cfg.problems()
+    if problems:
+        raise CheckpointError(f"{where}: describes an impossible model: " + "; ".join(problems))
+    return cfg
+
+
+# -- weights -----------------------------------------------------------------------------------------------
+
+
+def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face names and layouts (a tied head is left out, as HF saves it)."""
+    cfg = model.cfg
+    ours = dict(model.state_dict())
+    if cfg.tie_embeddings:
+        ours.pop("lm_head.weight")
+    out, used = {}, set()
+    for row in _expand(KEY_TABLES[architecture_for(cfg)], cfg.n_layers):
+        if not all(k in ours for k in row.ours):
+            continue
+        tensors = [ours[k].detach() for k in row.ours]
+        if row.how == "copy":
+            value = tensors[0]
+        elif row.how == "transpose":
+            value = tensors[0].t()
+        elif row.how == "fuse_t":
+            value = torch.cat(tensors, dim=0).t()  # (C, (H + 2 Hkv) hd)
+        else:
+            value = torch.cat(tensors, dim=0)
+        out[row.hf] = value.contiguous().cpu()
+        used.update(row.ours)
+    left = sorted(set(ours) - used)
+    if left:  # a parameter the table does not know: exporting without it would silently lose weights
+        raise ExportError(f"no Hugging Face name for lmforge parameters {left[:5]}")
+    return out
+
+
+def from_hf_state_dict(
+    hf_state: dict[str, torch.Tensor], cfg: ModelConfig, where: str
+) -> dict[str, torch.Tensor]:
+    """lmforge weights for ``cfg`` from Hugging Face tensors, checking every name and shape."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight")
+    hf_state = dict(hf_state)
+    if "transformer.wte.weight" not in hf_state and "wte.weight" in hf_state:  # original GPT-2 uploads
+        hf_state = {(k if k.startswith("lm_head") else f"transformer.{k}"): v for k, v in hf_state.items()}
+    ours, used = {}, set()
+    for row in _expand(KEY_TABLES[architecture_for(cfg)], cfg.n_layers):
+        if not all(k in expected for k in row.ours):
+            continue
+        if row.hf not in hf_state:
+            raise CheckpointError(f"{where}: no tensor {row.hf!r} (the config implies it)")
+        value, used = hf_state[row.hf], used | {row.hf}
+        shapes = [expected[k] for k in row.ours]
+        if row.how in ("transpose", "fuse_t"):
+            value = value.t()
+        want = (sum(s[0] for s in shapes), *shapes[0][1:])
+        if tuple(value.shape) != want:
+            shown = tuple(reversed(want)) if row.how in ("transpose", "fuse_t") else want
+            raise CheckpointError(
+                f"{where}: {row.hf} has shape {tuple(hf_state[row.hf].shape)}, the config implies {shown}"
+            )
+        for key, part in zip(row.ours, value.split([s[0] for s in shapes], dim=0)):
+            ours[key] = part.contiguous()
+    unexpected = sorted(
+        k
+        for k in set(hf_state) - used
+        if not k.endswith(_IGNORED_HF_SUFFIXES) and not (k == "lm_head.weight" and cfg.tie_embeddings)
+    )
+    if unexpected:
+        raise CheckpointError(f"{where}: tensors the config does not explain: {', '.join(unexpected[:5])}")
+    return ours
+
+
+def to_hf_model(model: Transformer):
+    """The equivalent ``transformers`` model in memory (same weights, eval mode), e.g. to compare generation."""
+    import transformers
+
+    config_dict = hf_config(model.cfg)
+    arch = config_dict["architectures"][0]
+    hf_cfg = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    # Built for real (not on meta): its derived buffers, such as RoPE's inverse frequencies, are set at init.
+    with torch.device(next(model.parameters()).device):
+        hf_model = getattr(transformers, arch)(hf_cfg)
+    state = to_hf_state_dict(model)
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
+    if missing or unexpected:
+        raise ExportError(
+            f"transformers {arch} does not match: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    if model.cfg.tie_embeddings:
+        hf_model.tie_weights()
+    return hf_model.to(next(model.parameters()).dtype).eval()
+
+
+# -- export ------------------------------------------------------------------------------------------------
+
+_EOS = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>", "[EOS]", "<|im_end|>")
+_BOS = ("<s>", "<bos>", "<|bos|>", "<|startoftext|>", "<|begin_of_text|>", "[BOS]")
+_PAD = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>")
+
+
+def special_tokens(tokenizer_file: Path) -> dict[str, tuple[str, int] | None]:
+    """The bos/eos/pad tokens (text, id) of a ``tokenizers`` JSON file, recognised by their usual spellings
+    among its special tokens. A tokenizer without a pad token pads with eos."""
+    try:
+        added = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("added_tokens") or []
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{tokenizer_file}: unreadable tokenizer ({exc})") from None
+    specials = {t["content"]: t["id"] for t in added if t.get("special", True)}
+
+    def first(names: tuple[str, ...]) -> tuple[str, int] | None:
+        return next(((n, specials[n]) for n in names if n in specials), None)
+
+    eos = first(_EOS)
+    return {"bos": first(_BOS), "eos": eos, "pad": first(_PAD) or eos}
+
+
+def _write_tokenizer(tokenizer_file: Path, out: Path, cfg: ModelConfig) -> dict[str, int | None]:
+    tokens = special_tokens(tokenizer_file)
+    shutil.copyfile(tokenizer_file, out / "tokenizer.json")
+    tok_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": cfg.max_seq_len,
+        "clean_up_tokenization_spaces": False,
+    }
+    tok_config.update({f"{k}_token": v[0] for k, v in tokens.items() if v is not None})
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2), encoding="utf-8")
+    return {k: (v[1] if v is not None else None) for k, v in tokens.items()}
+
+
+def probe_batch(cfg: ModelConfig) -> torch.Tensor:
+    """A fixed batch of token ids (2, min(32, max_seq_len)) for comparing logits."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, cfg.vocab_size, (2, min(32, cfg.max_seq_len)), generator=generator)
+
+
+def max_logits_diff(model: Transformer, hf_model, idx: torch.Tensor) -> float:
+    """Max |logits difference| between an lmforge model and a transformers model on ``idx`` (B, T), fp32."""
+    with torch.no_grad():
+        ours = model.float()(idx)  # (B, T, V)
+        theirs = hf_model.float()(input_ids=idx).logits  # (B, T, V)
+    return float((ours - theirs).abs().max())
+
+
+def _verify(model: Transformer, folder: Path) -> tuple[float | None, str]:
+    try:
+        import transformers
+    except ImportError:
+        return None, "not verified: transformers is not installed (pip install 'lmforge[hf]')"
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar is noise in a command's output
+    try:
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    diff = max_logits_diff(model, hf_model, probe_batch(model.cfg))
+    note = f"transformers {transformers.__version__} reloads it; max |logits difference| = {diff:.2e}"
+    if not diff <= VERIFY_TOLERANCE:
+        raise ExportError(f"export check failed: {note} exceeds {VERIFY_TOLERANCE:g} (nothing written)")
+    return diff, note
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, verify: bool = True) -> dict:
+    """Write a Hugging Face folder (model.safetensors, config.json, tokenizer, README.md) for a checkpoint
+    or a run's newest valid checkpoint; verify it against ``transformers`` when installed. Atomic: the folder
+    appears complete or not at all. Returns {out_dir, architecture, max_abs_diff, verify_note}."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (
+        out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / "config.json").exists())
+    ):
+        raise ExportError(f"{out_dir}: exists and is not an exported model folder; choose another OUT_DIR")
+    model, config, ckpt_dir = load_model(checkpoint)
+    model.eval()
+    cfg = config.model
+    architecture = architecture_for(cfg)
+    state = to_hf_state_dict(model)
+    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        token_ids = {}
+        if (ckpt_dir / TOKENIZER).is_file():
+            token_ids = _write_tokenizer(ckpt_dir / TOKENIZER, tmp, cfg)
+        config_json = hf_config(cfg, token_ids=token_ids, dtype=dtype)
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2), encoding="utf-8")
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        run_dir = ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else None
+        if run_dir is not None and (run_dir / "MODEL_CARD.md").is_file():
+            shutil.copyfile(run_dir / "MODEL_CARD.md", tmp / "README.md")
+        diff, note = _verify(model, tmp) if verify else (None, "not verified (--no-verify)")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out_dir": str(out_dir), "architecture": architecture, "max_abs_diff": diff, "verify_note": note}
+
+
+# -- import ------------------------------------------------------------------------------------------------
+
+
+def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    def load(path: Path) -> dict[str, torch.Tensor]:
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: missing weight file {path.name}")
+        try:
+            if path.suffix == ".safetensors":
+                return load_file(path)
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (SafetensorError, OSError, RuntimeError, EOFError) as exc:
+            raise CheckpointError(f"{path}: unreadable weights ({str(exc).splitlines()[0]})") from None
+
+    for single, index in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
+        if (folder / single).is_file():
+            return load(folder / single)
+        if (folder / index).is_file():
+            try:
+                weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+                raise CheckpointError(f"{folder / index}: malformed index ({exc})") from None
+            state = {}
+            for name in files:
+                state.update(load(folder / name))
+            return state
+    raise CheckpointError(f"{folder}: no model.safetensors, sharded safetensors index or pytorch_model.bin")
+
+
+def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
+    """Read a Hugging Face Llama or GPT-2 folder into an lmforge checkpoint folder ``out``; return its path."""
+    folder = Path(hf_dir)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such Hugging Face model folder")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    try:
+        hf = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_path}: malformed JSON ({exc})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{config_path}: must hold a JSON object")
+    cfg = model_config_from_hf(hf, str(config_path))
+    state = from_hf_state_dict(_read_hf_weights(folder), cfg, str(folder))
+    # A shorter default training window where the model's learned positions stop earlier.
+    config = Config(model=cfg, train=TrainConfig(seq_len=min(TrainConfig().seq_len, cfg.max_seq_len)))
+    tokenizer = folder / TOKENIZER if (folder / TOKENIZER).is_file() else None
+    return save_checkpoint(Path(out), model_state=state, config=config, tokenizer_file=tokenizer)
