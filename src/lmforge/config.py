@@ -199,11 +199,14 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel degree (second mesh dimension)
     backend: str = "auto"  # auto: nccl on CUDA, gloo otherwise
     world_size: int | None = None  # when set, must match the launcher's WORLD_SIZE
+    timeout_s: float = 600.0  # a collective waiting longer than this on a lost peer ends the job
 
     def problems(self) -> list[str]:
         out = []
         if self.tp < 1:
             out.append(f"parallel.tp={self.tp} must be >= 1")
+        if self.timeout_s <= 0:
+            out.append(f"parallel.timeout_s={self.timeout_s} must be > 0")
         if self.world_size is not None and self.world_size < 1:
             out.append(f"parallel.world_size={self.world_size} must be >= 1")
         return out

@@ -1,7 +1,9 @@
 """Apply parallelism to the model from outside: activation checkpointing, then compile, then data parallelism.
 
 The model knows nothing of this file. ``init_world`` reads the launcher's environment (torchrun's RANK,
-WORLD_SIZE, LOCAL_RANK) and joins the process group; ``parallelize`` wraps the model in a fixed order.
+WORLD_SIZE, LOCAL_RANK) and joins the process group; ``parallelize`` wraps the model in a fixed order:
+activation checkpointing per block, ``torch.compile`` per block, then DDP, or FSDP2 (``fully_shard``) per
+block and at the root.
 """
 
 from __future__ import annotations
@@ -9,14 +11,18 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lmforge.config import ParallelConfig
+from lmforge.config import ModelConfig, ParallelConfig
 from lmforge.errors import ConfigError
+
+# Adam training state per parameter in fp32: weights 4 + gradients 4 + two moments 8 bytes.
+TRAIN_STATE_BYTES_PER_PARAM = 16
 
 
 @dataclass(frozen=True)
@@ -39,13 +45,21 @@ class World:
 
 def init_world(parallel: ParallelConfig, device: torch.device) -> World:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); a single process otherwise.
-    On CUDA each process drives ``cuda:LOCAL_RANK``."""
+    On CUDA each process drives ``cuda:LOCAL_RANK``. Collectives time out after ``parallel.timeout_s``,
+    so a lost peer ends the job with an error instead of a hang."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if parallel.world_size is not None and parallel.world_size != world_size:
         raise ConfigError(
-            f"parallel.world_size={parallel.world_size} but the launcher started WORLD_SIZE={world_size} processes"
+            f"parallel.world_size={parallel.world_size} but the launcher started WORLD_SIZE={world_size} "
+            f"processes; launch {parallel.world_size} processes (nnodes x nproc-per-node) or set "
+            f"parallel.world_size={world_size} (or null to accept any)"
+        )
+    if parallel.strategy == "single" and world_size > 1:
+        raise ConfigError(
+            f"parallel.strategy='single' but the launcher started WORLD_SIZE={world_size} processes; "
+            "use parallel.strategy=auto, ddp or fsdp, or launch one process"
         )
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", local_rank)
@@ -54,13 +68,44 @@ def init_world(parallel: ParallelConfig, device: torch.device) -> World:
         backend = parallel.backend
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend=backend,
+            timeout=timedelta(seconds=parallel.timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
 def close_world(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def device_memory_bytes(device: torch.device, world: World) -> int:
+    """Memory one process may use: the GPU's, or on the CPU the host's RAM shared by the local processes."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    import psutil
+
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", str(world.world_size)))
+    return psutil.virtual_memory().total // max(1, local_processes)
+
+
+def training_state_bytes(model_cfg: ModelConfig) -> int:
+    """Bytes of weights, gradients and Adam moments for one full replica (activations not counted)."""
+    from lmforge.model.info import count_params
+
+    return TRAIN_STATE_BYTES_PER_PARAM * count_params(model_cfg)
+
+
+def resolve_strategy(parallel: ParallelConfig, world: World, *, state_bytes: int, memory_bytes: int) -> str:
+    """``single`` for one process; otherwise ddp or fsdp as asked, or for ``auto``: FSDP when one replica of
+    the training state (``state_bytes``) would not fit ``memory_bytes``, else DDP (less communication)."""
+    if not world.distributed:
+        return "single"
+    if parallel.strategy != "auto":
+        return parallel.strategy
+    return "fsdp" if state_bytes > memory_bytes else "ddp"
 
 
 def apply_activation_checkpointing(blocks: nn.ModuleList) -> None:
@@ -79,23 +124,64 @@ def apply_activation_checkpointing(blocks: nn.ModuleList) -> None:
         block.forward = functools.update_wrapper(forward, original)
 
 
+def apply_fsdp(model: nn.Module, world: World, *, precision: str, cpu_offload: bool) -> None:
+    """FSDP2 per Transformer block, then at the root (embeddings, final norm, head). In bf16 the parameters
+    are gathered and computed in bf16 while gradients are reduced in fp32; the sharded master weights and
+    the optimizer state stay fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(world.device.type, (world.world_size,), mesh_dim_names=("dp",))
+    mp_policy = MixedPrecisionPolicy()
+    if precision == "bf16":
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
+
+
 def parallelize(
     model: nn.Module,
     parallel: ParallelConfig,
     world: World,
     *,
+    precision: str = "fp32",
     activation_checkpointing: bool = False,
     compile: bool = False,
+    strategy: str | None = None,
 ) -> nn.Module:
     """Activation checkpointing, then ``torch.compile`` per block, then data parallelism (DDP or FSDP2),
-    in that order. Returns the module to train (the same object for a single process)."""
+    in that order. ``strategy`` is the resolved one (see ``resolve_strategy``); by default it is resolved
+    here from the model's size and the device's memory. Returns the module to train: the same object for a
+    single process and for FSDP (whose parameters become sharded DTensors), a DDP wrapper for DDP."""
     if activation_checkpointing:
         apply_activation_checkpointing(model.layers)
     if compile:
         for block in model.layers:
             block.compile()
-    if not world.distributed:
+    if strategy is None:
+        strategy = resolve_strategy(
+            parallel,
+            world,
+            state_bytes=training_state_bytes(model.cfg),
+            memory_bytes=device_memory_bytes(world.device, world),
+        )
+    if strategy == "single" or not world.distributed:
         return model
-    raise ConfigError(  # issue 5: DDP and FSDP2 are applied here
-        f"parallel.strategy={parallel.strategy!r} with WORLD_SIZE={world.world_size} is not supported yet"
-    )
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [world.device] if world.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    if strategy == "fsdp":
+        apply_fsdp(model, world, precision=precision, cpu_offload=parallel.cpu_offload)
+        return model
+    raise ConfigError(f"parallel.strategy={strategy!r} must be one of 'auto', 'single', 'ddp', 'fsdp'")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Transformer inside a DDP wrapper (FSDP2 and single-process models are returned as they are)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
