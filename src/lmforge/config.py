@@ -313,9 +313,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         if isinstance(value, str):
             try:
-                return int(parse_number(value))
+                number = parse_number(value)
             except ValueError:
-                pass
+                number = None
+            if number is not None and number.is_integer():  # '4k' -> 4000, but '3.5' is not an integer
+                return int(number)
         raise ConfigError(f"{key}={value!r} must be an integer")
     if tp is float:
         if isinstance(value, bool):

@@ -135,6 +135,16 @@ def attention_mask_for(
     return mask | diagonal
 
 
+def positions_within_documents(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Positions (B, T) counted from each packed document's first token: [7,7,7,9,9] -> [0,1,2,0,1]."""
+    B, T = doc_ids.shape
+    index = torch.arange(T, device=doc_ids.device).expand(B, T)  # (B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T) index of each document's first token
+    return index - first
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -279,13 +289,18 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, C) for token ids ``idx`` (B, T).
 
-        ``doc_ids`` (B, T): packed-document ids; attention stays inside a document.
+        ``doc_ids`` (B, T): packed-document ids; attention stays inside a document and, unless
+        ``position_ids`` is given, positions restart at 0 in each document (as if it ran alone). Not with a cache.
         ``attention_mask`` (B, T): 1 for real tokens, 0 for padding; with a cache it covers cache + new tokens.
         ``position_ids`` (B, T): explicit positions (defaults to cache length + 0..T-1).
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
-        if position_ids is None:
+        if doc_ids is not None and cache is not None:
+            raise ValueError("doc_ids (packed training sequences) cannot be combined with a KV cache")
+        if position_ids is None and doc_ids is not None:
+            position_ids = positions_within_documents(doc_ids)
+        elif position_ids is None:
             position_ids = torch.arange(start, start + T, device=idx.device).expand(B, T)  # (B, T)
         x = self.embed_tokens(idx)  # (B, T, C)
         rope = None
