@@ -1,0 +1,150 @@
+"""Evaluation: log-likelihoods agree with transformers, acc/acc_norm follow from them, perplexity is exact."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.errors import DataError
+from lmforge.infer.evaluate import (
+    accuracy,
+    choice_loglikelihoods,
+    evaluate_choice_task,
+    format_table,
+    load_choice_task,
+    score_text,
+    task_metrics,
+)
+
+from .conftest import ByteTokenizer, hf_llama, tiny_model
+
+CPU = torch.device("cpu")
+HELLASWAG = Path(__file__).resolve().parents[3] / "shared" / "data" / "eval" / "hellaswag_val.jsonl"
+
+RECORDS = [
+    {
+        "activity_label": "Cooking",
+        "ctx": "A man cracks an egg. he",
+        "endings": ["fries it.", "sings a long song to it.", "x", "eats the pan."],
+        "label": 0,
+    },
+    {
+        "activity_label": "Sport",
+        "ctx": "The boy runs. the boy",
+        "endings": ["jumps [title] high.", "falls", "sits down on the track."],
+        "label": 2,
+    },
+    {
+        "activity_label": "Music",
+        "ctx": "She plays a violin. she",
+        "endings": ["bows.", "stops and smiles at the crowd.", "hums"],
+        "label": 1,
+    },
+    {"query": "Question: which is heavier?\n", "choices": ["a ton of lead", "a feather"], "gold": 0},
+]
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def hf_loglikelihood(hf, context: str, ending: str) -> float:
+    """log P(" " + ending | context) from transformers' logits, byte tokens (independent of lmforge). As in
+    the harness, whitespace that ends the context belongs to the continuation."""
+    stripped = context.rstrip()
+    ctx, cont = list(stripped.encode()), list((context[len(stripped) :] + " " + ending).encode())
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logprobs = hf(ids).logits.double().log_softmax(-1)[0]  # (T, V)
+    return sum(logprobs[len(ctx) + j - 1, tok].item() for j, tok in enumerate(cont))
+
+
+def test_choice_loglikelihoods_match_transformers_and_give_acc(tmp_path):
+    model, tokenizer = tiny_model(seed=1, max_seq_len=128), ByteTokenizer()
+    hf = hf_llama(model)
+    items = load_choice_task(write_jsonl(tmp_path / "mc.jsonl", RECORDS))
+    assert items[1].choices[0] == "jumps. high."  # the harness's cleanup of WikiHow markers
+    assert items[0].context == "Cooking: A man cracks an egg. he"
+    ours = choice_loglikelihoods(model, tokenizer, items, device=CPU, batch_size=3)
+    expected_hits, expected_norm = [], []
+    for item, lls in zip(items, ours):
+        reference = [hf_loglikelihood(hf, item.context, c) for c in item.choices]
+        assert max(abs(a - b) for a, b in zip(lls, reference)) <= 1e-4
+        expected_hits.append(max(range(len(reference)), key=reference.__getitem__) == item.gold)
+        normed = [ll / len(c) for ll, c in zip(reference, item.choices)]
+        expected_norm.append(max(range(len(normed)), key=normed.__getitem__) == item.gold)
+    result = accuracy(items, ours)
+    assert result["acc"] == pytest.approx(sum(expected_hits) / len(items))
+    assert result["acc_norm"] == pytest.approx(sum(expected_norm) / len(items))
+    assert result["n"] == 4
+
+
+def test_acc_norm_divides_by_characters():
+    from lmforge.infer.evaluate import ChoiceItem
+
+    item = ChoiceItem(context="c", choices=("ab", "abcdefgh"), gold=1, where="t:1")
+    # raw: -4 beats -6; per character: -6/8 = -0.75 beats -4/2 = -2
+    result = accuracy([item], [[-4.0, -6.0]])
+    assert result["acc"] == 0.0 and result["acc_norm"] == 1.0
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary():
+    model, tokenizer = tiny_model(), ByteTokenizer()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # zero norm weights make every logit 0: a uniform distribution over 257 tokens
+    score = score_text(model, tokenizer, "héllo wörld " * 20, device=CPU, seq_len=16)
+    assert score.tokens == len(("héllo wörld " * 20).encode()) == score.bytes
+    assert score.perplexity == pytest.approx(257, rel=1e-5)
+    assert score.bits_per_byte == pytest.approx(math.log2(257), rel=1e-5)
+
+
+def test_perplexity_windows_match_transformers():
+    model, tokenizer = tiny_model(seed=2), ByteTokenizer()
+    hf = hf_llama(model)
+    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
+    ids = [256] + list(text.encode())
+    seq_len, total = 20, 0.0
+    for start in range(0, len(ids) - 1, seq_len):  # independent windows of 20 predictions
+        piece = torch.tensor([ids[start : start + seq_len + 1]])
+        with torch.no_grad():
+            logits = hf(piece[:, :-1]).logits
+        total += torch.nn.functional.cross_entropy(logits[0], piece[0, 1:], reduction="sum").item()
+    score = score_text(model, tokenizer, text, device=CPU, seq_len=seq_len, batch_size=2)
+    assert score.nll == pytest.approx(total, rel=1e-5)
+    assert score.bits_per_byte == pytest.approx(total / (len(text.encode()) * math.log(2)), rel=1e-5)
+
+
+def test_real_hellaswag_file_and_task_metrics():
+    if not HELLASWAG.is_file():
+        pytest.skip(f"{HELLASWAG} is absent (the shared data folder is not mounted)")
+    items = load_choice_task(HELLASWAG, limit=5)
+    assert items[0].context == "Roof shingle removal: A man is sitting on a roof. he" and items[0].gold == 3
+    model = tiny_model(max_seq_len=256)
+    metrics = task_metrics(model, ByteTokenizer(), [HELLASWAG], device=CPU, limit=5)
+    assert set(metrics) == {"hellaswag/acc", "hellaswag/acc_norm"}
+    result = evaluate_choice_task(model, ByteTokenizer(), HELLASWAG, device=CPU, limit=5)
+    assert result["acc"] == metrics["hellaswag/acc"]
+    assert "hellaswag" in format_table({"hellaswag": result})
+
+
+def test_malformed_task_lines_name_file_and_line(tmp_path):
+    path = write_jsonl(
+        tmp_path / "bad.jsonl", [RECORDS[0], {"activity_label": "x", "endings": ["a", "b"], "label": 0}]
+    )
+    with pytest.raises(DataError, match=r"bad.jsonl:2: HellaSwag record without ctx"):
+        load_choice_task(path)
+    path.write_text(json.dumps(RECORDS[0]) + "\n{not json\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+        load_choice_task(path)
+    path.write_text(json.dumps({**RECORDS[0], "label": 7}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: gold label 7"):
+        load_choice_task(path)
+    path.write_text(json.dumps({"text": "hello"}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: not a multiple-choice record"):
+        load_choice_task(path)
