@@ -162,6 +162,37 @@ def latest_valid_checkpoint(run_dir: str | Path) -> FoundCheckpoint | None:
     return None
 
 
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints of a run (and leftovers of interrupted writes
+    from other processes); returns what was deleted. The newest checkpoint is never deleted."""
+    keep_last = max(1, keep_last)
+    removed = list_checkpoints(run_dir)[:-keep_last]
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        removed += [p for p in root.iterdir() if ".tmp-" in p.name and not p.name.endswith(f".tmp-{os.getpid()}")]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def find_resume_checkpoint(run_dir: str | Path, resume: str | Path | None) -> FoundCheckpoint | None:
+    """The checkpoint to resume from: None (``resume`` is None, or "auto" with no valid checkpoint yet);
+    for "auto" the newest valid one of ``run_dir`` (with the problems of damaged newer ones); else the
+    checkpoint or run folder ``resume`` names."""
+    if resume is None:
+        return None
+    if str(resume) == "auto":
+        found = latest_valid_checkpoint(run_dir)
+        if found is None:
+            damaged = [p for c in list_checkpoints(run_dir) for p in verify_checkpoint(c)]
+            if damaged:
+                raise CheckpointError(
+                    f"{run_dir}: no valid checkpoint to resume from:\n  " + "\n  ".join(damaged)
+                )
+        return found
+    return FoundCheckpoint(resolve_checkpoint(resume), [])
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or a run folder (its newest valid checkpoint). Raises CheckpointError otherwise."""
     path = Path(path)

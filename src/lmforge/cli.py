@@ -101,12 +101,82 @@ def _run_import(args) -> int:
     return 0
 
 
+# -- train / plot -------------------------------------------------------------------------------------------
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model (no config: the built-in demo on the Python stdlib)")
+    p.add_argument(
+        "items", nargs="*", metavar="[CONFIG] [overrides]", help="a YAML config, then dotted overrides"
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="'auto' (newest valid checkpoint of train.out_dir) or a checkpoint path",
+    )
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+
+
+def _cache_dir():
+    import os
+    from pathlib import Path
+
+    if os.environ.get("LMFORGE_CACHE"):
+        return Path(os.environ["LMFORGE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge"
+
+
+def _run_train(args) -> int:
+    import signal
+
+    from lmforge.config import load_config
+    from lmforge.train.demo import demo_config
+    from lmforge.train.loop import train
+
+    items = list(args.items)
+    if items and "=" not in items[0]:
+        cfg = load_config(items[0], items[1:])
+    else:
+        cfg = demo_config(items)
+    result = train(
+        cfg, resume=args.resume, cache_dir=_cache_dir(), progress=False if args.no_progress else None
+    )
+    for text in result.samples:
+        print(f"--- sample ---\n{text}")
+    print(f"run folder: {result.run_dir} (checkpoint {result.checkpoint})")
+    if result.stopped_by in ("SIGINT", "SIGTERM"):
+        return 128 + int(getattr(signal, result.stopped_by))
+    return 0
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="loss curves of one or more runs, overlaid in one PNG")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--out", default=None, help="the PNG to write (default: RUN/loss.png for one run)")
+
+
+def _run_plot(args) -> int:
+    from pathlib import Path
+
+    from lmforge.errors import DataError
+    from lmforge.train.metrics import plot_runs
+
+    missing = [r for r in args.runs if not (Path(r) / "metrics.jsonl").is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: no metrics.jsonl (not an lmforge run folder)")
+    out = args.out or (Path(args.runs[0]) / "loss.png" if len(args.runs) == 1 else "loss.png")
+    print(f"wrote {plot_runs(args.runs, out)}")
+    return 0
+
+
 # -- the table of verbs -------------------------------------------------------------------------------------
 
 VERBS: dict[str, tuple[Callable, Callable]] = {
     "model": (_add_model, _run_model),
     "export": (_add_export, _run_export),
     "import": (_add_import, _run_import),
+    "train": (_add_train, _run_train),
+    "plot": (_add_plot, _run_plot),
 }
 
 

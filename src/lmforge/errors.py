@@ -19,3 +19,7 @@ class CheckpointError(LMForgeError):
 
 class ExportError(LMForgeError):
     """A model cannot be converted to or from another format."""
+
+
+class TrainingError(LMForgeError):
+    """Training cannot continue (for example, repeated non-finite steps with no checkpoint to return to)."""

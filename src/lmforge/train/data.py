@@ -1,0 +1,205 @@
+"""The data side of a run: prepare raw sources on demand, build the loader, and reject a config that
+cannot train (vocabulary, context, batch size) before any weight is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import Config, ModelConfig
+from lmforge.errors import ConfigError, DataError
+from lmforge.model.info import count_params
+
+# ``{stdlib}`` in data.sources stands for the running interpreter's standard library (the demo's corpus).
+PLACEHOLDERS = {"stdlib": sysconfig.get_paths()["stdlib"]}
+
+# DataConfig fields that do not change what preparation writes (so they do not change the cache key).
+_NOT_IN_KEY = ("prepared", "mixture", "workers", "document_mask")
+
+
+@dataclass
+class RunData:
+    config: Config  # with model.vocab_size resolved against the tokenizer
+    loader: Any  # TokenLoader interface
+    tokenizer: Any | None
+    tokenizer_path: str | None
+    datasets: dict[str, float]  # prepared folder -> mixture weight (empty for an external loader)
+    sources: list[str]
+    report: dict | None  # the cleaning report of the (first) prepared folder
+
+    @property
+    def parameters(self) -> int:
+        return count_params(self.config.model)
+
+
+def expand_sources(sources: list[str]) -> list[str]:
+    return [s.format(**PLACEHOLDERS) if "{" in s else s for s in sources]
+
+
+def prepared_dir_for(cfg: Config, sources: list[str], cache_dir: str | Path | None) -> Path:
+    """Where raw sources are prepared: ``data.prepared``, else a cache folder keyed by sources and settings."""
+    if cfg.data.prepared:
+        return Path(cfg.data.prepared)
+    settings = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _NOT_IN_KEY}
+    settings["sources"] = [str(Path(s).expanduser().absolute()) if "*" not in s else s for s in sources]
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    stem = Path(sources[0].rstrip("/*")).name or "data"
+    if cache_dir is None:
+        return Path(cfg.train.out_dir) / "data" / f"{stem}-{key}"
+    return Path(cache_dir) / "prepared" / f"{stem}-{key}"
+
+
+def prepared_datasets(cfg: Config, *, world, cache_dir: str | Path | None, progress: bool | None) -> tuple:
+    """The prepared folders and their weights, preparing ``data.sources`` first when they are not prepared."""
+    import torch.distributed as dist
+
+    from lmforge.data.prepare import is_prepared, prepare_data
+
+    if cfg.data.mixture:
+        datasets = dict(cfg.data.mixture)
+        missing = [d for d in datasets if not is_prepared(d)]
+        if missing:
+            raise DataError(
+                f"data.mixture names {missing[0]!r}, which is not a prepared folder (no meta.json)"
+            )
+        return datasets, []
+    sources = expand_sources(list(cfg.data.sources))
+    if not sources and not cfg.data.prepared:
+        raise ConfigError("no training data: set data.sources (raw files, folders, globs) or data.prepared")
+    out = prepared_dir_for(cfg, sources, cache_dir)
+    if not is_prepared(out):
+        if not sources:
+            raise DataError(
+                f"data.prepared={str(out)!r} is not a prepared folder (no meta.json) and data.sources is empty"
+            )
+        if world.is_main:
+            prepare_data(cfg.data, sources, out, progress=progress is not False)
+        if world.distributed:
+            dist.barrier()
+    return {str(out): 1.0}, sources
+
+
+def default_vocab_size(model: ModelConfig) -> int:
+    from lmforge.model.presets import PRESETS
+
+    if model.preset in PRESETS:
+        return PRESETS[model.preset].vocab_size
+    return ModelConfig().vocab_size
+
+
+def resolve_vocab(cfg: Config, data_vocab: int, tokenizer_name: str) -> Config:
+    """The model takes the tokenizer's vocabulary unless ``model.vocab_size`` was set explicitly (then it
+    must be at least as large)."""
+    model_vocab = cfg.model.vocab_size
+    if model_vocab == default_vocab_size(cfg.model):
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=data_vocab))
+    if model_vocab < data_vocab:
+        raise ConfigError(
+            f"vocabulary mismatch: model.vocab_size={model_vocab} but the data's tokenizer ({tokenizer_name}) "
+            f"has {data_vocab} ids; raise model.vocab_size to at least {data_vocab} or leave it unset"
+        )
+    return cfg
+
+
+def check_shapes(cfg: Config, dataset_tokens: dict[str, int]) -> None:
+    """Context against the model's positions, and one micro-batch against each dataset's size."""
+    tc = cfg.train
+    problems = []
+    if tc.seq_len > cfg.model.max_seq_len:
+        problems.append(
+            f"train.seq_len={tc.seq_len} is longer than the model's positions, "
+            f"model.max_seq_len={cfg.model.max_seq_len}; lower train.seq_len or raise model.max_seq_len"
+        )
+    needed = tc.micro_batch * (tc.seq_len + 1)
+    for name, n_tokens in dataset_tokens.items():
+        if n_tokens < needed:
+            problems.append(
+                f"one batch needs train.micro_batch x (train.seq_len + 1) = {tc.micro_batch} x {tc.seq_len + 1} = "
+                f"{needed} tokens but the training split of {name} holds only {n_tokens}; "
+                "lower train.micro_batch or train.seq_len, or add data"
+            )
+    if problems:
+        raise ConfigError("this config cannot train:\n  " + "\n  ".join(problems))
+
+
+def train_split_tokens(prepared: str | Path) -> int | None:
+    """Tokens in a prepared folder's training split, from its meta.json (None when not recorded)."""
+    try:
+        meta = json.loads((Path(prepared) / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    splits = meta.get("splits")
+    if isinstance(splits, dict) and isinstance(splits.get("train"), dict):
+        tokens = splits["train"].get("tokens")
+        return int(tokens) if tokens is not None else None
+    for key in ("train_tokens", "n_train_tokens"):
+        if key in meta:
+            return int(meta[key])
+    return None
+
+
+def read_report(prepared: str | Path) -> dict | None:
+    try:
+        return json.loads((Path(prepared) / "report.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def resolve_data(
+    cfg: Config, *, loader, world, cache_dir: str | Path | None, progress: bool | None
+) -> RunData:
+    """Everything the loop needs from the data, with every check that can fail done before the model exists."""
+    datasets: dict[str, float] = {}
+    sources: list[str] = []
+    if loader is None:
+        from lmforge.data.tokenizer import load_tokenizer
+
+        datasets, sources = prepared_datasets(cfg, world=world, cache_dir=cache_dir, progress=progress)
+        first = next(iter(datasets))
+        tokenizer_path = str(Path(first) / "tokenizer.json")
+        tokenizer = load_tokenizer(tokenizer_path)
+        cfg = resolve_vocab(cfg, tokenizer.vocab_size, tokenizer_path)
+        sizes = {d: n for d in datasets if (n := train_split_tokens(d)) is not None}
+        check_shapes(cfg, sizes)
+        from lmforge.data.loader import TokenLoader
+
+        loader = TokenLoader(
+            datasets,
+            split="train",
+            seq_len=cfg.train.seq_len,
+            batch_size=cfg.train.micro_batch,
+            seed=cfg.train.seed,
+            rank=world.rank,
+            world_size=world.world_size,
+            with_doc_ids=cfg.data.document_mask,
+        )
+    else:
+        tokenizer_path = getattr(loader, "tokenizer_path", None)
+        tokenizer = None
+        if tokenizer_path:
+            from lmforge.data.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer_path)
+        cfg = resolve_vocab(cfg, loader.vocab_size, tokenizer_path or "the given loader")
+        check_shapes(cfg, {})
+    report = read_report(next(iter(datasets))) if datasets else None
+    return RunData(cfg, loader, tokenizer, tokenizer_path, datasets, sources, report)
+
+
+def validation_batches(data: RunData, cfg: Config):
+    """The validation batches of every prepared folder (a fresh iterable each call)."""
+    from lmforge.data.loader import eval_batches
+
+    for dataset in data.datasets:
+        yield from eval_batches(
+            dataset,
+            seq_len=cfg.train.seq_len,
+            batch_size=cfg.train.micro_batch,
+            max_batches=cfg.train.eval_batches,
+        )

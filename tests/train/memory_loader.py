@@ -1,0 +1,50 @@
+"""A loader over an in-memory token array with the ``TokenLoader`` interface, for loop tests that need no
+prepared data (the loop accepts any such loader, as fine-tuning does)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # (B, T) int64
+    targets: torch.Tensor  # (B, T) int64, -100 where ignored
+    doc_ids: torch.Tensor | None = None
+
+
+class MemoryLoader:
+    """Random windows of ``tokens`` from a seeded generator; the state is the number of batches drawn."""
+
+    def __init__(self, tokens: torch.Tensor, *, seq_len: int, batch_size: int, vocab_size: int, seed: int = 0):
+        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.vocab_size, self.seed, self.tokenizer_path = vocab_size, seed, None
+        self.batches = 0
+
+    def _batch(self, index: int) -> Batch:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        starts = torch.randint(0, len(self.tokens) - self.seq_len - 1, (self.batch_size,), generator=gen)
+        rows = torch.stack([self.tokens[s : s + self.seq_len + 1] for s in starts.tolist()])  # (B, T+1)
+        return Batch(rows[:, :-1].clone(), rows[:, 1:].clone())
+
+    def next_batch(self) -> Batch:
+        batch = self._batch(self.batches)
+        self.batches += 1
+        return batch
+
+    def skip(self, n_batches: int) -> None:
+        self.batches += n_batches
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches = int(state["batches"])
+
+
+def pattern_tokens(n: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
+    """A learnable stream: a fixed random sequence of 97 tokens repeated."""
+    period = torch.randint(0, vocab_size, (97,), generator=torch.Generator().manual_seed(seed))
+    return period.repeat(n // 97 + 1)[:n]
