@@ -41,6 +41,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    head_size: int | None = None  # None: d_model // n_heads; set when attention heads were pruned away
 
     @property
     def kv_heads(self) -> int:
@@ -48,7 +49,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_size if self.head_size is not None else self.d_model // self.n_heads
 
     @property
     def hidden_dim(self) -> int:
@@ -64,13 +65,16 @@ class ModelConfig:
         for name in ("vocab_size", "max_seq_len", "n_layers", "d_model", "n_heads"):
             if getattr(self, name) < 1:
                 out.append(f"model.{name}={getattr(self, name)} must be >= 1")
-        if self.n_heads >= 1 and self.d_model % self.n_heads:
+        if self.head_size is not None and self.head_size < 1:
+            out.append(f"model.head_size={self.head_size} must be >= 1 (or null for d_model // n_heads)")
+        if self.head_size is None and self.n_heads >= 1 and self.d_model % self.n_heads:
             out.append(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
         if self.n_kv_heads is not None and self.n_kv_heads < 1:
             out.append(f"model.n_kv_heads={self.n_kv_heads} must be >= 1 (or null for n_heads)")
         elif self.n_heads >= 1 and self.n_heads % self.kv_heads:
             out.append(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.kv_heads}")
-        if self.position == "rope" and self.n_heads >= 1 and self.d_model % self.n_heads == 0:
+        exact_heads = self.head_size is not None or (self.n_heads >= 1 and self.d_model % self.n_heads == 0)
+        if self.position == "rope" and exact_heads and self.head_dim >= 1:
             if self.head_dim % 2:
                 out.append(f"model.position=rope needs an even head dimension, got {self.head_dim}")
         if self.position == "sinusoidal" and self.d_model % 2:
