@@ -1,0 +1,67 @@
+"""Open a model for inference: an lmforge run or checkpoint folder, or a Hugging Face folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmforge.checkpoint import TOKENIZER, load_model
+from lmforge.config import Config
+from lmforge.errors import CheckpointError, DataError
+from lmforge.model.transformer import Transformer, build_model
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: object | None  # lmforge.data.tokenizer.Tokenizer, when the folder carries one
+    config: Config
+    directory: Path  # the checkpoint (or Hugging Face) folder the weights came from
+    tokenizer_path: Path | None
+
+    def require_tokenizer(self):
+        if self.tokenizer is None:
+            raise DataError(f"{self.directory}: no {TOKENIZER} beside the weights, so text cannot be encoded")
+        return self.tokenizer
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "config.yaml").is_file()
+
+
+def load_hf_folder(path: Path, *, device: torch.device) -> tuple[Transformer, Config]:
+    """Build the lmforge model of a Hugging Face Llama or GPT-2 folder, in memory (nothing is written)."""
+    from lmforge.model.hf import _read_hf_weights, from_hf_state_dict, model_config_from_hf
+
+    try:
+        hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path / 'config.json'}: malformed JSON ({exc})") from None
+    cfg = model_config_from_hf(hf, str(path / "config.json"))
+    state = from_hf_state_dict(_read_hf_weights(path), cfg, str(path))
+    model = build_model(cfg, device="meta")
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.load_state_dict(state, strict=False)
+    model.init_buffers()
+    return model, Config(model=cfg)
+
+
+def load_for_inference(path: str | Path, *, device: torch.device) -> LoadedModel:
+    """The model (in eval mode, on ``device``) and its tokenizer from a run, checkpoint or HF folder."""
+    from lmforge.data.tokenizer import load_tokenizer
+
+    path = Path(path)
+    if path.is_dir() and is_hf_folder(path):
+        model, config = load_hf_folder(path, device=device)
+        directory = path
+    else:
+        model, config, directory = load_model(path, device=str(device))
+    tokenizer_path = directory / TOKENIZER if (directory / TOKENIZER).is_file() else None
+    tokenizer = (
+        load_tokenizer(directory if is_hf_folder(directory) else tokenizer_path) if tokenizer_path else None
+    )
+    return LoadedModel(model.eval(), tokenizer, config, directory, tokenizer_path)

@@ -1,0 +1,229 @@
+"""Make a model cheaper: unstructured magnitude pruning, and structured pruning of attention heads and
+feed-forward channels that really shrinks the weight matrices (and the config).
+
+Shape legend: C d_model, H query heads, Hkv key/value heads, g = H / Hkv heads per group, hd head
+dimension, F feed-forward width.
+
+Only the projection matrices inside the blocks are pruned; embeddings, the head and norms are kept.
+Importance is weight magnitude: for a head, the squared norm of its query rows and output-projection
+columns (plus its key/value rows when it owns them); for a feed-forward channel, the norm of its output
+column times the norms of its input rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.errors import ConfigError
+from lmforge.model.transformer import Transformer, build_model
+
+
+def prunable_weights(model: Transformer) -> dict[str, nn.Parameter]:
+    """The block projection weights (q/k/v/o, gate/up/down), by name."""
+    return {
+        name: p
+        for name, p in model.named_parameters()
+        if name.startswith("layers.") and name.endswith("_proj.weight")
+    }
+
+
+def sparsity(model: Transformer) -> dict:
+    """Exact zero counts over the prunable weights: {zeros, total, sparsity}."""
+    zeros = total = 0
+    for p in prunable_weights(model).values():
+        zeros += int((p == 0).sum())
+        total += p.numel()
+    return {"zeros": zeros, "total": total, "sparsity": zeros / max(total, 1)}
+
+
+# -- unstructured ------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def magnitude_prune(
+    model: Transformer, amount: float, *, scope: Literal["global", "layer"] = "global"
+) -> dict[str, torch.Tensor]:
+    """Zero exactly round(amount x n) weights of smallest magnitude, over all prunable weights together
+    (``global``) or within each matrix (``layer``). Returns the keep-masks (True = kept) by name."""
+    if not 0.0 <= amount < 1.0:
+        raise ConfigError(f"sparsity={amount} must be in [0, 1)")
+    weights = prunable_weights(model)
+    masks = {}
+    if scope == "layer":
+        for name, p in weights.items():
+            masks[name] = _keep_mask(p.abs().flatten(), round(amount * p.numel())).view_as(p)
+    elif scope == "global":
+        flat = torch.cat([p.abs().flatten().float() for p in weights.values()])
+        keep = _keep_mask(flat, round(amount * flat.numel()))
+        at = 0
+        for name, p in weights.items():
+            masks[name] = keep[at : at + p.numel()].view_as(p)
+            at += p.numel()
+    else:
+        raise ConfigError(f"scope={scope!r} must be 'global' or 'layer'")
+    for name, p in weights.items():
+        p.mul_(masks[name].to(p.dtype))
+    return masks
+
+
+def _keep_mask(magnitudes: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """True everywhere except the ``n_prune`` smallest entries (exactly that many, ties broken by index)."""
+    keep = torch.ones_like(magnitudes, dtype=torch.bool)
+    if n_prune > 0:
+        keep[torch.topk(magnitudes, n_prune, largest=False, sorted=False).indices] = False
+    return keep
+
+
+def keep_pruned_at_zero(masks: dict[str, torch.Tensor], model: Transformer) -> list:
+    """Gradient hooks that zero the gradient of pruned weights, so a recovery fine-tune (AdamW, decoupled
+    weight decay) leaves them exactly zero. Returns the hook handles."""
+    params = dict(model.named_parameters())
+    handles = []
+    for name, mask in masks.items():
+        keep = mask.to(params[name].dtype)
+        handles.append(params[name].register_hook(lambda grad, keep=keep: grad * keep.to(grad.device)))
+    return handles
+
+
+# -- structured --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StructuredPlan:
+    """What structured pruning keeps: per layer, the query-head indices and feed-forward channel indices."""
+
+    heads: list[list[int]]
+    channels: list[list[int]]
+    config: ModelConfig
+
+
+def _head_importance(layer: nn.Module, cfg: ModelConfig, owns_kv: bool) -> torch.Tensor:
+    hd = cfg.head_dim
+    attn = layer.self_attn
+    q = attn.q_proj.weight.view(cfg.n_heads, hd, -1).pow(2).sum(dim=(1, 2))  # (H,)
+    o = attn.o_proj.weight.view(cfg.d_model, cfg.n_heads, hd).pow(2).sum(dim=(0, 2))  # (H,)
+    score = q + o
+    if owns_kv:
+        score = score + attn.k_proj.weight.view(cfg.n_heads, hd, -1).pow(2).sum(dim=(1, 2))
+        score = score + attn.v_proj.weight.view(cfg.n_heads, hd, -1).pow(2).sum(dim=(1, 2))
+    return score
+
+
+def _channel_importance(layer: nn.Module, cfg: ModelConfig) -> torch.Tensor:
+    mlp = layer.mlp
+    score = mlp.up_proj.weight.norm(dim=1)  # (F,)
+    if cfg.ffn == "swiglu":
+        score = score + mlp.gate_proj.weight.norm(dim=1)
+    return score * mlp.down_proj.weight.norm(dim=0)
+
+
+def plan_structured(model: Transformer, *, heads: float = 0.0, channels: float = 0.0) -> StructuredPlan:
+    """Choose, in every layer, the most important heads and channels to keep. ``heads`` and ``channels``
+    are the fractions to remove; every layer loses the same number (the config has one shape for all).
+    With grouped-query attention the same number of query heads goes from every key/value group."""
+    cfg = model.cfg
+    if not (0.0 <= heads < 1.0 and 0.0 <= channels < 1.0):
+        raise ConfigError(f"head fraction {heads} and channel fraction {channels} must be in [0, 1)")
+    group = cfg.n_heads // cfg.kv_heads
+    owns_kv = group == 1
+    if owns_kv:
+        keep_heads = cfg.n_heads - round(heads * cfg.n_heads)
+        per_group = 1
+    else:
+        per_group = group - round(heads * group)
+        keep_heads = per_group * cfg.kv_heads
+    if keep_heads < 1 or per_group < 1:
+        raise ConfigError(f"removing {heads:.0%} of {cfg.n_heads} heads leaves none in a key/value group")
+    keep_channels = cfg.hidden_dim - round(channels * cfg.hidden_dim)
+    if keep_channels < 1:
+        raise ConfigError(f"removing {channels:.0%} of {cfg.hidden_dim} feed-forward channels leaves none")
+    head_keep, channel_keep = [], []
+    with torch.no_grad():
+        for layer in model.layers:
+            score = _head_importance(layer, cfg, owns_kv)
+            if owns_kv:
+                kept = torch.topk(score, keep_heads).indices
+            else:  # the best per_group heads of every group of g query heads
+                best = torch.topk(score.view(cfg.kv_heads, group), per_group, dim=1).indices  # (Hkv, kept)
+                kept = (best + torch.arange(cfg.kv_heads).unsqueeze(1) * group).flatten()
+            head_keep.append(sorted(kept.tolist()))
+            channel_keep.append(
+                sorted(torch.topk(_channel_importance(layer, cfg), keep_channels).indices.tolist())
+            )
+    n_kv_heads = cfg.n_kv_heads
+    if owns_kv and n_kv_heads is not None:
+        n_kv_heads = keep_heads  # multi-head attention: each removed head takes its key and value along
+    new_cfg = dataclasses.replace(
+        cfg,
+        n_heads=keep_heads,
+        n_kv_heads=n_kv_heads,
+        head_size=cfg.head_dim if keep_heads != cfg.n_heads else cfg.head_size,
+        ffn_hidden=keep_channels,
+    )
+    return StructuredPlan(heads=head_keep, channels=channel_keep, config=new_cfg)
+
+
+def _rows(weight: torch.Tensor, heads: list[int], hd: int) -> torch.Tensor:
+    index = torch.tensor([h * hd + i for h in heads for i in range(hd)], device=weight.device)
+    return weight.index_select(0, index)
+
+
+@torch.no_grad()
+def apply_structured(model: Transformer, plan: StructuredPlan) -> Transformer:
+    """A new, smaller Transformer holding the kept heads and channels of ``model``."""
+    cfg, new_cfg = model.cfg, plan.config
+    hd = cfg.head_dim
+    owns_kv = cfg.n_heads == cfg.kv_heads
+    device = next(model.parameters()).device
+    small = build_model(new_cfg, device="meta")
+    small.to_empty(device=device)
+    small.tie_weights()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("layers."):
+            state[name] = tensor
+    for i, (layer, heads, channels) in enumerate(zip(model.layers, plan.heads, plan.channels)):
+        attn, mlp, prefix = layer.self_attn, layer.mlp, f"layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            for key, value in getattr(layer, norm).state_dict().items():
+                state[f"{prefix}{norm}.{key}"] = value
+        state[prefix + "self_attn.q_proj.weight"] = _rows(attn.q_proj.weight, heads, hd)
+        kv_heads = heads if owns_kv else list(range(cfg.kv_heads))
+        state[prefix + "self_attn.k_proj.weight"] = _rows(attn.k_proj.weight, kv_heads, hd)
+        state[prefix + "self_attn.v_proj.weight"] = _rows(attn.v_proj.weight, kv_heads, hd)
+        state[prefix + "self_attn.o_proj.weight"] = _rows(attn.o_proj.weight.t(), heads, hd).t().contiguous()
+        if cfg.bias:
+            state[prefix + "self_attn.q_proj.bias"] = _rows(attn.q_proj.bias.unsqueeze(1), heads, hd).squeeze(
+                1
+            )
+            state[prefix + "self_attn.k_proj.bias"] = _rows(
+                attn.k_proj.bias.unsqueeze(1), kv_heads, hd
+            ).squeeze(1)
+            state[prefix + "self_attn.v_proj.bias"] = _rows(
+                attn.v_proj.bias.unsqueeze(1), kv_heads, hd
+            ).squeeze(1)
+            state[prefix + "self_attn.o_proj.bias"] = attn.o_proj.bias
+        index = torch.tensor(channels, device=device)
+        for proj in ("gate_proj", "up_proj"):
+            if hasattr(mlp, proj):
+                state[f"{prefix}mlp.{proj}.weight"] = getattr(mlp, proj).weight.index_select(0, index)
+                if cfg.bias:
+                    state[f"{prefix}mlp.{proj}.bias"] = getattr(mlp, proj).bias.index_select(0, index)
+        state[prefix + "mlp.down_proj.weight"] = mlp.down_proj.weight.index_select(1, index)
+        if cfg.bias:
+            state[prefix + "mlp.down_proj.bias"] = mlp.down_proj.bias
+    missing, unexpected = small.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and new_cfg.tie_embeddings)]
+    assert not missing and not unexpected, (missing, unexpected)
+    small.init_buffers()
+    return small.train(model.training)
+
+
+def structured_prune(model: Transformer, *, heads: float = 0.0, channels: float = 0.0) -> Transformer:
+    return apply_structured(model, plan_structured(model, heads=heads, channels=channels))
