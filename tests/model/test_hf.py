@@ -29,6 +29,7 @@ CASES = {
     "llama-mha-untied": tiny(tie_embeddings=False, norm_eps=1e-6),
     "llama-gqa-tied": tiny(n_kv_heads=2, tie_embeddings=True, rope_theta=500.0),
     "llama-mqa-bias-untied": tiny(n_kv_heads=1, bias=True, tie_embeddings=False),
+    "llama-head-size": tiny(n_kv_heads=2, head_size=8),  # attention narrower than d_model (pruned heads)
     "gpt2-tied": tiny(**GPT2_SWITCHES, tie_embeddings=True),
     "gpt2-untied": tiny(**GPT2_SWITCHES, tie_embeddings=False),
 }
@@ -106,7 +107,8 @@ def hf_reference(name: str):
     else:
         config = transformers.LlamaConfig(
             vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=cfg.kv_heads, max_position_embeddings=64,
+            num_attention_heads=4, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+            max_position_embeddings=64,
             rms_norm_eps=cfg.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
             attention_bias=cfg.bias, mlp_bias=cfg.bias, tie_word_embeddings=cfg.tie_embeddings,
             bos_token_id=0, eos_token_id=1,
@@ -124,6 +126,7 @@ def test_import_gives_the_same_logits_as_transformers(tmp_path, name):
     model, config, _ = load_model(out)
     assert config.model.kv_heads == CASES[name].kv_heads
     assert config.model.tie_embeddings == CASES[name].tie_embeddings
+    assert config.model.head_dim == CASES[name].head_dim
     assert max_diff(model.eval(), reference, probe()) <= PARITY
 
 
@@ -214,6 +217,7 @@ def test_export_writes_tokenizer_and_model_card(tmp_path):
         (dict(position="learned", ffn="gelu", bias=True), "model.norm=rmsnorm"),
         (dict(GPT2_SWITCHES, n_kv_heads=2), "model.n_kv_heads=2"),
         (dict(GPT2_SWITCHES, bias=False), "model.bias=False"),
+        (dict(GPT2_SWITCHES, head_size=8), "model.head_size=8"),
     ],
 )
 def test_export_refuses_what_neither_architecture_expresses(tmp_path, switches, message):

@@ -9,6 +9,7 @@ Shape legend: C d_model, F feed-forward hidden, V vocabulary, H heads, Hkv key/v
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -126,6 +127,8 @@ def architecture_for(cfg: ModelConfig) -> str:
         ]
         if cfg.kv_heads != cfg.n_heads:
             wrong.append(f"model.n_kv_heads={cfg.kv_heads} (GPT-2 has no grouped-query attention)")
+        if cfg.head_dim * cfg.n_heads != cfg.d_model:
+            wrong.append(f"model.head_size={cfg.head_dim} (GPT-2 needs d_model / n_heads)")
         if wrong:
             raise ExportError(
                 "cannot export: position=learned maps to GPT-2, which cannot express " + "; ".join(wrong)
@@ -220,8 +223,6 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
             wrong.append(f"rope type {rope_type!r} (lmforge implements plain RoPE)")
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             wrong.append(f"partial_rotary_factor={rope['partial_rotary_factor']}")
-        if hf.get("head_dim") is not None and hf["head_dim"] * heads != d:
-            wrong.append(f"head_dim={hf['head_dim']} with hidden_size={d}, {heads} heads")
         if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
             wrong.append("attention_bias != mlp_bias (lmforge has one bias switch)")
         if wrong:
@@ -233,6 +234,7 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
             d_model=d,
             n_heads=heads,
             n_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_size=hf.get("head_dim"),  # kept only where it differs from d_model // n_heads (below)
             ffn_hidden=hf["intermediate_size"],
             position="rope",
             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
@@ -276,6 +278,8 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         cfg = build(ModelConfig, fields, "model")  # coerces and type-checks every value
     except ConfigError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
+    if cfg.head_size is not None and cfg.n_heads >= 1 and cfg.head_size * cfg.n_heads == cfg.d_model:
+        cfg = dataclasses.replace(cfg, head_size=None)
     problems = cfg.problems()
     if problems:
         raise CheckpointError(f"{where}: describes an impossible model: " + "; ".join(problems))
