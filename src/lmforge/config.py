@@ -403,6 +403,8 @@ def config_from_dict(data: dict) -> Config:
 
 def validate(cfg: Config) -> None:
     problems = cfg.problems()
+    if len(problems) == 1:
+        raise ConfigError(f"invalid config: {problems[0]}")  # one problem, one line
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 

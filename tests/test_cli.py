@@ -1,0 +1,70 @@
+"""The CLI: errors are one line on stderr and exit code 2 without a traceback; --debug shows the traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from lmforge.cli import main
+from lmforge.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["model", "info", "7bb"], "'7bb' is neither a preset (did you mean '7b'?) nor a config file"),
+        (["model", "info", "tiny", "model.n_layer=3"], "(did you mean 'n_layers'?)"),
+        (
+            ["model", "info", "tiny", "model.d_model=130"],
+            "invalid config: model.d_model=130 is not divisible by model.n_heads=4",
+        ),
+        (["model", "info", "missing.yaml"], "missing.yaml: config file not found"),
+        (["import", "no/such/folder", "out"], "no/such/folder: no such Hugging Face model folder"),
+        (["export", "no/such/run", "out"], "no/such/run: no such checkpoint or run folder"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert captured.err.startswith(f"lmforge {argv[0]}: error: ") and message in captured.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_yaml_through_the_cli(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  n_layers: [2\n")
+    assert main(["model", "info", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad}:3:1: malformed YAML" in err
+
+
+def test_debug_raises_instead(capsys):
+    with pytest.raises(ConfigError, match="did you mean '7b'"):
+        main(["--debug", "model", "info", "7bb"])
+
+
+def test_debug_shows_the_traceback_in_a_real_process():
+    plain = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", "model", "info", "7bb"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    debug = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", "--debug", "model", "info", "7bb"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert plain.returncode == 2 and plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr
+    assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr
+    assert "lmforge.errors.ConfigError" in debug.stderr
+
+
+def test_model_info_prints_the_numbers(capsys):
+    assert main(["model", "info", "gpt2-124m"]) == 0
+    out = capsys.readouterr().out
+    assert "124,439,808" in out and "position=learned" in out
