@@ -1,0 +1,138 @@
+"""SFT: prompt tokens carry no loss, the response loss falls on real instruction data, LoRA merges exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmforge.checkpoint import load_model
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.errors import DataError
+from lmforge.train.metrics import read_metrics
+from lmforge.tune.lora import LoRAConfig, LoRALinear, apply_lora, merge_lora, trainable_parameters
+from lmforge.tune.sft import (
+    IGNORE,
+    build_rows,
+    finetune,
+    format_prompt,
+    load_examples,
+    record_examples,
+    tokenize_example,
+)
+from tests.infer.conftest import tiny_model
+
+from .conftest import alpaca_records
+
+FAST = ["train.micro_batch=8", "train.seq_len=256", "train.sample_tokens=8", "train.eval_batches=2"]
+
+
+def test_prompt_tokens_carry_no_loss(base_checkpoint):
+    tokenizer = load_tokenizer(base_checkpoint / "tokenizer.json")
+    record = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+    (segments,) = record_examples(record, "x:1")
+    inputs, targets = tokenize_example(segments, tokenizer, max_tokens=200)
+    prompt = format_prompt("Add the numbers.", "2 and 3")
+    n_prompt = len(tokenizer.encode(prompt))
+    assert tokenizer.decode(inputs) == prompt + "5"
+    # target j is token j+1: the first n_prompt - 1 targets are prompt tokens, then "5" and end-of-text
+    assert targets[: n_prompt - 1] == [IGNORE] * (n_prompt - 1)
+    assert targets[n_prompt - 1 :] == tokenizer.encode("5") + [tokenizer.eot_id]
+    # chat: only the assistant turn (and end-of-text) is learned
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    (segments,) = record_examples(chat, "x:2")
+    inputs, targets = tokenize_example(segments, tokenizer, max_tokens=200)
+    learned = tokenizer.decode([t for t in targets if t != IGNORE and t != tokenizer.eot_id])
+    assert learned == "hello\n" and "<|user|>" in tokenizer.decode(inputs)
+
+
+def test_packing_keeps_examples_whole_and_separated():
+    examples = [([1, 2, 3], [IGNORE, 3, 4]), ([5, 6], [6, 7]), ([8, 9, 10, 11], [IGNORE, IGNORE, 11, 12])]
+    rows = build_rows(examples, seq_len=6, pad_id=0, pack=True)
+    assert rows[0] == ([1, 2, 3, 5, 6, 0], [IGNORE, 3, 4, 6, 7, IGNORE], [0, 0, 0, 1, 1, 2])
+    assert rows[1] == ([8, 9, 10, 11, 0, 0], [IGNORE, IGNORE, 11, 12, IGNORE, IGNORE], [0, 0, 0, 0, 1, 1])
+    assert len(build_rows(examples, seq_len=6, pad_id=0, pack=False)) == 3
+
+
+def test_response_loss_falls_on_alpaca(base_checkpoint, tmp_path):
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in alpaca_records(64)), encoding="utf-8")
+    out = tmp_path / "sft"
+    overrides = FAST + [
+        "train.steps=30",
+        "train.lr=3e-3",
+        "train.warmup_steps=3",
+        "train.log_every=5",
+        "train.eval_every=30",
+    ]
+    result = finetune(
+        base_checkpoint, data, out_dir=out, overrides=overrides, val_fraction=0.1, progress=False
+    )
+    losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert result.train_examples + result.val_examples + result.skipped_examples == 64
+    model, _, _ = load_model(result.model_dir)  # the final model is a plain checkpoint
+    assert model.cfg.vocab_size == load_tokenizer(base_checkpoint).vocab_size
+
+
+def test_lora_starts_at_the_base_model_and_merges_exactly():
+    model = tiny_model()
+    x = torch.randint(0, 257, (2, 10))
+    before = model(x)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj")))
+    torch.testing.assert_close(model(x), before)
+    trainable, total = trainable_parameters(model)
+    assert (
+        trainable == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        and trainable < total / 5
+    )
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_()
+    adapted = model(x)
+    assert not torch.allclose(adapted, before)
+    merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert set(model.state_dict()) == set(tiny_model().state_dict())
+    torch.testing.assert_close(model(x), adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_finetune_merges_and_exports(base_checkpoint, tmp_path):
+    pytest.importorskip("transformers")
+    data = tmp_path / "pr.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"Q{i}: ", "response": f"A{i % 3}"}) + "\n" for i in range(20))
+    )
+    lora = LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
+    result = finetune(
+        base_checkpoint,
+        data,
+        out_dir=tmp_path / "run",
+        overrides=FAST + ["train.steps=4", "train.lr=1e-2"],
+        lora=lora,
+        export_hf=tmp_path / "hf",
+        progress=False,
+    )
+    assert (result.hf_dir / "config.json").is_file()
+    tuned, _, _ = load_model(result.model_dir)
+    base, _, _ = load_model(base_checkpoint)
+    changed = [n for n, p in tuned.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
+    assert changed and all("q_proj" in n or "v_proj" in n for n in changed)
+
+
+def test_bad_records_name_file_and_line_and_write_nothing(base_checkpoint, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(
+        json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "only"}) + "\n"
+    )
+    with pytest.raises(DataError, match=r"bad.jsonl:2: instruction record without output"):
+        finetune(base_checkpoint, data, out_dir=tmp_path / "run", overrides=FAST)
+    assert not (tmp_path / "run").exists()
+    data.write_text(json.dumps({"text": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: no instruction/output, prompt/response or messages"):
+        load_examples(data)
+    data.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: messages\[0\]"):
+        load_examples(data)
