@@ -1,0 +1,251 @@
+"""The devices the planner knows: peak FLOP/s, memory, bandwidths; a YAML file can add more; detection.
+
+Figures are vendors' data-sheet values for the SXM / PCIe parts named: dense bf16 tensor-core peak (no
+sparsity), memory as the driver reports it (nvidia-smi MiB), HBM/GDDR bandwidth, and the per-GPU,
+one-direction bandwidth of the link between GPUs of one node (NVLink, or PCIe for cards without it).
+``compute_efficiency`` is the fraction of peak that large bf16 matmuls reach in practice: the planner's
+starting assumption, which ``lmforge plan --probe`` measures and corrects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.config import build, load_yaml, suggest
+from lmforge.errors import ConfigError
+
+GIB = 2**30
+MIB = 2**20
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hardware:
+    """One accelerator (or the CPU) as the planner sees it."""
+
+    name: str
+    kind: str = "cuda"  # cuda or cpu
+    peak_tflops: float  # dense bf16 matmul peak, TFLOP/s
+    memory_gib: float  # memory usable by one process
+    memory_bandwidth_gbs: float  # HBM / GDDR / DRAM bandwidth, GB/s
+    link_gbs: float  # one-direction bandwidth to the other GPUs of the node, GB/s (NVLink or PCIe)
+    pcie_gbs: float = 25.0  # host <-> device copies (CPU offload), GB/s
+    host_memory_gib: float = 1024.0  # CPU memory of one node (CPU offload keeps the training state there)
+    host_bandwidth_gbs: float = 100.0  # CPU memory bandwidth of one node (CPU optimizer steps)
+    compute_efficiency: float = 0.6  # achieved / peak for large matmuls (corrected by --probe)
+    overhead_gib: float = 1.5  # CUDA context, cuBLAS workspaces, NCCL buffers
+
+    @property
+    def peak_flops(self) -> float:
+        return self.peak_tflops * 1e12
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gib * GIB)
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("peak_tflops", "memory_gib", "memory_bandwidth_gbs", "link_gbs", "pcie_gbs"):
+            if getattr(self, name) <= 0:
+                out.append(f"{self.name}.{name}={getattr(self, name)} must be > 0")
+        if not 0.0 < self.compute_efficiency <= 1.0:
+            out.append(f"{self.name}.compute_efficiency={self.compute_efficiency} must be in (0, 1]")
+        if self.kind not in ("cuda", "cpu"):
+            out.append(f"{self.name}.kind={self.kind!r} must be 'cuda' or 'cpu'")
+        return out
+
+
+def _mib(mib: int) -> float:
+    return mib * MIB / GIB
+
+
+# Data sheets: NVIDIA A100 (2021), H100 SXM5 (2023), H200 SXM (2024), L4 (2023), A10 (2021), GeForce RTX 4090
+# (Ada whitepaper: 165.2 TFLOP/s bf16 with fp32 accumulate). NVLink 3 = 600 GB/s, NVLink 4 = 900 GB/s total
+# (both directions); L4, A10 and RTX 4090 talk over PCIe 4.0 x16 (~25 GB/s achieved per direction).
+KNOWN_HARDWARE: dict[str, Hardware] = {
+    "A100-40GB": Hardware(
+        name="A100-40GB", peak_tflops=312.0, memory_gib=_mib(40960), memory_bandwidth_gbs=1555.0,
+        link_gbs=300.0, pcie_gbs=25.0,
+    ),
+    "A100-80GB": Hardware(
+        name="A100-80GB", peak_tflops=312.0, memory_gib=_mib(81920), memory_bandwidth_gbs=2039.0,
+        link_gbs=300.0, pcie_gbs=25.0,
+    ),
+    "H100-80GB": Hardware(
+        name="H100-80GB", peak_tflops=989.0, memory_gib=_mib(81559), memory_bandwidth_gbs=3350.0,
+        link_gbs=450.0, pcie_gbs=50.0, host_memory_gib=2048.0, host_bandwidth_gbs=300.0,
+    ),
+    "H200": Hardware(
+        name="H200", peak_tflops=989.0, memory_gib=_mib(143771), memory_bandwidth_gbs=4800.0,
+        link_gbs=450.0, pcie_gbs=50.0, host_memory_gib=2048.0, host_bandwidth_gbs=300.0,
+    ),
+    "L4": Hardware(
+        name="L4", peak_tflops=121.0, memory_gib=_mib(23034), memory_bandwidth_gbs=300.0,
+        link_gbs=25.0, pcie_gbs=25.0, host_memory_gib=192.0, host_bandwidth_gbs=50.0, overhead_gib=1.0,
+    ),
+    "A10": Hardware(
+        name="A10", peak_tflops=125.0, memory_gib=_mib(23028), memory_bandwidth_gbs=600.0,
+        link_gbs=25.0, pcie_gbs=25.0, host_memory_gib=192.0, host_bandwidth_gbs=50.0, overhead_gib=1.0,
+    ),
+    "RTX-4090": Hardware(
+        name="RTX-4090", peak_tflops=165.2, memory_gib=_mib(24564), memory_bandwidth_gbs=1008.0,
+        link_gbs=25.0, pcie_gbs=25.0, host_memory_gib=128.0, host_bandwidth_gbs=50.0, overhead_gib=1.0,
+    ),
+    # A nominal 16-core server CPU (AVX-512 bf16): detection replaces cores and memory with the real ones.
+    "CPU": Hardware(
+        name="CPU", kind="cpu", peak_tflops=1.6, memory_gib=64.0, memory_bandwidth_gbs=50.0,
+        link_gbs=10.0, pcie_gbs=50.0, host_memory_gib=64.0, host_bandwidth_gbs=50.0,
+        compute_efficiency=0.5, overhead_gib=0.0,
+    ),
+}  # fmt: skip
+
+# Substrings of torch.cuda.get_device_name() -> table entry; longest first so "A100" wins over "A10".
+_DEVICE_NAME_HINTS: list[tuple[str, str]] = [
+    ("H200", "H200"),
+    ("H100", "H100-80GB"),
+    ("A100", "A100-80GB"),
+    ("RTX 4090", "RTX-4090"),
+    ("L4", "L4"),
+    ("A10", "A10"),
+]
+
+CPU_TFLOPS_PER_CORE = 0.1  # bf16, AVX-512 at ~2.5 GHz; --probe measures the real figure
+
+
+@dataclass(frozen=True, kw_only=True)
+class Interconnect:
+    """The network between nodes, as one-direction bandwidth per GPU and a per-collective latency."""
+
+    name: str
+    gbs_per_gpu: float  # one direction, GB/s, for each GPU of a node at once
+    latency_us: float
+    note: str
+
+
+INTERCONNECTS: dict[str, Interconnect] = {
+    "nvlink": Interconnect(
+        name="nvlink", gbs_per_gpu=450.0, latency_us=10.0,
+        note="one NVLink domain across nodes (NVLink Switch, e.g. GB200 NVL72)",
+    ),
+    "infiniband": Interconnect(
+        name="infiniband", gbs_per_gpu=50.0, latency_us=20.0,
+        note="400 Gb/s InfiniBand NDR, one adapter per GPU (DGX H100 layout)",
+    ),
+    "ethernet": Interconnect(
+        name="ethernet", gbs_per_gpu=12.5 / 8, latency_us=50.0,
+        note="one 100 Gb/s Ethernet port per node, shared by its 8 GPUs",
+    ),
+}  # fmt: skip
+
+
+def known_names(table: dict[str, Hardware]) -> str:
+    return ", ".join(table)
+
+
+def lookup_hardware(name: str, table: dict[str, Hardware] | None = None) -> Hardware:
+    """The table entry for ``name`` (case-insensitive); an unknown name lists the known ones."""
+    table = KNOWN_HARDWARE if table is None else table
+    by_lower = {key.lower(): hw for key, hw in table.items()}
+    if name.lower() in by_lower:
+        return by_lower[name.lower()]
+    raise ConfigError(
+        f"unknown GPU {name!r}{suggest(name, table)}; known: {known_names(table)}, or 'auto' to detect this "
+        f"machine (add your own with --hardware-file)"
+    )
+
+
+def lookup_interconnect(name: str) -> Interconnect:
+    if name.lower() in INTERCONNECTS:
+        return INTERCONNECTS[name.lower()]
+    raise ConfigError(
+        f"unknown interconnect {name!r}{suggest(name, INTERCONNECTS)}; known: {', '.join(INTERCONNECTS)}"
+    )
+
+
+def load_hardware_file(path: str | Path, table: dict[str, Hardware] | None = None) -> dict[str, Hardware]:
+    """The table extended (or overridden) by a YAML mapping of name -> fields of ``Hardware``.
+
+    An entry whose name is already known starts from that entry, so a file may change one field only::
+
+        MI300X: {peak_tflops: 1307, memory_gib: 192, memory_bandwidth_gbs: 5300, link_gbs: 448}
+        H100-80GB: {compute_efficiency: 0.55}
+    """
+    table = dict(KNOWN_HARDWARE if table is None else table)
+    data = load_yaml(path)
+    problems = []
+    for name, fields in data.items():
+        if not isinstance(fields, dict):
+            raise ConfigError(
+                f"{path}: entry {name!r} must be a mapping of fields, got {type(fields).__name__}"
+            )
+        base = dataclasses.asdict(table[name]) if name in table else {}
+        base.update(fields)
+        base["name"] = str(name)
+        missing = [f.name for f in dataclasses.fields(Hardware) if f.name not in base and _required(f)]
+        if missing:
+            raise ConfigError(f"{path}: new device {name!r} needs {', '.join(missing)}")
+        hw = build(Hardware, base, f"{path}:{name}")
+        problems += hw.problems()
+        table[str(name)] = hw
+    if problems:
+        raise ConfigError(f"{path}: invalid hardware:\n  " + "\n  ".join(problems))
+    return table
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def hardware_from_device_name(
+    name: str, memory_bytes: int, table: dict[str, Hardware] | None = None
+) -> Hardware:
+    """Match a CUDA device name (``NVIDIA H100 80GB HBM3``) to the table; memory is the device's own."""
+    table = KNOWN_HARDWARE if table is None else table
+    for key in sorted(table, key=len, reverse=True):  # a user's own entry named like the device wins
+        if key.lower() in name.lower() and table[key].kind == "cuda":
+            return dataclasses.replace(table[key], memory_gib=memory_bytes / GIB)
+    for hint, key in _DEVICE_NAME_HINTS:
+        if hint in name:
+            base = table[key]
+            if key == "A100-80GB" and memory_bytes < 60 * GIB:
+                base = table["A100-40GB"]
+            return dataclasses.replace(base, memory_gib=memory_bytes / GIB)
+    raise ConfigError(
+        f"this machine's GPU {name!r} is not in the hardware table; known: {known_names(table)}. "
+        f"Describe it in a YAML file and pass --hardware-file (see README, 'lmforge plan')"
+    )
+
+
+def cpu_hardware(cores: int, memory_bytes: int) -> Hardware:
+    """The CPU entry scaled to this machine's cores and memory."""
+    base = KNOWN_HARDWARE["CPU"]
+    return dataclasses.replace(
+        base,
+        name=f"CPU ({cores} cores)",
+        peak_tflops=cores * CPU_TFLOPS_PER_CORE,
+        memory_gib=memory_bytes / GIB,
+        host_memory_gib=memory_bytes / GIB,
+    )
+
+
+def detect_hardware(table: dict[str, Hardware] | None = None) -> Hardware:
+    """This machine's first CUDA device (from torch.cuda properties), else its CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return hardware_from_device_name(props.name, props.total_memory, table)
+    import psutil
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cpu_hardware(cores, psutil.virtual_memory().total)
+
+
+def resolve_hardware(name: str, hardware_file: str | Path | None = None) -> Hardware:
+    """``--gpu NAME`` (or ``auto``) with an optional ``--hardware-file``."""
+    table = load_hardware_file(hardware_file) if hardware_file else KNOWN_HARDWARE
+    if name.lower() == "auto":
+        return detect_hardware(table)
+    return lookup_hardware(name, table)
