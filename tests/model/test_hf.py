@@ -282,3 +282,21 @@ def test_import_rejects_bad_folders_with_one_clear_line(tmp_path, capsys, case):
     assert main(["import", str(tmp_path / "hf"), str(tmp_path / "ck")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("lmforge import: error:") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_export_of_lmforge_tokenizers_loads_in_auto_tokenizer(tmp_path, kind):
+    data_tokenizer = pytest.importorskip("lmforge.data.tokenizer")
+    texts = ["To be, or not to be: that is the question. Ünïcode 中文"] * 30
+    tokenizer = data_tokenizer.train_tokenizer(kind, texts, 300)
+    tokenizer.save(tmp_path / "tokenizer.json")
+    _, run = lmforge_run(
+        tmp_path, tiny(vocab_size=tokenizer.vocab_size), tokenizer_file=tmp_path / "tokenizer.json"
+    )
+    hf.export_checkpoint(run, tmp_path / "hf", verify=False)
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "not to be, 中文 and unseen €"
+    assert loaded(text)["input_ids"] == tokenizer.encode(text)
+    assert loaded.decode(tokenizer.encode(text)) == text
+    assert loaded.convert_tokens_to_ids(loaded.eos_token) == tokenizer.eot_id
+    assert loaded.convert_tokens_to_ids(loaded.pad_token) == tokenizer.pad_id

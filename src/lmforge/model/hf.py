@@ -526,8 +526,8 @@ def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{folder}: no model.safetensors, sharded safetensors index or pytorch_model.bin")
 
 
-def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
-    """Read a Hugging Face Llama or GPT-2 folder into an lmforge checkpoint folder ``out``; return its path."""
+def read_hf_folder(hf_dir: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
+    """The lmforge Config and weights of a Hugging Face Llama or GPT-2 folder, in memory (nothing written)."""
     folder = Path(hf_dir)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such Hugging Face model folder")
@@ -543,6 +543,12 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     cfg = model_config_from_hf(hf, str(config_path))
     state = from_hf_state_dict(_read_hf_weights(folder), cfg, str(folder))
     # A shorter default training window where the model's learned positions stop earlier.
-    config = Config(model=cfg, train=TrainConfig(seq_len=min(TrainConfig().seq_len, cfg.max_seq_len)))
-    tokenizer = folder / TOKENIZER if (folder / TOKENIZER).is_file() else None
-    return save_checkpoint(Path(out), model_state=state, config=config, tokenizer_file=tokenizer)
+    return Config(model=cfg, train=TrainConfig(seq_len=min(TrainConfig().seq_len, cfg.max_seq_len))), state
+
+
+def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
+    """Read a Hugging Face Llama or GPT-2 folder into an lmforge checkpoint folder ``out``; return its path."""
+    config, state = read_hf_folder(hf_dir)
+    tokenizer = Path(hf_dir) / TOKENIZER
+    tokenizer_file = tokenizer if tokenizer.is_file() else None
+    return save_checkpoint(Path(out), model_state=state, config=config, tokenizer_file=tokenizer_file)
