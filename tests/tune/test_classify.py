@@ -1,0 +1,70 @@
+"""Classification: the pooled head learns a separable task through the training loop; bad labels are named."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from lmforge.errors import DataError
+from lmforge.tune.classify import PooledClassifier, finetune_classifier, load_classifier, load_labelled
+from tests.infer.conftest import tiny_model
+
+FAST = ["train.micro_batch=16", "train.seq_len=64", "train.eval_every=40", "train.log_every=10"]
+
+
+def write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def sentiment(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    fillers = ["the film", "this movie", "the plot", "acting", "the ending", "music"]
+    out = []
+    for _ in range(n):
+        label = rng.choice(["pos", "neg"])
+        word = rng.choice(
+            ["great", "lovely", "superb"] if label == "pos" else ["awful", "boring", "dreadful"]
+        )
+        out.append({"text": f"{rng.choice(fillers)} was {word}, {rng.randint(0, 99)}", "label": label})
+    return out
+
+
+def test_pool_uses_the_last_real_token():
+    model = PooledClassifier(tiny_model(), 3, pad_id=256)
+    ids = torch.tensor([[5, 6, 7, 256, 256], [5, 6, 7, 8, 9]])
+    mask = model.padding_mask(ids)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    alone = model(ids[:1, :3])  # the same text without padding
+    torch.testing.assert_close(model(ids)[:1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_classifier_learns_and_reports_held_out_accuracy(base_checkpoint, tmp_path):
+    train = write(tmp_path / "train.jsonl", sentiment(160, 0))
+    test = write(tmp_path / "test.jsonl", sentiment(40, 1))
+    result = finetune_classifier(
+        base_checkpoint,
+        train,
+        test_path=test,
+        out_dir=tmp_path / "run",
+        overrides=FAST + ["train.steps=40", "train.lr=3e-3", "train.warmup_steps=4"],
+        progress=False,
+    )
+    assert result.labels == ["neg", "pos"] and result.test_examples == 40
+    assert result.accuracy >= 0.9, result
+    model, labels = load_classifier(result.model_dir)
+    assert labels == ["neg", "pos"] and isinstance(model, PooledClassifier)
+
+
+def test_label_sets_must_agree_and_nothing_is_written(base_checkpoint, tmp_path):
+    train = write(tmp_path / "train.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
+    test = write(tmp_path / "test.jsonl", [{"text": "a", "label": "x"}, {"text": "c", "label": "z"}])
+    with pytest.raises(DataError, match=r"label sets of train and test differ: .*test.jsonl has \['z'\]"):
+        finetune_classifier(base_checkpoint, train, test_path=test, out_dir=tmp_path / "run", overrides=FAST)
+    assert not (tmp_path / "run").exists()
+    bad = write(tmp_path / "bad.jsonl", [{"text": "a", "label": "x"}, {"txt": "b", "label": "y"}])
+    with pytest.raises(DataError, match=r"bad.jsonl:2: no field 'text'"):
+        load_labelled(bad)
