@@ -41,7 +41,6 @@ from lmforge.train.metrics import (
     model_card,
     peak_flops,
     plot_runs,
-    truncate_metrics,
 )
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
 
@@ -80,6 +79,43 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, n_targets: int | torch.
         logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )  # logits (B*T, V), targets (B*T,)
     return total / n_targets
+
+
+def autocast_for(device: torch.device, precision: str):
+    """Autocast to bf16 or fp16 for the forward pass; nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def forward_backward(
+    model: nn.Module,
+    batches: list,
+    *,
+    device: torch.device,
+    precision: str,
+    scaler: torch.amp.GradScaler | None,
+    world: World,
+) -> torch.Tensor:
+    """Accumulate the gradients of one optimizer step over its micro-batches; return the step's loss.
+
+    Every micro-batch's summed loss is divided by the number of target tokens over all of them (and over
+    all processes), so the gradient equals that of one batch holding them all, masked targets included."""
+    n_targets = torch.tensor(sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches), device=device)
+    if world.distributed:
+        dist.all_reduce(n_targets)
+    n_targets = n_targets.clamp(min=1)
+    loss_sum = torch.zeros((), device=device)
+    for batch in batches:
+        x = batch.inputs.to(device, non_blocking=True)  # (B, T)
+        y = batch.targets.to(device, non_blocking=True)  # (B, T)
+        doc_ids = batch.doc_ids.to(device) if batch.doc_ids is not None else None
+        with autocast_for(device, precision):
+            logits = model(x, doc_ids=doc_ids) if doc_ids is not None else model(x)  # (B, T, V)
+            loss = lm_loss(logits, y, n_targets)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_sum += loss.detach()
+    return loss_sum
 
 
 def accumulation_steps(cfg: Config, world_size: int) -> int:
@@ -310,17 +346,15 @@ def train(
             model,
             cfg.parallel,
             world,
+            precision=tc.precision,
             activation_checkpointing=tc.activation_checkpointing,
             compile=tc.compile,
         )
         optimizer = build_optimizer(model, tc, device)
         scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
 
         def autocast():
-            if amp_dtype is None:
-                return contextlib.nullcontext()
-            return torch.autocast(device.type, dtype=amp_dtype)
+            return autocast_for(device, tc.precision)
 
         # -- loop state: everything a checkpoint must hold -----------------------------------------------------
         step, tokens_seen, wall_before = 0, 0, 0.0
@@ -328,6 +362,7 @@ def train(
         spikes = SpikeDetector(zscore=tc.spike_zscore)
         last_loss: float | None = None
         val_loss: float | None = None
+        resumed_rng = None
         if found is not None:
             state = load_run_checkpoint(found.path, model=model, optimizer=optimizer, scaler=scaler, cfg=cfg)
             step, tokens_seen, wall_before = state["step"], state["tokens"], state["wall_seconds"]
@@ -335,9 +370,8 @@ def train(
             bad.load_state_dict(state["bad_steps"])
             spikes.load_state_dict(state["spikes"])
             last_loss, val_loss = state.get("last_loss"), state.get("val_loss")
-            set_rng_state(state["rng"])
-            if world.is_main:
-                truncate_metrics(run_dir, step)
+            resumed_rng = state["rng"]
+            log.truncate_after(step)
             log.info(f"resumed from {found.path} at step {step}")
         log.start_step = step
         log.advance(step)
@@ -386,6 +420,8 @@ def train(
         samples: list[str] = []
         interval_start, interval_tokens = time.perf_counter(), 0
         time_limit = tc.time_limit_minutes * 60.0
+        if resumed_rng is not None:
+            set_rng_state(resumed_rng)  # last, so nothing between here and the first step draws from it
         with StopSignals() as signals:
             while step < tc.steps:
                 over_time = time_limit > 0 and time.perf_counter() - started > time_limit
@@ -393,21 +429,9 @@ def train(
                     stopped_by = signals.received or "time limit"
                     break
                 batches = [data.loader.next_batch() for _ in range(accum)]
-                n_targets = torch.tensor(
-                    sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches), device=device
+                loss_sum = forward_backward(
+                    model, batches, device=device, precision=tc.precision, scaler=scaler, world=world
                 )
-                if world.distributed:
-                    dist.all_reduce(n_targets)
-                loss_sum = torch.zeros((), device=device)
-                for batch in batches:
-                    x = batch.inputs.to(device, non_blocking=True)  # (B, T)
-                    y = batch.targets.to(device, non_blocking=True)  # (B, T)
-                    doc_ids = batch.doc_ids.to(device) if batch.doc_ids is not None else None
-                    with autocast():
-                        logits = model(x, doc_ids=doc_ids) if doc_ids is not None else model(x)  # (B, T, V)
-                        loss = lm_loss(logits, y, n_targets.clamp(min=1))
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                    loss_sum += loss.detach()
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
@@ -454,8 +478,7 @@ def train(
                     log.warning(
                         f"rolled back to {previous.path} (step {step}); the data stream continues past the bad batches"
                     )
-                    if world.is_main:
-                        truncate_metrics(run_dir, step)
+                    log.truncate_after(step)
                     continue
 
                 if step % tc.log_every == 0 or step == tc.steps:

@@ -132,6 +132,14 @@ class RunLogger:
         elif self._bar is None or "loss" not in values:
             self.info(self._line(step, values))
 
+    def truncate_after(self, step: int) -> None:
+        """Forget records past ``step`` (after a resume or a rollback to an earlier checkpoint)."""
+        if not self.is_main:
+            return
+        self._metrics.close()
+        truncate_metrics(self.run_dir, step)
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+
     def advance(self, step: int) -> None:
         """Move the progress bar to ``step`` (steps done)."""
         if self._bar is not None:
@@ -247,8 +255,11 @@ def measure_matmul_flops(dtype_name: str, *, size: int = 1024, repeats: int = 8)
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+    gen = torch.Generator().manual_seed(
+        0
+    )  # never the global RNG: a run's random stream must not depend on this
+    a = torch.randn(size, size, generator=gen).to(dtype)
+    b = torch.randn(size, size, generator=gen).to(dtype)
     torch.mm(a, b)
     best = math.inf
     for _ in range(repeats):
@@ -336,7 +347,8 @@ def plot_runs(run_dirs: list[str | Path], out_path: str | Path) -> Path:
     ax.set_xlabel("tokens seen" if x_key == "tokens" else "step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f"{out_path.stem}.tmp-{os.getpid()}{out_path.suffix}")

@@ -1,0 +1,62 @@
+"""Exact resume: a run stopped and resumed ends bit for bit where an uninterrupted run ends (CPU, fp32)."""
+
+import os
+import signal
+
+import torch
+from memory_loader import MemoryLoader, loaders, tiny_config
+from safetensors.torch import load_file
+
+from lmforge.train.loop import train
+
+
+class SignalAt(MemoryLoader):
+    """Sends this process ``signum`` while serving batch ``batch`` (the loop stops after that step)."""
+
+    def __init__(self, base: MemoryLoader, *, batch: int, signum: int):
+        super().__init__(
+            base.tokens, seq_len=base.seq_len, batch_size=base.batch_size, vocab_size=base.vocab_size
+        )
+        self.at, self.signum = batch, signum
+
+    def next_batch(self):
+        if self.batches == self.at:
+            os.kill(os.getpid(), self.signum)
+        return super().next_batch()
+
+
+def final_weights(result):
+    return load_file(result.checkpoint / "model.safetensors")
+
+
+def test_stop_and_resume_matches_an_uninterrupted_run(tmp_path):
+    # dropout on: the resumed run must also restore the RNG stream
+    extra = ("model.dropout=0.1", "train.eval_every=7", "train.ckpt_every=9")
+    loader, val = loaders()
+    whole = train(tiny_config(tmp_path / "whole", *extra), loader=loader, val_batches=val, progress=False)
+
+    loader, val = loaders()
+    first = train(
+        tiny_config(tmp_path / "split", *extra, "train.time_limit_minutes=1e-9"),
+        loader=loader,
+        val_batches=val,
+        progress=False,
+    )
+    assert first.stopped_by == "time limit" and first.step == 0
+    loader, val = loaders()
+    loader = SignalAt(loader, batch=12, signum=signal.SIGTERM)  # a preemption during step 13
+    part = train(
+        tiny_config(tmp_path / "split", *extra), resume="auto", loader=loader, val_batches=val, progress=False
+    )
+    assert part.stopped_by == "SIGTERM" and part.step == 13
+    assert (tmp_path / "split" / "checkpoints" / "step_00000013").is_dir()
+    loader, val = loaders()
+    rest = train(
+        tiny_config(tmp_path / "split", *extra), resume="auto", loader=loader, val_batches=val, progress=False
+    )
+    assert rest.step == whole.step == 30
+    assert rest.final_loss == whole.final_loss  # bitwise
+    a, b = final_weights(whole), final_weights(rest)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
