@@ -1,0 +1,585 @@
+"""Pure functions from (model config, hardware, cluster, batch) to a plan: strategy, micro-batch, time, cost.
+
+For each candidate layout (DDP, FSDP, with activation checkpointing, with CPU offload, with tensor
+parallelism) the planner finds the largest micro-batch that fits the device's memory (memory.py), then
+predicts the step time from three parts:
+  compute        training FLOPs (plus the recomputed forward under checkpointing) at the device's bf16
+                 peak times an achievable fraction (``Hardware.compute_efficiency``)
+  memory-bound   element-wise kernels, as three passes over the saved activations at the memory bandwidth
+  communication  ring collectives over the slowest link the ring crosses (NVLink inside a node, the
+                 interconnect between nodes) at 80% of its bandwidth plus a latency per collective; FSDP's
+                 all-gathers and reduce-scatters overlap with compute, DDP's all-reduce with the backward
+The fastest layout that fits is the plan. ``plan_training`` is the same model, for ``lmforge train``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lmforge.config import Config, ModelConfig
+from lmforge.errors import ConfigError
+from lmforge.model.info import count_params, model_flops_per_token
+from lmforge.plan.hardware import GIB, INTERCONNECTS, KNOWN_HARDWARE, Hardware, Interconnect, cpu_hardware
+from lmforge.plan.memory import Layout, MemoryBreakdown, memory_breakdown, param_counts
+
+CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal tokens ~ 20 x parameters
+LINK_EFFICIENCY = 0.8  # achieved / nominal bandwidth of NCCL ring collectives
+ALLOCATOR_SLACK = 0.05  # CUDA caching-allocator fragmentation, as a fraction of the tensor peak
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cluster:
+    """The machines a run gets: ``gpus`` devices of one kind, ``gpus_per_node`` to a node."""
+
+    hardware: Hardware
+    gpus: int = 1
+    gpus_per_node: int = 8
+    interconnect: Interconnect = INTERCONNECTS["infiniband"]
+    price_per_gpu_hour: float | None = None
+
+    @property
+    def nodes(self) -> int:
+        return math.ceil(self.gpus / self.gpus_per_node)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Workload:
+    """What to train: sequence length, tokens per optimizer step, total tokens (None: compute-optimal)."""
+
+    seq_len: int
+    global_batch_tokens: int
+    total_tokens: int | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Corrections:
+    """Measured / predicted ratios from a probe run: they scale the memory model and the step time."""
+
+    memory_scale: float = 1.0
+    time_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per optimizer step and what they are made of."""
+
+    compute_s: float
+    memory_bound_s: float
+    communication_s: float  # exposed (not hidden behind compute)
+    offload_s: float
+    optimizer_s: float
+    step_s: float
+    tokens_per_s: float
+    tokens_per_s_per_gpu: float
+    mfu: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One layout: the micro-batch it can run, its memory at that micro-batch, and its speed if it fits."""
+
+    name: str
+    layout: Layout
+    memory: MemoryBreakdown
+    capacity_bytes: int
+    memory_scale: float
+    timing: Timing | None
+
+    @property
+    def predicted_bytes(self) -> int:
+        return int(self.memory.total * self.memory_scale)
+
+    @property
+    def fits(self) -> bool:
+        return self.timing is not None
+
+    @property
+    def over_bytes(self) -> int:
+        return max(0, self.predicted_bytes - self.capacity_bytes)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "strategy": self.layout.strategy,
+            "tp": self.layout.tp,
+            "activation_checkpointing": self.layout.activation_checkpointing,
+            "cpu_offload": self.layout.cpu_offload,
+            "micro_batch": self.layout.micro_batch,
+            "grad_accum": self.layout.grad_accum,
+            "fits": self.fits,
+            "memory": self.memory.to_dict()
+            | {"predicted": self.predicted_bytes, "capacity": self.capacity_bytes},
+            "over_bytes": self.over_bytes,
+            "timing": self.timing.to_dict() if self.timing else None,
+        }
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything ``lmforge plan`` prints: the candidates, the chosen one, and the run's totals."""
+
+    model: ModelConfig
+    cluster: Cluster
+    workload: Workload
+    parameters: int
+    flops_per_token: float
+    sequences_per_step: int  # the global batch actually used (rounded to what the layout can split)
+    candidates: list[Candidate]
+    chosen: Candidate | None
+    total_tokens: int
+    chinchilla_tokens: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.total_tokens / (self.sequences_per_step * self.workload.seq_len))
+
+    @property
+    def wall_seconds(self) -> float | None:
+        return self.chosen.timing.step_s * self.steps if self.chosen else None
+
+    @property
+    def gpu_hours(self) -> float | None:
+        return self.wall_seconds * self.cluster.gpus / 3600 if self.chosen else None
+
+    @property
+    def cost(self) -> float | None:
+        if self.chosen is None or self.cluster.price_per_gpu_hour is None:
+            return None
+        return self.gpu_hours * self.cluster.price_per_gpu_hour
+
+    def shortfall(self) -> str:
+        """Why nothing fits, and by how much the leanest layout is over."""
+        leanest = min(self.candidates, key=lambda c: c.predicted_bytes)
+        hw = self.cluster.hardware
+        over = leanest.over_bytes
+        text = (
+            f"{self.model.preset or 'this model'} ({self.parameters / 1e9:.2f}B parameters, seq "
+            f"{self.workload.seq_len}) does not fit {self.cluster.gpus} x {hw.name} even with {leanest.name} "
+            f"at micro-batch 1: it needs {leanest.predicted_bytes / GIB:.1f} GiB per GPU, a {hw.name} has "
+            f"{leanest.capacity_bytes / GIB:.1f} GiB, over by {over / GIB:.1f} GiB "
+            f"({100 * over / leanest.capacity_bytes:.0f}%)"
+        )
+        host_need = leanest.memory.host_bytes * min(self.cluster.gpus, self.cluster.gpus_per_node)
+        if leanest.layout.cpu_offload and host_need > hw.host_memory_gib * GIB:
+            text += (
+                f"; its offloaded state also needs {host_need / GIB:.0f} GiB of CPU memory per node "
+                f"(have {hw.host_memory_gib:.0f} GiB)"
+            )
+        return text + "; use more GPUs, a shorter sequence or a larger device"
+
+    def to_dict(self) -> dict:
+        chosen = self.chosen.to_dict() if self.chosen else None
+        return {
+            "model": self.model.preset,
+            "parameters": self.parameters,
+            "flops_per_token": self.flops_per_token,
+            "hardware": dataclasses.asdict(self.cluster.hardware),
+            "gpus": self.cluster.gpus,
+            "gpus_per_node": self.cluster.gpus_per_node,
+            "nodes": self.cluster.nodes,
+            "interconnect": self.cluster.interconnect.name,
+            "seq_len": self.workload.seq_len,
+            "precision": self.workload.precision,
+            "global_batch_tokens": self.sequences_per_step * self.workload.seq_len,
+            "total_tokens": self.total_tokens,
+            "chinchilla_tokens": self.chinchilla_tokens,
+            "candidates": [c.to_dict() for c in self.candidates],
+            "chosen": chosen,
+            "steps": self.steps,
+            "wall_seconds": self.wall_seconds,
+            "gpu_hours": self.gpu_hours,
+            "price_per_gpu_hour": self.cluster.price_per_gpu_hour,
+            "cost": self.cost,
+            "fits": self.chosen is not None,
+            "shortfall": None if self.chosen else self.shortfall(),
+            "notes": self.notes,
+        }
+
+
+# -- time --------------------------------------------------------------------------------------------------
+
+
+def _ring_seconds(nbytes: float, ranks: int, bandwidth_gbs: float, latency_us: float, factor: float) -> float:
+    """A ring all-gather / reduce-scatter (factor 1) or all-reduce (factor 2) of ``nbytes`` over ``ranks``."""
+    if ranks <= 1:
+        return 0.0
+    return factor * (ranks - 1) / ranks * nbytes / (bandwidth_gbs * 1e9 * LINK_EFFICIENCY) + latency_us * 1e-6
+
+
+def step_timing(
+    cfg: ModelConfig, layout: Layout, cluster: Cluster, corrections: Corrections | None = None
+) -> Timing:
+    """Predicted seconds per optimizer step of ``layout`` on ``cluster``."""
+    corrections = corrections or Corrections()
+    hw = cluster.hardware
+    params = param_counts(cfg)
+    flops_per_token = model_flops_per_token(cfg, layout.seq_len)
+    block_forward = (2 * params.per_block + 4 * cfg.d_model * layout.seq_len) * cfg.n_layers
+    hardware_flops = flops_per_token + (block_forward if layout.activation_checkpointing else 0)
+    rows = layout.tokens_per_micro_batch / layout.tp
+    efficiency = hw.compute_efficiency * rows / (rows + 256)  # small micro-batches under-fill the device
+    compute = hardware_flops * rows / (hw.peak_flops * efficiency)
+    no_ckpt = dataclasses.replace(layout, activation_checkpointing=False)
+    memory_bound = (
+        3 * memory_breakdown(cfg, no_ckpt).activations_per_micro_batch / (hw.memory_bandwidth_gbs * 1e9)
+    )
+    local = (compute + memory_bound) * corrections.time_scale
+
+    one_node = layout.world_size <= cluster.gpus_per_node
+    bandwidth = hw.link_gbs if one_node else min(hw.link_gbs, cluster.interconnect.gbs_per_gpu)
+    latency = 10.0 if one_node else cluster.interconnect.latency_us
+    compute_bytes = 4 if layout.precision == "fp32" else 2
+    dp, shard_params = layout.dp, params.total / layout.tp
+    exposed = 0.0
+    step_comm = 0.0
+    if layout.strategy == "fsdp":
+        # Per micro-batch: all-gather in forward and again in backward, reduce-scatter of fp32 gradients.
+        collectives = 3 * (cfg.n_layers + 1)
+        gather = _ring_seconds(shard_params * compute_bytes, dp, bandwidth, 0.0, 1.0)
+        scatter = _ring_seconds(shard_params * 4, dp, bandwidth, 0.0, 1.0)
+        comm = 2 * gather + scatter + collectives * latency * 1e-6 * (dp > 1)
+        exposed = max(0.0, comm - local) + comm / (cfg.n_layers + 1)  # the first gather is never hidden
+    elif layout.strategy == "ddp":
+        allreduce = _ring_seconds(shard_params * 4, dp, bandwidth, latency, 2.0)
+        step_comm = max(0.0, allreduce - 2 / 3 * local) + _ring_seconds(25e6, dp, bandwidth, latency, 2.0)
+    if layout.tp > 1:  # sequence-parallel all-gathers / reduce-scatters of activations inside each block
+        per_layer = 8 + (4 if layout.activation_checkpointing else 0)
+        nbytes = layout.tokens_per_micro_batch * cfg.d_model * compute_bytes
+        exposed += per_layer * cfg.n_layers * _ring_seconds(nbytes, layout.tp, hw.link_gbs, 10.0, 1.0)
+
+    state_per_gpu = params.total / (layout.shards if layout.strategy == "fsdp" else layout.tp)
+    offload = 0.0
+    if layout.cpu_offload:
+        # fp32 shards copied up for both all-gathers, fp32 gradients copied down; AdamW on the node's CPUs.
+        offload = (2 * 4 + 4) * state_per_gpu / (hw.pcie_gbs * 1e9)
+        host_share = hw.host_bandwidth_gbs * 1e9 / min(cluster.gpus, cluster.gpus_per_node)
+        optimizer = 32 * state_per_gpu / host_share
+    else:
+        optimizer = 36 * state_per_gpu / (hw.memory_bandwidth_gbs * 1e9)  # read p, g, m, v; write p, m, v
+    step = layout.grad_accum * (local + exposed + offload) + step_comm + optimizer
+    tokens = layout.tokens_per_micro_batch * layout.grad_accum * dp
+    per_gpu = tokens / step / layout.world_size
+    return Timing(
+        compute_s=layout.grad_accum * compute * corrections.time_scale,
+        memory_bound_s=layout.grad_accum * memory_bound * corrections.time_scale,
+        communication_s=layout.grad_accum * exposed + step_comm,
+        offload_s=layout.grad_accum * offload + (optimizer if layout.cpu_offload else 0.0),
+        optimizer_s=0.0 if layout.cpu_offload else optimizer,
+        step_s=step,
+        tokens_per_s=tokens / step,
+        tokens_per_s_per_gpu=per_gpu,
+        mfu=flops_per_token * per_gpu / hw.peak_flops,
+    )
+
+
+# -- memory fit --------------------------------------------------------------------------------------------
+
+
+def predicted_memory(cfg: ModelConfig, layout: Layout, hw: Hardware) -> MemoryBreakdown:
+    """The memory model with the device's fixed overhead and (on CUDA) allocator slack."""
+    slack = ALLOCATOR_SLACK if hw.kind == "cuda" else 0.0
+    return memory_breakdown(cfg, layout, overhead_bytes=int(hw.overhead_gib * GIB), slack=slack)
+
+
+def largest_micro_batch(
+    cfg: ModelConfig, layout: Layout, hw: Hardware, limit: int, capacity: float, memory_scale: float = 1.0
+) -> int:
+    """The largest micro-batch <= ``limit`` whose predicted memory fits ``capacity`` bytes (0: none)."""
+
+    def fits(mb: int) -> bool:
+        grad_accum = max(layout.grad_accum, 2 if mb < limit else 1)
+        trial = dataclasses.replace(layout, micro_batch=mb, grad_accum=grad_accum)
+        return predicted_memory(cfg, trial, hw).total * memory_scale <= capacity
+
+    if not fits(1):
+        return 0
+    low, high = 1, max(1, limit)
+    while low < high:  # memory grows with the micro-batch: bisect on the largest that fits
+        mid = (low + high + 1) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def split_batch(per_rank_sequences: int, micro_batch_limit: int) -> tuple[int, int]:
+    """(micro_batch, grad_accum) covering ``per_rank_sequences`` with micro-batches <= the limit, balanced."""
+    grad_accum = math.ceil(per_rank_sequences / micro_batch_limit)
+    return math.ceil(per_rank_sequences / grad_accum), grad_accum
+
+
+# -- candidates --------------------------------------------------------------------------------------------
+
+
+def candidate_layouts(world_size: int, tp_degrees: tuple[int, ...] = ()) -> list[tuple[str, dict]]:
+    """The layouts ``lmforge plan`` compares, in the order of preference when they are equally fast."""
+    base = "single" if world_size == 1 else "ddp"
+    label = "single GPU" if world_size == 1 else "DDP"
+    out = [
+        (label, dict(strategy=base)),
+        (f"{label} + AC", dict(strategy=base, activation_checkpointing=True)),
+        ("FSDP", dict(strategy="fsdp")),
+        ("FSDP + AC", dict(strategy="fsdp", activation_checkpointing=True)),
+        ("FSDP + offload", dict(strategy="fsdp", cpu_offload=True)),
+        ("FSDP + AC + offload", dict(strategy="fsdp", activation_checkpointing=True, cpu_offload=True)),
+    ]
+    if world_size == 1:
+        out = [o for o in out if not (o[0].startswith("FSDP") and not o[1].get("cpu_offload"))]
+    for tp in tp_degrees:
+        if tp > 1:
+            out.append((f"FSDP + TP{tp}", dict(strategy="fsdp", tp=tp)))
+            out.append((f"FSDP + TP{tp} + AC", dict(strategy="fsdp", tp=tp, activation_checkpointing=True)))
+    return out
+
+
+def evaluate(
+    cfg: ModelConfig,
+    name: str,
+    layout: Layout,
+    cluster: Cluster,
+    per_rank_sequences: int,
+    corrections: Corrections,
+) -> Candidate:
+    """Fit the micro-batch of one layout and predict its speed."""
+    hw = cluster.hardware
+    capacity = hw.memory_bytes
+    limit = largest_micro_batch(cfg, layout, hw, per_rank_sequences, capacity, corrections.memory_scale)
+    host_ok = True
+    if layout.cpu_offload:
+        host_need = predicted_memory(cfg, layout, hw).host_bytes * min(cluster.gpus, cluster.gpus_per_node)
+        host_ok = host_need <= hw.host_memory_gib * GIB
+    if limit == 0 or not host_ok:
+        shown = dataclasses.replace(layout, micro_batch=1, grad_accum=per_rank_sequences)
+        memory = predicted_memory(cfg, shown, hw)
+        return Candidate(name, shown, memory, capacity, corrections.memory_scale, None)
+    micro_batch, grad_accum = split_batch(per_rank_sequences, limit)
+    chosen = dataclasses.replace(layout, micro_batch=micro_batch, grad_accum=grad_accum)
+    memory = predicted_memory(cfg, chosen, hw)
+    timing = step_timing(cfg, chosen, cluster, corrections)
+    return Candidate(name, chosen, memory, capacity, corrections.memory_scale, timing)
+
+
+def check_inputs(cfg: ModelConfig, cluster: Cluster, workload: Workload, tp_degrees: tuple[int, ...]) -> None:
+    problems = []
+    if cluster.gpus < 1:
+        problems.append(f"--gpus={cluster.gpus} must be >= 1")
+    if cluster.gpus_per_node < 1:
+        problems.append(f"--gpus-per-node={cluster.gpus_per_node} must be >= 1")
+    if workload.seq_len < 1:
+        problems.append(f"--seq={workload.seq_len} must be >= 1")
+    elif workload.seq_len > cfg.max_seq_len and cfg.position != "rope":
+        problems.append(
+            f"--seq={workload.seq_len} is longer than model.max_seq_len={cfg.max_seq_len} "
+            f"(the model's {cfg.position} positions stop there)"
+        )
+    if workload.global_batch_tokens < 1:
+        problems.append(f"--global-batch-tokens={workload.global_batch_tokens} must be >= 1")
+    if workload.total_tokens is not None and workload.total_tokens < 1:
+        problems.append(f"--tokens={workload.total_tokens} must be >= 1")
+    if cluster.price_per_gpu_hour is not None and cluster.price_per_gpu_hour < 0:
+        problems.append(f"--price-per-gpu-hour={cluster.price_per_gpu_hour} must be >= 0")
+    for tp in tp_degrees:
+        if tp < 1 or cluster.gpus % tp:
+            problems.append(f"--tp {tp} must be >= 1 and divide --gpus={cluster.gpus}")
+        elif tp > cluster.gpus_per_node:
+            problems.append(f"--tp {tp} must stay inside a node (--gpus-per-node={cluster.gpus_per_node})")
+        elif cfg.n_heads % tp or cfg.kv_heads % tp:
+            problems.append(
+                f"--tp {tp} must divide the model's heads (n_heads={cfg.n_heads}, n_kv_heads={cfg.kv_heads})"
+            )
+    if problems:
+        raise ConfigError("cannot plan:\n  " + "\n  ".join(problems))
+
+
+def plan_cluster(
+    cfg: ModelConfig,
+    cluster: Cluster,
+    workload: Workload,
+    *,
+    tp_degrees: tuple[int, ...] = (),
+    corrections: Corrections | None = None,
+) -> Report:
+    """Compare the candidate layouts for training ``cfg`` on ``cluster`` and choose the fastest that fits."""
+    check_inputs(cfg, cluster, workload, tp_degrees)
+    corrections = corrections or Corrections()
+    notes = []
+    requested_sequences = max(1, round(workload.global_batch_tokens / workload.seq_len))
+    candidates = []
+    sequences_per_step = requested_sequences
+    for name, switches in candidate_layouts(cluster.gpus, tp_degrees):
+        layout = Layout(
+            world_size=cluster.gpus,
+            seq_len=workload.seq_len,
+            precision=workload.precision,
+            device_kind=cluster.hardware.kind,
+            **switches,
+        )
+        per_rank = math.ceil(requested_sequences / layout.dp)
+        candidates.append(evaluate(cfg, name, layout, cluster, per_rank, corrections))
+    fitting = [c for c in candidates if c.fits]
+    # The fastest; among equally fast layouts the simplest (the earlier in the list).
+    chosen = max(fitting, key=lambda c: (c.timing.tokens_per_s, -candidates.index(c))) if fitting else None
+    if chosen is not None:
+        lay = chosen.layout
+        sequences_per_step = lay.micro_batch * lay.grad_accum * lay.dp
+        if sequences_per_step != requested_sequences:
+            notes.append(
+                f"global batch rounded from {requested_sequences} to {sequences_per_step} sequences so that "
+                f"{lay.dp} data-parallel ranks x micro-batch {lay.micro_batch} x {lay.grad_accum} "
+                f"accumulation steps cover it"
+            )
+    params = count_params(cfg)
+    chinchilla = CHINCHILLA_TOKENS_PER_PARAM * params
+    if workload.total_tokens is None:
+        notes.append(f"--tokens not given: planning the compute-optimal {chinchilla / 1e9:.1f}B tokens")
+    return Report(
+        model=cfg,
+        cluster=cluster,
+        workload=workload,
+        parameters=params,
+        flops_per_token=model_flops_per_token(cfg, workload.seq_len),
+        sequences_per_step=sequences_per_step,
+        candidates=candidates,
+        chosen=chosen,
+        total_tokens=workload.total_tokens or chinchilla,
+        chinchilla_tokens=chinchilla,
+        notes=notes,
+    )
+
+
+# -- the plan ``lmforge train`` follows --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """What the training loop applies: the layout, the batch split, and what the planner expects of it."""
+
+    strategy: Literal["single", "ddp", "fsdp"]
+    micro_batch: int
+    grad_accum: int
+    activation_checkpointing: bool
+    cpu_offload: bool
+    precision: Literal["fp32", "bf16", "fp16"]
+    world_size: int = 1
+    seq_len: int = 0
+    predicted_peak_bytes: int
+    predicted_step_seconds: float
+    reason: str = ""
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch * self.grad_accum * self.seq_len * self.world_size
+
+    def describe(self) -> str:
+        switches = [f"AC={'on' if self.activation_checkpointing else 'off'}"]
+        if self.cpu_offload:
+            switches.append("CPU offload")
+        return (
+            f"{self.strategy} x {self.world_size}, micro-batch {self.micro_batch} x {self.grad_accum} "
+            f"accumulation ({self.tokens_per_step:,} tokens/step), {self.precision}, {', '.join(switches)}; "
+            f"predicted peak {self.predicted_peak_bytes / GIB:.2f} GiB, step {self.predicted_step_seconds:.3g} s"
+            + (f" ({self.reason})" if self.reason else "")
+        )
+
+
+def _training_hardware(device_kind: str, device_memory_bytes: int | None) -> Hardware:
+    if device_kind == "cuda":
+        hw = KNOWN_HARDWARE["H100-80GB"]  # speed figures only matter for the prediction shown in logs
+        if device_memory_bytes is not None:
+            hw = dataclasses.replace(hw, name="cuda", memory_gib=device_memory_bytes / GIB)
+        return hw
+    return cpu_hardware(1, device_memory_bytes if device_memory_bytes is not None else 2**60)
+
+
+def plan_training(
+    cfg: Config,
+    *,
+    device_kind: str,
+    world_size: int,
+    device_memory_bytes: int | None,
+    hardware: Hardware | None = None,
+) -> Plan:
+    """The layout ``lmforge train`` uses with ``parallel.strategy: auto`` (or checks an explicit one).
+
+    The strategy is ``single`` for one process; otherwise DDP when the replicated training state and a
+    micro-batch fit one device, else FSDP (then with CPU offload if nothing else fits). The micro-batch is
+    at most ``train.micro_batch``; when it must shrink, gradient accumulation grows so that the tokens per
+    step stay those the config asks for. Activation checkpointing is kept if configured and switched on
+    when the layout does not fit without it. ``device_memory_bytes=None`` means no memory limit.
+    """
+    hw = hardware or _training_hardware(device_kind, device_memory_bytes)
+    if device_memory_bytes is not None:
+        hw = dataclasses.replace(hw, memory_gib=device_memory_bytes / GIB)
+    capacity = float(device_memory_bytes) if device_memory_bytes is not None else math.inf
+    train, parallel = cfg.train, cfg.parallel
+    seq = train.seq_len
+    if train.global_batch_tokens:
+        per_rank = max(1, math.ceil(train.global_batch_tokens / (seq * world_size)))
+    else:
+        per_rank = train.micro_batch
+    limit = min(train.micro_batch, per_rank)
+    if parallel.strategy != "auto":
+        strategies = [parallel.strategy]
+    else:
+        strategies = ["single"] if world_size == 1 else ["ddp", "fsdp"]
+    options = []
+    for strategy in strategies:
+        offloads = [True] if parallel.cpu_offload else [False] + ([True] if strategy == "fsdp" else [])
+        checkpointing = [True] if train.activation_checkpointing else [False, True]
+        options += [(strategy, ac, off) for off in offloads for ac in checkpointing]
+    cluster = Cluster(hardware=hw, gpus=world_size, gpus_per_node=max(1, world_size))
+    leanest = None
+    for strategy, ac, offload in options:
+        layout = Layout(
+            strategy=strategy,
+            world_size=world_size,
+            seq_len=seq,
+            precision=train.precision,
+            activation_checkpointing=ac,
+            cpu_offload=offload,
+            device_kind=device_kind if device_kind in ("cuda", "cpu") else "cpu",
+            grad_accum=max(1, math.ceil(per_rank / limit)),
+        )
+        micro_limit = largest_micro_batch(cfg.model, layout, hw, limit, capacity)
+        if micro_limit == 0:
+            memory = predicted_memory(cfg.model, dataclasses.replace(layout, micro_batch=1), hw)
+            if leanest is None or memory.total < leanest[1].total:
+                leanest = (f"{strategy}{' + AC' if ac else ''}{' + offload' if offload else ''}", memory)
+            continue
+        micro_batch, grad_accum = split_batch(per_rank, micro_limit)
+        layout = dataclasses.replace(layout, micro_batch=micro_batch, grad_accum=grad_accum)
+        memory = predicted_memory(cfg.model, layout, hw)
+        timing = step_timing(cfg.model, layout, cluster)
+        reason = "as configured" if parallel.strategy != "auto" else "fits"
+        if micro_batch < train.micro_batch and per_rank >= train.micro_batch:
+            reason = f"train.micro_batch={train.micro_batch} does not fit"
+        return Plan(
+            strategy=strategy,
+            micro_batch=micro_batch,
+            grad_accum=grad_accum,
+            activation_checkpointing=ac,
+            cpu_offload=offload,
+            precision=train.precision,
+            world_size=world_size,
+            seq_len=seq,
+            predicted_peak_bytes=memory.total,
+            predicted_step_seconds=timing.step_s,
+            reason=reason,
+        )
+    name, memory = leanest
+    over = memory.total - capacity
+    raise ConfigError(
+        f"the model does not fit: {name} at micro-batch 1 and train.seq_len={seq} needs "
+        f"{memory.total / GIB:.2f} GiB per device, the device has {capacity / GIB:.2f} GiB "
+        f"(over by {over / GIB:.2f} GiB); use more devices, parallel.strategy=fsdp with parallel.cpu_offload, "
+        f"or a shorter train.seq_len"
+    )

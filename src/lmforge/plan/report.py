@@ -1,0 +1,90 @@
+"""The planner's report as text: the per-layout memory table, the chosen plan, and the run's totals."""
+
+from __future__ import annotations
+
+from lmforge.plan.hardware import GIB
+from lmforge.plan.planner import Report
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / GIB:.1f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def _tokens(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def render_report(report: Report) -> str:
+    """A readable table: one row per layout (GiB per GPU), then the chosen plan."""
+    hw, cluster, wl = report.cluster.hardware, report.cluster, report.workload
+    lines = [
+        f"model     {report.model.preset or 'custom'}: {report.parameters:,} parameters, "
+        f"{report.flops_per_token:.3g} training FLOPs/token at seq {wl.seq_len}",
+        f"cluster   {cluster.gpus} x {hw.name} ({hw.memory_gib:.1f} GiB, {hw.peak_tflops:g} TFLOP/s bf16) in "
+        f"{cluster.nodes} node(s) of {cluster.gpus_per_node}, "
+        + ("NVLink inside the node" if cluster.nodes == 1 else f"{cluster.interconnect.name} between nodes"),
+        f"batch     {wl.global_batch_tokens:,} tokens/step requested, {wl.precision}",
+        "",
+        "memory per GPU (GiB) at the largest micro-batch that fits (micro-batch 1 where none does):",
+    ]
+    header = ("layout", "mb", "accum", "weights", "grads", "optim", "activ", "temp", "overhead", "total", "fits",
+              "tokens/s/GPU", "MFU")  # fmt: skip
+    rows = [header]
+    for c in report.candidates:
+        m = c.memory
+        fits = "yes" if c.fits else f"no (+{_gib(c.over_bytes)})" if c.over_bytes else "no (host memory)"
+        rows.append((
+            c.name, str(c.layout.micro_batch), str(c.layout.grad_accum), _gib(m.weights), _gib(m.gradients),
+            _gib(m.optimizer), _gib(m.activations), _gib(m.temporary), _gib(m.overhead), _gib(c.predicted_bytes),
+            fits, f"{c.timing.tokens_per_s_per_gpu:,.0f}" if c.timing else "-",
+            f"{100 * c.timing.mfu:.1f}%" if c.timing else "-",
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+    lines.append("")
+    chosen = report.chosen
+    if chosen is None:
+        lines.append(f"no plan: {report.shortfall()}")
+    else:
+        t, lay = chosen.timing, chosen.layout
+        lines += [
+            f"plan      {chosen.name}: micro-batch {lay.micro_batch} x {lay.grad_accum} accumulation x "
+            f"{lay.dp} data-parallel = {report.sequences_per_step * wl.seq_len:,} tokens/step, "
+            f"activation checkpointing {'on' if lay.activation_checkpointing else 'off'}",
+            f"memory    {_gib(chosen.predicted_bytes)} of {_gib(chosen.capacity_bytes)} GiB per GPU "
+            f"(peak during {chosen.memory.peak_phase})"
+            + (f"; {_gib(chosen.memory.host_bytes)} GiB per GPU on the CPU" if lay.cpu_offload else ""),
+            f"step      {t.step_s:.3g} s = compute {t.compute_s:.3g} + memory-bound {t.memory_bound_s:.3g} + "
+            f"exposed communication {t.communication_s:.3g} + offload {t.offload_s:.3g} + optimizer "
+            f"{t.optimizer_s:.3g}",
+            f"speed     {t.tokens_per_s:,.0f} tokens/s ({t.tokens_per_s_per_gpu:,.0f} per GPU), "
+            f"MFU {100 * t.mfu:.1f}%",
+            f"run       {_tokens(report.total_tokens)} tokens = {report.steps:,} steps: {_duration(report.wall_seconds)}, "
+            f"{report.gpu_hours:,.0f} GPU-hours"
+            + (
+                f", cost {report.cost:,.0f} at {cluster.price_per_gpu_hour:g}/GPU-hour"
+                if report.cost is not None
+                else ""
+            ),
+        ]
+    lines.append(
+        f"compute-optimal tokens for {report.parameters / 1e9:.2f}B parameters: {_tokens(report.chinchilla_tokens)} "
+        f"(~20 per parameter, Hoffmann et al. 2022)"
+    )
+    lines += [f"note      {n}" for n in report.notes]
+    return "\n".join(lines)
