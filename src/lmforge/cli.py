@@ -169,6 +169,388 @@ def _run_plot(args) -> int:
     return 0
 
 
+# -- generate / eval / finetune / prune (issue 7) ---------------------------------------------------------
+
+
+def _device(name: str):
+    from lmforge.train.loop import pick_device
+
+    return pick_device(name)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="continue prompts with a trained model (KV cache, sampling, streaming)"
+    )
+    p.add_argument("model", help="an lmforge run/checkpoint folder or a Hugging Face model folder")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    p.add_argument("--prompts-file", default=None, help="one prompt per line, or JSONL with a 'prompt' field")
+    p.add_argument("--interactive", action="store_true", help="read prompts from the terminal until EOF")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
+    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    p.add_argument("--no-stream", action="store_true", help="print each result when it is complete")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print results as JSON lines")
+
+
+def _run_generate(args) -> int:
+    from lmforge.errors import DataError
+    from lmforge.infer.generate import SamplingConfig, generate, read_prompts
+    from lmforge.infer.loading import load_for_inference
+
+    prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
+    if not prompts and not args.interactive:
+        raise DataError("no prompt: give --prompt TEXT, --prompts-file FILE or --interactive")
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop=tuple(args.stop),
+        seed=args.seed,
+    )
+    device = _device(args.device)
+    loaded = load_for_inference(args.model, device=device)
+    tokenizer = loaded.require_tokenizer()
+
+    def run(batch: list[str]) -> None:
+        stream = not args.no_stream and not args.json and len(batch) == 1
+        if stream:
+            print(batch[0], end="", flush=True)
+        on_text = (lambda row, text: print(text, end="", flush=True)) if stream else None
+        results = generate(
+            loaded.model,
+            tokenizer,
+            batch,
+            sampling,
+            device=device,
+            use_cache=not args.no_cache,
+            on_text=on_text,
+        )
+        for g in results:
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "prompt": g.prompt,
+                            "text": g.text,
+                            "tokens": len(g.tokens),
+                            "finish_reason": g.finish_reason,
+                        },
+                        ensure_ascii=False,
+                    )
+                )
+            elif stream:
+                print()
+            else:
+                print(f"--- {g.finish_reason}, {len(g.tokens)} tokens ---\n{g.prompt}{g.text}")
+
+    if prompts:
+        run(prompts)
+    while args.interactive:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            break
+        if line.strip():
+            run([line.replace("\\n", "\n")])
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity / bits per byte on text, accuracy on multiple-choice tasks")
+    p.add_argument("model", help="an lmforge run/checkpoint folder or a Hugging Face model folder")
+    p.add_argument("--text", action="append", default=[], help="a UTF-8 text file to score (repeatable)")
+    p.add_argument(
+        "--task", action="append", default=[], help="a multiple-choice JSONL file (HellaSwag format)"
+    )
+    p.add_argument("--limit", type=int, default=None, help="first N items of each task")
+    p.add_argument("--max-tokens", type=int, default=None, help="first N tokens of each text")
+    p.add_argument("--seq-len", type=int, default=None, help="window for perplexity (default: the context)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def _run_eval(args) -> int:
+    from pathlib import Path
+
+    from lmforge.errors import DataError
+    from lmforge.infer.evaluate import (
+        evaluate_choice_task,
+        format_table,
+        score_file,
+        task_name,
+        write_results,
+    )
+    from lmforge.infer.loading import load_for_inference
+
+    if not args.text and not args.task:
+        raise DataError("nothing to evaluate: give --text FILE and/or --task FILE.jsonl")
+    missing = [p for p in args.text + args.task if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: no such file")
+    device = _device(args.device)
+    loaded = load_for_inference(args.model, device=device)
+    tokenizer = loaded.require_tokenizer()
+    results: dict[str, dict] = {}
+    for path in args.text:
+        score = score_file(
+            loaded.model,
+            tokenizer,
+            path,
+            device=device,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+        )
+        results[Path(path).name] = score.to_dict()
+    for path in args.task:
+        results[task_name(path)] = evaluate_choice_task(
+            loaded.model, tokenizer, path, device=device, limit=args.limit, batch_size=args.batch_size
+        )
+    print(format_table(results))
+    if args.out:
+        print(f"wrote {write_results({'model': str(loaded.directory), 'results': results}, args.out)}")
+    return 0
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="supervised fine-tuning (instructions, chat) or classification")
+    p.add_argument("base", help="an lmforge run/checkpoint folder or a Hugging Face model folder")
+    p.add_argument("data", help="JSONL: instruction/input/output, prompt/response or messages; or text/label")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=500 train.lr=2e-5")
+    p.add_argument("--out", required=True, help="the run folder to write")
+    p.add_argument("--task", choices=["sft", "classify"], default="sft")
+    p.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning; else LoRA with this rank")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated projection names")
+    p.add_argument("--no-pack", action="store_true", help="one example per row instead of packing")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--limit", type=int, default=None, help="first N examples")
+    p.add_argument("--keep-sparsity", action="store_true", help="keep pruned (zero) weights at zero")
+    p.add_argument("--export-hf", default=None, help="also write the merged model as a Hugging Face folder")
+    p.add_argument("--test", default=None, help="classify: a labelled test file (default: a held-out split)")
+    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run_finetune(args) -> int:
+    progress = False if args.no_progress else None
+    if args.task == "classify":
+        from lmforge.tune.classify import finetune_classifier
+
+        result = finetune_classifier(
+            args.base,
+            args.data,
+            out_dir=args.out,
+            test_path=args.test,
+            test_fraction=args.test_fraction,
+            overrides=args.overrides,
+            resume=args.resume,
+            progress=progress,
+        )
+        print(
+            f"accuracy {result.accuracy:.4f} on {result.test_examples} held-out examples "
+            f"({', '.join(f'{k} {v:.3f}' for k, v in result.per_label.items())})"
+        )
+        print(f"classifier: {result.model_dir}")
+        return 0
+    from lmforge.tune.lora import LoRAConfig
+    from lmforge.tune.sft import finetune
+
+    lora = None
+    if args.lora_rank:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        lora = LoRAConfig(
+            rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets
+        )
+    result = finetune(
+        args.base,
+        args.data,
+        out_dir=args.out,
+        overrides=args.overrides,
+        lora=lora,
+        pack=not args.no_pack,
+        val_fraction=args.val_fraction,
+        limit=args.limit,
+        resume=args.resume,
+        keep_sparsity=args.keep_sparsity,
+        export_hf=args.export_hf,
+        progress=progress,
+    )
+    print(
+        f"{result.train_examples} training / {result.val_examples} validation examples "
+        f"({result.skipped_examples} skipped: no response token fits the context)"
+    )
+    print(f"final loss {result.final_loss}, validation loss {result.val_loss}")
+    print(
+        f"fine-tuned model: {result.model_dir}"
+        + (f"; Hugging Face folder: {result.hf_dir}" if result.hf_dir else "")
+    )
+    return 0
+
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser("prune", help="magnitude or structured (heads, FFN channels) pruning")
+    p.add_argument("model", help="an lmforge run/checkpoint folder or a Hugging Face model folder")
+    p.add_argument("out", help="the pruned checkpoint folder to write")
+    p.add_argument("--sparsity", type=float, default=0.0, help="fraction of projection weights to zero")
+    p.add_argument("--scope", choices=["global", "layer"], default="global")
+    p.add_argument("--heads", type=float, default=0.0, help="fraction of attention heads to remove")
+    p.add_argument("--channels", type=float, default=0.0, help="fraction of feed-forward channels to remove")
+    p.add_argument("--eval-text", default=None, help="a text file for perplexity before and after")
+    p.add_argument("--eval-tokens", type=int, default=20000)
+    p.add_argument("--recover", default=None, help="SFT JSONL for a short recovery fine-tune (zeros kept)")
+    p.add_argument("--recover-steps", type=int, default=100)
+    p.add_argument("--device", default="auto")
+
+
+def _run_prune(args) -> int:
+    from pathlib import Path
+
+    from lmforge.tune.prune import prune_checkpoint
+
+    report = prune_checkpoint(
+        args.model,
+        args.out,
+        amount=args.sparsity,
+        scope=args.scope,
+        heads=args.heads,
+        channels=args.channels,
+        eval_text=args.eval_text,
+        eval_tokens=args.eval_tokens,
+        device=_device(args.device),
+    )
+    print(
+        f"parameters {report['parameters_before']:,} -> {report['parameters_after']:,}; "
+        f"sparsity of projection weights {report['sparsity']:.4f} ({report['zeros']:,} of {report['total']:,})"
+    )
+    if report["perplexity_before"] is not None:
+        print(f"perplexity {report['perplexity_before']:.3f} -> {report['perplexity_after']:.3f}")
+    print(f"wrote {report['out']}")
+    if args.recover:
+        from lmforge.infer.evaluate import score_file
+        from lmforge.infer.loading import load_for_inference
+        from lmforge.tune.sft import finetune
+
+        result = finetune(
+            args.out,
+            args.recover,
+            out_dir=Path(args.out).with_name(Path(args.out).name + "-recovered"),
+            overrides=[f"train.steps={args.recover_steps}"],
+            keep_sparsity=True,
+        )
+        print(f"recovered model: {result.model_dir}")
+        if args.eval_text:
+            loaded = load_for_inference(result.model_dir, device=_device(args.device))
+            score = score_file(
+                loaded.model,
+                loaded.tokenizer,
+                args.eval_text,
+                device=_device(args.device),
+                max_tokens=args.eval_tokens,
+            )
+            print(f"perplexity after recovery {score.perplexity:.3f}")
+    return 0
+
+
+# -- plan -------------------------------------------------------------------------------------------------
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="predict memory, time and cost of training a model on a cluster")
+    p.add_argument("--model", required=True, help="a preset name (e.g. 7b) or a YAML config")
+    p.add_argument("overrides", nargs="*", help="dotted model overrides, e.g. model.vocab_size=128256")
+    p.add_argument("--gpu", default="H100-80GB", help="a device from the hardware table, or 'auto' to detect")
+    p.add_argument("--gpus", type=int, default=8, help="number of GPUs (default 8)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs in one node (default 8)")
+    p.add_argument(
+        "--interconnect", default="infiniband", help="network between nodes: nvlink, infiniband, ethernet"
+    )
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's max_seq_len)")
+    p.add_argument("--global-batch-tokens", default="4M", help="tokens per optimizer step (default 4M)")
+    p.add_argument("--tokens", default=None, help="tokens to train on (default: ~20 per parameter)")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--tp", default="", help="tensor-parallel degrees to compare, e.g. 2,4,8")
+    p.add_argument("--price-per-gpu-hour", type=float, default=None, help="price of one GPU-hour")
+    p.add_argument("--hardware-file", default=None, help="a YAML file adding or changing hardware entries")
+    p.add_argument("--probe", action="store_true", help="check the plan with a few real steps on this machine")
+    p.add_argument("--probe-steps", type=int, default=4, help="steps of the probe run (default 4)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _run_plan(args) -> int:
+    from lmforge.config import parse_number
+    from lmforge.errors import ConfigError
+    from lmforge.model.info import model_config_from_arg
+    from lmforge.plan.hardware import lookup_interconnect, resolve_hardware
+    from lmforge.plan.planner import Cluster, Workload, plan_cluster
+    from lmforge.plan.report import render_report
+
+    def number(flag: str, text: str | None) -> int | None:
+        if text is None:
+            return None
+        try:
+            return int(parse_number(text))
+        except ValueError:
+            raise ConfigError(f"{flag}={text!r} is not a number (examples: 4M, 1T, 2e12)") from None
+
+    try:
+        tp_degrees = tuple(int(t) for t in args.tp.split(",") if t.strip())
+    except ValueError:
+        raise ConfigError(f"--tp={args.tp!r} must be a comma-separated list of integers, e.g. 2,4") from None
+    cfg = model_config_from_arg(args.model, args.overrides)
+    cluster = Cluster(
+        hardware=resolve_hardware(args.gpu, args.hardware_file),
+        gpus=args.gpus,
+        gpus_per_node=args.gpus_per_node,
+        interconnect=lookup_interconnect(args.interconnect),
+        price_per_gpu_hour=args.price_per_gpu_hour,
+    )
+    workload = Workload(
+        seq_len=args.seq or cfg.max_seq_len,
+        global_batch_tokens=number("--global-batch-tokens", args.global_batch_tokens),
+        total_tokens=number("--tokens", args.tokens),
+        precision=args.precision,
+    )
+    report = plan_cluster(cfg, cluster, workload, tp_degrees=tp_degrees)
+    probe = corrected = None
+    if args.probe:
+        from lmforge.plan.probe import probe_report
+
+        probe, corrected = probe_report(report, steps=args.probe_steps, hardware_file=args.hardware_file)
+    if args.json:
+        out = report.to_dict()
+        if probe is not None:
+            out["probe"] = probe.to_dict()
+            out["corrected"] = corrected.to_dict()
+        print(json.dumps(out, indent=2))
+    else:
+        print(render_report(report))
+        if probe is not None:
+            from lmforge.plan.report import render_probe
+
+            print()
+            print(render_probe(probe))
+            print()
+            print("corrected plan:")
+            print(render_report(corrected))
+    if report.chosen is None:
+        raise ConfigError(report.shortfall())
+    return 0
+
+
 # -- the table of verbs -------------------------------------------------------------------------------------
 
 VERBS: dict[str, tuple[Callable, Callable]] = {
@@ -177,6 +559,11 @@ VERBS: dict[str, tuple[Callable, Callable]] = {
     "import": (_add_import, _run_import),
     "train": (_add_train, _run_train),
     "plot": (_add_plot, _run_plot),
+    "generate": (_add_generate, _run_generate),
+    "eval": (_add_eval, _run_eval),
+    "finetune": (_add_finetune, _run_finetune),
+    "prune": (_add_prune, _run_prune),
+    "plan": (_add_plan, _run_plan),
 }
 
 

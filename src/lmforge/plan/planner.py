@@ -27,6 +27,7 @@ from lmforge.plan.memory import Layout, MemoryBreakdown, memory_breakdown, param
 
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal tokens ~ 20 x parameters
 LINK_EFFICIENCY = 0.8  # achieved / nominal bandwidth of NCCL ring collectives
+PREFER_SIMPLER = 1.05  # a more complex layout is chosen only when predicted >5% faster
 ALLOCATOR_SLACK = 0.05  # CUDA caching-allocator fragmentation, as a fraction of the tensor peak
 
 
@@ -320,7 +321,9 @@ def split_batch(per_rank_sequences: int, micro_batch_limit: int) -> tuple[int, i
 # -- candidates --------------------------------------------------------------------------------------------
 
 
-def candidate_layouts(world_size: int, tp_degrees: tuple[int, ...] = ()) -> list[tuple[str, dict]]:
+def candidate_layouts(
+    world_size: int, tp_degrees: tuple[int, ...] = (), *, offload: bool = True
+) -> list[tuple[str, dict]]:
     """The layouts ``lmforge plan`` compares, in the order of preference when they are equally fast."""
     base = "single" if world_size == 1 else "ddp"
     label = "single GPU" if world_size == 1 else "DDP"
@@ -334,6 +337,8 @@ def candidate_layouts(world_size: int, tp_degrees: tuple[int, ...] = ()) -> list
     ]
     if world_size == 1:
         out = [o for o in out if not (o[0].startswith("FSDP") and not o[1].get("cpu_offload"))]
+    if not offload:
+        out = [o for o in out if not o[1].get("cpu_offload")]
     for tp in tp_degrees:
         if tp > 1:
             out.append((f"FSDP + TP{tp}", dict(strategy="fsdp", tp=tp)))
@@ -415,7 +420,8 @@ def plan_cluster(
     requested_sequences = max(1, round(workload.global_batch_tokens / workload.seq_len))
     candidates = []
     sequences_per_step = requested_sequences
-    for name, switches in candidate_layouts(cluster.gpus, tp_degrees):
+    offload = cluster.hardware.kind == "cuda"  # a CPU has nowhere to offload to
+    for name, switches in candidate_layouts(cluster.gpus, tp_degrees, offload=offload):
         layout = Layout(
             world_size=cluster.gpus,
             seq_len=workload.seq_len,
@@ -426,8 +432,11 @@ def plan_cluster(
         per_rank = math.ceil(requested_sequences / layout.dp)
         candidates.append(evaluate(cfg, name, layout, cluster, per_rank, corrections))
     fitting = [c for c in candidates if c.fits]
-    # The fastest; among equally fast layouts the simplest (the earlier in the list).
-    chosen = max(fitting, key=lambda c: (c.timing.tokens_per_s, -candidates.index(c))) if fitting else None
+    # The fastest, but a layout later in the list (more machinery) must be faster by PREFER_SIMPLER.
+    chosen = fitting[0] if fitting else None
+    for c in fitting[1:]:
+        if c.timing.tokens_per_s > chosen.timing.tokens_per_s * PREFER_SIMPLER:
+            chosen = c
     if chosen is not None:
         lay = chosen.layout
         sequences_per_step = lay.micro_batch * lay.grad_accum * lay.dp
@@ -440,7 +449,7 @@ def plan_cluster(
     params = count_params(cfg)
     chinchilla = CHINCHILLA_TOKENS_PER_PARAM * params
     if workload.total_tokens is None:
-        notes.append(f"--tokens not given: planning the compute-optimal {chinchilla / 1e9:.1f}B tokens")
+        notes.append(f"--tokens not given: planning the compute-optimal {chinchilla:,} tokens")
     return Report(
         model=cfg,
         cluster=cluster,

@@ -26,9 +26,17 @@ from torch.utils.checkpoint import checkpoint
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
 from lmforge.model.transformer import build_model
-from lmforge.plan.hardware import Hardware
+from lmforge.plan.hardware import GIB, Hardware, resolve_hardware
 from lmforge.plan.memory import Layout
-from lmforge.plan.planner import Cluster, Corrections, predicted_memory, step_timing
+from lmforge.plan.planner import (
+    Cluster,
+    Corrections,
+    Report,
+    largest_micro_batch,
+    plan_cluster,
+    predicted_memory,
+    step_timing,
+)
 
 
 @dataclass(frozen=True)
@@ -186,3 +194,54 @@ def run_probe(
         predicted_step_s=predicted_step,
         memory_method=method,
     )
+
+
+def probe_report(
+    report: Report, *, steps: int = 4, hardware_file: str | None = None
+) -> tuple[ProbeResult, Report]:
+    """Probe the report's chosen micro-batch on this machine and re-plan with the measured corrections.
+
+    The probe runs one process; a plan for many GPUs is checked through its per-device micro-batch (clamped
+    to what this machine holds). The ratios carry over to the planned hardware as they are.
+    """
+    if report.chosen is None:
+        raise ConfigError(report.shortfall())
+    local = resolve_hardware("auto", hardware_file)
+    planned = report.chosen.layout
+    layout = Layout(
+        micro_batch=planned.micro_batch,
+        seq_len=planned.seq_len,
+        precision=planned.precision,
+        activation_checkpointing=planned.activation_checkpointing,
+        device_kind=local.kind,
+    )
+    capacity = local.memory_bytes * (0.8 if local.kind == "cpu" else 1.0)  # leave the CPU room to breathe
+    micro_batch = largest_micro_batch(report.model, layout, local, planned.micro_batch, capacity)
+    if micro_batch == 0:
+        need = predicted_memory(report.model, dataclasses.replace(layout, micro_batch=1), local).total
+        raise ConfigError(
+            f"cannot probe on this machine ({local.name}, {local.memory_gib:.1f} GiB): micro-batch 1 of "
+            f"{report.model.preset or 'this model'} at seq {planned.seq_len} needs {need / GIB:.1f} GiB on one "
+            f"device; probe a smaller model or run on the planned hardware"
+        )
+    result = run_probe(
+        report.model,
+        hardware=local,
+        micro_batch=micro_batch,
+        seq_len=planned.seq_len,
+        precision=planned.precision,
+        activation_checkpointing=planned.activation_checkpointing,
+        steps=steps,
+    )
+    tp_degrees = tuple(sorted({c.layout.tp for c in report.candidates if c.layout.tp > 1}))
+    corrected = plan_cluster(
+        report.model, report.cluster, report.workload, tp_degrees=tp_degrees, corrections=result.corrections()
+    )
+    if local.name != report.cluster.hardware.name:
+        corrected.notes.append(
+            f"the probe ran on {local.name}; its measured/predicted ratios are applied to "
+            f"{report.cluster.hardware.name} as they are"
+        )
+    if micro_batch < planned.micro_batch:
+        corrected.notes.append(f"the probe ran micro-batch {micro_batch} (this machine holds no more)")
+    return result, corrected

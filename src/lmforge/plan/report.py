@@ -33,9 +33,9 @@ def render_report(report: Report) -> str:
     lines = [
         f"model     {report.model.preset or 'custom'}: {report.parameters:,} parameters, "
         f"{report.flops_per_token:.3g} training FLOPs/token at seq {wl.seq_len}",
-        f"cluster   {cluster.gpus} x {hw.name} ({hw.memory_gib:.1f} GiB, {hw.peak_tflops:g} TFLOP/s bf16) in "
-        f"{cluster.nodes} node(s) of {cluster.gpus_per_node}, "
-        + ("NVLink inside the node" if cluster.nodes == 1 else f"{cluster.interconnect.name} between nodes"),
+        f"cluster   {cluster.gpus} x {hw.name} ({hw.memory_gib:.1f} GiB, {hw.peak_tflops:g} TFLOP/s bf16)"
+        + ("" if cluster.gpus == 1 else f" in {cluster.nodes} node(s) of {cluster.gpus_per_node}, ")
+        + ("" if cluster.gpus == 1 else "one node" if cluster.nodes == 1 else f"{cluster.interconnect.name}"),
         f"batch     {wl.global_batch_tokens:,} tokens/step requested, {wl.precision}",
         "",
         "memory per GPU (GiB) at the largest micro-batch that fits (micro-batch 1 where none does):",
@@ -83,8 +83,20 @@ def render_report(report: Report) -> str:
             ),
         ]
     lines.append(
-        f"compute-optimal tokens for {report.parameters / 1e9:.2f}B parameters: {_tokens(report.chinchilla_tokens)} "
+        f"compute-optimal tokens for {_tokens(report.parameters)} parameters: {_tokens(report.chinchilla_tokens)} "
         f"(~20 per parameter, Hoffmann et al. 2022)"
     )
     lines += [f"note      {n}" for n in report.notes]
     return "\n".join(lines)
+
+
+def render_probe(probe) -> str:
+    """Measured against predicted, for ``lmforge plan --probe``."""
+    return "\n".join([
+        f"probe     {probe.steps} steps of micro-batch {probe.micro_batch} x seq {probe.seq_len} on {probe.device} "
+        f"(memory: {probe.memory_method})",
+        f"memory    measured {probe.measured_peak_bytes / GIB:.3f} GiB, predicted {probe.predicted_peak_bytes / GIB:.3f} "
+        f"GiB: x{probe.memory_scale:.2f}",
+        f"step      measured {probe.measured_step_s:.4g} s, predicted {probe.predicted_step_s:.4g} s: "
+        f"x{probe.time_scale:.2f}",
+    ])  # fmt: skip
