@@ -9,8 +9,10 @@ Two layers: ``generate_ids`` works on token ids and is what the tests compare wi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -328,3 +330,33 @@ def generate(
             text = tokenizer.decode(tokens)
         out.append(Generation(prompts[row], text, tokens, result.finish_reasons[row]))
     return out
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: JSONL with a ``prompt`` field per line, or plain text with one prompt per line
+    (``\\n`` inside a line stands for a newline)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such prompts file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read prompts ({exc})") from None
+    prompts = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                found = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
+                raise DataError(f"{path}:{lineno}: no string field 'prompt' (found: {found})")
+            prompts.append(obj["prompt"])
+        else:
+            prompts.append(line.replace("\\n", "\n"))
+    if not prompts:
+        raise DataError(f"{path}: no prompts")
+    return prompts

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 
 from lmforge.checkpoint import TOKENIZER, load_model
 from lmforge.config import Config
-from lmforge.errors import CheckpointError, DataError
+from lmforge.errors import DataError
 from lmforge.model.transformer import Transformer, build_model
 
 
@@ -34,20 +33,15 @@ def is_hf_folder(path: Path) -> bool:
 
 def load_hf_folder(path: Path, *, device: torch.device) -> tuple[Transformer, Config]:
     """Build the lmforge model of a Hugging Face Llama or GPT-2 folder, in memory (nothing is written)."""
-    from lmforge.model.hf import _read_hf_weights, from_hf_state_dict, model_config_from_hf
+    from lmforge.model.hf import read_hf_folder
 
-    try:
-        hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path / 'config.json'}: malformed JSON ({exc})") from None
-    cfg = model_config_from_hf(hf, str(path / "config.json"))
-    state = from_hf_state_dict(_read_hf_weights(path), cfg, str(path))
-    model = build_model(cfg, device="meta")
+    config, state = read_hf_folder(path)
+    model = build_model(config.model, device="meta")
     model.to_empty(device=device)
     model.tie_weights()
     model.load_state_dict(state, strict=False)
     model.init_buffers()
-    return model, Config(model=cfg)
+    return model, config
 
 
 def load_for_inference(path: str | Path, *, device: torch.device) -> LoadedModel:

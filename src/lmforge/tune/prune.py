@@ -13,7 +13,9 @@ column times the norms of its input rows.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -227,3 +229,70 @@ def apply_structured(model: Transformer, plan: StructuredPlan) -> Transformer:
 
 def structured_prune(model: Transformer, *, heads: float = 0.0, channels: float = 0.0) -> Transformer:
     return apply_structured(model, plan_structured(model, heads=heads, channels=channels))
+
+
+# -- a checkpoint in, a smaller checkpoint out --------------------------------------------------------------
+
+
+def prune_checkpoint(
+    source: str | Path,
+    out: str | Path,
+    *,
+    amount: float = 0.0,
+    scope: Literal["global", "layer"] = "global",
+    heads: float = 0.0,
+    channels: float = 0.0,
+    eval_text: str | Path | None = None,
+    eval_tokens: int = 20_000,
+    device: torch.device | None = None,
+) -> dict:
+    """Prune a run, checkpoint or Hugging Face folder and save an lmforge checkpoint at ``out``: first
+    heads/channels (structured), then ``amount`` of the remaining projection weights by magnitude.
+    With ``eval_text``, perplexity before and after (first ``eval_tokens`` tokens). Returns the report,
+    which is also saved beside the weights as ``prune_report.json``."""
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.infer.evaluate import score_file
+    from lmforge.infer.loading import load_for_inference
+
+    if not 0.0 <= amount < 1.0:
+        raise ConfigError(f"sparsity={amount} must be in [0, 1)")
+    if amount == 0.0 and heads == 0.0 and channels == 0.0:
+        raise ConfigError("nothing to prune: give a sparsity, a head fraction or a channel fraction")
+    if eval_text is not None and not Path(eval_text).is_file():
+        raise ConfigError(f"{eval_text}: no such evaluation text file")
+    device = device or torch.device("cpu")
+    loaded = load_for_inference(source, device=device)
+    model = loaded.model
+    tokenizer = loaded.require_tokenizer() if eval_text is not None else None
+
+    def perplexity(m: Transformer) -> float | None:
+        if eval_text is None:
+            return None
+        return score_file(m, tokenizer, eval_text, device=device, max_tokens=eval_tokens).perplexity
+
+    report: dict = {"source": str(loaded.directory), "parameters_before": model.num_params()}
+    report["perplexity_before"] = perplexity(model)
+    if heads or channels:
+        model = structured_prune(model, heads=heads, channels=channels)
+        report.update(
+            heads_removed=heads,
+            channels_removed=channels,
+            n_heads=model.cfg.n_heads,
+            ffn_hidden=model.cfg.hidden_dim,
+        )
+    if amount:
+        magnitude_prune(model, amount, scope=scope)
+        report.update(scope=scope, target_sparsity=amount)
+    report.update(sparsity(model))
+    report["parameters_after"] = model.num_params()
+    report["perplexity_after"] = perplexity(model)
+    config = dataclasses.replace(loaded.config, model=model.cfg)
+    path = save_checkpoint(
+        out,
+        model_state=model.state_dict(),
+        config=config,
+        tokenizer_file=loaded.tokenizer_path,
+        extra_files={"prune_report.json": json.dumps(report, indent=2)},
+    )
+    report["out"] = str(path)
+    return report
