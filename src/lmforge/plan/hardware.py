@@ -150,6 +150,9 @@ def lookup_hardware(name: str, table: dict[str, Hardware] | None = None) -> Hard
     by_lower = {key.lower(): hw for key, hw in table.items()}
     if name.lower() in by_lower:
         return by_lower[name.lower()]
+    prefixed = [hw for key, hw in by_lower.items() if key.startswith(name.lower())]
+    if len(prefixed) == 1 and name:  # "H100" for "H100-80GB"
+        return prefixed[0]
     raise ConfigError(
         f"unknown GPU {name!r}{suggest(name, table)}; known: {known_names(table)}, or 'auto' to detect this "
         f"machine (add your own with --hardware-file)"

@@ -267,7 +267,9 @@ def memory_breakdown(
     best = (0.0, 0.0, 0.0)
     for remaining in range(L, 0, -1):
         grads = carried if keep_grads else head_grad + (L - remaining) * block_grad
-        alive = remaining * act.per_layer_stored + recompute + act.rest_backward
+        # (under checkpointing the current block's stored input is among its recomputed tensors)
+        stored_blocks = remaining - 1 if layout.activation_checkpointing else remaining
+        alive = stored_blocks * act.per_layer_stored + recompute + act.rest_backward
         temp = comm + act.backward_transient
         if sum((grads, alive, temp)) > sum(best):
             best = (grads, alive, temp)
