@@ -551,6 +551,80 @@ def _run_plan(args) -> int:
     return 0
 
 
+# -- launch / consolidate (distributed) ---------------------------------------------------------------------
+
+
+def _add_launch(sub) -> None:
+    p = sub.add_parser(
+        "launch", help="run `lmforge train` on N processes / nodes through torchrun, or write a Slurm script"
+    )
+    p.add_argument("items", nargs="*", metavar="[CONFIG] [overrides]", help="as for `lmforge train`")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="processes per node (GPUs per node)")
+    p.add_argument("--nnodes", type=int, default=1, help="number of nodes")
+    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT where the nodes meet (one node's address)")
+    p.add_argument("--rdzv-id", default="lmforge", help="a job id shared by all nodes")
+    p.add_argument("--rdzv-timeout", type=float, default=120.0, help="seconds to wait for the endpoint/nodes")
+    p.add_argument("--max-restarts", type=int, default=0, help="restart the group after a failure (resumes)")
+    p.add_argument("--resume", default=None, help="passed to `lmforge train` (default with restarts: auto)")
+    p.add_argument("--dry-run", action="store_true", help="print the torchrun command instead of running it")
+    p.add_argument("--slurm", default=None, metavar="FILE", help="write a Slurm batch script to FILE")
+    p.add_argument("--slurm-time", default="24:00:00", help="Slurm time limit")
+    p.add_argument("--slurm-partition", default=None, help="Slurm partition")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="Slurm --gpus-per-node")
+
+
+def _run_launch(args) -> int:
+    import shlex
+    from pathlib import Path
+
+    from lmforge.config import load_config
+    from lmforge.distributed import launch
+
+    items = list(args.items)
+    config = items.pop(0) if items and "=" not in items[0] else None
+    config_world_size = load_config(config, items).parallel.world_size  # a bad config fails here, not N times
+    spec = launch.LaunchSpec(
+        nproc_per_node=args.nproc_per_node,
+        nnodes=args.nnodes,
+        rdzv_endpoint=args.rdzv_endpoint,
+        rdzv_id=args.rdzv_id,
+        max_restarts=args.max_restarts,
+        rdzv_timeout_s=args.rdzv_timeout,
+    )
+    train_args = launch.train_arguments(config, items, resume=args.resume, spec=spec)
+    launch.check_world_size(spec, config_world_size)
+    if args.slurm:
+        script = launch.slurm_script(
+            spec,
+            train_args,
+            time_limit=args.slurm_time,
+            gpus_per_node=args.gpus_per_node,
+            partition=args.slurm_partition,
+        )
+        Path(args.slurm).write_text(script, encoding="utf-8")
+        print(f"wrote {args.slurm}; submit it with: sbatch {args.slurm}")
+        return 0
+    if args.dry_run:
+        print(shlex.join(launch.torchrun_command(spec, train_args)))
+        return 0
+    return launch.run(spec, train_args, config_world_size=config_world_size)
+
+
+def _add_consolidate(sub) -> None:
+    p = sub.add_parser("consolidate", help="gather a sharded (multi-process) checkpoint into one safetensors file")
+    p.add_argument("checkpoint", help="a sharded checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("out", help="the ordinary checkpoint folder to write (readable by export and generate)")
+
+
+def _run_consolidate(args) -> int:
+    from lmforge.checkpoint import resolve_checkpoint
+    from lmforge.distributed.dcp import consolidate
+
+    out = consolidate(resolve_checkpoint(args.checkpoint), args.out)
+    print(f"wrote {out}")
+    return 0
+
+
 # -- the table of verbs -------------------------------------------------------------------------------------
 
 VERBS: dict[str, tuple[Callable, Callable]] = {
@@ -564,6 +638,8 @@ VERBS: dict[str, tuple[Callable, Callable]] = {
     "finetune": (_add_finetune, _run_finetune),
     "prune": (_add_prune, _run_prune),
     "plan": (_add_plan, _run_plan),
+    "launch": (_add_launch, _run_launch),
+    "consolidate": (_add_consolidate, _run_consolidate),
 }
 
 
