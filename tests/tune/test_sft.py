@@ -105,16 +105,21 @@ def test_lora_finetune_merges_and_exports(base_checkpoint, tmp_path):
     data.write_text(
         "".join(json.dumps({"prompt": f"Q{i}: ", "response": f"A{i % 3}"}) + "\n" for i in range(20))
     )
+    task = tmp_path / "mc_val.jsonl"  # multiple choice inside training, on the live model, every 2 steps
+    task.write_text(json.dumps({"query": "Q0: ", "choices": ["A0", "A1"], "gold": 0}) + "\n")
     lora = LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
+    overrides = FAST + ["train.steps=4", "train.lr=1e-2", "eval.every=2", f"eval.tasks=[{task}]"]
     result = finetune(
         base_checkpoint,
         data,
         out_dir=tmp_path / "run",
-        overrides=FAST + ["train.steps=4", "train.lr=1e-2"],
+        overrides=overrides,
         lora=lora,
         export_hf=tmp_path / "hf",
         progress=False,
     )
+    logged = [m for m in read_metrics(tmp_path / "run") if "mc/acc" in m]
+    assert [m["step"] for m in logged] == [2, 4] and all(0.0 <= m["mc/acc_norm"] <= 1.0 for m in logged)
     assert (result.hf_dir / "config.json").is_file()
     tuned, _, _ = load_model(result.model_dir)
     base, _, _ = load_model(base_checkpoint)

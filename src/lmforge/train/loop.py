@@ -28,7 +28,7 @@ from torch import nn
 
 from lmforge import checkpoint as ckpt
 from lmforge.config import Config, save_config
-from lmforge.distributed.parallelize import World, close_world, init_world, parallelize
+from lmforge.distributed.parallelize import World, close_world, init_world, parallelize, unwrap
 from lmforge.errors import CheckpointError, ConfigError, TrainingError
 from lmforge.model.info import model_flops_per_token
 from lmforge.model.transformer import build_model
@@ -512,6 +512,18 @@ def train(
                                 "tokens": tokens_seen,
                             },
                         )
+                if (
+                    cfg.eval.every
+                    and cfg.eval.tasks
+                    and step % cfg.eval.every == 0
+                    and data.tokenizer is not None
+                ):
+                    from lmforge.infer.evaluate import task_metrics  # multiple-choice accuracy, live model
+
+                    scores = task_metrics(
+                        unwrap(model), data.tokenizer, cfg.eval.tasks, device=device, limit=cfg.eval.limit
+                    )
+                    log.log(step, {**scores, "tokens": tokens_seen})
                 if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps and world.is_main:
                     log.info(
                         f"sample at step {step}:\n"
