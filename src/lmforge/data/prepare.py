@@ -1,0 +1,359 @@
+"""Documents -> token shards + ``meta.json``, in three resumable stages.
+
+1. ``stage``: read and clean the sources, assign each kept document to train or val (by a hash of its text
+   and the seed, so a document and its exact copies always land in the same split), and write them to
+   ``kept.jsonl`` plus the cleaning ``report.json``.
+2. ``tokenizer``: train a BPE or char tokenizer on the kept text, or load the configured one.
+3. ``tokenize``: encode the kept documents in worker processes (in order) and append them, each followed by
+   end-of-text, to ``{split}_{index:05d}.bin`` shards of ``uint16`` (``uint32`` for vocabularies > 65536).
+
+Every file is written to ``*.tmp`` and renamed when complete; ``progress.json`` lists the finished shards,
+so a rerun after a crash continues from the last one. ``meta.json`` is written last: a folder with it is
+complete, and preparing it again is a no-op (or an error, if the settings or tokenizer differ).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.config import DataConfig
+from lmforge.data.clean import STAGES, Cleaner
+from lmforge.data.sources import SourceStats, expand_sources, read_documents
+from lmforge.data.tokenizer import Tokenizer, is_trained_kind, iter_sample, load_tokenizer, train_tokenizer
+from lmforge.errors import DataError
+
+FORMAT = "lmforge-shards-v1"
+CHUNK_DOCS = 256  # documents per task sent to a worker
+# Settings that change the shards; the rest (workers, ...) only change how fast they are written.
+RECIPE_FIELDS = (
+    "tokenizer", "vocab_size", "text_field", "val_fraction", "seed", "min_chars", "max_chars",
+    "max_repeated_line_fraction", "dedup", "near_dedup", "near_dedup_threshold", "scrub_pii",
+    "text_chunk_chars", "shard_tokens", "tokenizer_train_chars",
+)  # fmt: skip
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable ({exc}); delete the folder and prepare it again") from None
+
+
+def dtype_for(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def is_prepared(out_dir: str | Path) -> bool:
+    """True when ``out_dir`` holds a complete prepared dataset (meta.json and every shard at full size)."""
+    out = Path(out_dir)
+    try:
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        return all(
+            (out / shard["file"]).stat().st_size == shard["tokens"] * itemsize
+            for split in meta["splits"].values()
+            for shard in split["shards"]
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def prepare_data(
+    cfg: DataConfig, sources: list[str], out_dir: str | Path, *, progress: bool = True, strict: bool = False
+) -> dict:
+    """Prepare ``sources`` into ``out_dir`` and return its meta (see the module docstring)."""
+    out = Path(out_dir)
+    sources = [str(s) for s in sources]
+    recipe = {"sources": sources, **{name: getattr(cfg, name) for name in RECIPE_FIELDS}}
+    wanted = None if is_trained_kind(cfg.tokenizer) else load_tokenizer(cfg.tokenizer)
+    if (out / "meta.json").exists():
+        meta = read_json(out / "meta.json")
+        _check_same(out, meta.get("recipe", {}), meta.get("tokenizer_fingerprint"), recipe, wanted)
+        if not is_prepared(out):
+            raise DataError(
+                f"{out}: meta.json is there but shards are missing or truncated; delete the folder"
+            )
+        return meta
+    if not sources:
+        raise DataError("no data sources given (pass files, folders or globs, or set data.sources)")
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "recipe.json").exists():
+        old = read_json(out / "recipe.json")
+        old_fp = read_tokenizer_fingerprint(out)
+        _check_same(out, old, old_fp, recipe, wanted)
+    else:
+        write_json(out / "recipe.json", recipe)
+
+    if not (out / "staged.json").exists():
+        _stage(cfg, sources, out, progress=progress, strict=strict)
+    staged = read_json(out / "staged.json")
+
+    if not (out / "tokenizer.json").exists():
+        if wanted is not None:
+            tokenizer = wanted
+        else:
+            sample = iter_sample((text for _, text in _kept(out)), cfg.tokenizer_train_chars)
+            tokenizer = train_tokenizer(cfg.tokenizer, sample, cfg.vocab_size)
+        tokenizer.save(out / "tokenizer.json")
+    tokenizer = load_tokenizer(out / "tokenizer.json")
+
+    splits = _tokenize(cfg, out, tokenizer, staged, progress=progress)
+    meta = {
+        "format": FORMAT,
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "tokenizer": "tokenizer.json",
+        "dtype": dtype_for(tokenizer.vocab_size),
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "pad_id": tokenizer.pad_id,
+        "documents": sum(s["docs"] for s in splits.values()),
+        "tokens": sum(s["tokens"] for s in splits.values()),
+        "splits": splits,
+        "sources": sources,
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "recipe": recipe,
+    }
+    write_json(out / "meta.json", meta)
+    for name in ("kept.jsonl", "progress.json", "staged.json", "recipe.json"):
+        (out / name).unlink(missing_ok=True)
+    return meta
+
+
+def read_tokenizer_fingerprint(out: Path) -> str | None:
+    return load_tokenizer(out / "tokenizer.json").fingerprint if (out / "tokenizer.json").exists() else None
+
+
+def _check_same(out: Path, old: dict, old_fp: str | None, new: dict, wanted: Tokenizer | None) -> None:
+    """Refuse to reuse a folder prepared (or being prepared) with another tokenizer or other settings."""
+    if wanted is not None and old_fp is not None and old_fp != wanted.fingerprint:
+        raise DataError(
+            f"{out} was prepared with a different tokenizer (fingerprint {old_fp}, requested "
+            f"{wanted.fingerprint} from {new['tokenizer']}); mixing them would corrupt the data: "
+            f"use another --out folder or delete this one"
+        )
+    if wanted is not None and old_fp is not None:
+        old = {**old, "tokenizer": new["tokenizer"], "vocab_size": new["vocab_size"]}
+    changed = [k for k in new if old.get(k) != new[k]]
+    if changed:
+        what = "; ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+        kind = "a different tokenizer" if {"tokenizer", "vocab_size"} & set(changed) else "different settings"
+        raise DataError(
+            f"{out} was prepared with {kind} ({what}); use another --out folder or delete this one"
+        )
+
+
+# -- stage 1: read, clean, split -----------------------------------------------------------------------------
+
+
+def _split_score(key: bytes, seed: int) -> float:
+    h = hashlib.blake2b(key, digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(h, "little") / 2**64
+
+
+def _stage(cfg: DataConfig, sources: list[str], out: Path, *, progress: bool, strict: bool) -> None:
+    from tqdm import tqdm
+
+    paths = expand_sources(sources)
+    stats = SourceStats()
+    cleaner = Cleaner(cfg)
+    counts = {"train": 0, "val": 0}
+    lowest = (2.0, -1)  # the lowest split score and its document index: val's member of last resort
+    tmp = out / "kept.jsonl.tmp"
+    docs = read_documents(
+        paths, text_field=cfg.text_field, chunk_chars=cfg.text_chunk_chars, stats=stats, strict=strict
+    )
+    with (
+        open(tmp, "w", encoding="utf-8") as f,
+        tqdm(desc="clean", unit="doc", disable=not progress, mininterval=1.0) as bar,
+    ):
+        for doc in docs:
+            bar.update(1)
+            kept = cleaner(doc.text)
+            if kept is None:
+                continue
+            text, key = kept
+            score = _split_score(key, cfg.seed)
+            split = "val" if score < cfg.val_fraction else "train"
+            index = counts["train"] + counts["val"]
+            lowest = min(lowest, (score, index))
+            counts[split] += 1
+            f.write(json.dumps([split, text], ensure_ascii=False) + "\n")
+    report = {"sources": stats.as_dict(), **cleaner.report.as_dict()}
+    write_json(out / "report.json", report)
+    kept_docs = counts["train"] + counts["val"]
+    if kept_docs == 0:
+        tmp.unlink()
+        raise DataError(_empty_message(report, sources))
+    # A tiny corpus can draw no validation document at all; then the lowest-scoring one goes there.
+    forced_val = lowest[1] if cfg.val_fraction > 0 and counts["val"] == 0 and kept_docs >= 2 else None
+    os.replace(tmp, out / "kept.jsonl")
+    write_json(out / "staged.json", {"counts": counts, "forced_val": forced_val})
+
+
+def _empty_message(report: dict, sources: list[str]) -> str:
+    src = report["sources"]
+    if report["stages"]["read"]["docs_in"] == 0:
+        return (
+            f"no documents were read from {', '.join(sources)} ({src['files']} inputs, "
+            f"{src['binary_skipped']} binary files skipped, {src['malformed_records']} malformed records)"
+        )
+    for name in STAGES:
+        stage = report["stages"][name]
+        if stage["docs_in"] > 0 and stage["docs_out"] == 0:
+            reasons = ", ".join(f"{k}: {v}" for k, v in report["filter_reasons"].items())
+            hint = f" ({reasons})" if name == "filter" and reasons else ""
+            return (
+                f"the '{name}' stage removed all {stage['docs_in']} documents{hint}; "
+                f"relax its settings (data.min_chars, data.max_chars, ...)"
+            )
+    return "no document was kept"  # pragma: no cover - every removal is one of the stages
+
+
+def _kept(out: Path) -> Iterator[tuple[str, str]]:
+    with open(out / "kept.jsonl", encoding="utf-8") as f:
+        for line in f:
+            split, text = json.loads(line)
+            yield split, text
+
+
+# -- stage 3: tokenize into shards -------------------------------------------------------------------------
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(tokenizer_path)
+
+
+def _encode_chunk(chunk: tuple[list[str], list[str]]) -> tuple[list[str], list[list[int]]]:
+    """Encode one chunk, one document at a time (single-threaded: the parallelism is the processes)."""
+    assert _worker_tokenizer is not None
+    splits, texts = chunk
+    return splits, [_worker_tokenizer.encode(text) for text in texts]
+
+
+class ShardWriter:
+    """Appends documents to ``{split}_{index:05d}.bin``; a shard is renamed from ``.tmp`` once full."""
+
+    def __init__(self, out: Path, split: str, dtype: str, shard_tokens: int, done: list[dict]):
+        self.out, self.split, self.dtype, self.shard_tokens = out, split, np.dtype(dtype), shard_tokens
+        self.done = done
+        self.file = None
+        self.tokens = self.docs = 0
+
+    def add(self, ids: np.ndarray) -> bool:
+        """Write one document's ids (separator included); True when this closed a shard."""
+        if self.file is None:
+            self.file = open(self._path(".tmp"), "wb")
+        self.file.write(ids.astype(self.dtype, copy=False).tobytes())
+        self.tokens += len(ids)
+        self.docs += 1
+        if self.tokens >= self.shard_tokens:
+            self.close()
+            return True
+        return False
+
+    def _path(self, suffix: str = "") -> Path:
+        return self.out / f"{self.split}_{len(self.done):05d}.bin{suffix}"
+
+    def close(self) -> None:
+        if self.file is None:
+            return
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.file = None
+        os.replace(self._path(".tmp"), self._path())
+        self.done.append({"file": self._path().name, "tokens": self.tokens, "docs": self.docs})
+        self.tokens = self.docs = 0
+
+
+def _resume_state(out: Path) -> dict[str, list[dict]]:
+    """Finished shards from an interrupted run; anything written after them is deleted."""
+    done = read_json(out / "progress.json") if (out / "progress.json").exists() else {}
+    done = {split: done.get(split, []) for split in ("train", "val")}
+    listed = {shard["file"] for shards in done.values() for shard in shards}
+    for path in list(out.glob("train_*.bin*")) + list(out.glob("val_*.bin*")):
+        if path.name not in listed:
+            path.unlink()
+    return done
+
+
+def _tokenize(cfg: DataConfig, out: Path, tokenizer: Tokenizer, staged: dict, *, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    done = _resume_state(out)
+    dtype = dtype_for(tokenizer.vocab_size)
+    writers = {s: ShardWriter(out, s, dtype, cfg.shard_tokens, done[s]) for s in ("train", "val")}
+    skip = {s: sum(shard["docs"] for shard in done[s]) for s in done}
+    total = staged["counts"]["train"] + staged["counts"]["val"]
+    eot = np.array([tokenizer.eot_id], dtype=np.int64)
+
+    def pending() -> Iterator[tuple[str, str]]:
+        seen = {"train": 0, "val": 0}
+        for index, (split, text) in enumerate(_kept(out)):
+            if index == staged["forced_val"]:
+                split = "val"
+            seen[split] += 1
+            if seen[split] > skip[split]:
+                yield split, text
+
+    def chunks() -> Iterator[tuple[list[str], list[str]]]:
+        splits, texts = [], []
+        for split, text in pending():
+            splits.append(split)
+            texts.append(text)
+            if len(texts) == CHUNK_DOCS:
+                yield splits, texts
+                splits, texts = [], []
+        if texts:
+            yield splits, texts
+
+    work = chunks()
+    pool = None
+    if cfg.workers > 1:
+        # spawn: a fresh interpreter per worker, never a fork of a process whose tokenizer threads are running
+        pool = multiprocessing.get_context("spawn").Pool(
+            cfg.workers, initializer=_init_worker, initargs=(str(out / "tokenizer.json"),)
+        )
+        encoded = pool.imap(_encode_chunk, work)
+    else:
+        encoded = ((splits, [tokenizer.encode(t) for t in texts]) for splits, texts in work)
+    try:
+        with tqdm(
+            total=total, initial=sum(skip.values()), desc="tokenize", unit="doc", disable=not progress
+        ) as bar:
+            for splits, ids_list in encoded:
+                for split, ids in zip(splits, ids_list):
+                    if writers[split].add(np.concatenate([np.asarray(ids, dtype=np.int64), eot])):
+                        write_json(out / "progress.json", done)
+                bar.update(len(splits))
+        for writer in writers.values():
+            writer.close()
+        write_json(out / "progress.json", done)
+    finally:
+        if pool is not None:
+            pool.terminate()
+    return {
+        split: {
+            "docs": sum(s["docs"] for s in shards),
+            "tokens": sum(s["tokens"] for s in shards),
+            "shards": shards,
+        }
+        for split, shards in done.items()
+    }

@@ -1,0 +1,359 @@
+"""Read raw files into documents, streaming: memory holds one block or one record at a time.
+
+Supported: ``.txt``/``.md`` and other text files (cut into documents of about ``text_chunk_chars`` at blank
+lines, or one document per file), ``.jsonl``/``.json`` (one document per record, from ``text_field``), all
+of these also compressed as ``.gz`` or ``.zst``; ``.parquet``; Hugging Face ``datasets`` folders written by
+``save_to_disk`` (``state.json`` + ``data-*.arrow``, or a ``dataset_dict.json`` of splits).
+
+Bad input is counted in a ``SourceStats`` rather than crashing: binary files are skipped, invalid UTF-8 is
+replaced (U+FFFD), malformed JSON lines are reported as ``file:line`` and skipped (``strict`` aborts).
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import gzip
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from lmforge.errors import DataError
+
+BLOCK_BYTES = 1 << 20
+SNIFF_BYTES = 8192
+REPLACEMENT = "\ufffd"
+JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
+# Never text, whatever their first bytes say.
+BINARY_SUFFIXES = {
+    ".bin", ".npy", ".npz", ".pt", ".pth", ".safetensors", ".pkl", ".zip", ".tar", ".png", ".jpg", ".jpeg",
+    ".gif", ".pdf", ".so", ".o", ".pyc", ".arrow", ".bz2", ".xz", ".7z", ".whl", ".exe", ".ttf", ".woff",
+}  # fmt: skip
+BLANK_LINES = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")
+MAX_REPORTED = 20  # malformed lines listed by name in the report; the rest are only counted
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    origin: str  # file, file:line or file#chunk
+
+
+@dataclass
+class SourceStats:
+    """What reading found, besides documents. Filled in while the documents stream past."""
+
+    files: int = 0
+    bytes: int = 0
+    binary_skipped: list[str] = field(default_factory=list)
+    invalid_utf8_files: int = 0
+    invalid_utf8_chars: int = 0  # U+FFFD characters introduced by decoding
+    malformed_records: int = 0
+    malformed_examples: list[str] = field(default_factory=list)
+
+    def malformed(self, where: str, why: str, strict: bool) -> None:
+        message = f"{where}: {why}"
+        if strict:
+            raise DataError(message + " (--strict aborts on malformed records; drop --strict to skip them)")
+        self.malformed_records += 1
+        if len(self.malformed_examples) < MAX_REPORTED:
+            self.malformed_examples.append(message)
+
+    def as_dict(self) -> dict:
+        return {
+            "files": self.files,
+            "bytes": self.bytes,
+            "binary_skipped": len(self.binary_skipped),
+            "binary_files": self.binary_skipped[:MAX_REPORTED],
+            "invalid_utf8_files": self.invalid_utf8_files,
+            "invalid_utf8_chars": self.invalid_utf8_chars,
+            "malformed_records": self.malformed_records,
+            "malformed_examples": self.malformed_examples,
+        }
+
+
+def expand_sources(sources: list[str]) -> list[Path]:
+    """Files, folders (recursively) and globs -> a sorted, de-duplicated list of inputs.
+
+    A ``save_to_disk`` folder stays one input. A source that matches nothing is an error.
+    """
+    out: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_file() or is_arrow_dataset(path):
+            matches = [path]
+        elif path.is_dir():
+            matches = _walk(path)
+        elif glob.has_magic(source):
+            matches = []
+            for match in sorted(glob.glob(source, recursive=True)):
+                p = Path(match)
+                matches += [p] if p.is_file() or is_arrow_dataset(p) else _walk(p) if p.is_dir() else []
+        else:
+            matches = []
+        if not matches:
+            raise DataError(f"data source {source!r} matches no file (give a file, a folder or a glob)")
+        out += matches
+    seen: set[Path] = set()
+    unique = []
+    for p in out:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
+def _walk(folder: Path) -> list[Path]:
+    out = []
+    for p in sorted(folder.rglob("*")):
+        if any(part.startswith(".") for part in p.relative_to(folder).parts):
+            continue
+        if any(is_arrow_dataset(parent) for parent in p.relative_to(folder).parents if parent != Path(".")):
+            continue
+        if is_arrow_dataset(p):
+            out.append(p)
+        elif p.is_file() and not any(is_arrow_dataset(a) for a in p.parents):
+            out.append(p)
+    return out
+
+
+def is_arrow_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def read_documents(
+    paths: list[Path], *, text_field: str, chunk_chars: int, stats: SourceStats, strict: bool = False
+) -> Iterator[Document]:
+    """Stream the documents of every input in order."""
+    for path in paths:
+        stats.files += 1
+        if path.is_dir():
+            yield from _read_arrow_dataset(path, text_field, stats)
+            continue
+        stats.bytes += path.stat().st_size
+        kind = _kind(path)
+        if kind == "binary":
+            stats.binary_skipped.append(str(path))
+        elif kind == "parquet":
+            yield from _read_parquet(path, text_field, stats)
+        elif kind == "json":
+            yield from _read_json(path, text_field, stats, strict)
+        else:
+            yield from _read_text(path, chunk_chars, stats)
+
+
+def _kind(path: Path) -> str:
+    last = _base_suffix(path)
+    if last == ".parquet":
+        return "parquet"
+    if last in JSON_SUFFIXES:
+        return "json"
+    if last in BINARY_SUFFIXES:
+        return "binary"
+    return "text"
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.open(path, "rb")
+    if suffix == ".zst":
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+class _Decoder:
+    """Incremental UTF-8 decoding that replaces invalid bytes and counts the replacements."""
+
+    def __init__(self, stats: SourceStats):
+        self.stats = stats
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.bad = 0
+
+    def __call__(self, data: bytes, final: bool = False) -> str:
+        text = self.decoder.decode(data, final=final)
+        if REPLACEMENT in text:
+            # Replacement characters that were real U+FFFD in the input are not errors.
+            self.bad += text.count(REPLACEMENT) - data.count(REPLACEMENT.encode("utf-8"))
+        return text
+
+    def finish(self) -> None:
+        if self.bad > 0:
+            self.stats.invalid_utf8_files += 1
+            self.stats.invalid_utf8_chars += self.bad
+
+
+def _read_text(path: Path, chunk_chars: int, stats: SourceStats) -> Iterator[Document]:
+    """One document per file, or documents of about ``chunk_chars`` cut after a blank line.
+
+    The documents of a file concatenate back to the file's text exactly.
+    """
+    decode = _Decoder(stats)
+    buffer = ""
+    chunk = 0
+    with _open_binary(path) as f:
+        first = True
+        while True:
+            data = f.read(BLOCK_BYTES)
+            if first:
+                first = False
+                if b"\x00" in data[:SNIFF_BYTES]:
+                    stats.binary_skipped.append(str(path))
+                    return
+            buffer += decode(data, final=not data)
+            while chunk_chars > 0 and len(buffer) > chunk_chars:
+                match = BLANK_LINES.search(buffer, chunk_chars)
+                if match is None or match.end() == len(buffer):
+                    break  # the blank line may continue in the next block
+                yield Document(buffer[: match.end()], f"{path}#{chunk}")
+                chunk += 1
+                buffer = buffer[match.end() :]
+            if not data:
+                break
+    decode.finish()
+    if buffer:
+        yield Document(buffer, f"{path}#{chunk}" if chunk_chars > 0 else str(path))
+
+
+def _field(record: object, text_field: str, where: str, first: bool, stats: SourceStats, strict: bool):
+    """The text of one JSON record, or None (counted) when it is unusable."""
+    if not isinstance(record, dict):
+        stats.malformed(where, f"expected a JSON object, got {type(record).__name__}", strict)
+        return None
+    value = record.get(text_field)
+    if value is None:
+        message = f"no field {text_field!r} (found: {', '.join(sorted(map(str, record))) or 'no keys'})"
+        if first:
+            raise DataError(f"{where}: {message}; set data.text_field to the field that holds the text")
+        stats.malformed(where, message, strict)
+        return None
+    if not isinstance(value, str):
+        stats.malformed(where, f"field {text_field!r} is a {type(value).__name__}, not a string", strict)
+        return None
+    return value
+
+
+def _base_suffix(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in (".gz", ".zst"):
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def _read_json(path: Path, text_field: str, stats: SourceStats, strict: bool) -> Iterator[Document]:
+    """JSON Lines (one object per line, streamed), or a ``.json`` file holding an object or a list of them."""
+    with _open_binary(path) as f:
+        head = f.peek(SNIFF_BYTES)[:SNIFF_BYTES]
+        if b"\x00" in head:
+            stats.binary_skipped.append(str(path))
+            return
+        if _base_suffix(path) == ".json":
+            records = _json_whole(f, path, stats)
+            if records is not None:
+                for i, record in enumerate(records):
+                    value = _field(record, text_field, f"{path}[{i}]", i == 0, stats, strict)
+                    if value is not None:
+                        yield Document(value, f"{path}[{i}]")
+                return
+            f = _open_binary(path)  # not one JSON value: read it as JSON Lines
+        decode = _Decoder(stats)
+        first = True
+        for lineno, raw in enumerate(f, start=1):
+            line = decode(raw)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                stats.malformed(
+                    f"{path}:{lineno}", f"malformed JSON ({exc.msg} at column {exc.colno})", strict
+                )
+                continue
+            text = _field(record, text_field, f"{path}:{lineno}", first, stats, strict)
+            first = False
+            if text is not None:
+                yield Document(text, f"{path}:{lineno}")
+        decode.finish()
+        f.close()
+
+
+def _json_whole(f: IO[bytes], path: Path, stats: SourceStats) -> list | None:
+    """A whole ``.json`` file as a list of records (read at once: the stdlib cannot stream a JSON array);
+    None when the file holds several values, i.e. it is JSON Lines under a .json name."""
+    decode = _Decoder(stats)
+    text = decode(f.read(), final=True)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":
+            return None
+        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    decode.finish()
+    return value if isinstance(value, list) else [value]
+
+
+def _column_texts(table_batches, text_field: str, where: str, stats: SourceStats) -> Iterator[Document]:
+    row = 0
+    for batch in table_batches:
+        names = batch.schema.names
+        if text_field not in names:
+            raise DataError(
+                f"{where}: no column {text_field!r} (found: {', '.join(names)}); "
+                f"set data.text_field to the column that holds the text"
+            )
+        for value in batch.column(names.index(text_field)).to_pylist():
+            if isinstance(value, str):
+                yield Document(value, f"{where}[{row}]")
+            else:
+                stats.malformed(f"{where}[{row}]", f"column {text_field!r} is {type(value).__name__}", False)
+            row += 1
+
+
+def _read_parquet(path: Path, text_field: str, stats: SourceStats) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises its own ArrowInvalid for non-parquet bytes
+        raise DataError(f"{path}: not a readable parquet file ({exc})") from None
+    if text_field not in parquet.schema_arrow.names:
+        raise DataError(
+            f"{path}: no column {text_field!r} (found: {', '.join(parquet.schema_arrow.names)}); "
+            f"set data.text_field to the column that holds the text"
+        )
+    yield from _column_texts(
+        parquet.iter_batches(batch_size=1024, columns=[text_field]), text_field, str(path), stats
+    )
+
+
+def _arrow_files(folder: Path) -> list[Path]:
+    """The ``data-*.arrow`` files of a ``save_to_disk`` folder, in order (all splits of a DatasetDict)."""
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
+        return [f for split in splits for f in _arrow_files(folder / split)]
+    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    files = [folder / entry["filename"] for entry in state.get("_data_files", [])]
+    return files or sorted(folder.glob("data-*.arrow"))
+
+
+def _read_arrow_dataset(folder: Path, text_field: str, stats: SourceStats) -> Iterator[Document]:
+    import pyarrow as pa
+
+    for path in _arrow_files(folder):
+        stats.bytes += path.stat().st_size
+        with pa.memory_map(str(path), "r") as source:
+            try:
+                reader = pa.ipc.open_stream(source)
+            except pa.ArrowInvalid:
+                reader = pa.ipc.open_file(source)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            else:
+                batches = iter(reader)
+            yield from _column_texts(batches, text_field, str(path), stats)

@@ -1,0 +1,223 @@
+"""Tokenizers: train a byte-level BPE or a character-level vocabulary, or load an existing one.
+
+Both kinds are real Hugging Face ``tokenizers.Tokenizer`` objects saved as ``tokenizer.json``, so a model
+exported to Hugging Face ships the very tokenizer it was trained with. Both are lossless for any UTF-8 text:
+the BPE works on bytes, and the char tokenizer falls back to byte tokens (``<0x41>``) for characters it has
+not seen. Text that happens to spell a special token (``<|endoftext|>``) is encoded as ordinary text, so a
+document can never inject a separator into the token stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from lmforge.errors import DataError
+
+EOT = "<|endoftext|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = [EOT, PAD]
+# Names other tokenizers use for end-of-text and padding, tried in order when loading one.
+EOT_NAMES = [EOT, "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]", "<|im_end|>"]
+PAD_NAMES = [PAD, "<pad>", "[PAD]", "<|padding|>", "<unk>"]
+N_BYTES = 256
+
+
+class Tokenizer:
+    """A thin typed face over ``tokenizers.Tokenizer`` with the ids lmforge needs (end-of-text, pad)."""
+
+    def __init__(self, hf: HFTokenizer, *, eot_id: int | None = None, pad_id: int | None = None):
+        self.hf = hf
+        self.eot_id = eot_id if eot_id is not None else _find_id(hf, EOT_NAMES)
+        if self.eot_id is None:
+            raise DataError(
+                f"the tokenizer has no end-of-text token (looked for {', '.join(EOT_NAMES)}); "
+                f"add one as a special token"
+            )
+        found_pad = _find_id(hf, PAD_NAMES)
+        self.pad_id = pad_id if pad_id is not None else (found_pad if found_pad is not None else self.eot_id)
+        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        canonical = json.dumps(json.loads(hf.to_str()), sort_keys=True, ensure_ascii=False)
+        self.fingerprint = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+        # Documents are data: a literal "<|endoftext|>" in a text is encoded as text, not as the separator.
+        self.hf.encode_special_tokens = True
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token(self, token_id: int) -> str | None:
+        return self.hf.id_to_token(token_id)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``tokenizer.json`` (``path`` may be the file or a folder), atomically."""
+        path = Path(path)
+        if path.suffix != ".json":
+            path = path / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.hf.to_str(pretty=True), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, eot_id={self.eot_id}, fingerprint={self.fingerprint})"
+        )
+
+
+def _find_id(hf: HFTokenizer, names: list[str]) -> int | None:
+    for name in names:
+        token_id = hf.token_to_id(name)
+        if token_id is not None:
+            return token_id
+    return None
+
+
+def _special(content: str) -> AddedToken:
+    return AddedToken(content, special=True, normalized=False)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> Tokenizer:
+    """Train a GPT-2 style byte-level BPE: 256 byte symbols, merges up to ``vocab_size``, then specials."""
+    if vocab_size < N_BYTES + len(SPECIAL_TOKENS):
+        raise DataError(
+            f"data.vocab_size={vocab_size} is too small for a byte-level BPE "
+            f"(needs >= {N_BYTES + len(SPECIAL_TOKENS)}: 256 bytes + special tokens); use data.tokenizer=char "
+            f"for tiny vocabularies"
+        )
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[_special(t) for t in SPECIAL_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(hf)
+
+
+def train_char(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A character vocabulary: the most frequent characters, plus 256 byte tokens for everything else.
+
+    Ids: 0 end-of-text, 1 pad, 2..257 the bytes ``<0x00>``..``<0xFF>``, then characters by code point.
+    """
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(text)
+    room = vocab_size - len(SPECIAL_TOKENS) - N_BYTES
+    if room < 0:
+        raise DataError(
+            f"data.vocab_size={vocab_size} is too small for the char tokenizer "
+            f"(needs >= {len(SPECIAL_TOKENS) + N_BYTES}: 2 special tokens + 256 byte fallbacks)"
+        )
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:room]
+    return char_tokenizer(sorted(ch for ch, _ in ranked))
+
+
+def char_tokenizer(chars: Iterable[str]) -> Tokenizer:
+    """Build the char tokenizer for a given character set (no merges; unseen characters become bytes)."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for b in range(N_BYTES):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for ch in chars:
+        if ch not in vocab:
+            vocab[ch] = len(vocab)
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    hf.add_special_tokens([_special(t) for t in SPECIAL_TOKENS])
+    return Tokenizer(hf)
+
+
+def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """``kind`` is "bpe" or "char"."""
+    if kind == "bpe":
+        return train_bpe(texts, vocab_size)
+    if kind == "char":
+        return train_char(texts, vocab_size)
+    raise DataError(f"data.tokenizer={kind!r}: expected 'bpe', 'char' or a path to a tokenizer")
+
+
+def is_trained_kind(spec: str) -> bool:
+    return spec in ("bpe", "char")
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a ``tokenizer.json``, a folder holding one (an lmforge dataset or run, a Hugging Face tokenizer
+    folder), or a GPT-2 style folder with ``vocab.json`` + ``merges.txt``."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such tokenizer file or folder")
+    eot_id = pad_id = None
+    if path.is_dir():
+        eot_id, pad_id = _ids_from_hf_config(path)
+        if (path / "tokenizer.json").is_file():
+            path = path / "tokenizer.json"
+        elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            hf = _from_vocab_merges(path / "vocab.json", path / "merges.txt")
+            return Tokenizer(hf, eot_id=eot_id, pad_id=pad_id)
+        else:
+            found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+            raise DataError(
+                f"{path}: no tokenizer.json (or vocab.json + merges.txt) in this folder (found: {found})"
+            )
+    try:
+        hf = HFTokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+        raise DataError(f"{path}: not a readable tokenizer.json ({exc})") from None
+    return Tokenizer(hf, eot_id=eot_id, pad_id=pad_id)
+
+
+def _from_vocab_merges(vocab: Path, merges: Path) -> HFTokenizer:
+    hf = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    specials = [name for name in EOT_NAMES + PAD_NAMES if hf.token_to_id(name) is not None]
+    hf.add_special_tokens([_special(t) for t in specials])
+    return hf
+
+
+def _ids_from_hf_config(folder: Path) -> tuple[int | None, int | None]:
+    """The eos/pad ids named in a Hugging Face ``tokenizer_config.json``, when there is one."""
+    config_path = folder / "tokenizer_config.json"
+    tokenizer_path = folder / "tokenizer.json"
+    if not config_path.is_file() or not tokenizer_path.is_file():
+        return None, None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        hf = HFTokenizer.from_file(str(tokenizer_path))
+    except Exception:  # a malformed side file: fall back to the known names
+        return None, None
+
+    def token_id(key: str) -> int | None:
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        return hf.token_to_id(value) if isinstance(value, str) else None
+
+    return token_id("eos_token"), token_id("pad_token")
+
+
+def iter_sample(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    """The texts until ``max_chars`` characters have been yielded (the tokenizer's training sample)."""
+    seen = 0
+    for text in texts:
+        if seen >= max_chars:
+            return
+        yield text
+        seen += len(text)
