@@ -113,7 +113,7 @@ class DataConfig:
     near_dedup_threshold: float = 0.8
     scrub_pii: bool = False
     document_mask: bool = False  # pass document boundaries to attention (no attending across documents)
-    text_chunk_chars: int = 8192  # text files become documents of ~this size, cut at blank lines (0: whole file)
+    text_chunk_chars: int = 8192  # text files: documents of ~this size cut at blank lines (0: whole file)
     shard_tokens: int = 50_000_000  # tokens per shard file
     tokenizer_train_chars: int = 200_000_000  # characters of kept text a bpe/char tokenizer is trained on
 
@@ -135,7 +135,7 @@ class DataConfig:
             if weight <= 0:
                 out.append(f"data.mixture[{name!r}]={weight} must be > 0")
         if self.text_chunk_chars < 0:
-            out.append(f"data.text_chunk_chars={self.text_chunk_chars} must be >= 0 (0: one document per file)")
+            out.append(f"data.text_chunk_chars={self.text_chunk_chars} must be >= 0 (0: a document per file)")
         for name in ("shard_tokens", "tokenizer_train_chars"):
             if getattr(self, name) < 1:
                 out.append(f"data.{name}={getattr(self, name)} must be >= 1")
