@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,6 +184,10 @@ def load_hardware_file(path: str | Path, table: dict[str, Hardware] | None = Non
             raise ConfigError(
                 f"{path}: entry {name!r} must be a mapping of fields, got {type(fields).__name__}"
             )
+        names = [f.name for f in dataclasses.fields(Hardware)]
+        for key in fields:
+            if key not in names:
+                raise ConfigError(f"{path}: unknown field '{key}' for {name!r}{suggest(str(key), names)}")
         base = dataclasses.asdict(table[name]) if name in table else {}
         base.update(fields)
         base["name"] = str(name)
@@ -207,10 +212,10 @@ def hardware_from_device_name(
     """Match a CUDA device name (``NVIDIA H100 80GB HBM3``) to the table; memory is the device's own."""
     table = KNOWN_HARDWARE if table is None else table
     for key in sorted(table, key=len, reverse=True):  # a user's own entry named like the device wins
-        if key.lower() in name.lower() and table[key].kind == "cuda":
+        if _names_part(key, name) and table[key].kind == "cuda":
             return dataclasses.replace(table[key], memory_gib=memory_bytes / GIB)
     for hint, key in _DEVICE_NAME_HINTS:
-        if hint in name:
+        if _names_part(hint, name):
             base = table[key]
             if key == "A100-80GB" and memory_bytes < 60 * GIB:
                 base = table["A100-40GB"]
@@ -219,6 +224,11 @@ def hardware_from_device_name(
         f"this machine's GPU {name!r} is not in the hardware table; known: {known_names(table)}. "
         f"Describe it in a YAML file and pass --hardware-file (see README, 'lmforge plan')"
     )
+
+
+def _names_part(part: str, name: str) -> bool:
+    """``part`` occurs in ``name`` as a whole word ("A10" in "NVIDIA A10", not in "NVIDIA A100")."""
+    return re.search(rf"(?<![A-Za-z0-9]){re.escape(part)}(?![A-Za-z0-9])", name, re.IGNORECASE) is not None
 
 
 def cpu_hardware(cores: int, memory_bytes: int) -> Hardware:

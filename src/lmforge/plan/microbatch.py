@@ -47,7 +47,8 @@ def find_max_micro_batch(try_step: Callable[[int], None], start: int, limit: int
             if not is_out_of_memory(exc):
                 raise
             failed = True  # leave the except block first so the traceback's tensors can be freed
-        release_memory()
+        if failed:
+            release_memory()
         return not failed
 
     size = min(max(1, start), limit)
