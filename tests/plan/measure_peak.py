@@ -7,7 +7,7 @@ initialise kernels and thread pools), the kernel's high-water mark is reset (``5
 and the baseline RSS is read; the peak is ``VmHWM - baseline`` after the steps. This counts memory, not
 time, so a busy shared machine does not change it; one thread keeps per-thread buffers out of it.
 
-Usage: python measure_peak.py '{"model": {...}, "micro_batch": 4, "seq_len": 128, "checkpointing": false}'
+Usage: python measure_peak.py '{"model": {...}, "micro_batch": 4, "seq_len": 128, "checkpointing": false, "steps": 2}'
 """
 
 from __future__ import annotations

@@ -43,9 +43,10 @@ CONFIGS = {
 def measured() -> dict[str, int]:
     """Peak training memory of each configuration, each in its own fresh process.
 
-    How: tests/plan/measure_peak.py runs 2 AdamW steps (the second has the optimizer state and the activations) with glibc's mmap threshold pinned at 64 KiB (so
-    freed tensors leave the resident set), resets the kernel's RSS high-water mark after a warm-up and
-    reports VmHWM - VmRSS; that is memory, not time, so a loaded machine does not change it.
+    How: tests/plan/measure_peak.py runs 2 AdamW steps (the second holds the optimizer state and the
+    activations) with glibc's mmap threshold pinned at 64 KiB (so freed tensors leave the resident set),
+    resets the kernel's RSS high-water mark after a warm-up and reports VmHWM - VmRSS; that is memory, not
+    time, so a loaded machine does not change it.
     """
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the resident-set high-water mark")
@@ -134,7 +135,8 @@ def test_more_gpus_never_predict_more_memory_per_gpu_under_fsdp(preset, ac, offl
     for gpus in (1, 2, 4, 8, 16, 64, 512):
         for micro_batch, grad_accum in ((1, 1), (4, 2)):
             layout = Layout(
-                strategy="fsdp", world_size=gpus, micro_batch=micro_batch, grad_accum=grad_accum, seq_len=2048,
+                strategy="fsdp", world_size=gpus, micro_batch=micro_batch, grad_accum=grad_accum,
+                seq_len=2048,
                 activation_checkpointing=ac, cpu_offload=offload,
             )  # fmt: skip
             total = memory_breakdown(cfg, layout).total

@@ -1,4 +1,4 @@
-"""The planner: hardware table, candidate layouts, plan_training for the loop, micro-batch search, bad input."""
+"""The planner: hardware, candidate layouts, plan_training for the loop, micro-batch search, bad input."""
 
 from __future__ import annotations
 
@@ -267,7 +267,8 @@ def test_cli_plan_table_and_bad_input(capsys):
 
 def test_cli_probe_on_this_machine(capsys):
     code = main(["plan", "--model", "tiny", "--gpu", "auto", "--gpus", "1", "--seq", "64",
-                 "--global-batch-tokens", "512", "--precision", "fp32", "--probe", "--probe-steps", "2", "--json"])  # fmt: skip
+                 "--global-batch-tokens", "512", "--precision", "fp32", "--probe", "--probe-steps", "2",
+                 "--json"])  # fmt: skip
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     probe = out["probe"]

@@ -495,8 +495,8 @@ class Plan:
         return (
             f"{self.strategy} x {self.world_size}, micro-batch {self.micro_batch} x {self.grad_accum} "
             f"accumulation ({self.tokens_per_step:,} tokens/step), {self.precision}, {', '.join(switches)}; "
-            f"predicted peak {self.predicted_peak_bytes / GIB:.2f} GiB, step {self.predicted_step_seconds:.3g} s"
-            + (f" ({self.reason})" if self.reason else "")
+            f"predicted peak {self.predicted_peak_bytes / GIB:.2f} GiB, "
+            f"step {self.predicted_step_seconds:.3g} s" + (f" ({self.reason})" if self.reason else "")
         )
 
 
@@ -589,6 +589,7 @@ def plan_training(
     raise ConfigError(
         f"the model does not fit: {name} at micro-batch 1 and train.seq_len={seq} needs "
         f"{memory.total / GIB:.2f} GiB per device, the device has {capacity / GIB:.2f} GiB "
-        f"(over by {over / GIB:.2f} GiB); use more devices, parallel.strategy=fsdp with parallel.cpu_offload, "
+        f"(over by {over / GIB:.2f} GiB); use more devices, parallel.strategy=fsdp with "
+        f"parallel.cpu_offload, "
         f"or a shorter train.seq_len"
     )

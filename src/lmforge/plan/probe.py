@@ -221,7 +221,8 @@ def probe_report(
         need = predicted_memory(report.model, dataclasses.replace(layout, micro_batch=1), local).total
         raise ConfigError(
             f"cannot probe on this machine ({local.name}, {local.memory_gib:.1f} GiB): micro-batch 1 of "
-            f"{report.model.preset or 'this model'} at seq {planned.seq_len} needs {need / GIB:.1f} GiB on one "
+            f"{report.model.preset or 'this model'} at seq {planned.seq_len} needs {need / GIB:.1f} GiB "
+            f"on one "
             f"device; probe a smaller model or run on the planned hardware"
         )
     result = run_probe(

@@ -40,15 +40,16 @@ def render_report(report: Report) -> str:
         "",
         "memory per GPU (GiB) at the largest micro-batch that fits (micro-batch 1 where none does):",
     ]
-    header = ("layout", "mb", "accum", "weights", "grads", "optim", "activ", "temp", "overhead", "total", "fits",
-              "tokens/s/GPU", "MFU")  # fmt: skip
+    header = ("layout", "mb", "accum", "weights", "grads", "optim", "activ", "temp", "overhead", "total",
+              "fits", "tokens/s/GPU", "MFU")  # fmt: skip
     rows = [header]
     for c in report.candidates:
         m = c.memory
         fits = "yes" if c.fits else f"no (+{_gib(c.over_bytes)})" if c.over_bytes else "no (host memory)"
         rows.append((
             c.name, str(c.layout.micro_batch), str(c.layout.grad_accum), _gib(m.weights), _gib(m.gradients),
-            _gib(m.optimizer), _gib(m.activations), _gib(m.temporary), _gib(m.overhead), _gib(c.predicted_bytes),
+            _gib(m.optimizer), _gib(m.activations), _gib(m.temporary), _gib(m.overhead),
+            _gib(c.predicted_bytes),
             fits, f"{c.timing.tokens_per_s_per_gpu:,.0f}" if c.timing else "-",
             f"{100 * c.timing.mfu:.1f}%" if c.timing else "-",
         ))  # fmt: skip
@@ -74,7 +75,8 @@ def render_report(report: Report) -> str:
             f"{t.optimizer_s:.3g}",
             f"speed     {t.tokens_per_s:,.0f} tokens/s ({t.tokens_per_s_per_gpu:,.0f} per GPU), "
             f"MFU {100 * t.mfu:.1f}%",
-            f"run       {_tokens(report.total_tokens)} tokens = {report.steps:,} steps: {_duration(report.wall_seconds)}, "
+            f"run       {_tokens(report.total_tokens)} tokens = {report.steps:,} steps: "
+            f"{_duration(report.wall_seconds)}, "
             f"{report.gpu_hours:,.0f} GPU-hours"
             + (
                 f", cost {report.cost:,.0f} at {cluster.price_per_gpu_hour:g}/GPU-hour"
@@ -83,7 +85,8 @@ def render_report(report: Report) -> str:
             ),
         ]
     lines.append(
-        f"compute-optimal tokens for {_tokens(report.parameters)} parameters: {_tokens(report.chinchilla_tokens)} "
+        f"compute-optimal tokens for {_tokens(report.parameters)} parameters: "
+        f"{_tokens(report.chinchilla_tokens)} "
         f"(~20 per parameter, Hoffmann et al. 2022)"
     )
     lines += [f"note      {n}" for n in report.notes]
@@ -93,9 +96,11 @@ def render_report(report: Report) -> str:
 def render_probe(probe) -> str:
     """Measured against predicted, for ``lmforge plan --probe``."""
     return "\n".join([
-        f"probe     {probe.steps} steps of micro-batch {probe.micro_batch} x seq {probe.seq_len} on {probe.device} "
+        f"probe     {probe.steps} steps of micro-batch {probe.micro_batch} x seq {probe.seq_len} "
+        f"on {probe.device} "
         f"(memory: {probe.memory_method})",
-        f"memory    measured {probe.measured_peak_bytes / GIB:.3f} GiB, predicted {probe.predicted_peak_bytes / GIB:.3f} "
+        f"memory    measured {probe.measured_peak_bytes / GIB:.3f} GiB, "
+        f"predicted {probe.predicted_peak_bytes / GIB:.3f} "
         f"GiB: x{probe.memory_scale:.2f}",
         f"step      measured {probe.measured_step_s:.4g} s, predicted {probe.predicted_step_s:.4g} s: "
         f"x{probe.time_scale:.2f}",
