@@ -31,6 +31,11 @@ def needs_shared() -> Path:
 
 
 @pytest.fixture(scope="session")
+def synthetic() -> list[str]:
+    return list(SYNTHETIC)
+
+
+@pytest.fixture(scope="session")
 def shared() -> Path:
     return needs_shared()
 

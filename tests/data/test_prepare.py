@@ -72,14 +72,20 @@ def test_nothing_lost_and_splits_disjoint(tmp_path, corpus, bpe_path, kind):
     assert is_prepared(out)
 
 
-def test_trained_bpe_two_workers_same_shards_and_rerun_is_a_noop(tmp_path, corpus):
-    one = DataConfig(tokenizer="bpe", vocab_size=600, val_fraction=0.1, workers=1, shard_tokens=20_000)
-    two = DataConfig(tokenizer="bpe", vocab_size=600, val_fraction=0.1, workers=2, shard_tokens=20_000)
+def test_trained_bpe_two_workers_and_tiktoken_give_the_same_shards_and_rerun_is_a_noop(tmp_path, corpus):
+    base = dict(tokenizer="bpe", vocab_size=600, val_fraction=0.1, shard_tokens=20_000)
+    one = DataConfig(**base, workers=1)
     meta1 = prepare_data(one, [str(corpus)], tmp_path / "a", progress=False)
-    meta2 = prepare_data(two, [str(corpus)], tmp_path / "b", progress=False)
-    assert meta1 == meta2
+    meta2 = prepare_data(DataConfig(**base, workers=2), [str(corpus)], tmp_path / "b", progress=False)
+    meta3 = prepare_data(
+        DataConfig(**base, encoder="tokenizers"), [str(corpus)], tmp_path / "c", progress=False
+    )
+    assert meta1 == meta2 and meta1["encoder"] == "tiktoken" and meta3["encoder"] == "tokenizers"
+    assert meta1 == {**meta3, "encoder": "tiktoken"}
     for shard in meta1["splits"]["train"]["shards"] + meta1["splits"]["val"]["shards"]:
-        assert (tmp_path / "a" / shard["file"]).read_bytes() == (tmp_path / "b" / shard["file"]).read_bytes()
+        expected = (tmp_path / "c" / shard["file"]).read_bytes()
+        assert (tmp_path / "a" / shard["file"]).read_bytes() == expected
+        assert (tmp_path / "b" / shard["file"]).read_bytes() == expected
     stamp = (tmp_path / "a" / "meta.json").stat().st_mtime_ns
     assert prepare_data(one, [str(corpus)], tmp_path / "a", progress=False) == meta1
     assert (tmp_path / "a" / "meta.json").stat().st_mtime_ns == stamp

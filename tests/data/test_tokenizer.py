@@ -92,3 +92,15 @@ def test_bad_tokenizer_inputs(tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(DataError, match="too small"):
         train_bpe(["abc"], 100)
+
+
+def test_tiktoken_expresses_a_byte_level_bpe_exactly(bpe_path, shared, synthetic):
+    tok = load_tokenizer(bpe_path)
+    texts = (
+        synthetic + zh_texts(shared, 300) + [(shared / "en" / "pg132_art_of_war.txt").read_text()[:50_000]]
+    )
+    encoding = tok.tiktoken_encoder(texts[:5])
+    assert encoding is not None
+    for text in texts:
+        assert encoding.encode_ordinary(text) == tok.encode(text)
+    assert char_tokenizer("abc").tiktoken_encoder(["abc"]) is None  # byte fallback: not expressible

@@ -18,6 +18,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,11 +27,20 @@ import numpy as np
 from lmforge.config import DataConfig
 from lmforge.data.clean import STAGES, Cleaner
 from lmforge.data.sources import SourceStats, expand_sources, read_documents
-from lmforge.data.tokenizer import Tokenizer, is_trained_kind, iter_sample, load_tokenizer, train_tokenizer
+from lmforge.data.tokenizer import (
+    Tokenizer,
+    is_trained_kind,
+    iter_sample,
+    load_tokenizer,
+    tiktoken_encoding,
+    train_tokenizer,
+)
 from lmforge.errors import DataError
 
 FORMAT = "lmforge-shards-v1"
 CHUNK_DOCS = 256  # documents per task sent to a worker
+CHECK_EVERY = 100  # with tiktoken: check one document in this many against tokenizers
+TIKTOKEN_SAMPLE_CHARS = 200_000  # kept text on which tiktoken must match tokenizers before it is used
 # Settings that change the shards; the rest (workers, ...) only change how fast they are written.
 RECIPE_FIELDS = (
     "tokenizer", "vocab_size", "text_field", "val_fraction", "seed", "min_chars", "max_chars",
@@ -110,7 +120,8 @@ def prepare_data(
         tokenizer.save(out / "tokenizer.json")
     tokenizer = load_tokenizer(out / "tokenizer.json")
 
-    splits = _tokenize(cfg, out, tokenizer, staged, progress=progress)
+    use_tiktoken = choose_encoder(cfg, tokenizer, out)
+    splits = _tokenize(cfg, out, tokenizer, staged, use_tiktoken, progress=progress)
     meta = {
         "format": FORMAT,
         "tokenizer_fingerprint": tokenizer.fingerprint,
@@ -119,6 +130,7 @@ def prepare_data(
         "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.eot_id,
         "pad_id": tokenizer.pad_id,
+        "encoder": "tiktoken" if use_tiktoken else "tokenizers",
         "documents": sum(s["docs"] for s in splits.values()),
         "tokens": sum(s["tokens"] for s in splits.values()),
         "splits": splits,
@@ -232,19 +244,57 @@ def _kept(out: Path) -> Iterator[tuple[str, str]]:
 
 # -- stage 3: tokenize into shards -------------------------------------------------------------------------
 
-_worker_tokenizer: Tokenizer | None = None
+
+class DocumentEncoder:
+    """Documents -> id arrays ending in end-of-text, through ``tokenizers`` or, where it gives exactly the
+    same ids, ``tiktoken``. One document at a time, single-threaded: the parallelism is the processes.
+    Every ``CHECK_EVERY``-th document encoded by tiktoken is checked against ``tokenizers`` as well."""
+
+    def __init__(self, tokenizer_path: str, use_tiktoken: bool):
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.fast = tiktoken_encoding(self.tokenizer, []) if use_tiktoken else None
+        self.count = 0
+
+    def __call__(self, texts: list[str]) -> list[np.ndarray]:
+        out = []
+        for text in texts:
+            if self.fast is None:
+                ids = self.tokenizer.encode(text)
+            else:
+                ids = self.fast.encode_ordinary(text)
+                if self.count % CHECK_EVERY == 0 and ids != self.tokenizer.encode(text):
+                    raise DataError(
+                        f"tiktoken and tokenizers disagree on a document starting {text[:60]!r}; "
+                        f"set data.encoder=tokenizers"
+                    )
+            self.count += 1
+            row = np.empty(len(ids) + 1, dtype=np.uint32)
+            row[:-1] = ids
+            row[-1] = self.tokenizer.eot_id
+            out.append(row)
+        return out
 
 
-def _init_worker(tokenizer_path: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = load_tokenizer(tokenizer_path)
+_worker_encoder: DocumentEncoder | None = None
 
 
-def _encode_chunk(chunk: tuple[list[str], list[str]]) -> tuple[list[str], list[list[int]]]:
-    """Encode one chunk, one document at a time (single-threaded: the parallelism is the processes)."""
-    assert _worker_tokenizer is not None
+def _init_worker(tokenizer_path: str, use_tiktoken: bool) -> None:
+    global _worker_encoder
+    _worker_encoder = DocumentEncoder(tokenizer_path, use_tiktoken)
+
+
+def _encode_chunk(chunk: tuple[list[str], list[str]]) -> tuple[list[str], list[np.ndarray]]:
+    assert _worker_encoder is not None
     splits, texts = chunk
-    return splits, [_worker_tokenizer.encode(text) for text in texts]
+    return splits, _worker_encoder(texts)
+
+
+def choose_encoder(cfg: DataConfig, tokenizer: Tokenizer, out: Path) -> bool:
+    """True when tiktoken encodes exactly like the tokenizer on a sample of the kept documents."""
+    if cfg.encoder != "auto":
+        return False
+    sample = list(iter_sample((text for _, text in _kept(out)), TIKTOKEN_SAMPLE_CHARS))
+    return tokenizer.tiktoken_encoder(sample) is not None
 
 
 class ShardWriter:
@@ -294,7 +344,9 @@ def _resume_state(out: Path) -> dict[str, list[dict]]:
     return done
 
 
-def _tokenize(cfg: DataConfig, out: Path, tokenizer: Tokenizer, staged: dict, *, progress: bool) -> dict:
+def _tokenize(
+    cfg: DataConfig, out: Path, tokenizer: Tokenizer, staged: dict, use_tiktoken: bool, *, progress: bool
+) -> dict:
     from tqdm import tqdm
 
     done = _resume_state(out)
@@ -302,7 +354,6 @@ def _tokenize(cfg: DataConfig, out: Path, tokenizer: Tokenizer, staged: dict, *,
     writers = {s: ShardWriter(out, s, dtype, cfg.shard_tokens, done[s]) for s in ("train", "val")}
     skip = {s: sum(shard["docs"] for shard in done[s]) for s in done}
     total = staged["counts"]["train"] + staged["counts"]["val"]
-    eot = np.array([tokenizer.eot_id], dtype=np.int64)
 
     def pending() -> Iterator[tuple[str, str]]:
         seen = {"train": 0, "val": 0}
@@ -326,21 +377,21 @@ def _tokenize(cfg: DataConfig, out: Path, tokenizer: Tokenizer, staged: dict, *,
 
     work = chunks()
     pool = None
+    init = (str(out / "tokenizer.json"), use_tiktoken)
     if cfg.workers > 1:
         # spawn: a fresh interpreter per worker, never a fork of a process whose tokenizer threads are running
-        pool = multiprocessing.get_context("spawn").Pool(
-            cfg.workers, initializer=_init_worker, initargs=(str(out / "tokenizer.json"),)
-        )
-        encoded = pool.imap(_encode_chunk, work)
+        pool = multiprocessing.get_context("spawn").Pool(cfg.workers, initializer=_init_worker, initargs=init)
+        encoded = _bounded_map(pool, work, in_flight=4 * cfg.workers)
     else:
-        encoded = ((splits, [tokenizer.encode(t) for t in texts]) for splits, texts in work)
+        encoder = DocumentEncoder(*init)
+        encoded = ((splits, encoder(texts)) for splits, texts in work)
     try:
         with tqdm(
             total=total, initial=sum(skip.values()), desc="tokenize", unit="doc", disable=not progress
         ) as bar:
             for splits, ids_list in encoded:
                 for split, ids in zip(splits, ids_list):
-                    if writers[split].add(np.concatenate([np.asarray(ids, dtype=np.int64), eot])):
+                    if writers[split].add(ids):
                         write_json(out / "progress.json", done)
                 bar.update(len(splits))
         for writer in writers.values():
@@ -357,3 +408,15 @@ def _tokenize(cfg: DataConfig, out: Path, tokenizer: Tokenizer, staged: dict, *,
         }
         for split, shards in done.items()
     }
+
+
+def _bounded_map(pool, chunks: Iterator, *, in_flight: int) -> Iterator:
+    """``pool.imap`` in order, with at most ``in_flight`` chunks queued (imap would read the whole corpus
+    into its queue when the workers are slower than the reader)."""
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+        if len(pending) >= in_flight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
