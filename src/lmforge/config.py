@@ -116,6 +116,7 @@ class DataConfig:
     text_chunk_chars: int = 8192  # text files: documents of ~this size cut at blank lines (0: whole file)
     shard_tokens: int = 50_000_000  # tokens per shard file
     tokenizer_train_chars: int = 200_000_000  # characters of kept text a bpe/char tokenizer is trained on
+    encoder: Literal["auto", "tokenizers"] = "auto"  # auto: tiktoken where it gives the very same ids
 
     def problems(self) -> list[str]:
         out = []
