@@ -45,8 +45,8 @@ def train_steps(model, optimizer, world: World, start: int, stop: int) -> list[f
         inputs = inputs.chunk(world.world_size)[world.rank]  # (b, T)
         targets = targets.chunk(world.world_size)[world.rank]  # (b, T)
         logits = model(inputs)  # (b, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        loss.backward()
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # the mean over this rank's slice
+        (loss / world.world_size).backward()  # this rank's share of the global mean; ranks' gradients add up
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -94,6 +94,7 @@ def save_sharded(
     train_state: dict[str, Any] | None = None,
     rank_state: dict[str, Any] | None = None,
     tokenizer_file: str | Path | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write a sharded checkpoint; every rank calls this (it is collective). The folder is assembled under
     ``<name>.tmp-sharded`` and renamed by rank 0 once every rank has written, so an interrupted save never
@@ -113,6 +114,8 @@ def save_sharded(
         save_config(config, tmp / CONFIG)
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     _barrier(world)
     if world.is_main:
         manifest = {"format": FORMAT, "world_size": world.world_size, "files": _fsync_tree(tmp)}

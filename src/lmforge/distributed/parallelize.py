@@ -129,7 +129,13 @@ def apply_fsdp(model: nn.Module, world: World, *, precision: str, cpu_offload: b
     are gathered and computed in bf16 while gradients are reduced in fp32; the sharded master weights and
     the optimizer state stay fp32."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        FSDPModule,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
 
     mesh = init_device_mesh(world.device.type, (world.world_size,), mesh_dim_names=("dp",))
     mp_policy = MixedPrecisionPolicy()
@@ -139,6 +145,16 @@ def apply_fsdp(model: nn.Module, world: World, *, precision: str, cpu_offload: b
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # sum, not average: see parallelize
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
+
+
+def sum_gradients(process_group, bucket):  # returns a Future of the reduced bucket
+    """DDP communication hook: all-reduce a gradient bucket as a sum (DDP's default averages)."""
+    work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
+    return work.get_future().then(lambda future: future.value()[0])
 
 
 def parallelize(
@@ -154,7 +170,11 @@ def parallelize(
     """Activation checkpointing, then ``torch.compile`` per block, then data parallelism (DDP or FSDP2),
     in that order. ``strategy`` is the resolved one (see ``resolve_strategy``); by default it is resolved
     here from the model's size and the device's memory. Returns the module to train: the same object for a
-    single process and for FSDP (whose parameters become sharded DTensors), a DDP wrapper for DDP."""
+    single process and for FSDP (whose parameters become sharded DTensors), a DDP wrapper for DDP.
+
+    Gradients are SUMMED over processes, not averaged: each rank backpropagates its share of the global
+    loss (its summed token losses divided by the token count over all ranks), which stays exact when ranks
+    hold different numbers of unmasked targets."""
     if activation_checkpointing:
         apply_activation_checkpointing(model.layers)
     if compile:
@@ -173,7 +193,9 @@ def parallelize(
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [world.device] if world.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        wrapped = DistributedDataParallel(model, device_ids=device_ids)
+        wrapped.register_comm_hook(None, sum_gradients)
+        return wrapped
     if strategy == "fsdp":
         apply_fsdp(model, world, precision=precision, cpu_offload=parallel.cpu_offload)
         return model
@@ -185,3 +207,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether the parameters are FSDP shards: then only a forward on every rank at once (``model(x)``) can
+    run, and single-rank inference paths (sampling, ``hidden_states``) must wait for a consolidated copy."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())

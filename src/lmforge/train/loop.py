@@ -28,7 +28,8 @@ from torch import nn
 
 from lmforge import checkpoint as ckpt
 from lmforge.config import Config, save_config
-from lmforge.distributed.parallelize import World, close_world, init_world, parallelize, unwrap
+from lmforge.distributed import dcp
+from lmforge.distributed.parallelize import World, close_world, init_world, is_sharded, parallelize, unwrap
 from lmforge.errors import CheckpointError, ConfigError, TrainingError
 from lmforge.model.info import model_flops_per_token
 from lmforge.model.transformer import build_model
@@ -115,6 +116,8 @@ def forward_backward(
             loss = lm_loss(logits, y, n_targets)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
+    if world.distributed:
+        dist.all_reduce(loss_sum)  # each rank holds its share of the step's loss
     return loss_sum
 
 
@@ -190,24 +193,37 @@ def save_run_checkpoint(
     train_state = {
         **state,
         "step": step,
-        "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng_state(),
     }
-    if world.is_main:
-        try:
+    try:
+        if world.distributed:  # every rank writes its shard (distributed/dcp.py); loader and RNG are per rank
+            rank_state = {"loader": train_state.pop("loader"), "rng": train_state.pop("rng")}
+            dcp.save_sharded(
+                directory,
+                model=model,
+                optimizer=optimizer,
+                config=cfg,
+                world=world,
+                train_state=train_state,
+                rank_state=rank_state,
+                tokenizer_file=tokenizer_path,
+                extra_files=extra_files,
+            )
+        else:
             ckpt.save_checkpoint(
                 directory,
                 model_state=model.state_dict(),
                 config=cfg,
-                train_state=train_state,
+                train_state={**train_state, "optimizer": optimizer.state_dict()},
                 tokenizer_file=tokenizer_path,
                 extra_files=extra_files,
             )
-        except OSError as exc:
-            previous = ckpt.latest_valid_checkpoint(run_dir)
-            kept = f"; the previous checkpoint {previous.path} is intact" if previous else ""
-            raise CheckpointError(f"could not write checkpoint {directory}: {exc}{kept}") from None
+    except OSError as exc:
+        previous = ckpt.latest_valid_checkpoint(run_dir)
+        kept = f"; the previous checkpoint {previous.path} is intact" if previous else ""
+        raise CheckpointError(f"could not write checkpoint {directory}: {exc}{kept}") from None
+    if world.is_main:
         ckpt.prune_checkpoints(run_dir, cfg.train.keep_last)
     return directory
 
@@ -219,8 +235,11 @@ def load_run_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     scaler: torch.amp.GradScaler | None,
     cfg: Config,
+    world: World | None = None,
 ) -> dict[str, Any]:
-    """Load weights (and optimizer/scaler state when given) from a checkpoint; return its loop state."""
+    """Load weights (and optimizer/scaler state when given) from a checkpoint; return its loop state.
+    A sharded checkpoint (several writers) or a wrapped model (several readers) goes through
+    ``distributed/dcp.py``, which reshards between world sizes."""
     saved = ckpt.load_config_from(directory)
     if saved.model != cfg.model:
         diff = [
@@ -230,7 +249,23 @@ def load_run_checkpoint(
         ]
         if diff:
             raise CheckpointError(f"{directory} holds a different model:\n  " + "\n  ".join(diff))
+    if dcp.is_sharded(directory):
+        restored = dcp.load_sharded(directory, model=model, optimizer=optimizer, world=world)
+        # After a change of world size each rank takes rank 0's loader position and RNG (see dcp.Restored).
+        own = restored.rank_state(world) if world is not None else None
+        state = {**restored.train_state, **(own or restored.rank_states[0])}
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        return state
     weights = ckpt.load_model_state(directory, saved)
+    if world is not None and world.distributed:  # one writer, several readers: each keeps its part
+        state = ckpt.load_train_state(directory)
+        if state is None:
+            raise CheckpointError(f"{directory} has no {ckpt.TRAIN_STATE}: it holds weights only and cannot resume a run")
+        dcp.load_full_into(model, optimizer, model_state=weights, optimizer_state=state["optimizer"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        return state
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.model.tie_embeddings)]
     if missing or unexpected:
@@ -364,7 +399,9 @@ def train(
         val_loss: float | None = None
         resumed_rng = None
         if found is not None:
-            state = load_run_checkpoint(found.path, model=model, optimizer=optimizer, scaler=scaler, cfg=cfg)
+            state = load_run_checkpoint(
+                found.path, model=model, optimizer=optimizer, scaler=scaler, cfg=cfg, world=world
+            )
             step, tokens_seen, wall_before = state["step"], state["tokens"], state["wall_seconds"]
             data.loader.load_state_dict(state["loader"])
             bad.load_state_dict(state["bad_steps"])
@@ -468,7 +505,7 @@ def train(
                     position = data.loader.state_dict()  # keep the stream past the bad window
                     total_bad = bad.total
                     state = load_run_checkpoint(
-                        previous.path, model=model, optimizer=optimizer, scaler=scaler, cfg=cfg
+                        previous.path, model=model, optimizer=optimizer, scaler=scaler, cfg=cfg, world=world
                     )
                     step, tokens_seen = state["step"], state["tokens"]
                     spikes.load_state_dict(state["spikes"])
@@ -524,10 +561,10 @@ def train(
                         unwrap(model), data.tokenizer, cfg.eval.tasks, device=device, limit=cfg.eval.limit
                     )
                     log.log(step, {**scores, "tokens": tokens_seen})
-                if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps and world.is_main:
+                if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps and world.is_main and not is_sharded(model):
                     log.info(
                         f"sample at step {step}:\n"
-                        + "\n---\n".join(sample_texts(model, data.tokenizer, cfg, device, step))
+                        + "\n---\n".join(sample_texts(unwrap(model), data.tokenizer, cfg, device, step))
                     )
                 if step % tc.ckpt_every == 0 and step < tc.steps:
                     last_checkpoint = save(step)
@@ -537,8 +574,8 @@ def train(
             summary = run_summary(
                 cfg, data, n_params, step, tokens_seen, last_loss, val_loss, bad.total, device, wall
             )
-            if stopped_by is None and world.is_main and data.tokenizer is not None:
-                samples = sample_texts(model, data.tokenizer, cfg, device, step)
+            if stopped_by is None and world.is_main and data.tokenizer is not None and not is_sharded(model):
+                samples = sample_texts(unwrap(model), data.tokenizer, cfg, device, step)
                 write_text(
                     run_dir / "samples.txt", "\n\n".join(f"--- step {step} ---\n{s}" for s in samples) + "\n"
                 )

@@ -1,0 +1,96 @@
+"""The training loop (``lmforge.train.loop.train``) on a rank-aware in-memory loader; runs as one process
+or under torchrun. Each argument is one run ``OUT_DIR:STEPS:STRATEGY[:resume]``; rank 0 appends each run's
+result to ``OUT_DIR/result.json``. ``--sleep S`` slows every batch (the fault test needs time to strike).
+
+The loader draws global batch ``n`` as a pure function of ``n`` and gives each rank its slice, and its
+state (batches drawn) does not depend on the world size, so runs on 1 and 2 processes see the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+GLOBAL_BATCH = 8
+SEQ_LEN = 16
+VOCAB = 64
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # (b, T)
+    targets: torch.Tensor  # (b, T)
+    doc_ids: torch.Tensor | None = None
+
+
+class SlicedLoader:
+    def __init__(self, *, rank: int, world_size: int, seed: int, sleep_s: float = 0.0):
+        period = torch.randint(0, VOCAB, (97,), generator=torch.Generator().manual_seed(0))
+        self.tokens = period.repeat(60)  # a learnable stream
+        self.rank, self.world_size, self.seed, self.sleep_s = rank, world_size, seed, sleep_s
+        self.vocab_size, self.tokenizer_path, self.batches = VOCAB, None, 0
+
+    def batch(self, index: int) -> Batch:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        starts = torch.randint(0, len(self.tokens) - SEQ_LEN - 1, (GLOBAL_BATCH,), generator=generator)
+        rows = torch.stack([self.tokens[s : s + SEQ_LEN + 1] for s in starts.tolist()])  # (B, T+1)
+        rows = rows.chunk(self.world_size)[self.rank]  # (b, T+1)
+        return Batch(rows[:, :-1].clone(), rows[:, 1:].clone())
+
+    def next_batch(self) -> Batch:
+        time.sleep(self.sleep_s)
+        self.batches += 1
+        return self.batch(self.batches - 1)
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches = int(state["batches"])
+
+
+def config(out_dir: str, steps: int, strategy: str, world_size: int):
+    from lmforge.config import load_config
+
+    return load_config(None, [
+        f"model.vocab_size={VOCAB}", "model.n_layers=2", "model.d_model=32", "model.n_heads=2",
+        "model.max_seq_len=32", f"train.out_dir={out_dir}", f"train.steps={steps}", f"train.seq_len={SEQ_LEN}",
+        f"train.micro_batch={GLOBAL_BATCH // world_size}", "train.log_every=1", "train.eval_every=1000",
+        "train.ckpt_every=5", "train.keep_last=10", "train.schedule=constant", "train.warmup_steps=0",
+        "train.lr=1e-2", "train.device=cpu", f"parallel.strategy={strategy}", "parallel.timeout_s=60",
+    ])  # fmt: skip
+
+
+def main(argv: list[str]) -> None:
+    from lmforge.train.loop import train
+
+    sleep_s = 0.0
+    if argv[:1] == ["--sleep"]:
+        sleep_s, argv = float(argv[1]), argv[2:]
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    for spec in argv:
+        out_dir, steps, strategy, *resume = spec.split(":")
+        loader = SlicedLoader(rank=rank, world_size=world_size, seed=0, sleep_s=sleep_s)
+        val = SlicedLoader(rank=0, world_size=1, seed=99)
+        result = train(
+            config(out_dir, int(steps), strategy, world_size),
+            resume=resume[0] if resume else None,
+            loader=loader,
+            val_batches=lambda val=val: [val.batch(i) for i in range(2)],
+            progress=False,
+        )
+        if rank == 0:
+            losses = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+            curve = {r["step"]: r["loss"] for r in losses if "loss" in r}
+            record = {"final_loss": result.final_loss, "step": result.step, "curve": curve}
+            (Path(out_dir) / "result.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
