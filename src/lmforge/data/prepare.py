@@ -2,7 +2,7 @@
 
 1. ``stage``: read and clean the sources, assign each kept document to train or val (by a hash of its text
    and the seed, so a document and its exact copies always land in the same split), and write them to
-   ``kept.jsonl`` plus the cleaning ``report.json``.
+   ``kept.bin`` (records of split, length, UTF-8 text) plus the cleaning ``report.json``.
 2. ``tokenizer``: train a BPE or char tokenizer on the kept text, or load the configured one.
 3. ``tokenize``: encode the kept documents in worker processes (in order) and append them, each followed by
    end-of-text, to ``{split}_{index:05d}.bin`` shards of ``uint16`` (``uint32`` for vocabularies > 65536).
@@ -18,6 +18,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import struct
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,8 +40,9 @@ from lmforge.errors import DataError
 
 FORMAT = "lmforge-shards-v1"
 CHUNK_DOCS = 256  # documents per task sent to a worker
+KEPT_HEADER = struct.Struct("<?Q")  # a kept.bin record: is it a validation document, UTF-8 length
 CHECK_EVERY = 100  # with tiktoken: check one document in this many against tokenizers
-TIKTOKEN_SAMPLE_CHARS = 200_000  # kept text on which tiktoken must match tokenizers before it is used
+TIKTOKEN_SAMPLE_CHARS = 100_000  # kept text on which tiktoken must match tokenizers before it is used
 # Settings that change the shards; the rest (workers, ...) only change how fast they are written.
 RECIPE_FIELDS = (
     "tokenizer", "vocab_size", "text_field", "val_fraction", "seed", "min_chars", "max_chars",
@@ -140,7 +142,7 @@ def prepare_data(
         "recipe": recipe,
     }
     write_json(out / "meta.json", meta)
-    for name in ("kept.jsonl", "progress.json", "staged.json", "recipe.json"):
+    for name in ("kept.bin", "progress.json", "staged.json", "recipe.json"):
         (out / name).unlink(missing_ok=True)
     return meta
 
@@ -184,12 +186,12 @@ def _stage(cfg: DataConfig, sources: list[str], out: Path, *, progress: bool, st
     cleaner = Cleaner(cfg)
     counts = {"train": 0, "val": 0}
     lowest = (2.0, -1)  # the lowest split score and its document index: val's member of last resort
-    tmp = out / "kept.jsonl.tmp"
+    tmp = out / "kept.bin.tmp"
     docs = read_documents(
         paths, text_field=cfg.text_field, chunk_chars=cfg.text_chunk_chars, stats=stats, strict=strict
     )
     with (
-        open(tmp, "w", encoding="utf-8") as f,
+        open(tmp, "wb") as f,
         tqdm(desc="clean", unit="doc", disable=not progress, mininterval=1.0) as bar,
     ):
         for doc in docs:
@@ -203,7 +205,8 @@ def _stage(cfg: DataConfig, sources: list[str], out: Path, *, progress: bool, st
             index = counts["train"] + counts["val"]
             lowest = min(lowest, (score, index))
             counts[split] += 1
-            f.write(json.dumps([split, text], ensure_ascii=False) + "\n")
+            data = text.encode("utf-8")
+            f.write(KEPT_HEADER.pack(split == "val", len(data)) + data)
     report = {"sources": stats.as_dict(), **cleaner.report.as_dict()}
     write_json(out / "report.json", report)
     kept_docs = counts["train"] + counts["val"]
@@ -212,7 +215,7 @@ def _stage(cfg: DataConfig, sources: list[str], out: Path, *, progress: bool, st
         raise DataError(_empty_message(report, sources))
     # A tiny corpus can draw no validation document at all; then the lowest-scoring one goes there.
     forced_val = lowest[1] if cfg.val_fraction > 0 and counts["val"] == 0 and kept_docs >= 2 else None
-    os.replace(tmp, out / "kept.jsonl")
+    os.replace(tmp, out / "kept.bin")
     write_json(out / "staged.json", {"counts": counts, "forced_val": forced_val})
 
 
@@ -236,10 +239,11 @@ def _empty_message(report: dict, sources: list[str]) -> str:
 
 
 def _kept(out: Path) -> Iterator[tuple[str, str]]:
-    with open(out / "kept.jsonl", encoding="utf-8") as f:
-        for line in f:
-            split, text = json.loads(line)
-            yield split, text
+    """The kept documents of stage 1 in order, as (split, text)."""
+    with open(out / "kept.bin", "rb") as f:
+        while header := f.read(KEPT_HEADER.size):
+            is_val, length = KEPT_HEADER.unpack(header)
+            yield "val" if is_val else "train", f.read(length).decode("utf-8")
 
 
 # -- stage 3: tokenize into shards -------------------------------------------------------------------------
