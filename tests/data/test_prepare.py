@@ -118,12 +118,17 @@ def test_duplicates_land_in_one_split_and_uint32_for_big_vocabularies(tmp_path):
     assert len(train) + len(val) == 200 and not set(train) & set(val) and val
 
 
-def test_a_tiny_corpus_still_gets_one_validation_document(tmp_path):
+@pytest.mark.parametrize("kind", ["char", "bpe-file"])
+def test_a_tiny_corpus_still_gets_one_validation_document(tmp_path, bpe_path, kind):
     (tmp_path / "t.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"}\n')
+    tokenizer = "char" if kind == "char" else str(bpe_path)
     meta = prepare_data(
-        DataConfig(tokenizer="char", val_fraction=0.001), [str(tmp_path / "t.jsonl")], tmp_path / "o"
+        DataConfig(tokenizer=tokenizer, val_fraction=0.001), [str(tmp_path / "t.jsonl")], tmp_path / "o"
     )
     assert meta["splits"]["val"]["docs"] == 1 and meta["splits"]["train"]["docs"] == 2
+    assert sorted(shard_documents(tmp_path / "o", "train") + shard_documents(tmp_path / "o", "val")) == [
+        "one", "three", "two",
+    ]  # fmt: skip
 
 
 def test_empty_results_name_the_stage(tmp_path):

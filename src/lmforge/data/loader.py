@@ -97,7 +97,7 @@ class TokenLoader:
 
     def __init__(
         self,
-        datasets: dict[str, float] | list[str],
+        datasets: dict[str, float] | list[str] | str | Path,
         *,
         split: str = "train",
         seq_len: int,
@@ -111,6 +111,8 @@ class TokenLoader:
             raise DataError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
         if not 0 <= rank < world_size:
             raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
+        if isinstance(datasets, str | Path):
+            datasets = [str(datasets)]
         if not datasets:
             raise DataError("no prepared dataset given (set data.prepared or data.mixture)")
         names = list(datasets)

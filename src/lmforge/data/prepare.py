@@ -15,6 +15,7 @@ complete, and preparing it again is a no-op (or an error, if the settings or tok
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -109,21 +110,39 @@ def prepare_data(
     else:
         write_json(out / "recipe.json", recipe)
 
-    if not (out / "staged.json").exists():
-        _stage(cfg, sources, out, progress=progress, strict=strict)
-    staged = read_json(out / "staged.json")
-
-    if not (out / "tokenizer.json").exists():
-        if wanted is not None:
-            tokenizer = wanted
-        else:
-            sample = iter_sample((text for _, text in _kept(out)), cfg.tokenizer_train_chars)
-            tokenizer = train_tokenizer(cfg.tokenizer, sample, cfg.vocab_size)
-        tokenizer.save(out / "tokenizer.json")
-    tokenizer = load_tokenizer(out / "tokenizer.json")
-
-    use_tiktoken = choose_encoder(cfg, tokenizer, out)
-    splits = _tokenize(cfg, out, tokenizer, staged, use_tiktoken, progress=progress)
+    if wanted is not None and not (out / "staged.json").exists():
+        # The tokenizer is known: clean and tokenize in one pass, the workers busy while sources are read.
+        if not (out / "tokenizer.json").exists():
+            wanted.save(out / "tokenizer.json")
+        tokenizer = load_tokenizer(out / "tokenizer.json")
+        stream = _stage_documents(cfg, sources, out, progress=False, strict=strict)  # one bar: tokenize
+        head = list(_take_chars(stream, TIKTOKEN_SAMPLE_CHARS))
+        use_tiktoken = choose_encoder(cfg, tokenizer, [text for _, text in head])
+        splits = _tokenize(
+            cfg, out, tokenizer, itertools.chain(head, stream), use_tiktoken, progress=progress
+        )
+        staged = read_json(out / "staged.json")
+        if staged["forced_val"] is not None:  # a tiny corpus drew no validation document: write it again
+            (out / "progress.json").unlink()
+            documents = _kept(out, staged["forced_val"])
+            splits = _tokenize(cfg, out, tokenizer, documents, use_tiktoken, progress=progress)
+    else:
+        if not (out / "staged.json").exists():
+            for _ in _stage_documents(cfg, sources, out, progress=progress, strict=strict):
+                pass
+        staged = read_json(out / "staged.json")
+        if not (out / "tokenizer.json").exists():
+            if wanted is not None:
+                tokenizer = wanted
+            else:
+                sample = iter_sample((text for _, text in _kept(out)), cfg.tokenizer_train_chars)
+                tokenizer = train_tokenizer(cfg.tokenizer, sample, cfg.vocab_size)
+            tokenizer.save(out / "tokenizer.json")
+        tokenizer = load_tokenizer(out / "tokenizer.json")
+        head = iter_sample((text for _, text in _kept(out)), TIKTOKEN_SAMPLE_CHARS)
+        use_tiktoken = choose_encoder(cfg, tokenizer, list(head))
+        documents = _kept(out, staged["forced_val"])
+        splits = _tokenize(cfg, out, tokenizer, documents, use_tiktoken, progress=progress)
     meta = {
         "format": FORMAT,
         "tokenizer_fingerprint": tokenizer.fingerprint,
@@ -178,7 +197,11 @@ def _split_score(key: bytes, seed: int) -> float:
     return int.from_bytes(h, "little") / 2**64
 
 
-def _stage(cfg: DataConfig, sources: list[str], out: Path, *, progress: bool, strict: bool) -> None:
+def _stage_documents(
+    cfg: DataConfig, sources: list[str], out: Path, *, progress: bool, strict: bool
+) -> Iterator[tuple[str, str]]:
+    """Read and clean the sources, yielding each kept document as (split, text) while writing kept.bin;
+    at the end write report.json and staged.json (or raise, naming the stage that removed everything)."""
     from tqdm import tqdm
 
     paths = expand_sources(sources)
@@ -207,6 +230,7 @@ def _stage(cfg: DataConfig, sources: list[str], out: Path, *, progress: bool, st
             counts[split] += 1
             data = text.encode("utf-8")
             f.write(KEPT_HEADER.pack(split == "val", len(data)) + data)
+            yield split, text
     report = {"sources": stats.as_dict(), **cleaner.report.as_dict()}
     write_json(out / "report.json", report)
     kept_docs = counts["train"] + counts["val"]
@@ -238,12 +262,25 @@ def _empty_message(report: dict, sources: list[str]) -> str:
     return "no document was kept"  # pragma: no cover - every removal is one of the stages
 
 
-def _kept(out: Path) -> Iterator[tuple[str, str]]:
-    """The kept documents of stage 1 in order, as (split, text)."""
+def _kept(out: Path, forced_val: int | None = None) -> Iterator[tuple[str, str]]:
+    """The kept documents of stage 1 in order, as (split, text); document ``forced_val`` goes to val."""
     with open(out / "kept.bin", "rb") as f:
+        index = 0
         while header := f.read(KEPT_HEADER.size):
             is_val, length = KEPT_HEADER.unpack(header)
-            yield "val" if is_val else "train", f.read(length).decode("utf-8")
+            yield "val" if is_val or index == forced_val else "train", f.read(length).decode("utf-8")
+            index += 1
+
+
+def _take_chars(documents: Iterator[tuple[str, str]], max_chars: int) -> Iterator[tuple[str, str]]:
+    """Documents from the front of ``documents`` until ``max_chars`` characters (the rest stay in it)."""
+    seen = 0
+    while seen < max_chars:
+        item = next(documents, None)
+        if item is None:
+            return
+        yield item
+        seen += len(item[1])
 
 
 # -- stage 3: tokenize into shards -------------------------------------------------------------------------
@@ -293,12 +330,9 @@ def _encode_chunk(chunk: tuple[list[str], list[str]]) -> tuple[list[str], list[n
     return splits, _worker_encoder(texts)
 
 
-def choose_encoder(cfg: DataConfig, tokenizer: Tokenizer, out: Path) -> bool:
-    """True when tiktoken encodes exactly like the tokenizer on a sample of the kept documents."""
-    if cfg.encoder != "auto":
-        return False
-    sample = list(iter_sample((text for _, text in _kept(out)), TIKTOKEN_SAMPLE_CHARS))
-    return tokenizer.tiktoken_encoder(sample) is not None
+def choose_encoder(cfg: DataConfig, tokenizer: Tokenizer, sample: list[str]) -> bool:
+    """True when tiktoken encodes exactly like the tokenizer on ``sample`` (the first kept documents)."""
+    return cfg.encoder == "auto" and tokenizer.tiktoken_encoder(sample) is not None
 
 
 class ShardWriter:
@@ -349,21 +383,25 @@ def _resume_state(out: Path) -> dict[str, list[dict]]:
 
 
 def _tokenize(
-    cfg: DataConfig, out: Path, tokenizer: Tokenizer, staged: dict, use_tiktoken: bool, *, progress: bool
+    cfg: DataConfig,
+    out: Path,
+    tokenizer: Tokenizer,
+    documents: Iterator[tuple[str, str]],
+    use_tiktoken: bool,
+    *,
+    progress: bool,
 ) -> dict:
+    """Encode ``documents`` (split, text) in order into shards, skipping those already in finished shards."""
     from tqdm import tqdm
 
     done = _resume_state(out)
     dtype = dtype_for(tokenizer.vocab_size)
     writers = {s: ShardWriter(out, s, dtype, cfg.shard_tokens, done[s]) for s in ("train", "val")}
     skip = {s: sum(shard["docs"] for shard in done[s]) for s in done}
-    total = staged["counts"]["train"] + staged["counts"]["val"]
 
     def pending() -> Iterator[tuple[str, str]]:
         seen = {"train": 0, "val": 0}
-        for index, (split, text) in enumerate(_kept(out)):
-            if index == staged["forced_val"]:
-                split = "val"
+        for split, text in documents:
             seen[split] += 1
             if seen[split] > skip[split]:
                 yield split, text
@@ -390,9 +428,7 @@ def _tokenize(
         encoder = DocumentEncoder(*init)
         encoded = ((splits, encoder(texts)) for splits, texts in work)
     try:
-        with tqdm(
-            total=total, initial=sum(skip.values()), desc="tokenize", unit="doc", disable=not progress
-        ) as bar:
+        with tqdm(initial=sum(skip.values()), desc="tokenize", unit="doc", disable=not progress) as bar:
             for splits, ids_list in encoded:
                 for split, ids in zip(splits, ids_list):
                     if writers[split].add(ids):
