@@ -40,7 +40,8 @@ from lmforge.data.tokenizer import (
 from lmforge.errors import DataError
 
 FORMAT = "lmforge-shards-v1"
-CHUNK_DOCS = 256  # documents per task sent to a worker
+CHUNK_DOCS = 256  # at most this many documents per task sent to a worker
+CHUNK_CHARS = 100_000  # or this many characters: small tasks keep every worker busy to the end
 KEPT_HEADER = struct.Struct("<?Q")  # a kept.bin record: is it a validation document, UTF-8 length
 CHECK_EVERY = 100  # with tiktoken: check one document in this many against tokenizers
 TIKTOKEN_SAMPLE_CHARS = 100_000  # kept text on which tiktoken must match tokenizers before it is used
@@ -407,13 +408,14 @@ def _tokenize(
                 yield split, text
 
     def chunks() -> Iterator[tuple[list[str], list[str]]]:
-        splits, texts = [], []
+        splits, texts, chars = [], [], 0
         for split, text in pending():
             splits.append(split)
             texts.append(text)
-            if len(texts) == CHUNK_DOCS:
+            chars += len(text)
+            if len(texts) == CHUNK_DOCS or chars >= CHUNK_CHARS:
                 yield splits, texts
-                splits, texts = [], []
+                splits, texts, chars = [], [], 0
         if texts:
             yield splits, texts
 
