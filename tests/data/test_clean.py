@@ -66,11 +66,11 @@ def test_pii_scrubbing():
     counts = {}
     text = (
         "Mail jane.doe+x@example.co.uk or call +1 555-123-4567 / (020) 7946 0958; 手机13812345678; "
-        "server 192.168.0.1 and fe80:0:0:0:202:b3ff:fe1e:8329. Version 1.2.3 of 1776, 3.14159."
+        "server 192.168.0.1 and fe80:0:0:0:202:b3ff:fe1e:8329. Version 1.2.3 of 1776, 3.14159 (1303-1870), 2023-01-15."
     )
     assert scrub_pii(text, counts) == (
         "Mail <EMAIL> or call <PHONE> / <PHONE>; 手机<PHONE>; "
-        "server <IP_ADDRESS> and <IP_ADDRESS>. Version 1.2.3 of 1776, 3.14159."
+        "server <IP_ADDRESS> and <IP_ADDRESS>. Version 1.2.3 of 1776, 3.14159 (1303-1870), 2023-01-15."
     )
     assert counts == {"<EMAIL>": 1, "<PHONE>": 3, "<IP_ADDRESS>": 2}
 

@@ -27,7 +27,8 @@ IPV4 = re.compile(
 )
 IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])")
 PHONE = re.compile(
-    r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])?\d{3,4}[ .-]\d{4}(?!\w)"  # 555-123-4567
+    # +1 555-123-4567, (020) 7946 0958, 555-1234; not year ranges such as 1303-1870
+    r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}|\d{3})[ .-]\d{4}(?!\w)"
     r"|(?<!\d)1[3-9]\d{9}(?!\d)"  # mainland China mobile numbers, written without separators
 )
 PII_PATTERNS = ((EMAIL, "<EMAIL>"), (IPV6, "<IP_ADDRESS>"), (IPV4, "<IP_ADDRESS>"), (PHONE, "<PHONE>"))
