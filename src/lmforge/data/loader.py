@@ -128,10 +128,10 @@ class TokenLoader:
             found = ", ".join(f"{n}: {s.fingerprint}" for n, s in zip(names, self.splits))
             raise DataError(f"datasets in a mixture must share one tokenizer, found {found}")
         for name, s in zip(names, self.splits):
-            if s.n_windows(seq_len, seq_len - 1) < 1:
+            if s.n_windows(seq_len) < 1:
                 raise DataError(
                     f"{name} split {split!r} has {s.n_tokens} tokens, too few for one window of "
-                    f"seq_len+1={seq_len + 1} tokens at every offset; use a smaller seq_len or more data"
+                    f"seq_len+1={seq_len + 1} tokens; use a smaller seq_len or more data"
                 )
         self.names = names
         self.weights = np.array(weights) / sum(weights)
@@ -155,7 +155,8 @@ class TokenLoader:
         cached = self._orders.get(d)
         if cached is None or cached[0] != epoch:
             rng = np.random.default_rng([self.seed, d, epoch])
-            offset = int(rng.integers(self.seq_len))
+            # a new window grid each epoch, kept small enough that at least one window fits
+            offset = int(rng.integers(min(self.seq_len, self.splits[d].n_tokens - self.seq_len)))
             order = rng.permutation(self.splits[d].n_windows(self.seq_len, offset))
             cached = (epoch, offset, order)
             self._orders[d] = cached
@@ -247,14 +248,15 @@ def eval_batches(
     dataset_dir: str | Path, *, seq_len: int, batch_size: int, max_batches: int | None, split: str = "val"
 ) -> Iterator[Batch]:
     """A deterministic pass over ``split``: non-overlapping windows, evenly spread when ``max_batches`` caps
-    them, in order; the last batch may be smaller. The same batches on every call."""
+    them, in order; the last batch may be smaller. The same batches on every call. A split shorter than one
+    window gives one shorter window; an empty split gives no batch."""
     data = TokenSplit(dataset_dir, split)
     n_windows = data.n_windows(seq_len)
     if n_windows < 1:
-        raise DataError(
-            f"{dataset_dir} split {split!r} has {data.n_tokens} tokens, fewer than seq_len+1={seq_len + 1}; "
-            f"use a smaller seq_len or a larger data.val_fraction"
-        )
+        # a split shorter than one window (a tiny validation set): all of it as one shorter window, or nothing
+        if data.n_tokens >= 2 and max_batches != 0:
+            yield _windows_to_batch(data.read(0, data.n_tokens)[None], data.eot_id, with_doc_ids=True)
+        return
     wanted = n_windows if max_batches is None else min(n_windows, max_batches * batch_size)
     picks = (np.arange(wanted, dtype=np.int64) * n_windows) // wanted
     for lo in range(0, wanted, batch_size):
