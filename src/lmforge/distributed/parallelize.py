@@ -25,6 +25,9 @@ from lmforge.errors import ConfigError
 TRAIN_STATE_BYTES_PER_PARAM = 16
 
 
+_GROUPS_STARTED = 0  # process groups this process has started (a fresh store key space for each)
+
+
 @dataclass(frozen=True)
 class World:
     """Where this process stands: its rank among ``world_size`` processes and the device it drives."""
@@ -68,9 +71,19 @@ def init_world(parallel: ParallelConfig, device: torch.device) -> World:
         backend = parallel.backend
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=parallel.timeout_s)
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        # torchrun keeps one store across restarts: each attempt (and each group in one process) gets its
+        # own key space, or the new processes would read the dead ones' addresses and wait for them.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        global _GROUPS_STARTED
+        _GROUPS_STARTED += 1
         dist.init_process_group(
             backend=backend,
-            timeout=timedelta(seconds=parallel.timeout_s),
+            store=dist.PrefixStore(f"lmforge/attempt_{attempt}/group_{_GROUPS_STARTED}", store),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device)

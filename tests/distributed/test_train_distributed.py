@@ -1,0 +1,140 @@
+"""The training loop under torchrun (gloo, 2 processes) against the same loop in one process.
+
+``run_loop.py`` runs ``lmforge.train.loop.train`` on a loader whose global batch is a pure function of the
+step, sliced by rank, so 1 and 2 processes see the same data. Compared over 20 steps (fp32): DDP and FSDP
+loss curves; checkpoints written by 2 ranks resumed on 1 and by 1 rank resumed on 2; a rank killed mid-run
+under ``--max-restarts 1``; and a launch whose world size the config forbids.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.distributed.run_loop import main as run_in_this_process
+
+HERE = Path(__file__).parent
+TOLERANCE = 1e-5
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def curve(run_dir: Path) -> dict[str, float]:
+    return json.loads((run_dir / "result.json").read_text())["curve"]
+
+
+def final_loss(run_dir: Path) -> float:
+    return json.loads((run_dir / "result.json").read_text())["final_loss"]
+
+
+def assert_same_curve(run: dict[str, float], reference: dict[str, float], steps: range) -> None:
+    assert sorted(map(int, run)) == list(steps)
+    worst = max(abs(run[str(s)] - reference[str(s)]) / reference[str(s)] for s in steps)
+    assert worst <= TOLERANCE, f"relative difference {worst:.2e}"
+
+
+def torchrun(*runs: str, options: tuple[str, ...] = (), timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*TORCHRUN, *options, str(HERE / "run_loop.py"), *runs],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    """A single-process reference run of 20 steps (checkpoints every 5, all kept)."""
+    out = tmp_path_factory.mktemp("loop")
+    run_in_this_process([f"{out}/reference:20:auto"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_parallel_runs(out):
+    for strategy in ("ddp", "fsdp"):
+        completed = torchrun(f"{out}/{strategy}:20:{strategy}")
+        assert completed.returncode == 0, completed.stderr[-4000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_the_loop_under_torchrun_reproduces_the_single_process_loss_curve(data_parallel_runs, strategy):
+    reference = curve(data_parallel_runs / "reference")
+    assert reference["20"] < reference["1"] - 1.0  # it learns: a flat curve would prove nothing
+    assert_same_curve(curve(data_parallel_runs / strategy), reference, range(1, 21))
+    sharded = data_parallel_runs / strategy / "checkpoints" / "step_00000010"
+    assert (sharded / "dcp" / ".metadata").is_file() and (sharded / "rank_00001.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_checkpoint_written_by_2_ranks_continues_on_1(data_parallel_runs, strategy):
+    out = data_parallel_runs
+    checkpoint = out / strategy / "checkpoints" / "step_00000010"
+    run_in_this_process([f"{out}/{strategy}-on-1:20:auto:{checkpoint}"])
+    assert_same_curve(curve(out / f"{strategy}-on-1"), curve(out / "reference"), range(11, 21))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_by_1_rank_continues_on_2(out):
+    checkpoint = out / "reference" / "checkpoints" / "step_00000010"
+    completed = torchrun(f"{out}/on-2:20:fsdp:{checkpoint}")
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert_same_curve(curve(out / "on-2"), curve(out / "reference"), range(11, 21))
+
+
+def rank_process(launcher: psutil.Process, rank: str) -> psutil.Process | None:
+    for child in launcher.children(recursive=True):
+        try:
+            if child.environ().get("RANK") == rank and "run_loop.py" in " ".join(child.cmdline()):
+                return child
+        except psutil.Error:
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_a_killed_rank_restarts_the_job_which_resumes_and_ends_with_the_same_loss(out):
+    run = out / "fault"
+    launcher = subprocess.Popen(
+        [*TORCHRUN, "--max-restarts", "1", str(HERE / "run_loop.py"), "--sleep", "0.15", f"{run}:20:ddp:auto"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / "step_00000010" / "manifest.json").is_file():
+            assert launcher.poll() is None and time.monotonic() < deadline, "the run ended before the fault"
+            time.sleep(0.05)
+        victim = rank_process(psutil.Process(launcher.pid), "1")
+        assert victim is not None
+        victim.send_signal(signal.SIGKILL)
+        stdout, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, stderr[-4000:]
+    assert "resumed from" in stdout + stderr  # the restarted group continued from a checkpoint
+    assert (run / "checkpoints" / "step_00000020").is_dir()
+    reference = final_loss(out / "reference")
+    assert abs(final_loss(run) - reference) / reference <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_a_world_size_the_config_forbids_ends_every_rank_with_a_clear_message(tmp_path):
+    started = time.monotonic()
+    completed = subprocess.run(
+        [*TORCHRUN, "-m", "lmforge.cli", "train", "parallel.world_size=4", f"train.out_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert completed.returncode != 0
+    message = "lmforge train: error: parallel.world_size=4 but the launcher started WORLD_SIZE=2 processes"
+    assert completed.stderr.count(message) == 2  # every rank says why, in one line
+    assert time.monotonic() - started < 60
