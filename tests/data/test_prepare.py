@@ -168,15 +168,17 @@ PREPARE = """
 import sys
 from lmforge.config import DataConfig
 from lmforge.data.prepare import prepare_data
-cfg = DataConfig(tokenizer=sys.argv[1], val_fraction=0.05, workers=1, shard_tokens=20_000)
+cfg = DataConfig(tokenizer=sys.argv[1], val_fraction=0.05, workers=1, shard_tokens=10_000)
 prepare_data(cfg, sys.argv[3:], sys.argv[2], progress=False)
 """
 
 
 @pytest.mark.slow
-def test_killed_prepare_resumes_to_the_same_result(tmp_path, shared, bpe_path):
+@pytest.mark.parametrize("kind", ["bpe-file", "char"])  # one pass (a given tokenizer) or staged (trained)
+def test_killed_prepare_resumes_to_the_same_result(tmp_path, shared, bpe_path, kind):
     sources = [str(shared / "tinyshakespeare.txt"), str(shared / "en" / "pg2701_moby_dick.txt")]
-    args = [sys.executable, "-c", PREPARE, str(bpe_path)]
+    tokenizer = str(bpe_path) if kind == "bpe-file" else "char"
+    args = [sys.executable, "-c", PREPARE, tokenizer]
     subprocess.run(args + [str(tmp_path / "whole"), *sources], check=True)
     killed = tmp_path / "killed"
     proc = subprocess.Popen(args + [str(killed), *sources])
@@ -188,7 +190,7 @@ def test_killed_prepare_resumes_to_the_same_result(tmp_path, shared, bpe_path):
     assert not (killed / "meta.json").exists(), "prepare finished before it could be interrupted"
     assert not is_prepared(killed)
     meta = prepare_data(
-        DataConfig(tokenizer=str(bpe_path), val_fraction=0.05, workers=1, shard_tokens=20_000), sources, killed,
+        DataConfig(tokenizer=tokenizer, val_fraction=0.05, workers=1, shard_tokens=10_000), sources, killed,
         progress=False,
     )  # fmt: skip
     assert meta == json.loads((tmp_path / "whole" / "meta.json").read_text())

@@ -119,14 +119,20 @@ def prepare_data(
         stream = _stage_documents(cfg, sources, out, progress=False, strict=strict)  # one bar: tokenize
         head = list(_take_chars(stream, TIKTOKEN_SAMPLE_CHARS))
         use_tiktoken = choose_encoder(cfg, tokenizer, [text for _, text in head])
-        splits = _tokenize(
-            cfg, out, tokenizer, itertools.chain(head, stream), use_tiktoken, progress=progress
-        )
+        documents = itertools.chain(head, stream)
+        splits = _tokenize(cfg, out, tokenizer, documents, use_tiktoken, forced_val=None, progress=progress)
         staged = read_json(out / "staged.json")
         if staged["forced_val"] is not None:  # a tiny corpus drew no validation document: write it again
-            (out / "progress.json").unlink()
             documents = _kept(out, staged["forced_val"])
-            splits = _tokenize(cfg, out, tokenizer, documents, use_tiktoken, progress=progress)
+            splits = _tokenize(
+                cfg,
+                out,
+                tokenizer,
+                documents,
+                use_tiktoken,
+                forced_val=staged["forced_val"],
+                progress=progress,
+            )
     else:
         if not (out / "staged.json").exists():
             for _ in _stage_documents(cfg, sources, out, progress=progress, strict=strict):
@@ -143,7 +149,9 @@ def prepare_data(
         head = iter_sample((text for _, text in _kept(out)), TIKTOKEN_SAMPLE_CHARS)
         use_tiktoken = choose_encoder(cfg, tokenizer, list(head))
         documents = _kept(out, staged["forced_val"])
-        splits = _tokenize(cfg, out, tokenizer, documents, use_tiktoken, progress=progress)
+        splits = _tokenize(
+            cfg, out, tokenizer, documents, use_tiktoken, forced_val=staged["forced_val"], progress=progress
+        )
     meta = {
         "format": FORMAT,
         "tokenizer_fingerprint": tokenizer.fingerprint,
@@ -372,9 +380,12 @@ class ShardWriter:
         self.tokens = self.docs = 0
 
 
-def _resume_state(out: Path) -> dict[str, list[dict]]:
-    """Finished shards from an interrupted run; anything written after them is deleted."""
+def _resume_state(out: Path, forced_val: int | None) -> dict[str, list[dict]]:
+    """Finished shards from an interrupted run that routed documents the same way (the same ``forced_val``);
+    anything else in the folder's shard files is deleted."""
     done = read_json(out / "progress.json") if (out / "progress.json").exists() else {}
+    if done.get("forced_val") != forced_val:
+        done = {}
     done = {split: done.get(split, []) for split in ("train", "val")}
     listed = {shard["file"] for shards in done.values() for shard in shards}
     for path in list(out.glob("train_*.bin*")) + list(out.glob("val_*.bin*")):
@@ -390,12 +401,14 @@ def _tokenize(
     documents: Iterator[tuple[str, str]],
     use_tiktoken: bool,
     *,
+    forced_val: int | None,
     progress: bool,
 ) -> dict:
     """Encode ``documents`` (split, text) in order into shards, skipping those already in finished shards."""
     from tqdm import tqdm
 
-    done = _resume_state(out)
+    done = _resume_state(out, forced_val)
+    record = {"forced_val": forced_val, **done}  # progress.json: the shard lists are shared with ``done``
     dtype = dtype_for(tokenizer.vocab_size)
     writers = {s: ShardWriter(out, s, dtype, cfg.shard_tokens, done[s]) for s in ("train", "val")}
     skip = {s: sum(shard["docs"] for shard in done[s]) for s in done}
@@ -434,11 +447,11 @@ def _tokenize(
             for splits, ids_list in encoded:
                 for split, ids in zip(splits, ids_list):
                     if writers[split].add(ids):
-                        write_json(out / "progress.json", done)
+                        write_json(out / "progress.json", record)
                 bar.update(len(splits))
         for writer in writers.values():
             writer.close()
-        write_json(out / "progress.json", done)
+        write_json(out / "progress.json", record)
     finally:
         if pool is not None:
             pool.terminate()
