@@ -159,6 +159,17 @@ def test_cli_data_prepare(tmp_path, corpus, capsys):
     assert code == 0 and is_prepared(out)
     printed = capsys.readouterr().out
     assert "exact_dedup" in printed and "train" in printed and "uint16" in printed
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  sources: [{corpus / 'synthetic.jsonl'}]\n  tokenizer: char\n")
+    code = main(
+        ["data", "prepare", str(config), "data.val_fraction=0.2", "--out", str(tmp_path / "y"), "--json"]
+    )
+    meta = json.loads(capsys.readouterr().out)
+    assert (
+        code == 0
+        and meta["recipe"]["val_fraction"] == 0.2
+        and meta["sources"] == [str(corpus / "synthetic.jsonl")]
+    )
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{broken\n')
     code = main(["data", "prepare", str(tmp_path / "bad.jsonl"), "--strict", "--out", str(tmp_path / "x")])
     assert code == 2 and f"{tmp_path / 'bad.jsonl'}:2: malformed JSON" in capsys.readouterr().err
