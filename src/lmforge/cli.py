@@ -566,6 +566,7 @@ def _add_launch(sub) -> None:
     p.add_argument("--rdzv-timeout", type=float, default=120.0, help="seconds to wait for the endpoint/nodes")
     p.add_argument("--max-restarts", type=int, default=0, help="restart the group after a failure (resumes)")
     p.add_argument("--resume", default=None, help="passed to `lmforge train` (default with restarts: auto)")
+    p.add_argument("--no-progress", action="store_true", help="passed to `lmforge train`")
     p.add_argument("--dry-run", action="store_true", help="print the torchrun command instead of running it")
     p.add_argument("--slurm", default=None, metavar="FILE", help="write a Slurm batch script to FILE")
     p.add_argument("--slurm-time", default="24:00:00", help="Slurm time limit")
@@ -592,6 +593,7 @@ def _run_launch(args) -> int:
         rdzv_timeout_s=args.rdzv_timeout,
     )
     train_args = launch.train_arguments(config, items, resume=args.resume, spec=spec)
+    train_args += ["--no-progress"] if args.no_progress else []
     launch.check_world_size(spec, config_world_size)
     if args.slurm:
         script = launch.slurm_script(

@@ -138,3 +138,18 @@ def test_a_world_size_the_config_forbids_ends_every_rank_with_a_clear_message(tm
     message = "lmforge train: error: parallel.world_size=4 but the launcher started WORLD_SIZE=2 processes"
     assert completed.stderr.count(message) == 2  # every rank says why, in one line
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_of_another_model_shape_is_refused_with_the_fields_named(data_parallel_runs):
+    import dataclasses
+
+    from lmforge.errors import CheckpointError
+    from lmforge.train.loop import train
+    from tests.distributed.run_loop import SlicedLoader, config
+
+    cfg = config(str(data_parallel_runs / "wider"), 20, "auto", 1)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_model=48))
+    checkpoint = data_parallel_runs / "fsdp" / "checkpoints" / "step_00000010"
+    with pytest.raises(CheckpointError, match=r"model\.d_model: checkpoint 32, config 48"):
+        train(cfg, resume=str(checkpoint), loader=SlicedLoader(rank=0, world_size=1, seed=0), progress=False)

@@ -554,6 +554,7 @@ def train(
                     and cfg.eval.tasks
                     and step % cfg.eval.every == 0
                     and data.tokenizer is not None
+                    and not is_sharded(model)  # FSDP shards: single-rank scoring cannot run (issue 5)
                 ):
                     from lmforge.infer.evaluate import task_metrics  # multiple-choice accuracy, live model
 
