@@ -200,6 +200,11 @@ def parallelize(
             state_bytes=training_state_bytes(model.cfg),
             memory_bytes=device_memory_bytes(world.device, world),
         )
+    if parallel.tp > 1:
+        raise ConfigError(
+            f"parallel.tp={parallel.tp}: tensor parallelism is not implemented yet; use parallel.tp=1 with "
+            "parallel.strategy=fsdp to spread a large model over the processes"
+        )
     if strategy == "single" or not world.distributed:
         return model
     if strategy == "ddp":
