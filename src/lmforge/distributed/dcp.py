@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,18 @@ def _no_dist() -> bool:
     return not dist.is_initialized()
 
 
+def _dcp_save(state: dict[str, Any], path: Path) -> None:
+    with warnings.catch_warnings():  # DCP warns on every single-process save: an ordinary case here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=path, no_dist=_no_dist())
+
+
+def _dcp_load(state: dict[str, Any], path: Path) -> None:
+    with warnings.catch_warnings():  # as above, for a resume on one process
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
+
+
 def _fsync_tree(root: Path) -> dict[str, dict]:
     """fsync every file under ``root`` and return the manifest entries, keyed by path relative to root."""
     files = {}
@@ -107,7 +120,7 @@ def save_sharded(
         tmp.mkdir(parents=True)
     _barrier(world)
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / SHARDS, no_dist=_no_dist())
+    _dcp_save({"model": model_state, "optim": optim_state}, tmp / SHARDS)
     torch.save(rank_state or {}, tmp / rank_state_name(world.rank))
     if world.is_main:
         torch.save(train_state or {}, tmp / TRAIN_STATE)
@@ -198,13 +211,13 @@ def load_sharded(
         model_state = get_model_state_dict(model)
         _check_shapes(directory, model_state)
         state = {"model": model_state}
-        dcp.load(state, checkpoint_id=directory / SHARDS, no_dist=_no_dist())
+        _dcp_load(state, directory / SHARDS)
         set_model_state_dict(model, state["model"])
     else:
         model_state, optim_state = get_state_dict(model, optimizer)
         _check_shapes(directory, model_state)
         state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=directory / SHARDS, no_dist=_no_dist())
+        _dcp_load(state, directory / SHARDS)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
     saved_world_size = int(manifest.get("world_size", 1))
@@ -271,7 +284,7 @@ def consolidate(directory: str | Path, out_dir: str | Path) -> Path:
         model.lm_head.weight = model.embed_tokens.weight
     state = model.state_dict()
     _check_shapes(directory, state)
-    dcp.load({"model": state}, checkpoint_id=directory / SHARDS, no_dist=True)
+    _dcp_load({"model": state}, directory / SHARDS)
     tokenizer = directory / TOKENIZER
     return save_checkpoint(
         out_dir,
