@@ -42,7 +42,7 @@ def test_stop_and_resume_matches_an_uninterrupted_run(tmp_path):
         val_batches=val,
         progress=False,
     )
-    assert first.stopped_by == "time limit" and first.step == 0
+    assert first.stopped_by == "time limit" and first.step == 1
     loader, val = loaders()
     loader = SignalAt(loader, batch=12, signum=signal.SIGTERM)  # a preemption during step 13
     part = train(

@@ -261,7 +261,9 @@ def load_run_checkpoint(
     if world is not None and world.distributed:  # one writer, several readers: each keeps its part
         state = ckpt.load_train_state(directory)
         if state is None:
-            raise CheckpointError(f"{directory} has no {ckpt.TRAIN_STATE}: it holds weights only and cannot resume a run")
+            raise CheckpointError(
+                f"{directory} has no {ckpt.TRAIN_STATE}: it holds weights only and cannot resume a run"
+            )
         dcp.load_full_into(model, optimizer, model_state=weights, optimizer_state=state["optimizer"])
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
@@ -461,9 +463,8 @@ def train(
             set_rng_state(resumed_rng)  # last, so nothing between here and the first step draws from it
         with StopSignals() as signals:
             while step < tc.steps:
-                over_time = time_limit > 0 and time.perf_counter() - started > time_limit
-                if agree(signals.received is not None or over_time, world):
-                    stopped_by = signals.received or "time limit"
+                if agree(signals.received is not None, world):
+                    stopped_by = signals.received or "SIGTERM"
                     break
                 batches = [data.loader.next_batch() for _ in range(accum)]
                 loss_sum = forward_backward(
@@ -518,7 +519,10 @@ def train(
                     log.truncate_after(step)
                     continue
 
-                if step % tc.log_every == 0 or step == tc.steps:
+                over = time_limit > 0 and time.perf_counter() - started > time_limit
+                out_of_time = step < tc.steps and agree(over, world)
+                final = step == tc.steps or out_of_time  # the last step: log, evaluate, then finish
+                if step % tc.log_every == 0 or final:
                     elapsed = time.perf_counter() - interval_start
                     tokens_per_s = interval_tokens / elapsed if elapsed > 0 else 0.0
                     achieved = tokens_per_s * flops_per_token / world.world_size
@@ -537,7 +541,7 @@ def train(
                     )
                     interval_start, interval_tokens = time.perf_counter(), 0
                 log.advance(step)
-                if step % tc.eval_every == 0 or step == tc.steps:
+                if step % tc.eval_every == 0 or final:
                     batches_iter = val_batches() if val_batches is not None else validation_batches(data, cfg)
                     val_loss, n_val = evaluate(model, batches_iter, device=device, autocast=autocast)
                     if n_val:
@@ -562,11 +566,20 @@ def train(
                         unwrap(model), data.tokenizer, cfg.eval.tasks, device=device, limit=cfg.eval.limit
                     )
                     log.log(step, {**scores, "tokens": tokens_seen})
-                if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps and world.is_main and not is_sharded(model):
+                if (
+                    tc.sample_every
+                    and step % tc.sample_every == 0
+                    and step < tc.steps
+                    and world.is_main
+                    and not is_sharded(model)
+                ):
                     log.info(
                         f"sample at step {step}:\n"
                         + "\n---\n".join(sample_texts(unwrap(model), data.tokenizer, cfg, device, step))
                     )
+                if out_of_time:
+                    stopped_by = "time limit"
+                    break
                 if step % tc.ckpt_every == 0 and step < tc.steps:
                     last_checkpoint = save(step)
 
@@ -575,7 +588,11 @@ def train(
             summary = run_summary(
                 cfg, data, n_params, step, tokens_seen, last_loss, val_loss, bad.total, device, wall
             )
-            if stopped_by is None and world.is_main and data.tokenizer is not None and not is_sharded(model):
+            by_signal = stopped_by in (
+                "SIGTERM",
+                "SIGINT",
+            )  # a preempted run leaves at once; a timed one samples
+            if not by_signal and world.is_main and data.tokenizer is not None and not is_sharded(model):
                 samples = sample_texts(unwrap(model), data.tokenizer, cfg, device, step)
                 write_text(
                     run_dir / "samples.txt", "\n\n".join(f"--- step {step} ---\n{s}" for s in samples) + "\n"

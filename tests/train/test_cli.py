@@ -1,0 +1,158 @@
+"""`lmforge train` end to end on a tiny prepared corpus: the run folder, bad input rejected before the first
+step (naming both sides), and exact resume after SIGKILL."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmforge.cli import main
+from lmforge.config import DataConfig
+from lmforge.data.prepare import prepare_data
+
+SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A char-level corpus of ~40k characters: Shakespeare when the shared data is there, else generated."""
+    root = tmp_path_factory.mktemp("corpus")
+    if SHAKESPEARE.is_file():
+        text = SHAKESPEARE.read_text(encoding="utf-8")[:40_000]
+    else:
+        rng = random.Random(0)
+        words = ["the", "king", "shall", "speak", "and", "we", "will", "hear", "him", "now"]
+        text = "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(600))
+    parts = text.split("\n\n")
+    for i in range(8):  # several documents so both splits get some
+        (root / f"doc{i}.txt").write_text("\n\n".join(parts[i::8]), encoding="utf-8")
+    out = root / "prepared"
+    prepare_data(
+        DataConfig(tokenizer="char", val_fraction=0.25, seed=1), [str(root / "*.txt")], out, progress=False
+    )
+    return out
+
+
+def args(prepared: Path, run: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        f"data.prepared={prepared}",
+        "model.preset=tiny",
+        "model.n_layers=2",
+        "model.d_model=64",
+        "model.ffn_hidden=128",
+        f"train.out_dir={run}",
+        "train.steps=24",
+        "train.seq_len=32",
+        "train.micro_batch=4",
+        "train.warmup_steps=4",
+        "train.log_every=1",
+        "train.eval_every=8",
+        "train.eval_batches=2",
+        "train.ckpt_every=3",
+        "train.sample_tokens=20",
+        "train.sample_prompts=[ROMEO]",
+        "train.device=cpu",
+        *extra,
+        "--no-progress",
+    ]
+
+
+def test_train_leaves_a_complete_run_folder(prepared, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(args(prepared, run, "train.keep_last=2")) == 0
+    out = capsys.readouterr().out
+    assert "--- sample ---\nROMEO" in out
+    for name in ("config.yaml", "metrics.jsonl", "samples.txt", "loss.png", "MODEL_CARD.md"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").iterdir())
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000021", "step_00000024"]  # keep_last=2
+    final = run / "checkpoints" / "step_00000024"
+    assert {"model.safetensors", "config.yaml", "train_state.pt", "tokenizer.json", "MODEL_CARD.md"} <= {
+        p.name for p in final.iterdir()
+    }
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, 25))
+    assert {"lr", "grad_norm", "tokens_per_s", "mfu", "memory_gb", "tokens"} <= set(train_records[0])
+    assert train_records[-1]["loss"] < train_records[0]["loss"]
+    assert [r["step"] for r in records if "val_loss" in r] == [8, 16, 24]
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "tokens seen: 3,072" in card and "final validation loss" in card
+    # the plot verb overlays runs
+    assert main(["plot", str(run), str(run), "--out", str(tmp_path / "both.png")]) == 0
+    assert (tmp_path / "both.png").stat().st_size > 1000
+
+
+def test_a_second_run_into_the_same_folder_needs_resume(prepared, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(args(prepared, run, "train.steps=3")) == 0
+    assert main(args(prepared, run, "train.steps=3")) == 2
+    assert "--resume auto" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["train.micro_batch=5000"], ["train.micro_batch x (train.seq_len + 1)", "holds only"]),
+        (["train.seq_len=512"], ["train.seq_len=512", "model.max_seq_len=256"]),
+        (["model.vocab_size=20"], ["model.vocab_size=20", "the data's tokenizer", "ids"]),
+        (["model.preset=tinny"], ["model.preset='tinny'", "did you mean 'tiny'"]),
+    ],
+)
+def test_bad_input_fails_before_the_first_step(prepared, tmp_path, capsys, overrides, expected):
+    run = tmp_path / "run"
+    assert main(args(prepared, run, *overrides)) == 2
+    err = capsys.readouterr().err
+    for piece in expected:
+        assert piece in err, (piece, err)
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_unwritable_run_folder_is_reported_before_training(prepared, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(args(prepared, blocker / "run")) == 2
+    err = capsys.readouterr().err
+    assert "train.out_dir=" in err and "not writable" in err
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_resume_auto_is_exact(prepared, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(args(prepared, whole, "model.dropout=0.1")) == 0
+    kill_after = random.randint(4, 20)
+    command = [sys.executable, "-m", "lmforge.cli", *args(prepared, killed, "model.dropout=0.1")]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and metrics.read_text().count('"loss"') >= kill_after:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill at step {kill_after}"
+    resumed = subprocess.run([*command, "--resume=auto"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr, resumed.stderr
+
+    def last_loss(run):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "loss" in r] == list(range(1, 25))
+        return [r["loss"] for r in records if "loss" in r][-1]
+
+    assert last_loss(killed) == last_loss(whole), f"killed after step {kill_after}"
+    a = load_file(whole / "checkpoints" / "step_00000024" / "model.safetensors")
+    b = load_file(killed / "checkpoints" / "step_00000024" / "model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs (killed after step {kill_after})"
