@@ -94,6 +94,13 @@ def test_data_parallel_reproduces_the_single_process_loss_curve(runs, strategy):
 
 
 @pytest.mark.slow
+def test_fsdp_in_bf16_follows_the_fp32_curve_with_fp32_master_weights(runs):
+    assert runs["fsdp_bf16_master_dtypes"] == ["torch.float32"]
+    difference = relative_difference(runs["fsdp_bf16"], runs["reference"])
+    assert 1e-5 < difference < 5e-2  # computed in bf16 (not bit-equal), yet the same curve to bf16 precision
+
+
+@pytest.mark.slow
 def test_a_checkpoint_written_by_2_ranks_resumes_on_1(runs):
     directory = runs["out"] / "by2"
     assert verify_checkpoint(directory) == []

@@ -47,3 +47,9 @@ def test_tensor_parallelism_is_refused_with_the_way_out():
     model = build_model(ModelConfig(vocab_size=32, n_layers=1, d_model=16, n_heads=2), device="cpu")
     with pytest.raises(ConfigError, match=r"parallel\.tp=2: tensor parallelism is not implemented"):
         parallelize(model, ParallelConfig(tp=2), ONE)
+
+
+def test_cpu_offload_without_a_gpu_is_refused_with_the_fix():
+    model = build_model(ModelConfig(vocab_size=32, n_layers=1, d_model=16, n_heads=2), device="cpu")
+    with pytest.raises(ConfigError, match=r"set parallel\.cpu_offload=false"):
+        parallelize(model, ParallelConfig(strategy="fsdp", cpu_offload=True), TWO)

@@ -25,6 +25,12 @@ def main(out: Path) -> None:
         optimizer = make_optimizer(model)
         results[strategy] = train_steps(model, optimizer, world, 0, STEPS)
 
+    # FSDP's bf16 mixed precision: bf16 gathers and compute, fp32 sharded master weights.
+    model = parallelize(make_model(), ParallelConfig(strategy="fsdp"), world, precision="bf16")
+    optimizer = make_optimizer(model)
+    results["fsdp_bf16"] = train_steps(model, optimizer, world, 0, STEPS)
+    results["fsdp_bf16_master_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
+
     # 2 ranks write a sharded checkpoint at SAVE_AT (the test resumes it on 1 rank) ...
     model = parallelize(make_model(), ParallelConfig(strategy="fsdp"), world)
     optimizer = make_optimizer(model)

@@ -205,6 +205,11 @@ def parallelize(
             f"parallel.tp={parallel.tp}: tensor parallelism is not implemented yet; use parallel.tp=1 with "
             "parallel.strategy=fsdp to spread a large model over the processes"
         )
+    if parallel.cpu_offload and world.device.type == "cpu":
+        raise ConfigError(
+            "parallel.cpu_offload=true moves FSDP shards from a GPU to host memory; on the CPU they are "
+            "there already: set parallel.cpu_offload=false"
+        )
     if strategy == "single" or not world.distributed:
         return model
     if strategy == "ddp":
