@@ -52,3 +52,40 @@ def test_two_nodes_train_with_fsdp_and_the_checkpoint_consolidates(tmp_path):
     model, config, _ = load_model(consolidated)
     assert config.model.d_model == 64 and config.parallel.strategy == "fsdp"
     assert model.embed_tokens.weight.abs().sum() > 0 and (consolidated / "tokenizer.json").is_file()
+
+
+RESHARD = [
+    f"data.sources=[{SHAKESPEARE}]", "data.tokenizer=char", "model.preset=tiny", "model.n_layers=2",
+    "model.d_model=64", "model.n_heads=2", "model.ffn_hidden=128", "train.seq_len=32", "train.micro_batch=4",
+    "train.global_batch_tokens=256", "train.eval_every=100", "train.ckpt_every=3", "train.device=cpu",
+    "train.schedule=constant", "train.warmup_steps=0",
+]  # fmt: skip
+
+
+def final_loss(run_dir: Path) -> float:
+    import json
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r][-1]
+
+
+@pytest.mark.slow
+def test_lmforge_train_on_2_processes_resumes_on_1_with_the_same_final_loss(tmp_path):
+    """Real data through TokenLoader: the global batch stays 256 tokens, gradient accumulation absorbs the
+    change of process count, and the loader's state (global batches) carries over unchanged."""
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} is absent (the shared data folder is not mounted)")
+    env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache")}
+    cli = [sys.executable, "-m", "lmforge.cli"]
+
+    def run(*args: str) -> None:
+        done = subprocess.run(
+            [*cli, *args, "--no-progress"], env=env, capture_output=True, text=True, timeout=150
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    run("train", *RESHARD, "train.steps=6", f"train.out_dir={tmp_path / 'one'}")
+    run("launch", "--nproc-per-node", "2", *RESHARD, "train.steps=3", "parallel.strategy=fsdp",
+        f"train.out_dir={tmp_path / 'two'}")  # fmt: skip
+    run("train", *RESHARD, "train.steps=6", f"train.out_dir={tmp_path / 'two'}", "--resume", "auto")
+    assert final_loss(tmp_path / "two") == pytest.approx(final_loss(tmp_path / "one"), rel=1e-5)
