@@ -156,3 +156,15 @@ def test_sigkill_at_a_random_step_then_resume_auto_is_exact(prepared, tmp_path):
     b = load_file(killed / "checkpoints" / "step_00000024" / "model.safetensors")
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs (killed after step {kill_after})"
+
+
+def test_demo_yaml_is_the_built_in_demo():
+    import yaml
+
+    from lmforge.config import load_config
+    from lmforge.train.demo import DEMO
+
+    root = Path(__file__).resolve().parents[2]
+    assert yaml.safe_load((root / "configs" / "demo.yaml").read_text()) == DEMO
+    shakespeare = load_config(root / "configs" / "shakespeare-char.yaml")
+    assert (shakespeare.model.n_layers, shakespeare.model.d_model, shakespeare.train.steps) == (4, 128, 2000)

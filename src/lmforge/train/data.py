@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,9 @@ def prepared_datasets(cfg: Config, *, world, cache_dir: str | Path | None, progr
                 f"data.prepared={str(out)!r} is not a prepared folder (no meta.json) and data.sources is empty"
             )
         if world.is_main:
-            prepare_data(cfg.data, sources, out, progress=progress is not False)
+            prepare_data(
+                cfg.data, sources, out, progress=sys.stderr.isatty() if progress is None else progress
+            )
         if world.distributed:
             dist.barrier()
     return {str(out): 1.0}, sources

@@ -250,8 +250,9 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure_matmul_flops(dtype_name: str, *, size: int = 1024, repeats: int = 8) -> float:
-    """The best FLOP/s of a square ``size`` matmul on the CPU with the current thread count."""
+def measure_matmul_flops(dtype_name: str, *, size: int = 1024, repeats: int = 40) -> float:
+    """The best FLOP/s of a square ``size`` matmul on the CPU with the current thread count. Many short
+    repeats, because other processes on the same cores make single timings several times too slow."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
