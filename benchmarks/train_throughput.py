@@ -4,7 +4,9 @@ measured CPU matmul peak, in fp32 and with bf16 autocast.
 
 lmforge: the loop's own pieces (``forward_backward``, ``clip_grad_norm_``, ``build_optimizer``: fused AdamW).
 transformers: the step a user writes (``model(input_ids, labels=...).loss.backward()``, clip, torch AdamW with
-its defaults), on the same weights (``model.hf.to_hf_model``). Rounds alternate A B A B; medians and ratios
+its defaults), on the same weights (``model.hf.to_hf_model``). A third column is lmforge with
+``train.compile=true`` (each block through ``torch.compile``, as ``parallelize`` applies it).
+Rounds alternate A B A B; medians and ratios
 go to benchmarks/results/train_throughput.json. Run: python benchmarks/train_throughput.py [--rounds N]
 """
 
@@ -19,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.config import ModelConfig, TrainConfig
-from lmforge.distributed.parallelize import World
+from lmforge.config import ModelConfig, ParallelConfig, TrainConfig
+from lmforge.distributed.parallelize import World, parallelize
 from lmforge.model.hf import to_hf_model
 from lmforge.model.transformer import build_model
 from lmforge.train.loop import autocast_for, forward_backward
@@ -48,8 +50,9 @@ class Batch:
         self.inputs, self.targets, self.doc_ids = inputs, targets, None
 
 
-def lmforge_stepper(cfg: ModelConfig, precision: str):
+def lmforge_stepper(cfg: ModelConfig, precision: str, compile: bool = False):
     model = build_model(cfg, seed=0).train()
+    model = parallelize(model, ParallelConfig(), WORLD, precision=precision, compile=compile)  # train.compile
     optimizer = build_optimizer(model, TrainConfig(lr=1e-4), CPU)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -92,6 +95,7 @@ def bench_shape(
     steppers = {
         "lmforge": lmforge_stepper(cfg, precision),
         "transformers": transformers_stepper(cfg, precision),
+        "lmforge_compiled": lmforge_stepper(cfg, precision, compile=True),
     }
     for step in steppers.values():
         time_steps(step, x, y, 3)  # warm up allocator and kernels
@@ -111,6 +115,7 @@ def bench_shape(
         median = statistics.median(values)
         out[key] = {"tokens_per_s": median, "mfu": median * flops_per_token / peak, "all": values}
     out["ratio"] = out["lmforge"]["tokens_per_s"] / out["transformers"]["tokens_per_s"]
+    out["ratio_compiled"] = out["lmforge_compiled"]["tokens_per_s"] / out["transformers"]["tokens_per_s"]
     return out
 
 
@@ -130,7 +135,9 @@ def main() -> None:
             print(
                 f"{name:22s} {precision}: lmforge {r['lmforge']['tokens_per_s']:8.0f} tok/s "
                 f"(MFU {100 * r['lmforge']['mfu']:.1f}%), transformers {r['transformers']['tokens_per_s']:8.0f} "
-                f"tok/s (MFU {100 * r['transformers']['mfu']:.1f}%), ratio {r['ratio']:.2f}x",
+                f"tok/s (MFU {100 * r['transformers']['mfu']:.1f}%), ratio {r['ratio']:.2f}x; "
+                f"lmforge with train.compile {r['lmforge_compiled']['tokens_per_s']:8.0f} tok/s, "
+                f"ratio {r['ratio_compiled']:.2f}x",
                 flush=True,
             )
     report = {

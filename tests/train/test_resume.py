@@ -60,3 +60,16 @@ def test_stop_and_resume_matches_an_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_bf16_and_fp16_runs_learn(tmp_path):
+    losses = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        loader, val = loaders()
+        cfg = tiny_config(tmp_path / precision, f"train.precision={precision}", "train.steps=20")
+        result = train(cfg, loader=loader, val_batches=val, progress=False)
+        assert result.bad_steps == 0 and result.step == 20
+        losses[precision] = result.val_loss
+    # mixed precision follows fp32 closely on the same batches
+    assert abs(losses["bf16"] - losses["fp32"]) < 0.15 and abs(losses["fp16"] - losses["fp32"]) < 0.15
+    assert losses["fp32"] < 3.5  # from ln(64) = 4.16 at the start
