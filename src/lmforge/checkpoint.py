@@ -222,7 +222,9 @@ def load_model_state(directory: str | Path, config: Config) -> dict[str, Any]:
 
     path = Path(directory) / WEIGHTS
     if not path.is_file():
-        raise CheckpointError(f"{directory}: no {WEIGHTS}")
+        sharded = (Path(directory) / "dcp").is_dir()  # written by several processes (distributed/dcp.py)
+        hint = f"; it is sharded: lmforge consolidate {directory} OUT_DIR writes one" if sharded else ""
+        raise CheckpointError(f"{directory}: no {WEIGHTS}{hint}")
     try:
         state = load_file(path)
     except Exception as exc:  # safetensors raises its own error types for corrupt headers

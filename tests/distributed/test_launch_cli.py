@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.checkpoint import load_model, verify_checkpoint
+from lmforge.errors import CheckpointError
 
 SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
 RUN = [
@@ -44,6 +45,9 @@ def test_two_nodes_train_with_fsdp_and_the_checkpoint_consolidates(tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     last = tmp_path / "run" / "checkpoints" / "step_00000006"
     assert verify_checkpoint(last) == [] and (last / "dcp" / ".metadata").is_file()
+
+    with pytest.raises(CheckpointError, match="it is sharded: lmforge consolidate"):
+        load_model(last)  # the single-process tools say how to read it
 
     consolidated = tmp_path / "consolidated"
     done = subprocess.run([sys.executable, "-m", "lmforge.cli", "consolidate", str(tmp_path / "run"),
