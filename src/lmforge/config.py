@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from lmforge.errors import ConfigError
+from lmforge.files import write_text_atomic
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,6 +214,7 @@ class ParallelConfig:
     backend: str = "auto"  # auto: nccl on CUDA, gloo otherwise
     world_size: int | None = None  # when set, must match the launcher's WORLD_SIZE
     timeout_s: float = 600.0  # a collective waiting longer than this on a lost peer ends the job
+    device_memory_gib: float | None = None  # memory per process the planner plans for (None: the device's)
 
     def problems(self) -> list[str]:
         out = []
@@ -222,6 +224,8 @@ class ParallelConfig:
             out.append(f"parallel.timeout_s={self.timeout_s} must be > 0")
         if self.world_size is not None and self.world_size < 1:
             out.append(f"parallel.world_size={self.world_size} must be >= 1")
+        if self.device_memory_gib is not None and self.device_memory_gib <= 0:
+            out.append(f"parallel.device_memory_gib={self.device_memory_gib} must be > 0")
         return out
 
 
@@ -482,6 +486,4 @@ def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True))

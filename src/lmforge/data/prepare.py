@@ -38,6 +38,7 @@ from lmforge.data.tokenizer import (
     train_tokenizer,
 )
 from lmforge.errors import DataError
+from lmforge.files import write_text_atomic
 
 FORMAT = "lmforge-shards-v1"
 CHUNK_DOCS = 256  # at most this many documents per task sent to a worker
@@ -54,9 +55,7 @@ RECIPE_FIELDS = (
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def read_json(path: Path) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.errors import DataError
+from lmforge.files import write_text_atomic
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -67,10 +67,7 @@ class Tokenizer:
         if path.suffix != ".json":
             path = path / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.hf.to_str(pretty=True), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(path, self.hf.to_str(pretty=True))
 
     def tiktoken_encoder(self, sample: list[str]):
         """This tokenizer as a ``tiktoken.Encoding`` (several times faster), or None when it cannot be

@@ -18,12 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lmforge.config import ModelConfig, ParallelConfig
+from lmforge.config import ParallelConfig
 from lmforge.errors import ConfigError
-
-# Adam training state per parameter in fp32: weights 4 + gradients 4 + two moments 8 bytes.
-TRAIN_STATE_BYTES_PER_PARAM = 16
-
 
 _GROUPS_STARTED = 0  # process groups this process has started (a fresh store key space for each)
 
@@ -104,23 +100,6 @@ def device_memory_bytes(device: torch.device, world: World) -> int:
     return psutil.virtual_memory().total // max(1, local_processes)
 
 
-def training_state_bytes(model_cfg: ModelConfig) -> int:
-    """Bytes of weights, gradients and Adam moments for one full replica (activations not counted)."""
-    from lmforge.model.info import count_params
-
-    return TRAIN_STATE_BYTES_PER_PARAM * count_params(model_cfg)
-
-
-def resolve_strategy(parallel: ParallelConfig, world: World, *, state_bytes: int, memory_bytes: int) -> str:
-    """``single`` for one process; otherwise ddp or fsdp as asked, or for ``auto``: FSDP when one replica of
-    the training state (``state_bytes``) would not fit ``memory_bytes``, else DDP (less communication)."""
-    if not world.distributed:
-        return "single"
-    if parallel.strategy != "auto":
-        return parallel.strategy
-    return "fsdp" if state_bytes > memory_bytes else "ddp"
-
-
 def apply_activation_checkpointing(blocks: nn.ModuleList) -> None:
     """Recompute each block's activations in the backward pass instead of storing them.
 
@@ -181,8 +160,9 @@ def parallelize(
     strategy: str | None = None,
 ) -> nn.Module:
     """Activation checkpointing, then ``torch.compile`` per block, then data parallelism (DDP or FSDP2),
-    in that order. ``strategy`` is the resolved one (see ``resolve_strategy``); by default it is resolved
-    here from the model's size and the device's memory. Returns the module to train: the same object for a
+    in that order. ``strategy`` is the resolved one (``lmforge train`` asks the planner,
+    ``plan.planner.plan_training``, for ``parallel.strategy: auto``); by default ``parallel.strategy``, with
+    ``auto`` meaning DDP on several processes. Returns the module to train: the same object for a
     single process and for FSDP (whose parameters become sharded DTensors), a DDP wrapper for DDP.
 
     Gradients are SUMMED over processes, not averaged: each rank backpropagates its share of the global
@@ -194,12 +174,7 @@ def parallelize(
         for block in model.layers:
             block.compile()
     if strategy is None:
-        strategy = resolve_strategy(
-            parallel,
-            world,
-            state_bytes=training_state_bytes(model.cfg),
-            memory_bytes=device_memory_bytes(world.device, world),
-        )
+        strategy = "ddp" if parallel.strategy == "auto" else parallel.strategy
     if parallel.tp > 1:
         raise ConfigError(
             f"parallel.tp={parallel.tp}: tensor parallelism is not implemented yet; use parallel.tp=1 with "

@@ -318,6 +318,14 @@ def split_batch(per_rank_sequences: int, micro_batch_limit: int) -> tuple[int, i
     return math.ceil(per_rank_sequences / grad_accum), grad_accum
 
 
+def exact_split(per_rank_sequences: int, micro_batch_limit: int) -> tuple[int, int]:
+    """(micro_batch, grad_accum) whose product is exactly ``per_rank_sequences``: the largest divisor
+    <= the limit, so a training step keeps the tokens per step the config asks for."""
+    limit = max(1, min(micro_batch_limit, per_rank_sequences))
+    micro_batch = max(d for d in range(1, limit + 1) if per_rank_sequences % d == 0)
+    return micro_batch, per_rank_sequences // micro_batch
+
+
 # -- candidates --------------------------------------------------------------------------------------------
 
 
@@ -564,7 +572,7 @@ def plan_training(
             if leanest is None or memory.total < leanest[1].total:
                 leanest = (f"{strategy}{' + AC' if ac else ''}{' + offload' if offload else ''}", memory)
             continue
-        micro_batch, grad_accum = split_batch(per_rank, micro_limit)
+        micro_batch, grad_accum = exact_split(per_rank, micro_limit)
         layout = dataclasses.replace(layout, micro_batch=micro_batch, grad_accum=grad_accum)
         memory = predicted_memory(cfg.model, layout, hw)
         timing = step_timing(cfg.model, layout, cluster)
@@ -593,3 +601,16 @@ def plan_training(
         f"parallel.cpu_offload, "
         f"or a shorter train.seq_len"
     )
+
+
+def apply_plan(cfg: Config, plan: Plan) -> Config:
+    """``cfg`` as the plan trains it: its micro-batch, accumulation (through ``train.global_batch_tokens``),
+    activation checkpointing and CPU offload. The tokens per step stay those of ``cfg``."""
+    train = dataclasses.replace(
+        cfg.train,
+        micro_batch=plan.micro_batch,
+        global_batch_tokens=plan.tokens_per_step if plan.grad_accum > 1 else cfg.train.global_batch_tokens,
+        activation_checkpointing=plan.activation_checkpointing,
+    )
+    parallel = dataclasses.replace(cfg.parallel, cpu_offload=plan.cpu_offload)
+    return dataclasses.replace(cfg, train=train, parallel=parallel)

@@ -27,7 +27,7 @@ _NOT_IN_KEY = ("prepared", "mixture", "workers", "document_mask")
 @dataclass
 class RunData:
     config: Config  # with model.vocab_size resolved against the tokenizer
-    loader: Any  # TokenLoader interface
+    loader: Any  # TokenLoader interface; None until build_loader when built from cfg.data
     tokenizer: Any | None
     tokenizer_path: str | None
     datasets: dict[str, float]  # prepared folder -> mixture weight (empty for an external loader)
@@ -157,7 +157,10 @@ def read_report(prepared: str | Path) -> dict | None:
 def resolve_data(
     cfg: Config, *, loader, world, cache_dir: str | Path | None, progress: bool | None
 ) -> RunData:
-    """Everything the loop needs from the data, with every check that can fail done before the model exists."""
+    """Everything the loop needs from the data, with every check that can fail done before the model exists.
+
+    A loader built from ``cfg.data`` is left to ``build_loader`` (``loader`` None), once the micro-batch is
+    settled (``parallel.strategy: auto`` may shrink it)."""
     datasets: dict[str, float] = {}
     sources: list[str] = []
     if loader is None:
@@ -170,18 +173,6 @@ def resolve_data(
         cfg = resolve_vocab(cfg, tokenizer.vocab_size, tokenizer_path)
         sizes = {d: n for d in datasets if (n := train_split_tokens(d)) is not None}
         check_shapes(cfg, sizes)
-        from lmforge.data.loader import TokenLoader
-
-        loader = TokenLoader(
-            datasets,
-            split="train",
-            seq_len=cfg.train.seq_len,
-            batch_size=cfg.train.micro_batch,
-            seed=cfg.train.seed,
-            rank=world.rank,
-            world_size=world.world_size,
-            with_doc_ids=cfg.data.document_mask,
-        )
     else:
         tokenizer_path = getattr(loader, "tokenizer_path", None)
         tokenizer = None
@@ -193,6 +184,22 @@ def resolve_data(
         check_shapes(cfg, {})
     report = read_report(next(iter(datasets))) if datasets else None
     return RunData(cfg, loader, tokenizer, tokenizer_path, datasets, sources, report)
+
+
+def build_loader(data: RunData, cfg: Config, world):
+    """The training stream over the prepared folders at ``cfg``'s micro-batch (one disjoint stream per rank)."""
+    from lmforge.data.loader import TokenLoader
+
+    return TokenLoader(
+        data.datasets,
+        split="train",
+        seq_len=cfg.train.seq_len,
+        batch_size=cfg.train.micro_batch,
+        seed=cfg.train.seed,
+        rank=world.rank,
+        world_size=world.world_size,
+        with_doc_ids=cfg.data.document_mask,
+    )
 
 
 def validation_batches(data: RunData, cfg: Config):

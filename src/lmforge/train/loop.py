@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import random
@@ -29,11 +30,22 @@ from torch import nn
 from lmforge import checkpoint as ckpt
 from lmforge.config import Config, save_config
 from lmforge.distributed import dcp
-from lmforge.distributed.parallelize import World, close_world, init_world, is_sharded, parallelize, unwrap
+from lmforge.distributed.parallelize import (
+    World,
+    close_world,
+    device_memory_bytes,
+    init_world,
+    is_sharded,
+    parallelize,
+    unwrap,
+)
 from lmforge.errors import CheckpointError, ConfigError, TrainingError
+from lmforge.files import write_text_atomic
 from lmforge.model.info import model_flops_per_token
 from lmforge.model.transformer import build_model
-from lmforge.train.data import RunData, resolve_data, validation_batches
+from lmforge.plan.planner import apply_plan, plan_training
+from lmforge.train.autoplan import refine_plan_by_trial
+from lmforge.train.data import RunData, build_loader, resolve_data, validation_batches
 from lmforge.train.guards import BadStepGuard, SpikeDetector, StopSignals
 from lmforge.train.metrics import (
     RunLogger,
@@ -320,9 +332,12 @@ def evaluate(model: nn.Module, batches, *, device: torch.device, autocast) -> tu
 
 
 def sample_texts(model: nn.Module, tokenizer, cfg: Config, device: torch.device, step: int) -> list[str]:
-    """One continuation per ``train.sample_prompts``, from a seeded sampler that leaves the global RNG alone."""
+    """One continuation per ``train.sample_prompts`` (none: no samples), from a seeded sampler that leaves
+    the global RNG alone."""
     from lmforge.infer.generate import SamplingConfig, generate
 
+    if not cfg.train.sample_prompts:
+        return []
     sampling = SamplingConfig(
         max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=cfg.train.seed + step
     )
@@ -361,7 +376,19 @@ def train(
         # -- data and the checks that must pass before any weight is allocated --------------------------------
         data: RunData = resolve_data(cfg, loader=loader, world=world, cache_dir=cache_dir, progress=progress)
         cfg = data.config  # the model's vocabulary follows the tokenizer unless set explicitly
-        accum = accumulation_steps(cfg, world.world_size)
+        accumulation_steps(cfg, world.world_size)  # the config's own batch arithmetic must hold
+        plan = None
+        if cfg.parallel.strategy == "auto":
+            plan = plan_training(
+                cfg,
+                device_kind=device.type,
+                world_size=world.world_size,
+                device_memory_bytes=(
+                    int(cfg.parallel.device_memory_gib * 2**30)
+                    if cfg.parallel.device_memory_gib is not None
+                    else device_memory_bytes(device, world)
+                ),
+            )
         check_writable(run_dir, needed_bytes=int(data.parameters * 4 * 3 * 1.1) + (1 << 20))
         found = ckpt.find_resume_checkpoint(run_dir, resume)
         if resume is None and ckpt.list_checkpoints(run_dir):
@@ -379,6 +406,24 @@ def train(
         model = build_model(cfg.model, device=device, seed=tc.seed)
         if adapt_model is not None:
             model = adapt_model(model)
+        if plan is not None:
+            if device.type == "cuda" and plan.strategy != "fsdp" and loader is None:
+                plan = refine_plan_by_trial(model, cfg, plan, world)
+            cfg = apply_plan(cfg, plan)
+            tc = cfg.train
+            log.info(f"plan (parallel.strategy=auto): {plan.describe()}")
+            if world.is_main:
+                write_text_atomic(
+                    run_dir / "plan.json", json.dumps(dataclasses.asdict(plan), indent=2) + "\n"
+                )
+        if data.loader is None:
+            data.loader = build_loader(data, cfg, world)
+        elif getattr(data.loader, "batch_size", tc.micro_batch) != tc.micro_batch:
+            raise ConfigError(
+                f"the plan trains micro-batches of {tc.micro_batch} sequences (to fit memory) but the given "
+                f"data loader yields {data.loader.batch_size}: set train.micro_batch={tc.micro_batch}"
+            )
+        accum = accumulation_steps(cfg, world.world_size)
         model = parallelize(
             model,
             cfg.parallel,
@@ -386,6 +431,7 @@ def train(
             precision=tc.precision,
             activation_checkpointing=tc.activation_checkpointing,
             compile=tc.compile,
+            strategy=plan.strategy if plan is not None else None,
         )
         optimizer = build_optimizer(model, tc, device)
         scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
@@ -594,13 +640,13 @@ def train(
             )  # a preempted run leaves at once; a timed one samples
             if not by_signal and world.is_main and data.tokenizer is not None and not is_sharded(model):
                 samples = sample_texts(unwrap(model), data.tokenizer, cfg, device, step)
-                write_text(
+                write_text_atomic(
                     run_dir / "samples.txt", "\n\n".join(f"--- step {step} ---\n{s}" for s in samples) + "\n"
                 )
             card = model_card(summary)
             last_checkpoint = save(step, extra={"MODEL_CARD.md": card})
             if world.is_main:
-                write_text(run_dir / "MODEL_CARD.md", card)
+                write_text_atomic(run_dir / "MODEL_CARD.md", card)
                 plot_runs([run_dir], run_dir / "loss.png")
             if stopped_by is not None:
                 log.info(
@@ -634,12 +680,6 @@ def memory_gb(device: torch.device) -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2**30
-
-
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def run_summary(

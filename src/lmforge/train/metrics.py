@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from lmforge.files import write_text_atomic
+
 LOGGER_NAME = "lmforge"
 
 
@@ -205,9 +207,7 @@ def truncate_metrics(run_dir: str | Path, after_step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= after_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 # -- MFU ---------------------------------------------------------------------------------------------------
