@@ -195,10 +195,17 @@ def test_hardware_lookup_and_unknown_names():
         ("NVIDIA L4", 22.0, "L4"),
         ("NVIDIA GeForce RTX 4090", 23.6, "RTX-4090"),
         ("NVIDIA H200", 139.8, "H200"),
+        ("NVIDIA H100 PCIe", 79.2, "H100-PCIe"),
+        ("NVIDIA A10G", 22.0, "A10G"),
+        ("NVIDIA L40S", 44.5, "L40S"),
+        ("Tesla V100-SXM2-32GB", 31.7, "V100-32GB"),
+        ("Tesla T4", 14.7, "T4"),
+        ("NVIDIA GeForce RTX 3090", 23.6, "RTX-3090"),
     ],
 )
 def test_device_names_map_to_the_table(device_name, memory_gib, expected):
     hw = hardware_from_device_name(device_name, int(memory_gib * GIB))
+    assert hw.name == expected and hw.fp32_tflops > 0  # also the fp32 peak an fp32 run's MFU uses
     assert hw.peak_tflops == KNOWN_HARDWARE[expected].peak_tflops
     assert hw.memory_gib == pytest.approx(memory_gib)
 

@@ -29,6 +29,7 @@ class Hardware:
     name: str
     kind: str = "cuda"  # cuda or cpu
     peak_tflops: float  # dense bf16 matmul peak, TFLOP/s
+    fp32_tflops: float = 0.0  # dense fp32 peak without TF32, TFLOP/s (MFU of fp32 runs; 0: unknown)
     memory_gib: float  # memory usable by one process
     memory_bandwidth_gbs: float  # HBM / GDDR / DRAM bandwidth, GB/s
     link_gbs: float  # one-direction bandwidth to the other GPUs of the node, GB/s (NVLink or PCIe)
@@ -62,36 +63,61 @@ def _mib(mib: int) -> float:
     return mib * MIB / GIB
 
 
-# Data sheets: NVIDIA A100 (2021), H100 SXM5 (2023), H200 SXM (2024), L4 (2023), A10 (2021), GeForce RTX 4090
-# (Ada whitepaper: 165.2 TFLOP/s bf16 with fp32 accumulate). NVLink 3 = 600 GB/s, NVLink 4 = 900 GB/s total
+# Data sheets: NVIDIA A100 (2021), H100 SXM5/PCIe (2023), H200 SXM (2024), L4 (2023), L40S (2023), A10 (2021),
+# A10G (AWS G5), V100 SXM2 32GB, T4, GeForce RTX 4090 (Ada whitepaper: 165.2 TFLOP/s bf16 with fp32
+# accumulate) and RTX 3090 (Ampere whitepaper: 71 TFLOP/s). Dense peaks, no sparsity. NVLink 3 = 600 GB/s, NVLink 4 = 900 GB/s total
 # (both directions); L4, A10 and RTX 4090 talk over PCIe 4.0 x16 (~25 GB/s achieved per direction).
 KNOWN_HARDWARE: dict[str, Hardware] = {
     "A100-40GB": Hardware(
-        name="A100-40GB", peak_tflops=312.0, memory_gib=_mib(40960), memory_bandwidth_gbs=1555.0,
+        name="A100-40GB", peak_tflops=312.0, fp32_tflops=19.5, memory_gib=_mib(40960), memory_bandwidth_gbs=1555.0,
         link_gbs=300.0, pcie_gbs=25.0,
     ),
     "A100-80GB": Hardware(
-        name="A100-80GB", peak_tflops=312.0, memory_gib=_mib(81920), memory_bandwidth_gbs=2039.0,
+        name="A100-80GB", peak_tflops=312.0, fp32_tflops=19.5, memory_gib=_mib(81920), memory_bandwidth_gbs=2039.0,
         link_gbs=300.0, pcie_gbs=25.0,
     ),
     "H100-80GB": Hardware(
-        name="H100-80GB", peak_tflops=989.0, memory_gib=_mib(81559), memory_bandwidth_gbs=3350.0,
+        name="H100-80GB", peak_tflops=989.0, fp32_tflops=67.0, memory_gib=_mib(81559), memory_bandwidth_gbs=3350.0,
         link_gbs=450.0, pcie_gbs=50.0, host_memory_gib=2048.0, host_bandwidth_gbs=300.0,
     ),
     "H200": Hardware(
-        name="H200", peak_tflops=989.0, memory_gib=_mib(143771), memory_bandwidth_gbs=4800.0,
+        name="H200", peak_tflops=989.0, fp32_tflops=67.0, memory_gib=_mib(143771), memory_bandwidth_gbs=4800.0,
         link_gbs=450.0, pcie_gbs=50.0, host_memory_gib=2048.0, host_bandwidth_gbs=300.0,
     ),
     "L4": Hardware(
-        name="L4", peak_tflops=121.0, memory_gib=_mib(23034), memory_bandwidth_gbs=300.0,
+        name="L4", peak_tflops=121.0, fp32_tflops=30.3, memory_gib=_mib(23034), memory_bandwidth_gbs=300.0,
         link_gbs=25.0, pcie_gbs=25.0, host_memory_gib=192.0, host_bandwidth_gbs=50.0, overhead_gib=1.0,
     ),
     "A10": Hardware(
-        name="A10", peak_tflops=125.0, memory_gib=_mib(23028), memory_bandwidth_gbs=600.0,
+        name="A10", peak_tflops=125.0, fp32_tflops=31.2, memory_gib=_mib(23028), memory_bandwidth_gbs=600.0,
         link_gbs=25.0, pcie_gbs=25.0, host_memory_gib=192.0, host_bandwidth_gbs=50.0, overhead_gib=1.0,
     ),
     "RTX-4090": Hardware(
-        name="RTX-4090", peak_tflops=165.2, memory_gib=_mib(24564), memory_bandwidth_gbs=1008.0,
+        name="RTX-4090", peak_tflops=165.2, fp32_tflops=82.6, memory_gib=_mib(24564), memory_bandwidth_gbs=1008.0,
+        link_gbs=25.0, pcie_gbs=25.0, host_memory_gib=128.0, host_bandwidth_gbs=50.0, overhead_gib=1.0,
+    ),
+    "H100-PCIe": Hardware(
+        name="H100-PCIe", peak_tflops=756.0, fp32_tflops=51.0, memory_gib=_mib(81559),
+        memory_bandwidth_gbs=2000.0, link_gbs=25.0, pcie_gbs=50.0, host_memory_gib=1024.0,
+    ),
+    "L40S": Hardware(
+        name="L40S", peak_tflops=362.0, fp32_tflops=91.6, memory_gib=_mib(46068), memory_bandwidth_gbs=864.0,
+        link_gbs=25.0, pcie_gbs=25.0, host_memory_gib=512.0, overhead_gib=1.0,
+    ),
+    "A10G": Hardware(
+        name="A10G", peak_tflops=70.0, fp32_tflops=31.2, memory_gib=_mib(23028), memory_bandwidth_gbs=600.0,
+        link_gbs=25.0, pcie_gbs=25.0, host_memory_gib=192.0, host_bandwidth_gbs=50.0, overhead_gib=1.0,
+    ),
+    "V100-32GB": Hardware(  # no bf16: the fp16 tensor-core peak
+        name="V100-32GB", peak_tflops=125.0, fp32_tflops=15.7, memory_gib=_mib(32510),
+        memory_bandwidth_gbs=900.0, link_gbs=150.0, pcie_gbs=12.0, host_memory_gib=512.0,
+    ),
+    "T4": Hardware(  # no bf16: the fp16 tensor-core peak
+        name="T4", peak_tflops=65.0, fp32_tflops=8.1, memory_gib=_mib(15095), memory_bandwidth_gbs=320.0,
+        link_gbs=12.0, pcie_gbs=12.0, host_memory_gib=128.0, host_bandwidth_gbs=50.0, overhead_gib=1.0,
+    ),
+    "RTX-3090": Hardware(
+        name="RTX-3090", peak_tflops=71.0, fp32_tflops=35.6, memory_gib=_mib(24576), memory_bandwidth_gbs=936.0,
         link_gbs=25.0, pcie_gbs=25.0, host_memory_gib=128.0, host_bandwidth_gbs=50.0, overhead_gib=1.0,
     ),
     # A nominal 16-core server CPU (AVX-512 bf16): detection replaces cores and memory with the real ones.
@@ -105,12 +131,21 @@ KNOWN_HARDWARE: dict[str, Hardware] = {
 # Substrings of torch.cuda.get_device_name() -> table entry; longest first so "A100" wins over "A10".
 _DEVICE_NAME_HINTS: list[tuple[str, str]] = [
     ("H200", "H200"),
+    ("H100 PCIe", "H100-PCIe"),
     ("H100", "H100-80GB"),
     ("A100", "A100-80GB"),
     ("RTX 4090", "RTX-4090"),
+    ("RTX 3090", "RTX-3090"),
+    ("L40S", "L40S"),
+    ("V100", "V100-32GB"),
+    ("T4", "T4"),
     ("L4", "L4"),
+    ("A10G", "A10G"),
     ("A10", "A10"),
 ]
+
+# What a bare family name means when several entries share it: the SXM H100, the 80 GB A100.
+_SHORT_NAMES = {"h100": "H100-80GB", "a100": "A100-80GB"}
 
 CPU_TFLOPS_PER_CORE = 0.1  # bf16, AVX-512 at ~2.5 GHz; --probe measures the real figure
 
@@ -151,6 +186,8 @@ def lookup_hardware(name: str, table: dict[str, Hardware] | None = None) -> Hard
     by_lower = {key.lower(): hw for key, hw in table.items()}
     if name.lower() in by_lower:
         return by_lower[name.lower()]
+    if name.lower() in _SHORT_NAMES and _SHORT_NAMES[name.lower()] in table:
+        return table[_SHORT_NAMES[name.lower()]]
     prefixed = [hw for key, hw in by_lower.items() if key.startswith(name.lower())]
     if len(prefixed) == 1 and name:  # "H100" for "H100-80GB"
         return prefixed[0]

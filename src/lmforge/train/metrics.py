@@ -212,33 +212,6 @@ def truncate_metrics(run_dir: str | Path, after_step: int) -> None:
 
 # -- MFU ---------------------------------------------------------------------------------------------------
 
-# Dense (no sparsity) peak TFLOPS from the vendors' data sheets: (bf16/fp16 tensor cores, fp32 without TF32).
-GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
-    "H200": (989.0, 67.0),
-    "H100 SXM": (989.0, 67.0),
-    "H100 NVL": (835.0, 60.0),
-    "H100 PCIe": (756.0, 51.0),
-    "H100": (989.0, 67.0),
-    "A100": (312.0, 19.5),
-    "L40S": (362.0, 91.6),
-    "L4": (121.0, 30.3),
-    "A10G": (70.0, 31.2),
-    "A10": (125.0, 31.2),
-    "RTX 4090": (165.2, 82.6),
-    "RTX 3090": (71.0, 35.6),
-    "V100": (125.0, 15.7),
-    "T4": (65.0, 8.1),
-}
-
-
-def gpu_peak_flops(device_name: str, precision: str) -> float | None:
-    """Peak FLOP/s of a GPU from the table (longest matching name first), or None when it is not listed."""
-    for name in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
-        if name.lower() in device_name.lower():
-            bf16, fp32 = GPU_PEAK_TFLOPS[name]
-            return 1e12 * (fp32 if precision == "fp32" else bf16)
-    return None
-
 
 def cpu_name() -> str:
     try:
@@ -298,11 +271,20 @@ def cpu_peak_flops(precision: str, cache_dir: str | Path | None) -> float:
 
 
 def peak_flops(device, precision: str, cache_dir: str | Path | None) -> float | None:
-    """Peak FLOP/s of one device for MFU: the GPU table, or the measured CPU matmul peak."""
+    """Peak FLOP/s of one device for MFU: the GPU's entry in the planner's hardware table
+    (``plan.hardware``), or the measured CPU matmul peak."""
     import torch
 
     if device.type == "cuda":
-        return gpu_peak_flops(torch.cuda.get_device_name(device), precision)
+        from lmforge.errors import ConfigError
+        from lmforge.plan.hardware import hardware_from_device_name
+
+        props = torch.cuda.get_device_properties(device)
+        try:
+            hw = hardware_from_device_name(props.name, props.total_memory)
+        except ConfigError:  # a GPU missing from the table: no MFU, the rest of the metrics stand
+            return None
+        return (hw.fp32_tflops * 1e12 or None) if precision == "fp32" else hw.peak_flops
     if device.type == "cpu":
         return cpu_peak_flops(precision, cache_dir)
     return None
