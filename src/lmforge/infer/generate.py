@@ -103,11 +103,11 @@ def next_tokens(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """The next token (B,) from last-position logits (B, V): penalty, then temperature, top-k, top-p, sample."""
-    logits = logits.float()
     if seen is not None and sampling.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+        logits = apply_repetition_penalty(logits.float(), seen, sampling.repetition_penalty)
     if sampling.greedy:
-        return logits.argmax(dim=-1)
+        return logits.argmax(dim=-1)  # the float cast cannot change the argmax of finite logits
+    logits = logits.float()
     logits = filter_top_k_top_p(logits / sampling.temperature, sampling.top_k, sampling.top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -154,7 +154,7 @@ def check_prompts(prompts: Sequence[Sequence[int]], max_seq_len: int) -> None:
         raise DataError("cannot generate:\n  " + "\n  ".join(problems))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_ids(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -196,36 +196,46 @@ def generate_ids(
         hidden = model.hidden_states(ids, attention_mask=mask, position_ids=positions, cache=cache)
     else:
         hidden = model.hidden_states(ids, attention_mask=mask, position_ids=positions)
-    logits = model.lm_head(hidden[:, -1])  # (B, V)
+    logits = model.lm_head(hidden[:, -1])  # (B, V): only the last position's logits are needed
 
     generated: list[list[int]] = [[] for _ in range(batch)]
     reasons: list[str | None] = [None] * batch
-    last_position = positions[:, -1:]  # (B, 1)
+    unfinished = batch
+    # positions of every token still to feed, computed once: (B, budget)
+    step_positions = positions[:, -1:] + torch.arange(1, budget + 1, device=device)
+    if not use_cache:  # the reference path grows full-length buffers instead of concatenating every step
+        ids = torch.cat([ids, ids.new_zeros(batch, budget)], dim=1)  # (B, L + budget)
+        mask = torch.cat([mask, mask.new_ones(batch, budget)], dim=1)
+        positions = torch.cat([positions, step_positions], dim=1)
     for step in range(budget):
         token = next_tokens(logits, seen, sampling, generator)  # (B,)
-        token_list = token.tolist()
+        token_list = token.tolist()  # the one device -> host transfer per step: stopping needs the ids
         for row in range(batch):
             if reasons[row] is not None:
                 continue
             if eos_id is not None and token_list[row] == eos_id:
                 reasons[row] = "eos"
+                unfinished -= 1
                 continue
             generated[row].append(token_list[row])
             if on_token is not None and on_token(row, generated[row]):
                 reasons[row] = "stop"
-        if all(r is not None for r in reasons) or step == budget - 1:
+                unfinished -= 1
+        if unfinished == 0 or step == budget - 1:
             break
         if seen is not None:
-            seen[torch.arange(batch, device=device), token] = True
-        last_position = last_position + 1
+            seen.scatter_(1, token.unsqueeze(1), True)
         step_ids = token.unsqueeze(1)  # (B, 1)
         if cache is not None:
-            hidden = model.hidden_states(step_ids, position_ids=last_position, cache=cache)
+            hidden = model.hidden_states(
+                step_ids, position_ids=step_positions[:, step : step + 1], cache=cache
+            )
         else:
-            ids = torch.cat([ids, step_ids], dim=1)
-            mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
-            positions = torch.cat([positions, last_position], dim=1)
-            hidden = model.hidden_states(ids, attention_mask=mask, position_ids=positions)
+            end = longest + step + 1
+            ids[:, end - 1 : end] = step_ids
+            hidden = model.hidden_states(
+                ids[:, :end], attention_mask=mask[:, :end], position_ids=positions[:, :end]
+            )
         logits = model.lm_head(hidden[:, -1])
     for row in range(batch):
         if reasons[row] is None:

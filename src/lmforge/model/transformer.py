@@ -81,13 +81,15 @@ class KVCache:
     """Pre-allocated keys and values for incremental decoding: one (B, Hkv, max_len, hd) pair per layer.
 
     ``length`` is the number of positions already filled; ``key_mask`` (B, max_len) marks which cached
-    positions are real tokens (False for left padding in batched generation).
+    positions are real tokens (False for left padding in batched generation); ``padded`` records whether any
+    is False, so a decoding step needs no check (and no device sync) to skip the mask.
     """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     key_mask: torch.Tensor
     length: int = 0
+    padded: bool = False
 
     @classmethod
     def empty(
@@ -315,13 +317,18 @@ class Transformer(nn.Module):
         if cache is not None:
             if attention_mask is not None:
                 cache.key_mask[:, : start + T] = attention_mask[:, -(start + T) :].bool()
-            key_mask = cache.key_mask[:, : start + T]
+                cache.padded = not bool(cache.key_mask[:, : start + T].all())
+            if cache.padded:
+                key_mask = cache.key_mask[:, : start + T]
         elif attention_mask is not None:
             key_mask = attention_mask.bool()
-        if key_mask is not None and bool(key_mask.all()):
-            key_mask = None
+            if bool(key_mask.all()):
+                key_mask = None
         if T == 1 and doc_ids is None and key_mask is None:
             mask = None  # one new token sees every cached key: no mask needed
+        elif T == 1 and doc_ids is None and cache is not None and attention_mask is None:
+            # a decoding step: the new key is real (the cache starts all True), so the padding mask is all
+            mask = key_mask[:, None, None, :]  # (B, 1, 1, S), a view: nothing built per step
         else:
             mask = attention_mask_for(
                 batch=B, q_len=T, start=start, device=idx.device, doc_ids=doc_ids, key_mask=key_mask
