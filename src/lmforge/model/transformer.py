@@ -90,6 +90,7 @@ class KVCache:
     key_mask: torch.Tensor
     length: int = 0
     padded: bool = False
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def empty(
@@ -105,6 +106,16 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.keys[0].shape[2]
+
+    def rope_at(
+        self, position_ids: torch.Tensor, inv_freq: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin (B, T, hd) for ``position_ids`` (B, T), looked up in a table made once per cache
+        (bit-identical to ``rope_cos_sin``: the same elementwise operations on the same values)."""
+        if self.rope is None:
+            self.rope = rope_cos_sin(torch.arange(self.max_len, device=inv_freq.device)[None], inv_freq)
+        cos, sin = self.rope  # (1, max_len, hd) each
+        return cos[0][position_ids], sin[0][position_ids]
 
 
 def attention_mask_for(
@@ -307,7 +318,11 @@ class Transformer(nn.Module):
         x = self.embed_tokens(idx)  # (B, T, C)
         rope = None
         if self.cfg.position == "rope":
-            rope = rope_cos_sin(position_ids, self.rope_inv_freq)
+            rope = (
+                cache.rope_at(position_ids, self.rope_inv_freq)
+                if cache is not None
+                else rope_cos_sin(position_ids, self.rope_inv_freq)
+            )
         elif self.cfg.position == "learned":
             x = x + self.embed_positions(position_ids)
         else:
