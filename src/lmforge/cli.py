@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -141,9 +142,10 @@ def _run_train(args) -> int:
     result = train(
         cfg, resume=args.resume, cache_dir=_cache_dir(), progress=False if args.no_progress else None
     )
-    for text in result.samples:
-        print(f"--- sample ---\n{text}")
-    print(f"run folder: {result.run_dir} (checkpoint {result.checkpoint})")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the job
+        for text in result.samples:
+            print(f"--- sample ---\n{text}")
+        print(f"run folder: {result.run_dir} (checkpoint {result.checkpoint})")
     if result.stopped_by in ("SIGINT", "SIGTERM"):
         return 128 + int(getattr(signal, result.stopped_by))
     return 0
