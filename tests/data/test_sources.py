@@ -113,3 +113,37 @@ def test_expand_sources(tmp_path):
     ]
     with pytest.raises(DataError, match="matches no file"):
         expand_sources([str(tmp_path / "nope*.txt")])
+
+
+def test_json_array_is_streamed_record_by_record(tmp_path):
+    import tracemalloc
+
+    records = [{"id": i, "text": f"record {i} " + "é漢😀 " * (i % 97), "score": i / 7} for i in range(30_000)]
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")  # 16 MB, 1 MB chunks
+    size = path.stat().st_size
+    assert size > 15 * 2**20
+    stats = SourceStats()
+    tracemalloc.start()
+    count = 0
+    for i, doc in enumerate(read_documents([path], text_field="text", chunk_chars=0, stats=stats)):
+        assert doc.text == records[i]["text"] and doc.origin == f"{path}[{i}]"
+        count += 1
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert count == len(records)
+    # whole, the file's text alone would take > 60 MiB as a Python str (4 bytes per character with emoji)
+    assert peak < 12 * 2**20, f"peak {peak / 2**20:.1f} MiB of Python memory for a {size / 2**20:.1f} MiB file"
+
+
+def test_json_edge_cases_and_malformed_arrays_name_the_line(tmp_path):
+    (tmp_path / "empty.json").write_text("  [ ]\n", encoding="utf-8")
+    (tmp_path / "one.json").write_text('{"text": "only"}', encoding="utf-8")
+    assert read([tmp_path / "empty.json"])[0] == []
+    assert [d.text for d in read([tmp_path / "one.json"])[0]] == ["only"]
+    (tmp_path / "bad.json").write_text('[\n{"text": "a"},\n{"text": "b"}\n{"text": "c"}\n]', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.json:4: malformed JSON \(expected , or \]"):
+        read([tmp_path / "bad.json"])
+    (tmp_path / "cut.json").write_text('[\n{"text": "a"},\n{"text": "b', encoding="utf-8")
+    with pytest.raises(DataError, match=r"cut\.json:3: malformed JSON"):
+        read([tmp_path / "cut.json"])

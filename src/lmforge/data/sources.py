@@ -284,19 +284,91 @@ def _read_json(path: Path, text_field: str, stats: SourceStats, strict: bool) ->
         f.close()
 
 
-def _json_whole(f: IO[bytes], path: Path, stats: SourceStats) -> list | None:
-    """A whole ``.json`` file as a list of records (read at once: the stdlib cannot stream a JSON array);
-    None when the file holds several values, i.e. it is JSON Lines under a .json name."""
-    decode = _Decoder(stats)
-    text = decode(f.read(), final=True)
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":
+JSON_CHUNK_BYTES = 1 << 20
+
+
+class _JsonStream:
+    """Decoded text of a ``.json`` file read in chunks, with a cursor; consumed text is dropped, so memory
+    holds about one record and one chunk whatever the file size."""
+
+    def __init__(self, f: IO[bytes], path: Path, stats: SourceStats, chunk_bytes: int = JSON_CHUNK_BYTES):
+        self.f, self.path, self.chunk_bytes = f, path, chunk_bytes
+        self.decode = _Decoder(stats)
+        self.buf, self.pos, self.lines_before, self.eof = "", 0, 0, False
+        self.parser = json.JSONDecoder()
+
+    def more(self) -> bool:
+        """Append the next chunk (dropping what the cursor has passed); False at the end of the file."""
+        if self.eof:
+            return False
+        self.lines_before += self.buf.count("\n", 0, self.pos)
+        self.buf, self.pos = self.buf[self.pos :], 0
+        data = self.f.read(self.chunk_bytes)
+        self.eof = not data
+        self.buf += self.decode(data, final=self.eof)
+        return True
+
+    def peek(self) -> str:
+        """The next non-whitespace character ('' at the end of the file), without consuming it."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.buf) or not self.more():
+                return self.buf[self.pos : self.pos + 1]
+
+    def line(self, pos: int | None = None) -> int:
+        return self.lines_before + self.buf.count("\n", 0, self.pos if pos is None else pos) + 1
+
+    def value(self):
+        """The next JSON value. It counts only once a character follows it (or the file ends), so a number
+        cut by a chunk boundary is never read short."""
+        self.peek()  # past whitespace
+        while True:
+            try:
+                value, end = self.parser.raw_decode(self.buf, self.pos)
+                if end < len(self.buf) or self.eof:
+                    self.pos = end
+                    return value
+            except json.JSONDecodeError as exc:
+                if self.eof:
+                    raise DataError(f"{self.path}:{self.line(exc.pos)}: malformed JSON ({exc.msg})") from None
+            self.more()
+
+    def expect(self, allowed: str) -> str:
+        char = self.peek()
+        if not char or char not in allowed:
+            found = repr(char) if char else "the end of the file"
+            raise DataError(f"{self.path}:{self.line()}: malformed JSON (expected {' or '.join(allowed)}, "
+                            f"found {found})")  # fmt: skip
+        self.pos += 1
+        return char
+
+
+def _json_whole(f: IO[bytes], path: Path, stats: SourceStats) -> Iterator | None:
+    """The records of a ``.json`` file holding one object or an array of them, streamed (an array is parsed
+    element by element); None when the file holds several values, i.e. it is JSON Lines under a .json name."""
+    stream = _JsonStream(f, path, stats)
+    if stream.peek() != "[":
+        value = stream.value()
+        if stream.peek():
             return None
-        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-    decode.finish()
-    return value if isinstance(value, list) else [value]
+        stream.decode.finish()
+        return iter([value])
+
+    def records():
+        stream.expect("[")
+        if stream.peek() == "]":
+            stream.pos += 1
+        else:
+            while True:
+                yield stream.value()
+                if stream.expect(",]") == "]":
+                    break
+        if stream.peek():
+            raise DataError(f"{path}:{stream.line()}: malformed JSON (extra data after the array)")
+        stream.decode.finish()
+
+    return records()
 
 
 def _column_texts(table_batches, text_field: str, where: str, stats: SourceStats) -> Iterator[Document]:
