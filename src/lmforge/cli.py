@@ -272,6 +272,12 @@ def _add_eval(sub) -> None:
     p.add_argument("model", help="an lmforge run/checkpoint folder or a Hugging Face model folder")
     p.add_argument("--text", action="append", default=[], help="a UTF-8 text file to score (repeatable)")
     p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        help="a folder written by `lmforge data prepare`: score its val split (repeatable)",
+    )
+    p.add_argument(
         "--task", action="append", default=[], help="a multiple-choice JSONL file (HellaSwag format)"
     )
     p.add_argument("--limit", type=int, default=None, help="first N items of each task")
@@ -290,13 +296,14 @@ def _run_eval(args) -> int:
         evaluate_choice_task,
         format_table,
         score_file,
+        score_prepared,
         task_name,
         write_results,
     )
     from lmforge.infer.loading import load_for_inference
 
-    if not args.text and not args.task:
-        raise DataError("nothing to evaluate: give --text FILE and/or --task FILE.jsonl")
+    if not args.text and not args.task and not args.data:
+        raise DataError("nothing to evaluate: give --text FILE, --data PREPARED_DIR and/or --task FILE.jsonl")
     missing = [p for p in args.text + args.task if not Path(p).is_file()]
     if missing:
         raise DataError(f"{missing[0]}: no such file")
@@ -315,6 +322,19 @@ def _run_eval(args) -> int:
             max_tokens=args.max_tokens,
         )
         results[Path(path).name] = score.to_dict()
+    for folder in args.data:
+        score = score_prepared(
+            loaded.model,
+            tokenizer,
+            folder,
+            device=device,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+        )
+        results[f"{Path(folder).name}/val"] = score.to_dict()
+        if score.note:
+            print(f"{folder}: no bits per byte: {score.note}")
     for path in args.task:
         results[task_name(path)] = evaluate_choice_task(
             loaded.model, tokenizer, path, device=device, limit=args.limit, batch_size=args.batch_size

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,3 +149,132 @@ def test_malformed_task_lines_name_file_and_line(tmp_path):
     path.write_text(json.dumps({"text": "hello"}) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"bad.jsonl:1: not a multiple-choice record"):
         load_choice_task(path)
+
+
+# -- prepared validation shards ----------------------------------------------------------------------------
+
+
+def prepare_corpus(tmp_path: Path, tokenizer_chars: str, name: str = "prepared") -> tuple[Path, list[str]]:
+    """Unique documents with multi-byte characters, prepared with a char tokenizer into small shards."""
+    from lmforge.config import DataConfig
+    from lmforge.data.prepare import prepare_data
+    from lmforge.data.tokenizer import char_tokenizer
+
+    rng = np.random.default_rng(0)
+    words = np.array(["café", "naïve", "the", "cat", "sat", "über", "a", "mat"])
+    docs = [f"{i}: " + " ".join(rng.choice(words, rng.integers(3, 12))) for i in range(30)]
+    source = write_jsonl(tmp_path / f"{name}.jsonl", [{"text": d} for d in docs])
+    tok_file = char_tokenizer(tokenizer_chars).save(tmp_path / f"{name}_tok" / "tokenizer.json")
+    cfg = DataConfig(tokenizer=str(tok_file), val_fraction=0.5, shard_tokens=300, seed=3)
+    prepare_data(cfg, [str(source)], tmp_path / name, progress=False)
+    return tmp_path / name, docs
+
+
+def read_val_stream(folder: Path) -> tuple[np.ndarray, int]:
+    """The val split's tokens read straight from the shard files (independent of lmforge's loader)."""
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    shards = meta["splits"]["val"]["shards"]
+    stream = np.concatenate([np.fromfile(folder / s["file"], dtype=meta["dtype"]) for s in shards])
+    return stream.astype(np.int64), int(meta["eot_id"])
+
+
+def hf_windows_nll(hf, tokens: list[int], seq_len: int) -> float:
+    """Summed NLL of tokens[1:] from transformers' logits over windows of seq_len predictions (the full
+    windows in one batch, then the shorter last one)."""
+    n_full = (len(tokens) - 1) // seq_len
+    pieces = [torch.tensor(tokens[k * seq_len : (k + 1) * seq_len + 1]) for k in range(n_full)]
+    batches = [torch.stack(pieces)] if pieces else []
+    if n_full * seq_len < len(tokens) - 1:
+        batches.append(torch.tensor(tokens[n_full * seq_len :])[None])
+    total = 0.0
+    for batch in batches:
+        with torch.no_grad():
+            logits = hf(batch[:, :-1]).logits.double()  # (B, T, V)
+        total += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"
+        )
+    return float(total)
+
+
+CHARS = "0123456789: abcdefghijklmnopqrstuvwxyzéïü"
+
+
+def test_prepared_val_split_matches_transformers_and_counts_bytes(tmp_path):
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.infer.evaluate import score_prepared
+
+    folder, docs = prepare_corpus(tmp_path, CHARS)
+    tokenizer = load_tokenizer(folder)
+    model = tiny_model(vocab_size=tokenizer.vocab_size, max_seq_len=32)
+    hf = hf_llama(model)
+    stream, eot = read_val_stream(folder)
+    assert (
+        len(json.loads((folder / "meta.json").read_text())["splits"]["val"]["shards"]) > 1
+    )  # crosses shards
+    val_docs = [
+        tokenizer.decode(part[:-1].tolist())
+        for part in np.split(stream, np.flatnonzero(stream == eot) + 1)[:-1]
+    ]
+    assert val_docs and set(val_docs) <= set(docs)  # decoding gives back the source documents
+
+    score = score_prepared(model, tokenizer, folder, device=CPU, seq_len=32, batch_size=3)
+    expected = hf_windows_nll(hf, [eot] + stream.tolist(), 32)
+    assert score.tokens == len(stream)
+    assert score.nll == pytest.approx(expected, rel=1e-5)
+    n_bytes = sum(len(d.encode("utf-8")) for d in val_docs)
+    assert n_bytes > sum(len(d) for d in val_docs)  # multi-byte characters are counted as bytes
+    assert score.bytes == n_bytes
+    assert score.bits_per_byte == pytest.approx(expected / (n_bytes * math.log(2)), rel=1e-5)
+
+    # a cap keeps whole documents only; inside the first document the bytes are unknown, and said so
+    ends = np.flatnonzero(stream == eot)
+    capped = score_prepared(model, tokenizer, folder, device=CPU, seq_len=32, max_tokens=int(ends[2]) + 5)
+    assert capped.tokens == ends[2] + 1
+    assert capped.nll == pytest.approx(
+        hf_windows_nll(hf, [eot] + stream[: ends[2] + 1].tolist(), 32), rel=1e-5
+    )
+    assert capped.bytes == sum(len(d.encode("utf-8")) for d in val_docs[:3])
+    inside = score_prepared(model, tokenizer, folder, device=CPU, seq_len=32, max_tokens=int(ends[0]))
+    assert inside.bits_per_byte is None and "inside a document" in inside.note
+    assert inside.to_dict()["bits_per_byte"] is None
+
+
+def test_prepared_data_of_another_tokenizer_is_refused(tmp_path):
+    from lmforge.data.tokenizer import char_tokenizer
+    from lmforge.infer.evaluate import score_prepared
+
+    folder, _ = prepare_corpus(tmp_path, CHARS)
+    other = char_tokenizer(CHARS[::-1])  # the same characters under other ids
+    model = tiny_model(vocab_size=other.vocab_size, max_seq_len=32)
+    with pytest.raises(
+        DataError, match=r"prepared with tokenizer .* the model's tokenizer is .* Prepare the data"
+    ):
+        score_prepared(model, other, folder, device=CPU)
+
+
+def test_eval_cli_scores_prepared_data(tmp_path, capsys):
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.cli import main
+    from lmforge.config import Config
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.infer.evaluate import score_prepared
+
+    folder, _ = prepare_corpus(tmp_path, CHARS)
+    model = tiny_model(vocab_size=load_tokenizer(folder).vocab_size, max_seq_len=32)
+    ckpt = save_checkpoint(
+        tmp_path / "ckpt",
+        model_state=model.state_dict(),
+        config=Config(model=model.cfg),
+        tokenizer_file=folder / "tokenizer.json",
+    )
+    out = tmp_path / "results.json"
+    assert main(["eval", str(ckpt), "--data", str(folder), "--out", str(out), "--device", "cpu"]) == 0
+    result = json.loads(out.read_text())["results"][f"{folder.name}/val"]
+    expected = score_prepared(model, load_tokenizer(folder), folder, device=CPU, batch_size=16)
+    assert result["loss"] == pytest.approx(expected.loss, rel=1e-6)
+    assert result["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-6)
+    assert "bits_per_byte" in capsys.readouterr().out
+
+    other, _ = prepare_corpus(tmp_path, CHARS[::-1], name="other")
+    assert main(["eval", str(ckpt), "--data", str(other), "--device", "cpu"]) == 2
+    assert "prepared with tokenizer" in capsys.readouterr().err

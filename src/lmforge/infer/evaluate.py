@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -29,11 +30,13 @@ from lmforge.model.transformer import Transformer
 
 @dataclass
 class TextScore:
-    """Summed negative log-likelihood (nats) of ``tokens`` predicted tokens that spell ``bytes`` bytes."""
+    """Summed negative log-likelihood (nats) of ``tokens`` predicted tokens that spell ``bytes`` bytes
+    (None when the byte count is unknown; ``note`` then says why)."""
 
     nll: float
     tokens: int
-    bytes: int
+    bytes: int | None
+    note: str = ""
 
     @property
     def loss(self) -> float:
@@ -44,26 +47,52 @@ class TextScore:
         return math.exp(min(self.loss, 700.0))
 
     @property
-    def bits_per_byte(self) -> float:
+    def bits_per_byte(self) -> float | None:
+        if self.bytes is None:
+            return None
         return self.nll / (max(self.bytes, 1) * math.log(2))
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "loss": self.loss,
             "perplexity": self.perplexity,
             "bits_per_byte": self.bits_per_byte,
             "tokens": self.tokens,
             "bytes": self.bytes,
         }
+        if self.note:
+            out["note"] = self.note
+        return out
 
 
-@torch.no_grad()
 def sequence_nll(
     model: Transformer, tokens: torch.Tensor, *, seq_len: int, batch_size: int, device: torch.device
 ) -> float:
-    """Summed NLL (nats) of tokens[1:] given what precedes them, over windows of ``seq_len`` predictions
-    that overlap by one token, so every token after the first is predicted exactly once."""
-    n = tokens.numel()
+    """Summed NLL (nats) of tokens[1:] given what precedes them (see ``windowed_nll``)."""
+    return windowed_nll(
+        model,
+        lambda start, length: tokens[start : start + length],
+        tokens.numel(),
+        seq_len=seq_len,
+        batch_size=batch_size,
+        device=device,
+    )
+
+
+@torch.no_grad()
+def windowed_nll(
+    model: Transformer,
+    read: Callable[[int, int], torch.Tensor],
+    n: int,
+    *,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+) -> float:
+    """Summed NLL (nats) of tokens 1..n-1 of a sequence of ``n`` tokens given what precedes them, over
+    windows of ``seq_len`` predictions that overlap by one token, so every token after the first is
+    predicted exactly once. ``read(start, length)`` returns tokens [start, start+length) (a memory map
+    needs only one batch of windows in memory)."""
     starts = list(range(0, n - 1, seq_len))
     total = 0.0
     was_training = model.training
@@ -74,7 +103,7 @@ def sequence_nll(
         inputs = torch.zeros(len(group), width, dtype=torch.long)
         targets = torch.full((len(group), width), -100, dtype=torch.long)
         for row, start in enumerate(group):
-            piece = tokens[start : start + seq_len + 1]  # (<= seq_len + 1,)
+            piece = torch.as_tensor(read(start, min(seq_len + 1, n - start)))  # (<= seq_len + 1,)
             inputs[row, : piece.numel() - 1] = piece[:-1]
             targets[row, : piece.numel() - 1] = piece[1:]
         logits = model(inputs.to(device)).float()  # (B, T, V); right padding cannot leak into causal rows
@@ -125,6 +154,101 @@ def score_file(model: Transformer, tokenizer: Tokenizer, path: str | Path, **kwa
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read as UTF-8 text ({exc})") from None
     return score_text(model, tokenizer, text, **kwargs)
+
+
+# -- prepared validation shards ---------------------------------------------------------------------------
+
+DECODE_CHUNK = 1 << 20  # tokens decoded at a time when counting the bytes of a split
+
+
+def check_same_tokenizer(folder: str | Path, fingerprint: str, tokenizer: Tokenizer) -> None:
+    """Refuse shards written by another tokenizer than the model's: their ids would mean other text."""
+    own = getattr(tokenizer, "fingerprint", None)
+    if own != fingerprint:
+        raise DataError(
+            f"{folder} was prepared with tokenizer {fingerprint}, but the model's tokenizer is {own}: "
+            f"its token ids would be read as other text. Prepare the data again with the model's tokenizer "
+            f"(data.tokenizer=<the model folder>/tokenizer.json) or evaluate on a text file with --text"
+        )
+
+
+def split_bytes(
+    read: Callable[[int, int], np.ndarray], n: int, eot_id: int, tokenizer: Tokenizer
+) -> int | None:
+    """UTF-8 bytes of the documents in tokens [0, n) of a split (each document ends with end-of-text),
+    by decoding them (lmforge tokenizers are lossless); None when [0, n) ends inside a document."""
+    total, carry = 0, np.empty(0, dtype=np.int64)
+    for start in range(0, n, DECODE_CHUNK):
+        chunk = np.concatenate([carry, read(start, min(DECODE_CHUNK, n - start))])
+        ends = np.flatnonzero(chunk == eot_id)
+        first = 0
+        for end in ends:
+            total += len(tokenizer.decode(chunk[first:end].tolist()).encode("utf-8"))
+            first = int(end) + 1
+        carry = chunk[first:]
+    return total if carry.size == 0 else None
+
+
+def score_prepared(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    folder: str | Path,
+    *,
+    device: torch.device,
+    split: str = "val",
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+) -> TextScore:
+    """Perplexity and bits per byte of a split of a folder written by ``lmforge data prepare``, read from
+    its memory-mapped shards in windows of the model's context.
+
+    The split is scored as the stream the model trained on, after one end-of-text token (so its first
+    document is predicted as a new one): every token, the end-of-text after each document included, is
+    predicted once. Bytes are those of the documents' text (end-of-text spells none): ``bytes`` recorded
+    for the split in meta.json when the whole split is scored, else counted by decoding the documents.
+    ``max_tokens`` keeps the whole documents within the first ``max_tokens`` tokens."""
+    from lmforge.data.loader import TokenSplit
+
+    data = TokenSplit(folder, split)
+    check_same_tokenizer(folder, data.fingerprint, tokenizer)
+    if data.vocab_size > model.cfg.vocab_size:
+        raise DataError(
+            f"{folder}: its vocabulary has {data.vocab_size} tokens, the model's {model.cfg.vocab_size}"
+        )
+    n, note = data.n_tokens, ""
+    if n == 0:
+        raise DataError(
+            f"{folder}: the {split!r} split holds no tokens; prepare it with data.val_fraction > 0"
+        )
+    if max_tokens is not None and max_tokens < n:
+        head = data.read(0, max_tokens)
+        ends = np.flatnonzero(head == data.eot_id)
+        if ends.size:
+            n = int(ends[-1]) + 1
+        else:
+            n = max_tokens
+            note = f"the first {max_tokens} tokens end inside a document, so its bytes are unknown"
+    recorded = data.meta["splits"][split].get("bytes")
+    if note:
+        n_bytes = None
+    elif n == data.n_tokens and isinstance(recorded, int):
+        n_bytes = recorded
+    else:
+        n_bytes = split_bytes(data.read, n, data.eot_id, tokenizer)
+        if n_bytes is None:
+            note = (
+                f"the {split!r} split does not end with end-of-text, so its last document's bytes are unknown"
+            )
+
+    def read(start: int, length: int) -> np.ndarray:  # the split after one end-of-text token
+        if start == 0:
+            return np.concatenate([[data.eot_id], data.read(0, length - 1)])
+        return data.read(start - 1, length)
+
+    seq_len = min(seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+    nll = windowed_nll(model, read, n + 1, seq_len=seq_len, batch_size=batch_size, device=device)
+    return TextScore(nll=nll, tokens=n, bytes=n_bytes, note=note)
 
 
 # -- multiple choice --------------------------------------------------------------------------------------
