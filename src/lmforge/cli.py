@@ -263,7 +263,10 @@ def _run_generate(args) -> int:
             print()
             break
         if line.strip():
-            run([line.replace("\\n", "\n")])
+            try:
+                run([line.replace("\\n", "\n")])
+            except DataError as exc:  # a prompt too long for the context: say so and keep the session
+                print(f"lmforge generate: {exc}", file=sys.stderr)
     return 0
 
 
@@ -307,6 +310,9 @@ def _run_eval(args) -> int:
     missing = [p for p in args.text + args.task if not Path(p).is_file()]
     if missing:
         raise DataError(f"{missing[0]}: no such file")
+    unprepared = [d for d in args.data if not (Path(d) / "meta.json").is_file()]
+    if unprepared:
+        raise DataError(f"{unprepared[0]}: not a prepared dataset (no meta.json); run `lmforge data prepare`")
     device = _device(args.device)
     loaded = load_for_inference(args.model, device=device)
     tokenizer = loaded.require_tokenizer()

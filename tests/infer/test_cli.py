@@ -1,0 +1,123 @@
+"""The generate and eval verbs on bad input: clear messages naming the prompt or file:line, nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.checkpoint import save_checkpoint
+from lmforge.cli import main
+from lmforge.config import Config
+from lmforge.errors import DataError
+from lmforge.infer.generate import SamplingConfig, generate, read_prompts
+
+from .conftest import tiny_model
+
+CPU = ["--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random 2-layer model with a 32-token context and a char tokenizer over printable ASCII."""
+    from lmforge.data.tokenizer import char_tokenizer
+
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = char_tokenizer([chr(c) for c in range(32, 127)] + ["\n"])
+    tok_file = tokenizer.save(root / "tok" / "tokenizer.json")
+    model = tiny_model(vocab_size=tokenizer.vocab_size, max_seq_len=32)
+    return save_checkpoint(
+        root / "ckpt", model_state=model.state_dict(), config=Config(model=model.cfg), tokenizer_file=tok_file
+    )
+
+
+def test_generate_greedy_json_equals_the_library(checkpoint, capsys):
+    from lmforge.infer.loading import load_for_inference
+
+    assert main(["generate", str(checkpoint), "--prompt", "to be", "--temperature", "0", "--max-new-tokens", "6",
+                 "--json", *CPU]) == 0  # fmt: skip
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    loaded = load_for_inference(checkpoint, device=torch.device("cpu"))
+    expected = generate(
+        loaded.model,
+        loaded.tokenizer,
+        ["to be"],
+        SamplingConfig(max_new_tokens=6, temperature=0),
+        device=torch.device("cpu"),
+    )[0]
+    assert printed == {"prompt": "to be", "text": expected.text, "tokens": 6, "finish_reason": "length"}
+
+
+def test_generate_rejects_empty_and_too_long_prompts(checkpoint, capsys):
+    assert main(["generate", str(checkpoint), "--prompt", "", *CPU]) == 2
+    assert "prompt 0 is empty" in capsys.readouterr().err
+    assert main(["generate", str(checkpoint), "--prompt", "ok", "--prompt", "x" * 40, *CPU]) == 2
+    err = capsys.readouterr().err
+    assert "prompt 1 is 40 tokens, but the model's context is 32 tokens" in err and "at most 31" in err
+
+
+def test_interactive_generation_survives_a_too_long_prompt(checkpoint, capsys, monkeypatch):
+    lines = iter(["x" * 40, "hi"])
+
+    def fake_input(_prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    args = [
+        "generate",
+        str(checkpoint),
+        "--interactive",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    ]
+    assert main([*args, *CPU]) == 0
+    captured = capsys.readouterr()
+    assert "prompt 0 is 40 tokens" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["prompt"] == "hi"
+
+
+def test_prompts_file_problems_name_file_and_line(tmp_path, checkpoint, capsys):
+    good = tmp_path / "prompts.txt"
+    good.write_text("first\n\nsecond\\nline\n", encoding="utf-8")
+    assert read_prompts(good) == ["first", "second\nline"]
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"text": "b"}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"prompts.jsonl:2: no string field 'prompt' \(found: text\)"):
+        read_prompts(bad)
+    bad.write_text(json.dumps({"prompt": "a"}) + "\n{oops\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"prompts.jsonl:2: not valid JSON"):
+        read_prompts(bad)
+    (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
+    with pytest.raises(DataError, match="empty.txt: no prompts"):
+        read_prompts(tmp_path / "empty.txt")
+    assert main(["generate", str(checkpoint), "--prompts-file", str(bad), *CPU]) == 2
+    assert "prompts.jsonl:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_eval_bad_input_writes_nothing(tmp_path, checkpoint, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("to be or not to be\n", encoding="utf-8")
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"query": "q", "choices": ["a", "b"], "gold": 0}) + "\n"
+                    + json.dumps({"query": "q", "choices": ["a", "b"]}) + "\n", encoding="utf-8")  # fmt: skip
+    out = tmp_path / "results.json"
+    assert (
+        main(["eval", str(checkpoint), "--text", str(text), "--task", str(task), "--out", str(out), *CPU])
+        == 2
+    )
+    assert "task.jsonl:2: multiple-choice record without gold" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob("results.json*"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    assert main(["eval", str(checkpoint), "--text", str(empty), "--out", str(out), *CPU]) == 2
+    assert "cannot score an empty text" in capsys.readouterr().err and not out.exists()
+    assert main(["eval", str(checkpoint), "--data", str(tmp_path), *CPU]) == 2
+    assert "not a prepared dataset" in capsys.readouterr().err
