@@ -259,6 +259,16 @@ class Config:
     def problems(self) -> list[str]:
         out = self.model.problems() + self.data.problems() + self.train.problems()
         out += self.parallel.problems() + self.eval.problems()
+        tp = self.parallel.tp
+        if tp > 1:
+            shares = {"model.n_heads": self.model.n_heads, "model.n_kv_heads": self.model.kv_heads}
+            shares["model.ffn_hidden"] = self.model.hidden_dim
+            uneven = [f"{key}={value}" for key, value in shares.items() if value % tp]
+            if uneven:
+                out.append(
+                    f"parallel.tp={tp} must divide {', '.join(uneven)} (each rank holds whole heads and an "
+                    "equal share of the feed-forward)"
+                )
         if self.train.seq_len > self.model.max_seq_len and self.model.position != "rope":
             out.append(
                 f"train.seq_len={self.train.seq_len} is longer than model.max_seq_len={self.model.max_seq_len} "

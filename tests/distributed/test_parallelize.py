@@ -19,10 +19,19 @@ def test_one_process_keeps_the_model_as_it_is():
     assert parallelize(model, ParallelConfig(strategy="fsdp"), ONE) is model
 
 
-def test_tensor_parallelism_is_refused_with_the_way_out():
-    model = build_model(ModelConfig(vocab_size=32, n_layers=1, d_model=16, n_heads=2), device="cpu")
-    with pytest.raises(ConfigError, match=r"parallel\.tp=2: tensor parallelism is not implemented"):
-        parallelize(model, ParallelConfig(tp=2), ONE)
+def test_a_tensor_parallel_degree_must_divide_the_heads_and_the_processes(monkeypatch):
+    from lmforge.config import load_config
+    from lmforge.distributed.parallelize import init_world
+
+    with pytest.raises(
+        ConfigError, match=r"parallel\.tp=2 must divide model\.n_heads=3, model\.n_kv_heads=3"
+    ):
+        load_config(None, ["model.n_heads=3", "model.d_model=48", "parallel.tp=2"])
+    monkeypatch.setenv("WORLD_SIZE", "3")  # checked before any process group is joined
+    with pytest.raises(
+        ConfigError, match=r"parallel\.tp=2 must divide the number of processes, WORLD_SIZE=3"
+    ):
+        init_world(ParallelConfig(tp=2), torch.device("cpu"))
 
 
 def test_cpu_offload_without_a_gpu_is_refused_with_the_fix():

@@ -153,3 +153,37 @@ def test_a_sharded_checkpoint_of_another_model_shape_is_refused_with_the_fields_
     checkpoint = data_parallel_runs / "fsdp" / "checkpoints" / "step_00000010"
     with pytest.raises(CheckpointError, match=r"model\.d_model: checkpoint 32, config 48"):
         train(cfg, resume=str(checkpoint), loader=SlicedLoader(rank=0, world_size=1, seed=0), progress=False)
+
+
+# -- tensor parallelism (parallel.tp) ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel_runs(tmp_path_factory):
+    """An untied model (so the output head is split too): a single-process reference; TP over 2 processes,
+    stopped at step 10 and resumed; 2-D FSDP x TP over 4 processes (2 data-parallel x 2 tensor-parallel)."""
+    out = tmp_path_factory.mktemp("tp")
+    run_in_this_process(["--untied", "1", f"{out}/reference:20:auto"])
+    for nproc, runs in (
+        (2, [f"{out}/tp:10:auto", f"{out}/tp:20:auto:auto"]),
+        (4, [f"{out}/fsdp-tp:20:fsdp"]),
+    ):
+        completed = subprocess.run(
+            [*TORCHRUN[:-1], str(nproc), str(HERE / "run_loop.py"), "--tp", "2", "--untied", "1", *runs],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert completed.returncode == 0, completed.stderr[-4000:]
+        (out / f"log-{nproc}.txt").write_text(completed.stdout + completed.stderr)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["tp", "fsdp-tp"])
+def test_tensor_parallel_reproduces_the_single_process_loss_curve(tensor_parallel_runs, run):
+    reference = curve(tensor_parallel_runs / "reference")
+    assert reference["20"] < reference["1"] - 1.0
+    assert_same_curve(curve(tensor_parallel_runs / run), reference, range(1, 21))
+    sharded = tensor_parallel_runs / run / "checkpoints" / "step_00000020"
+    assert (sharded / "dcp" / ".metadata").is_file() and (sharded / "rank_00001.pt").is_file()
+    if run == "tp":  # the second half resumed from the sharded step-10 checkpoint of the first
+        assert "step_00000010 at step 10" in (tensor_parallel_runs / "log-2.txt").read_text()

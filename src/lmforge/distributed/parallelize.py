@@ -32,6 +32,8 @@ class World:
     world_size: int
     local_rank: int
     device: torch.device
+    tp: int = 1  # tensor-parallel degree: consecutive ranks form one tensor-parallel group
+    mesh: object = None  # the ("dp", "tp") DeviceMesh when tp > 1
 
     @property
     def is_main(self) -> bool:
@@ -40,6 +42,21 @@ class World:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas: the ranks that see different batches."""
+        return self.world_size // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def dp_group(self):
+        """The process group over which batches differ (losses and token counts are summed over it);
+        None (the default group) without tensor parallelism."""
+        return self.mesh["dp"].get_group() if self.mesh is not None else None
 
 
 def init_world(parallel: ParallelConfig, device: torch.device) -> World:
@@ -59,6 +76,11 @@ def init_world(parallel: ParallelConfig, device: torch.device) -> World:
         raise ConfigError(
             f"parallel.strategy='single' but the launcher started WORLD_SIZE={world_size} processes; "
             "use parallel.strategy=auto, ddp or fsdp, or launch one process"
+        )
+    if world_size % parallel.tp:
+        raise ConfigError(
+            f"parallel.tp={parallel.tp} must divide the number of processes, WORLD_SIZE={world_size}; "
+            f"launch a multiple of {parallel.tp} processes or lower parallel.tp"
         )
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", local_rank)
@@ -82,7 +104,16 @@ def init_world(parallel: ParallelConfig, device: torch.device) -> World:
             timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
-    return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    mesh = None
+    if parallel.tp > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(
+            device.type, (world_size // parallel.tp, parallel.tp), mesh_dim_names=("dp", "tp")
+        )
+    return World(
+        rank=rank, world_size=world_size, local_rank=local_rank, device=device, tp=parallel.tp, mesh=mesh
+    )
 
 
 def close_world(world: World) -> None:
@@ -129,7 +160,10 @@ def apply_fsdp(model: nn.Module, world: World, *, precision: str, cpu_offload: b
         fully_shard,
     )
 
-    mesh = init_device_mesh(world.device.type, (world.world_size,), mesh_dim_names=("dp",))
+    if world.mesh is not None:
+        mesh = world.mesh["dp"]  # 2-D: shard over the data-parallel dimension, tensor parallelism inside
+    else:
+        mesh = init_device_mesh(world.device.type, (world.world_size,), mesh_dim_names=("dp",))
     mp_policy = MixedPrecisionPolicy()
     if precision == "bf16":
         mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -141,6 +175,74 @@ def apply_fsdp(model: nn.Module, world: World, *, precision: str, cpu_offload: b
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # sum, not average: see parallelize
             module.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
+
+
+def apply_tensor_parallel(model: nn.Module, mesh) -> None:
+    """Megatron-style tensor parallelism over ``mesh`` (the ``tp`` dimension), with
+    ``torch.distributed.tensor.parallel``: in every block q/k/v and the feed-forward's gate/up projections
+    are split by output columns (whole heads, hidden channels) and o_proj/down_proj by input rows, so the
+    forward needs one all-reduce after attention and one after the feed-forward. An untied output head is
+    split by vocabulary and its logits gathered; embeddings and norms stay replicated. The attention modules
+    are told how many heads they hold locally; the model's code is unchanged."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    cfg, tp = model.cfg, mesh.size()
+    sizes = {
+        "model.n_heads": cfg.n_heads,
+        "model.n_kv_heads": cfg.kv_heads,
+        "model.ffn_hidden": cfg.hidden_dim,
+    }
+    if not cfg.tie_embeddings:
+        sizes["model.vocab_size"] = cfg.vocab_size
+    uneven = [f"{key}={value}" for key, value in sizes.items() if value % tp]
+    if uneven:
+        raise ConfigError(
+            f"parallel.tp={tp} must divide {', '.join(uneven)}: each rank holds whole heads and an equal "
+            "share of the feed-forward; choose a tp degree that divides them"
+        )
+    plan = {
+        "self_attn.q_proj": ColwiseParallel(),
+        "self_attn.k_proj": ColwiseParallel(),
+        "self_attn.v_proj": ColwiseParallel(),
+        "self_attn.o_proj": RowwiseParallel(),
+        "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(),
+    }
+    if cfg.ffn == "swiglu":
+        plan["mlp.gate_proj"] = ColwiseParallel()
+    for block in model.layers:
+        parallelize_module(block, mesh, plan)
+        block.self_attn.n_heads //= tp
+        block.self_attn.n_kv_heads //= tp
+    if not cfg.tie_embeddings:
+        parallelize_module(model, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+
+
+def clip_grad_norm_(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (2-norm), also when gradients mix plain tensors and DTensors on
+    different meshes (tensor parallelism: replicated norms beside sharded weights; with FSDP, 1-D and 2-D
+    meshes). Returns the total norm as a plain tensor."""
+    from torch.distributed.tensor import DTensor
+
+    groups: dict[object, list[torch.Tensor]] = {}
+    for p in parameters:
+        if p.grad is not None:
+            key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+            groups.setdefault(key, []).append(p.grad)
+    if len(groups) <= 1:
+        return nn.utils.clip_grad_norm_(parameters, max_norm)
+    squares = []
+    for grads in groups.values():
+        norm = nn.utils.get_total_norm(grads, 2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()  # a sharded gradient's norm is partial on each rank: sum it
+        squares.append(norm.float().square())
+    total = torch.stack(squares).sum().sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for grads in groups.values():
+        torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], coef)
+    return total
 
 
 def sum_gradients(process_group, bucket):  # returns a Future of the reduced bucket
@@ -168,18 +270,21 @@ def parallelize(
     Gradients are SUMMED over processes, not averaged: each rank backpropagates its share of the global
     loss (its summed token losses divided by the token count over all ranks), which stays exact when ranks
     hold different numbers of unmasked targets."""
+    if strategy is None:
+        strategy = "ddp" if parallel.strategy == "auto" else parallel.strategy
+    if world.tp > 1:
+        if strategy == "ddp" and parallel.strategy == "ddp":
+            raise ConfigError(
+                f"parallel.tp={world.tp} combines with FSDP over the data-parallel dimension, not DDP: "
+                "set parallel.strategy=fsdp (or auto)"
+            )
+        apply_tensor_parallel(model, world.mesh["tp"])
+        strategy = "fsdp" if world.dp_size > 1 else "single"
     if activation_checkpointing:
         apply_activation_checkpointing(model.layers)
     if compile:
         for block in model.layers:
             block.compile()
-    if strategy is None:
-        strategy = "ddp" if parallel.strategy == "auto" else parallel.strategy
-    if parallel.tp > 1:
-        raise ConfigError(
-            f"parallel.tp={parallel.tp}: tensor parallelism is not implemented yet; use parallel.tp=1 with "
-            "parallel.strategy=fsdp to spread a large model over the processes"
-        )
     if parallel.cpu_offload and world.device.type == "cpu":
         raise ConfigError(
             "parallel.cpu_offload=true moves FSDP shards from a GPU to host memory; on the CPU they are "

@@ -196,8 +196,8 @@ def build_loader(data: RunData, cfg: Config, world):
         seq_len=cfg.train.seq_len,
         batch_size=cfg.train.micro_batch,
         seed=cfg.train.seed,
-        rank=world.rank,
-        world_size=world.world_size,
+        rank=world.dp_rank,  # tensor-parallel peers read the same stream
+        world_size=world.dp_size,
         with_doc_ids=cfg.data.document_mask,
     )
 

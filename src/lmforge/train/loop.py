@@ -32,6 +32,7 @@ from lmforge.config import Config, save_config
 from lmforge.distributed import dcp
 from lmforge.distributed.parallelize import (
     World,
+    clip_grad_norm_,
     close_world,
     device_memory_bytes,
     init_world,
@@ -116,7 +117,7 @@ def forward_backward(
     all processes), so the gradient equals that of one batch holding them all, masked targets included."""
     n_targets = torch.tensor(sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches), device=device)
     if world.distributed:
-        dist.all_reduce(n_targets)
+        dist.all_reduce(n_targets, group=world.dp_group)  # tensor-parallel peers share their batch
     n_targets = n_targets.clamp(min=1)
     loss_sum = torch.zeros((), device=device)
     for batch in batches:
@@ -129,7 +130,7 @@ def forward_backward(
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
     if world.distributed:
-        dist.all_reduce(loss_sum)  # each rank holds its share of the step's loss
+        dist.all_reduce(loss_sum, group=world.dp_group)  # each replica holds its share of the step's loss
     return loss_sum
 
 
@@ -376,9 +377,9 @@ def train(
         # -- data and the checks that must pass before any weight is allocated --------------------------------
         data: RunData = resolve_data(cfg, loader=loader, world=world, cache_dir=cache_dir, progress=progress)
         cfg = data.config  # the model's vocabulary follows the tokenizer unless set explicitly
-        accumulation_steps(cfg, world.world_size)  # the config's own batch arithmetic must hold
+        accumulation_steps(cfg, world.dp_size)  # the config's own batch arithmetic must hold
         plan = None
-        if cfg.parallel.strategy == "auto":
+        if cfg.parallel.strategy == "auto" and world.tp == 1:
             plan = plan_training(
                 cfg,
                 device_kind=device.type,
@@ -423,7 +424,7 @@ def train(
                 f"the plan trains micro-batches of {tc.micro_batch} sequences (to fit memory) but the given "
                 f"data loader yields {data.loader.batch_size}: set train.micro_batch={tc.micro_batch}"
             )
-        accum = accumulation_steps(cfg, world.world_size)
+        accum = accumulation_steps(cfg, world.dp_size)
         model = parallelize(
             model,
             cfg.parallel,
@@ -491,7 +492,7 @@ def train(
         n_params = sum(p.numel() for p in model.parameters())
         flops_per_token = model_flops_per_token(cfg.model, tc.seq_len)
         peak = peak_flops(device, tc.precision, cache_dir)
-        tokens_per_step = accum * tc.micro_batch * tc.seq_len * world.world_size
+        tokens_per_step = accum * tc.micro_batch * tc.seq_len * world.dp_size
         log.info(
             f"training {n_params:,} parameters on {hardware_summary(device)} ({tc.precision}); "
             f"{tc.steps} steps of {tokens_per_step:,} tokens ({accum} x {tc.micro_batch} x {tc.seq_len}"
@@ -518,7 +519,7 @@ def train(
                 )
                 if scaler is not None:
                     scaler.unscale_(optimizer)
-                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
+                grad_norm = clip_grad_norm_(list(model.parameters()), tc.grad_clip or math.inf)
                 step_loss, grad_norm_value = loss_sum.item(), grad_norm.item()
                 finite = math.isfinite(step_loss) and (math.isfinite(grad_norm_value) or scaler is not None)
                 lr = lr_at(step, tc)

@@ -15,17 +15,18 @@ from lmforge.config import TrainConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: tensors with 2+ dimensions (decayed) and vectors such as norms and biases (not decayed).
-    A tied head is one parameter, so it appears once."""
-    decay, no_decay = [], []
+    """Tensors with 2+ dimensions (decayed) and vectors such as norms and biases (not decayed): two groups.
+    A tied head is one parameter, so it appears once. Under tensor parallelism parameters live on different
+    device meshes (DTensor shards beside replicated tensors), which one fused or foreach kernel call cannot
+    mix: then each kind is split further, one group per mesh."""
+    by_key: dict[tuple[bool, object], list[nn.Parameter]] = {(True, None): [], (False, None): []}
     for param in model.parameters():
-        if not param.requires_grad:
-            continue
-        (decay if param.dim() >= 2 else no_decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        if param.requires_grad:
+            by_key.setdefault((param.dim() >= 2, getattr(param, "device_mesh", None)), []).append(param)
+    if len(by_key) > 2:  # several meshes: drop the placeholders if nothing lives outside a mesh
+        by_key = {key: params for key, params in by_key.items() if params}
+    order = sorted(by_key, key=lambda key: not key[0])  # decayed groups first, stable within each kind
+    return [{"params": by_key[key], "weight_decay": weight_decay if key[0] else 0.0} for key in order]
 
 
 def fused_supported(device: torch.device) -> bool:
