@@ -1,0 +1,202 @@
+"""The two pre-norm sublayers of a Llama block with a hand-written backward, for eager fp32 training on the CPU.
+
+Autograd over the plain modules records about fifteen nodes per sublayer and allocates a new
+activation-sized tensor for nearly every elementwise step (norm, RoPE, SwiGLU, residual add, and as many
+again in the backward). On a CPU, where each such pass costs as much as a small matmul, that is a large
+part of the step. Here each sublayer is one ``autograd.Function`` with the same parameters and the same
+math, arranged so that little but the matmuls touches activations:
+
+- the RMSNorm weight ``w`` is folded into the projection that follows (``(xhat * w) @ W.T`` is
+  ``xhat @ (W * w).T``), so the normalised activations are never scaled, and its gradient comes from the
+  weight-sized product ``dY.T @ xhat`` that the projection's gradient needs anyway;
+- q, k, v (and gate, up) are one matmul on the concatenated weights; the parameters stay separate;
+- RoPE rotates queries and keys together, with sign-folded sine tables, in three passes;
+- the residual add rides in the output projection (``addmm``); the backward works in place.
+
+``Block.forward`` takes this path only where it applies (see ``fused_block_applies``): RMSNorm, SwiGLU,
+RoPE, no bias, plain ``nn.Linear`` projections (LoRA's wrappers take the plain path), equal query and
+key/value heads, no mask (causal from position 0), no dropout, fp32 without autocast, CPU, not under
+``torch.compile`` (inductor fuses the plain modules itself). Everything else runs the plain modules.
+
+Shape legend: B batch, T length, N = B*T tokens, C d_model, H heads, hd head dimension, F hidden dimension.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def fused_block_applies(block: nn.Module, x: torch.Tensor, rope, mask, cache) -> bool:
+    """Whether ``block`` (a ``transformer.Block``) can run through ``fused_block`` for this call."""
+    from lmforge.model.transformer import RMSNorm
+
+    attn, mlp = block.self_attn, block.mlp
+    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.up_proj, mlp.down_proj)
+    return (
+        cache is None
+        and mask is None
+        and rope is not None
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and not (block.training and (attn.dropout > 0 or block.resid_dropout.p > 0))
+        and mlp.swiglu
+        and type(block.input_layernorm) is RMSNorm
+        and type(block.post_attention_layernorm) is RMSNorm
+        and attn.n_kv_heads == attn.n_heads
+        and all(type(m) is nn.Linear and m.bias is None for m in (*linears, mlp.gate_proj))
+        and all(m.weight.dtype == torch.float32 for m in linears)
+        and all(type(m.weight) is nn.Parameter for m in linears)  # not tensor-parallel DTensor shards
+    )
+
+
+def fused_block(block: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``block(x, rope, None)`` through the two fused sublayers; cos/sin are (B, T, hd)."""
+    attn, mlp = block.self_attn, block.mlp
+    cos, sin = rope
+    half = cos.shape[-1] // 2
+    signed_sin = torch.cat(
+        (-sin[..., :half], sin[..., half:]), dim=-1
+    )  # rotate_half(x) * sin == swap(x) * this
+    swapped_sin = torch.cat((signed_sin[..., half:], signed_sin[..., :half]), dim=-1)  # for the backward
+    x = _AttentionSublayer.apply(
+        x,
+        block.input_layernorm.weight,
+        attn.q_proj.weight,
+        attn.k_proj.weight,
+        attn.v_proj.weight,
+        attn.o_proj.weight,
+        cos.unsqueeze(2),  # (B, T, 1, hd): one table for every head
+        signed_sin.unsqueeze(2),
+        swapped_sin.unsqueeze(2),
+        block.input_layernorm.eps,
+        attn.n_heads,
+    )
+    return _MLPSublayer.apply(
+        x,
+        block.post_attention_layernorm.weight,
+        mlp.gate_proj.weight,
+        mlp.up_proj.weight,
+        mlp.down_proj.weight,
+        block.post_attention_layernorm.eps,
+    )
+
+
+# -- shared pieces -----------------------------------------------------------------------------------------
+
+
+def _normalise(x2: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm without its weight: (xhat, rstd) for rows x2 (N, C); rstd is (N, 1)."""
+    rstd = torch.rsqrt(x2.pow(2).mean(-1, keepdim=True) + eps)  # (N, 1)
+    return x2 * rstd, rstd
+
+
+def _normalise_backward(
+    dxhat: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, residual_grad: torch.Tensor
+) -> torch.Tensor:
+    """dx = rstd * (dxhat - xhat * mean(dxhat * xhat)) + residual_grad, in place in ``dxhat`` (N, C)."""
+    mean = (dxhat * xhat).mean(-1, keepdim=True)  # (N, 1)
+    return dxhat.addcmul_(xhat, mean, value=-1.0).mul_(rstd).add_(residual_grad)
+
+
+def _folded_grads(
+    dy: torch.Tensor, xhat: torch.Tensor, weights: torch.Tensor, norm_weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For y = (xhat * w) @ weights.T: the gradients of ``weights`` and of the norm weight ``w``."""
+    product = dy.t() @ xhat  # (out, C): dy.T @ xhat
+    return product * norm_weight, (product * weights).sum(0)
+
+
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((x[..., half:], x[..., :half]), dim=-1)
+
+
+# -- the sublayers -----------------------------------------------------------------------------------------
+
+
+class _AttentionSublayer(torch.autograd.Function):
+    """x + o_proj(causal_attention(rope(q), rope(k), v)) with q, k, v = proj(rmsnorm(x))."""
+
+    @staticmethod
+    def forward(ctx, x, norm_w, wq, wk, wv, wo, cos, signed_sin, swapped_sin, eps: float, n_heads: int):
+        B, T, C = x.shape
+        hd = wq.shape[0] // n_heads
+        x2 = x.reshape(B * T, C)  # (N, C)
+        xhat, rstd = _normalise(x2, eps)
+        weights = torch.cat((wq, wk, wv))  # (3 H hd, C)
+        qkv = (xhat @ (weights * norm_w).t()).view(B, T, 3 * n_heads, hd)  # (B, T, 3H, hd)
+        qk = qkv[:, :, : 2 * n_heads]  # (B, T, 2H, hd): queries and keys rotate together
+        rotated = _swap_halves(qk).mul_(signed_sin).addcmul_(qk, cos)  # (B, T, 2H, hd)
+        q = rotated[:, :, :n_heads].transpose(1, 2)  # (B, H, T, hd)
+        k = rotated[:, :, n_heads:].transpose(1, 2)
+        v = qkv[:, :, 2 * n_heads :].transpose(1, 2)
+        out, logsumexp = _flash(q, k, v, 0.0, True)  # (B, H, T, hd), laid out as (B, T, H, hd)
+        heads = out.transpose(1, 2).reshape(B * T, n_heads * hd)  # (N, H hd)
+        y = torch.addmm(x2, heads, wo.t())  # (N, C): the residual add inside the output projection
+        ctx.save_for_backward(
+            xhat, rstd, norm_w, weights, wo, q, k, v, out, logsumexp, heads, cos, swapped_sin
+        )
+        ctx.n_heads = n_heads
+        return y.view(B, T, C)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xhat, rstd, norm_w, weights, wo, q, k, v, out, logsumexp, heads, cos, swapped_sin = ctx.saved_tensors
+        H = ctx.n_heads
+        B, _, T, hd = q.shape
+        dy2 = dy.reshape(B * T, -1)  # (N, C)
+        dwo = dy2.t() @ heads if ctx.needs_input_grad[5] else None  # (C, H hd)
+        dout = (dy2 @ wo).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        dq, dk, dv = _flash_backward(dout, q, k, v, out, logsumexp, 0.0, True)  # each (B, H, T, hd)
+        dqkv = torch.empty(B, T, 3 * H, hd, dtype=dy.dtype, device=dy.device)  # (B, T, 3H, hd)
+        for grad, part in ((dq, dqkv[:, :, :H]), (dk, dqkv[:, :, H : 2 * H])):
+            grad = grad.transpose(1, 2)  # (B, T, H, hd)
+            torch.mul(_swap_halves(grad), swapped_sin, out=part).addcmul_(grad, cos)  # RoPE's transpose
+        dqkv[:, :, 2 * H :].copy_(dv.transpose(1, 2))
+        dqkv = dqkv.view(B * T, 3 * H * hd)  # (N, 3 H hd)
+        dweights, dnorm_w = _folded_grads(dqkv, xhat, weights, norm_w)
+        dx = _normalise_backward(dqkv @ (weights * norm_w), xhat, rstd, dy2)  # (N, C)
+        dwq, dwk, dwv = dweights.split(H * hd)
+        return dx.view(B, T, -1), dnorm_w, dwq, dwk, dwv, dwo, None, None, None, None, None
+
+
+class _MLPSublayer(torch.autograd.Function):
+    """x + down(silu(gate(rmsnorm(x))) * up(rmsnorm(x)))."""
+
+    @staticmethod
+    def forward(ctx, x, norm_w, wg, wu, wd, eps: float):
+        B, T, C = x.shape
+        hidden = wg.shape[0]
+        x2 = x.reshape(B * T, C)  # (N, C)
+        xhat, rstd = _normalise(x2, eps)
+        weights = torch.cat((wg, wu))  # (2F, C)
+        h = xhat @ (weights * norm_w).t()  # (N, 2F): gate | up
+        gate, up = h[:, :hidden], h[:, hidden:]
+        activated = F.silu(gate)  # (N, F)
+        product = activated * up  # (N, F)
+        y = torch.addmm(x2, product, wd.t())  # (N, C)
+        ctx.save_for_backward(xhat, rstd, norm_w, weights, wd, h, activated, product)
+        return y.view(B, T, C)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xhat, rstd, norm_w, weights, wd, h, activated, product = ctx.saved_tensors
+        hidden = wd.shape[1]
+        B, T, C = dy.shape
+        dy2 = dy.reshape(B * T, C)  # (N, C)
+        dwd = dy2.t() @ product if ctx.needs_input_grad[4] else None  # (C, F)
+        dproduct = dy2 @ wd  # (N, F)
+        dh = torch.empty_like(h)  # (N, 2F)
+        torch.mul(dproduct, activated, out=dh[:, hidden:])
+        torch.ops.aten.silu_backward(dproduct.mul_(h[:, hidden:]), h[:, :hidden], grad_input=dh[:, :hidden])
+        dweights, dnorm_w = _folded_grads(dh, xhat, weights, norm_w)
+        dx = _normalise_backward(dh @ (weights * norm_w), xhat, rstd, dy2)  # (N, C)
+        dwg, dwu = dweights.split(hidden)
+        return dx.view(B, T, C), dnorm_w, dwg, dwu, dwd, None

@@ -1,0 +1,105 @@
+"""The fused block (model/fused.py): the same outputs and gradients as the plain modules and as `transformers`,
+and the plain path wherever the fused one does not apply."""
+
+import pytest
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.model import transformer
+from lmforge.model.fused import fused_block_applies
+from lmforge.model.transformer import build_model, rope_cos_sin
+from lmforge.tune.lora import LoRAConfig, apply_lora
+
+VOCAB = 61
+
+
+def tiny(**overrides) -> ModelConfig:
+    base = dict(vocab_size=VOCAB, max_seq_len=32, n_layers=2, d_model=64, n_heads=4, ffn_hidden=96)
+    return ModelConfig(**{**base, **overrides})
+
+
+def perturbed_model(cfg: ModelConfig) -> transformer.Transformer:
+    """Random weights with non-trivial norm weights (initialisation leaves them at 1, hiding a mix-up)."""
+    model = build_model(cfg, seed=1).train()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def tokens(seed: int = 5) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (3, 32), generator=torch.Generator().manual_seed(seed))
+
+
+def loss_and_grads(model: torch.nn.Module, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    logits = model(idx)  # (B, T, V)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), idx[:, 1:].reshape(-1))
+    loss.backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_close_grads(grads: dict, reference: dict, rel: float) -> None:
+    assert grads.keys() == reference.keys()
+    for name, ref in reference.items():
+        err = (grads[name] - ref).abs().max() / ref.abs().max()
+        assert err <= rel, f"{name}: relative gradient error {err:.2e} > {rel:.0e}"
+
+
+def test_fused_block_matches_plain_modules(monkeypatch):
+    model = perturbed_model(tiny())
+    idx = tokens()
+    x = torch.zeros(3, 32, 64)
+    assert fused_block_applies(
+        model.layers[0], x, rope_cos_sin(torch.arange(32)[None], model.rope_inv_freq), None, None
+    )
+    logits, grads = loss_and_grads(model, idx)
+    monkeypatch.setattr(transformer, "fused_block_applies", lambda *args: False)
+    plain_logits, plain_grads = loss_and_grads(model, idx)
+    assert (logits - plain_logits).abs().max() <= 1e-5
+    assert_close_grads(grads, plain_grads, 1e-5)
+
+
+def test_fused_block_gradients_match_transformers():
+    from lmforge.model.hf import to_hf_model
+
+    pytest.importorskip("transformers")
+    model = perturbed_model(tiny(tie_embeddings=False))
+    hf_model = to_hf_model(model).train()
+    idx = tokens(seed=9)
+    logits, grads = loss_and_grads(model, idx)
+    hf_model.zero_grad(set_to_none=True)
+    hf_model(input_ids=idx, labels=idx).loss.backward()  # the same next-token loss (labels shift inside)
+    hf_grads = {n: p.grad for n, p in hf_model.named_parameters()}
+    for name, grad in grads.items():
+        hf_name = name if name == "lm_head.weight" else "model." + name
+        err = (grad - hf_grads[hf_name]).abs().max() / hf_grads[hf_name].abs().max()
+        assert err <= 1e-4, f"{name}: relative gradient error against transformers {err:.2e}"
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["gqa", "dropout", "bias", "layernorm", "gelu", "mask", "bf16 autocast", "lora", "learned positions"],
+)
+def test_plain_path_where_fused_does_not_apply(case):
+    cfg = {
+        "gqa": tiny(n_kv_heads=2),
+        "dropout": tiny(dropout=0.1),
+        "bias": tiny(bias=True),
+        "layernorm": tiny(norm="layernorm"),
+        "gelu": tiny(ffn="gelu"),
+        "learned positions": tiny(position="learned"),
+    }.get(case, tiny())
+    model = build_model(cfg, seed=1).train()
+    if case == "lora":
+        model = apply_lora(model, LoRAConfig(rank=2, targets=("q_proj", "v_proj")))
+    block, x = model.layers[0], torch.zeros(3, 32, 64)
+    rope = rope_cos_sin(torch.arange(32)[None], model.rope_inv_freq) if cfg.position == "rope" else None
+    mask = torch.ones(3, 1, 32, 32, dtype=torch.bool) if case == "mask" else None
+    if case == "bf16 autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not fused_block_applies(block, x, rope, mask, None)
+    else:
+        assert not fused_block_applies(block, x, rope, mask, None)
