@@ -93,7 +93,8 @@ def fused_block(block: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, tor
 
 def _normalise(x2: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm without its weight: (xhat, rstd) for rows x2 (N, C); rstd is (N, 1)."""
-    rstd = torch.rsqrt(x2.pow(2).mean(-1, keepdim=True) + eps)  # (N, 1)
+    norm = torch.linalg.vector_norm(x2, dim=-1, keepdim=True)  # (N, 1): one pass, no squared copy
+    rstd = norm.square_().div_(x2.shape[-1]).add_(eps).rsqrt_()  # 1 / sqrt(mean(x^2) + eps)
     return x2 * rstd, rstd
 
 
@@ -102,20 +103,30 @@ def _normalise_backward(
 ) -> torch.Tensor:
     """dx = rstd * (dxhat - xhat * mean(dxhat * xhat)) + residual_grad, in place in ``dxhat`` (N, C)."""
     mean = (dxhat * xhat).mean(-1, keepdim=True)  # (N, 1)
-    return dxhat.addcmul_(xhat, mean, value=-1.0).mul_(rstd).add_(residual_grad)
+    dxhat.addcmul_(xhat, mean, value=-1.0)
+    return torch.addcmul(residual_grad, dxhat, rstd, out=dxhat)
+
+
+def _fold(weights: tuple[torch.Tensor, ...], norm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The concatenated projection weights (out, C) and the same scaled by the norm weight (columns)."""
+    stacked = torch.cat(weights)  # (out, C)
+    return stacked, stacked * norm_weight
 
 
 def _folded_grads(
-    dy: torch.Tensor, xhat: torch.Tensor, weights: torch.Tensor, norm_weight: torch.Tensor
+    dy: torch.Tensor, xhat: torch.Tensor, stacked: torch.Tensor, norm_weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For y = (xhat * w) @ weights.T: the gradients of ``weights`` and of the norm weight ``w``."""
-    product = dy.t() @ xhat  # (out, C): dy.T @ xhat
-    return product * norm_weight, (product * weights).sum(0)
+    """For y = (xhat * w) @ stacked.T: the gradients of ``stacked`` (out, C) and of the norm weight ``w``."""
+    product = dy.t() @ xhat  # (out, C)
+    return product * norm_weight, (product * stacked).sum(0)
 
 
-def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = x * cos + swap_halves(x) * sin (last dimension), written into ``out`` without a swapped copy."""
     half = x.shape[-1] // 2
-    return torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    torch.mul(x[..., half:], sin[..., :half], out=out[..., :half])
+    torch.mul(x[..., :half], sin[..., half:], out=out[..., half:])
+    return out.addcmul_(x, cos)
 
 
 # -- the sublayers -----------------------------------------------------------------------------------------
@@ -130,10 +141,10 @@ class _AttentionSublayer(torch.autograd.Function):
         hd = wq.shape[0] // n_heads
         x2 = x.reshape(B * T, C)  # (N, C)
         xhat, rstd = _normalise(x2, eps)
-        weights = torch.cat((wq, wk, wv))  # (3 H hd, C)
-        qkv = (xhat @ (weights * norm_w).t()).view(B, T, 3 * n_heads, hd)  # (B, T, 3H, hd)
+        stacked, folded = _fold((wq, wk, wv), norm_w)  # (3 H hd, C)
+        qkv = (xhat @ folded.t()).view(B, T, 3 * n_heads, hd)  # (B, T, 3H, hd)
         qk = qkv[:, :, : 2 * n_heads]  # (B, T, 2H, hd): queries and keys rotate together
-        rotated = _swap_halves(qk).mul_(signed_sin).addcmul_(qk, cos)  # (B, T, 2H, hd)
+        rotated = _rotate(qk, cos, signed_sin, torch.empty_like(qk))  # (B, T, 2H, hd)
         q = rotated[:, :, :n_heads].transpose(1, 2)  # (B, H, T, hd)
         k = rotated[:, :, n_heads:].transpose(1, 2)
         v = qkv[:, :, 2 * n_heads :].transpose(1, 2)
@@ -141,14 +152,16 @@ class _AttentionSublayer(torch.autograd.Function):
         heads = out.transpose(1, 2).reshape(B * T, n_heads * hd)  # (N, H hd)
         y = torch.addmm(x2, heads, wo.t())  # (N, C): the residual add inside the output projection
         ctx.save_for_backward(
-            xhat, rstd, norm_w, weights, wo, q, k, v, out, logsumexp, heads, cos, swapped_sin
+            xhat, rstd, norm_w, stacked, folded, wo, q, k, v, out, logsumexp, heads, cos, swapped_sin
         )
         ctx.n_heads = n_heads
         return y.view(B, T, C)
 
     @staticmethod
     def backward(ctx, dy):
-        xhat, rstd, norm_w, weights, wo, q, k, v, out, logsumexp, heads, cos, swapped_sin = ctx.saved_tensors
+        xhat, rstd, norm_w, stacked, folded, wo, q, k, v, out, logsumexp, heads, cos, swapped_sin = (
+            ctx.saved_tensors
+        )
         H = ctx.n_heads
         B, _, T, hd = q.shape
         dy2 = dy.reshape(B * T, -1)  # (N, C)
@@ -156,14 +169,13 @@ class _AttentionSublayer(torch.autograd.Function):
         dout = (dy2 @ wo).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
         dq, dk, dv = _flash_backward(dout, q, k, v, out, logsumexp, 0.0, True)  # each (B, H, T, hd)
         dqkv = torch.empty(B, T, 3 * H, hd, dtype=dy.dtype, device=dy.device)  # (B, T, 3H, hd)
-        for grad, part in ((dq, dqkv[:, :, :H]), (dk, dqkv[:, :, H : 2 * H])):
-            grad = grad.transpose(1, 2)  # (B, T, H, hd)
-            torch.mul(_swap_halves(grad), swapped_sin, out=part).addcmul_(grad, cos)  # RoPE's transpose
+        _rotate(dq.transpose(1, 2), cos, swapped_sin, dqkv[:, :, :H])  # RoPE's transpose
+        _rotate(dk.transpose(1, 2), cos, swapped_sin, dqkv[:, :, H : 2 * H])
         dqkv[:, :, 2 * H :].copy_(dv.transpose(1, 2))
         dqkv = dqkv.view(B * T, 3 * H * hd)  # (N, 3 H hd)
-        dweights, dnorm_w = _folded_grads(dqkv, xhat, weights, norm_w)
-        dx = _normalise_backward(dqkv @ (weights * norm_w), xhat, rstd, dy2)  # (N, C)
-        dwq, dwk, dwv = dweights.split(H * hd)
+        dstacked, dnorm_w = _folded_grads(dqkv, xhat, stacked, norm_w)
+        dx = _normalise_backward(dqkv @ folded, xhat, rstd, dy2)  # (N, C)
+        dwq, dwk, dwv = dstacked.split(H * hd)
         return dx.view(B, T, -1), dnorm_w, dwq, dwk, dwv, dwo, None, None, None, None, None
 
 
@@ -176,18 +188,18 @@ class _MLPSublayer(torch.autograd.Function):
         hidden = wg.shape[0]
         x2 = x.reshape(B * T, C)  # (N, C)
         xhat, rstd = _normalise(x2, eps)
-        weights = torch.cat((wg, wu))  # (2F, C)
-        h = xhat @ (weights * norm_w).t()  # (N, 2F): gate | up
+        stacked, folded = _fold((wg, wu), norm_w)  # (2F, C)
+        h = xhat @ folded.t()  # (N, 2F): gate | up
         gate, up = h[:, :hidden], h[:, hidden:]
         activated = F.silu(gate)  # (N, F)
         product = activated * up  # (N, F)
         y = torch.addmm(x2, product, wd.t())  # (N, C)
-        ctx.save_for_backward(xhat, rstd, norm_w, weights, wd, h, activated, product)
+        ctx.save_for_backward(xhat, rstd, norm_w, stacked, folded, wd, h, activated, product)
         return y.view(B, T, C)
 
     @staticmethod
     def backward(ctx, dy):
-        xhat, rstd, norm_w, weights, wd, h, activated, product = ctx.saved_tensors
+        xhat, rstd, norm_w, stacked, folded, wd, h, activated, product = ctx.saved_tensors
         hidden = wd.shape[1]
         B, T, C = dy.shape
         dy2 = dy.reshape(B * T, C)  # (N, C)
@@ -196,7 +208,7 @@ class _MLPSublayer(torch.autograd.Function):
         dh = torch.empty_like(h)  # (N, 2F)
         torch.mul(dproduct, activated, out=dh[:, hidden:])
         torch.ops.aten.silu_backward(dproduct.mul_(h[:, hidden:]), h[:, :hidden], grad_input=dh[:, :hidden])
-        dweights, dnorm_w = _folded_grads(dh, xhat, weights, norm_w)
-        dx = _normalise_backward(dh @ (weights * norm_w), xhat, rstd, dy2)  # (N, C)
-        dwg, dwu = dweights.split(hidden)
+        dstacked, dnorm_w = _folded_grads(dh, xhat, stacked, norm_w)
+        dx = _normalise_backward(dh @ folded, xhat, rstd, dy2)  # (N, C)
+        dwg, dwu = dstacked.split(hidden)
         return dx.view(B, T, C), dnorm_w, dwg, dwu, dwd, None
