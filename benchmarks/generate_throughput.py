@@ -5,8 +5,8 @@ contestants run interleaved A B C A B C ... on the same prompts:
   lmforge cache    ``generate_ids(..., use_cache=True)``
   lmforge no cache ``generate_ids(..., use_cache=False)`` (recomputes the whole sequence every token)
   transformers     ``LlamaForCausalLM.generate`` (its DynamicCache) on ``to_hf_model`` of the same weights
-Reported: median generated tokens/s per contestant, the ratio cache / transformers, and whether all three
-produced the same tokens. Writes benchmarks/results/generate_throughput.json.
+Reported: median generated tokens/s per contestant (and the fastest/slowest round), the ratio cache /
+transformers, whether all three produced the same tokens, and the machine's load average. Writes benchmarks/results/generate_throughput.json.
 Run: python benchmarks/generate_throughput.py [--small] [--rounds N] [--device cpu|cuda]
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -94,6 +95,7 @@ def run_case(cfg: ModelConfig, *, batch: int, prompt_len: int, new_tokens: int, 
         "new_tokens": new_tokens,
         "rounds": rounds,
         "median_seconds": {name: statistics.median(t) for name, t in times.items()},
+        "min_max_seconds": {name: [min(t), max(t)] for name, t in times.items()},
         "tokens_per_s": tokens_per_s,
         "cache_vs_transformers": tokens_per_s["lmforge_cache"] / tokens_per_s["transformers"],
         "cache_vs_no_cache": tokens_per_s["lmforge_cache"] / tokens_per_s["lmforge_no_cache"],
@@ -112,6 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     shapes = dict(list(SHAPES.items())[:1]) if args.small else SHAPES
+    load_before = os.getloadavg()  # other jobs on the machine make the timings noisy: recorded with them
     cases = []
     for name, cfg in shapes.items():
         for batch in (1, 4):
@@ -139,6 +142,7 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "dtype": "float32",
+        "load_average_1_5_15min": {"start": load_before, "end": os.getloadavg()},
         "cases": cases,
         "min_cache_vs_transformers": min(c["cache_vs_transformers"] for c in cases),
     }
