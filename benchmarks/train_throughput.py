@@ -8,6 +8,11 @@ its defaults), on the same weights (``model.hf.to_hf_model``). A third column is
 ``train.compile=true`` (each block through ``torch.compile``, as ``parallelize`` applies it).
 Rounds alternate A B A B; medians and ratios
 go to benchmarks/results/train_throughput.json. Run: python benchmarks/train_throughput.py [--rounds N]
+
+Where the time goes: after the timed rounds, three profiled steps of each eager model are split into matmuls
+(mm/addmm/bmm), attention kernels, the optimizer and everything else (elementwise ops, norms, RoPE, loss,
+copies), as fractions of the profiled self time; ``ceiling_ratio`` is the transformers step over lmforge's
+matmul + attention + optimizer time alone, the ratio lmforge would reach if all the rest cost nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from lmforge.config import ModelConfig, ParallelConfig, TrainConfig
 from lmforge.distributed.parallelize import World, parallelize
@@ -86,6 +92,29 @@ def time_steps(step, x, y, n: int) -> float:
     return time.perf_counter() - started
 
 
+def time_split(step, x, y) -> dict[str, float]:
+    """Fractions of the self CPU time of three profiled steps: matmul, attention, optimizer, other."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step(x, y)
+    split = {"matmul": 0.0, "attention": 0.0, "optimizer": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        name = event.key
+        if not name.startswith("aten::"):
+            continue
+        if name in ("aten::mm", "aten::addmm", "aten::bmm"):
+            kind = "matmul"
+        elif "scaled_dot_product" in name:
+            kind = "attention"
+        elif "adam" in name or name.startswith("aten::_foreach") or name in ("aten::lerp_", "aten::addcdiv_"):
+            kind = "optimizer"
+        else:
+            kind = "other"
+        split[kind] += event.self_cpu_time_total
+    total = sum(split.values())
+    return {kind: value / total for kind, value in split.items()}
+
+
 def bench_shape(
     name: str, cfg: ModelConfig, batch: int, precision: str, rounds: int, steps: int, peak: float
 ):
@@ -116,6 +145,10 @@ def bench_shape(
         out[key] = {"tokens_per_s": median, "mfu": median * flops_per_token / peak, "all": values}
     out["ratio"] = out["lmforge"]["tokens_per_s"] / out["transformers"]["tokens_per_s"]
     out["ratio_compiled"] = out["lmforge_compiled"]["tokens_per_s"] / out["transformers"]["tokens_per_s"]
+    for key in ("lmforge", "transformers"):
+        out[key]["time_split"] = time_split(steppers[key], x, y)
+    bound = sum(v for k, v in out["lmforge"]["time_split"].items() if k != "other")
+    out["ceiling_ratio"] = out["ratio"] / bound  # transformers step / lmforge's matmul+attention+optimizer
     return out
 
 
@@ -137,7 +170,9 @@ def main() -> None:
                 f"(MFU {100 * r['lmforge']['mfu']:.1f}%), transformers {r['transformers']['tokens_per_s']:8.0f} "
                 f"tok/s (MFU {100 * r['transformers']['mfu']:.1f}%), ratio {r['ratio']:.2f}x; "
                 f"lmforge with train.compile {r['lmforge_compiled']['tokens_per_s']:8.0f} tok/s, "
-                f"ratio {r['ratio_compiled']:.2f}x",
+                f"ratio {r['ratio_compiled']:.2f}x; lmforge time split "
+                + ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["lmforge"]["time_split"].items())
+                + f", ceiling {r['ceiling_ratio']:.2f}x",
                 flush=True,
             )
     report = {
