@@ -48,8 +48,9 @@ def assert_close_grads(grads: dict, reference: dict, rel: float) -> None:
         assert err <= rel, f"{name}: relative gradient error {err:.2e} > {rel:.0e}"
 
 
-def test_fused_block_matches_plain_modules(monkeypatch):
-    model = perturbed_model(tiny())
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])  # multi-head, grouped-query, multi-query attention
+def test_fused_block_matches_plain_modules(monkeypatch, kv_heads):
+    model = perturbed_model(tiny(n_kv_heads=kv_heads))
     idx = tokens()
     x = torch.zeros(3, 32, 64)
     assert fused_block_applies(
@@ -81,11 +82,10 @@ def test_fused_block_gradients_match_transformers():
 
 @pytest.mark.parametrize(
     "case",
-    ["gqa", "dropout", "bias", "layernorm", "gelu", "mask", "bf16 autocast", "lora", "learned positions"],
+    ["dropout", "bias", "layernorm", "gelu", "mask", "bf16 autocast", "lora", "learned positions"],
 )
 def test_plain_path_where_fused_does_not_apply(case):
     cfg = {
-        "gqa": tiny(n_kv_heads=2),
         "dropout": tiny(dropout=0.1),
         "bias": tiny(bias=True),
         "layernorm": tiny(norm="layernorm"),

@@ -14,8 +14,8 @@ math, arranged so that little but the matmuls touches activations:
 - the residual add rides in the output projection (``addmm``); the backward works in place.
 
 ``Block.forward`` takes this path only where it applies (see ``fused_block_applies``): RMSNorm, SwiGLU,
-RoPE, no bias, plain ``nn.Linear`` projections (LoRA's wrappers take the plain path), equal query and
-key/value heads, no mask (causal from position 0), no dropout, fp32 without autocast, CPU, not under
+RoPE, no bias, plain ``nn.Linear`` projections (LoRA's wrappers take the plain path), no mask (causal
+from position 0), no dropout, fp32 without autocast, CPU, not under
 ``torch.compile`` (inductor fuses the plain modules itself). Everything else runs the plain modules.
 
 Shape legend: B batch, T length, N = B*T tokens, C d_model, H heads, hd head dimension, F hidden dimension.
@@ -49,7 +49,6 @@ def fused_block_applies(block: nn.Module, x: torch.Tensor, rope, mask, cache) ->
         and mlp.swiglu
         and type(block.input_layernorm) is RMSNorm
         and type(block.post_attention_layernorm) is RMSNorm
-        and attn.n_kv_heads == attn.n_heads
         and all(type(m) is nn.Linear and m.bias is None for m in (*linears, mlp.gate_proj))
         and all(m.weight.dtype == torch.float32 for m in linears)
         and all(type(m.weight) is nn.Parameter for m in linears)  # not tensor-parallel DTensor shards
@@ -77,6 +76,7 @@ def fused_block(block: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, tor
         swapped_sin.unsqueeze(2),
         block.input_layernorm.eps,
         attn.n_heads,
+        attn.n_kv_heads,
     )
     return _MLPSublayer.apply(
         x,
@@ -133,28 +133,41 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Te
 
 
 class _AttentionSublayer(torch.autograd.Function):
-    """x + o_proj(causal_attention(rope(q), rope(k), v)) with q, k, v = proj(rmsnorm(x))."""
+    """x + o_proj(causal_attention(rope(q), rope(k), v)) with q, k, v = proj(rmsnorm(x)); Hkv <= H heads."""
 
     @staticmethod
-    def forward(ctx, x, norm_w, wq, wk, wv, wo, cos, signed_sin, swapped_sin, eps: float, n_heads: int):
+    def forward(
+        ctx,
+        x,
+        norm_w,
+        wq,
+        wk,
+        wv,
+        wo,
+        cos,
+        signed_sin,
+        swapped_sin,
+        eps: float,
+        n_heads: int,
+        n_kv_heads: int,
+    ):
         B, T, C = x.shape
-        hd = wq.shape[0] // n_heads
+        H, qk_heads, hd = n_heads, n_heads + n_kv_heads, wq.shape[0] // n_heads
         x2 = x.reshape(B * T, C)  # (N, C)
         xhat, rstd = _normalise(x2, eps)
-        stacked, folded = _fold((wq, wk, wv), norm_w)  # (3 H hd, C)
-        qkv = (xhat @ folded.t()).view(B, T, 3 * n_heads, hd)  # (B, T, 3H, hd)
-        qk = qkv[:, :, : 2 * n_heads]  # (B, T, 2H, hd): queries and keys rotate together
-        rotated = _rotate(qk, cos, signed_sin, torch.empty_like(qk))  # (B, T, 2H, hd)
-        q = rotated[:, :, :n_heads].transpose(1, 2)  # (B, H, T, hd)
-        k = rotated[:, :, n_heads:].transpose(1, 2)
-        v = qkv[:, :, 2 * n_heads :].transpose(1, 2)
+        stacked, folded = _fold((wq, wk, wv), norm_w)  # ((H + 2Hkv) hd, C)
+        qkv = (xhat @ folded.t()).view(B, T, qk_heads + n_kv_heads, hd)  # (B, T, H + 2Hkv, hd)
+        qk = qkv[:, :, :qk_heads]  # (B, T, H + Hkv, hd): queries and keys rotate together
+        rotated = _rotate(qk, cos, signed_sin, torch.empty_like(qk))  # (B, T, H + Hkv, hd)
+        q = rotated[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
+        k = rotated[:, :, H:].transpose(1, 2)  # (B, Hkv, T, hd)
+        v = qkv[:, :, qk_heads:].transpose(1, 2)  # (B, Hkv, T, hd)
         out, logsumexp = _flash(q, k, v, 0.0, True)  # (B, H, T, hd), laid out as (B, T, H, hd)
-        heads = out.transpose(1, 2).reshape(B * T, n_heads * hd)  # (N, H hd)
+        heads = out.transpose(1, 2).reshape(B * T, H * hd)  # (N, H hd)
         y = torch.addmm(x2, heads, wo.t())  # (N, C): the residual add inside the output projection
         ctx.save_for_backward(
             xhat, rstd, norm_w, stacked, folded, wo, q, k, v, out, logsumexp, heads, cos, swapped_sin
         )
-        ctx.n_heads = n_heads
         return y.view(B, T, C)
 
     @staticmethod
@@ -162,21 +175,23 @@ class _AttentionSublayer(torch.autograd.Function):
         xhat, rstd, norm_w, stacked, folded, wo, q, k, v, out, logsumexp, heads, cos, swapped_sin = (
             ctx.saved_tensors
         )
-        H = ctx.n_heads
-        B, _, T, hd = q.shape
+        B, H, T, hd = q.shape
+        qk_heads = H + k.shape[1]
         dy2 = dy.reshape(B * T, -1)  # (N, C)
         dwo = dy2.t() @ heads if ctx.needs_input_grad[5] else None  # (C, H hd)
         dout = (dy2 @ wo).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
         dq, dk, dv = _flash_backward(dout, q, k, v, out, logsumexp, 0.0, True)  # each (B, H, T, hd)
-        dqkv = torch.empty(B, T, 3 * H, hd, dtype=dy.dtype, device=dy.device)  # (B, T, 3H, hd)
+        dqkv = torch.empty(
+            B, T, qk_heads + k.shape[1], hd, dtype=dy.dtype, device=dy.device
+        )  # (B, T, H + 2Hkv, hd)
         _rotate(dq.transpose(1, 2), cos, swapped_sin, dqkv[:, :, :H])  # RoPE's transpose
-        _rotate(dk.transpose(1, 2), cos, swapped_sin, dqkv[:, :, H : 2 * H])
-        dqkv[:, :, 2 * H :].copy_(dv.transpose(1, 2))
-        dqkv = dqkv.view(B * T, 3 * H * hd)  # (N, 3 H hd)
+        _rotate(dk.transpose(1, 2), cos, swapped_sin, dqkv[:, :, H:qk_heads])
+        dqkv[:, :, qk_heads:].copy_(dv.transpose(1, 2))
+        dqkv = dqkv.view(B * T, -1)  # (N, (H + 2Hkv) hd)
         dstacked, dnorm_w = _folded_grads(dqkv, xhat, stacked, norm_w)
         dx = _normalise_backward(dqkv @ folded, xhat, rstd, dy2)  # (N, C)
-        dwq, dwk, dwv = dstacked.split(H * hd)
-        return dx.view(B, T, -1), dnorm_w, dwq, dwk, dwv, dwo, None, None, None, None, None
+        dwq, dwk, dwv = dstacked.split((H * hd, k.shape[1] * hd, k.shape[1] * hd))
+        return dx.view(B, T, -1), dnorm_w, dwq, dwk, dwv, dwo, None, None, None, None, None, None
 
 
 class _MLPSublayer(torch.autograd.Function):
