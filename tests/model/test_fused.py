@@ -33,9 +33,11 @@ def tokens(seed: int = 5) -> torch.Tensor:
     return torch.randint(0, VOCAB, (3, 32), generator=torch.Generator().manual_seed(seed))
 
 
-def loss_and_grads(model: torch.nn.Module, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_grads(
+    model: torch.nn.Module, idx: torch.Tensor, **kwargs
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    logits = model(idx)  # (B, T, V)
+    logits = model(idx, **kwargs)  # (B, T, V)
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), idx[:, 1:].reshape(-1))
     loss.backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -63,6 +65,19 @@ def test_fused_block_matches_plain_modules(monkeypatch, kv_heads):
     assert_close_grads(grads, plain_grads, 1e-5)
 
 
+def test_fused_block_with_packed_documents_matches_plain_modules(monkeypatch):
+    model = perturbed_model(tiny())
+    idx = tokens(seed=6)
+    doc_ids = torch.tensor([[0] * 10 + [1] * 22, [0] * 32, [0] * 5 + [1] * 5 + [2] * 22])  # (B, T)
+    logits, grads = loss_and_grads(model, idx, doc_ids=doc_ids)
+    monkeypatch.setattr(transformer, "fused_block_applies", lambda *args: False)
+    plain_logits, plain_grads = loss_and_grads(model, idx, doc_ids=doc_ids)
+    assert (logits - plain_logits).abs().max() <= 1e-5
+    assert_close_grads(grads, plain_grads, 1e-5)
+    first_doc_alone, _ = loss_and_grads(model, idx[:1, :10])  # attention stays inside each document
+    assert (logits[:1, :10] - first_doc_alone).abs().max() <= 1e-5
+
+
 def test_fused_block_gradients_match_transformers():
     from lmforge.model.hf import to_hf_model
 
@@ -82,7 +97,7 @@ def test_fused_block_gradients_match_transformers():
 
 @pytest.mark.parametrize(
     "case",
-    ["dropout", "bias", "layernorm", "gelu", "mask", "bf16 autocast", "lora", "learned positions"],
+    ["dropout", "bias", "layernorm", "gelu", "cached keys", "bf16 autocast", "lora", "learned positions"],
 )
 def test_plain_path_where_fused_does_not_apply(case):
     cfg = {
@@ -97,7 +112,7 @@ def test_plain_path_where_fused_does_not_apply(case):
         model = apply_lora(model, LoRAConfig(rank=2, targets=("q_proj", "v_proj")))
     block, x = model.layers[0], torch.zeros(3, 32, 64)
     rope = rope_cos_sin(torch.arange(32)[None], model.rope_inv_freq) if cfg.position == "rope" else None
-    mask = torch.ones(3, 1, 32, 32, dtype=torch.bool) if case == "mask" else None
+    mask = torch.ones(3, 1, 32, 40, dtype=torch.bool) if case == "cached keys" else None
     if case == "bf16 autocast":
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not fused_block_applies(block, x, rope, mask, None)

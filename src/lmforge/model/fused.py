@@ -14,11 +14,12 @@ math, arranged so that little but the matmuls touches activations:
 - the residual add rides in the output projection (``addmm``); the backward works in place.
 
 ``Block.forward`` takes this path only where it applies (see ``fused_block_applies``): RMSNorm, SwiGLU,
-RoPE, no bias, plain ``nn.Linear`` projections (LoRA's wrappers take the plain path), no mask (causal
-from position 0), no dropout, fp32 without autocast, CPU, not under
+RoPE, no bias, plain ``nn.Linear`` projections (LoRA's wrappers take the plain path), causal attention
+from position 0 or a (B, 1, T, T) training mask (packed documents), no KV cache, no dropout, fp32 without autocast, CPU, not under
 ``torch.compile`` (inductor fuses the plain modules itself). Everything else runs the plain modules.
 
-Shape legend: B batch, T length, N = B*T tokens, C d_model, H heads, hd head dimension, F hidden dimension.
+Shape legend: B batch, T length, N = B*T tokens, C d_model, H heads, Hkv key/value heads, hd head dimension,
+F hidden dimension.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def fused_block_applies(block: nn.Module, x: torch.Tensor, rope, mask, cache) ->
     linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.up_proj, mlp.down_proj)
     return (
         cache is None
-        and mask is None
+        and (mask is None or mask.shape[-1] == x.shape[1])  # no cached keys
         and rope is not None
         and x.device.type == "cpu"
         and x.dtype == torch.float32
@@ -55,8 +56,13 @@ def fused_block_applies(block: nn.Module, x: torch.Tensor, rope, mask, cache) ->
     )
 
 
-def fused_block(block: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``block(x, rope, None)`` through the two fused sublayers; cos/sin are (B, T, hd)."""
+def fused_block(
+    block: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None
+) -> torch.Tensor:
+    """``block(x, rope, mask)`` through the two fused sublayers; cos/sin are (B, T, hd), ``mask`` None
+    (causal) or boolean (B, 1, T, T), True where a query may attend."""
+    if mask is not None:  # the CPU flash kernel takes an additive mask of the queries' dtype
+        mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
     attn, mlp = block.self_attn, block.mlp
     cos, sin = rope
     half = cos.shape[-1] // 2
@@ -74,6 +80,7 @@ def fused_block(block: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, tor
         cos.unsqueeze(2),  # (B, T, 1, hd): one table for every head
         signed_sin.unsqueeze(2),
         swapped_sin.unsqueeze(2),
+        mask,
         block.input_layernorm.eps,
         attn.n_heads,
         attn.n_kv_heads,
@@ -147,6 +154,7 @@ class _AttentionSublayer(torch.autograd.Function):
         cos,
         signed_sin,
         swapped_sin,
+        mask,
         eps: float,
         n_heads: int,
         n_kv_heads: int,
@@ -162,17 +170,17 @@ class _AttentionSublayer(torch.autograd.Function):
         q = rotated[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
         k = rotated[:, :, H:].transpose(1, 2)  # (B, Hkv, T, hd)
         v = qkv[:, :, qk_heads:].transpose(1, 2)  # (B, Hkv, T, hd)
-        out, logsumexp = _flash(q, k, v, 0.0, True)  # (B, H, T, hd), laid out as (B, T, H, hd)
+        out, logsumexp = _flash(q, k, v, 0.0, mask is None, attn_mask=mask)  # (B, H, T, hd) as (B, T, H, hd)
         heads = out.transpose(1, 2).reshape(B * T, H * hd)  # (N, H hd)
         y = torch.addmm(x2, heads, wo.t())  # (N, C): the residual add inside the output projection
         ctx.save_for_backward(
-            xhat, rstd, norm_w, stacked, folded, wo, q, k, v, out, logsumexp, heads, cos, swapped_sin
+            xhat, rstd, norm_w, stacked, folded, wo, q, k, v, out, logsumexp, heads, cos, swapped_sin, mask
         )
         return y.view(B, T, C)
 
     @staticmethod
     def backward(ctx, dy):
-        xhat, rstd, norm_w, stacked, folded, wo, q, k, v, out, logsumexp, heads, cos, swapped_sin = (
+        xhat, rstd, norm_w, stacked, folded, wo, q, k, v, out, logsumexp, heads, cos, swapped_sin, mask = (
             ctx.saved_tensors
         )
         B, H, T, hd = q.shape
@@ -180,7 +188,7 @@ class _AttentionSublayer(torch.autograd.Function):
         dy2 = dy.reshape(B * T, -1)  # (N, C)
         dwo = dy2.t() @ heads if ctx.needs_input_grad[5] else None  # (C, H hd)
         dout = (dy2 @ wo).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-        dq, dk, dv = _flash_backward(dout, q, k, v, out, logsumexp, 0.0, True)  # each (B, H, T, hd)
+        dq, dk, dv = _flash_backward(dout, q, k, v, out, logsumexp, 0.0, mask is None, attn_mask=mask)
         dqkv = torch.empty(
             B, T, qk_heads + k.shape[1], hd, dtype=dy.dtype, device=dy.device
         )  # (B, T, H + 2Hkv, hd)
@@ -191,7 +199,7 @@ class _AttentionSublayer(torch.autograd.Function):
         dstacked, dnorm_w = _folded_grads(dqkv, xhat, stacked, norm_w)
         dx = _normalise_backward(dqkv @ folded, xhat, rstd, dy2)  # (N, C)
         dwq, dwk, dwv = dstacked.split((H * hd, k.shape[1] * hd, k.shape[1] * hd))
-        return dx.view(B, T, -1), dnorm_w, dwq, dwk, dwv, dwo, None, None, None, None, None, None
+        return dx.view(B, T, -1), dnorm_w, dwq, dwk, dwv, dwo, None, None, None, None, None, None, None
 
 
 class _MLPSublayer(torch.autograd.Function):
