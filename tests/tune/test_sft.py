@@ -141,3 +141,14 @@ def test_bad_records_name_file_and_line_and_write_nothing(base_checkpoint, tmp_p
     data.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl:1: messages\[0\]"):
         load_examples(data)
+
+
+def test_prompts_longer_than_the_context_are_refused_and_nothing_is_written(base_checkpoint, tmp_path):
+    data = tmp_path / "long.jsonl"
+    records = [{"prompt": "x" * 300, "response": "y"}, {"prompt": "z" * 400, "response": "w"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(
+        DataError, match=r"long.jsonl: none of its 2 examples .* train.seq_len=256 .* shorten"
+    ):
+        finetune(base_checkpoint, data, out_dir=tmp_path / "run", overrides=FAST)
+    assert not (tmp_path / "run").exists()

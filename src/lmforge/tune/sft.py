@@ -320,6 +320,12 @@ def finetune(
     tokenized = [tokenize_example(e, tokenizer, seq_len) for e in examples]
     usable = [t for t in tokenized if any(y != IGNORE for y in t[1])]
     skipped = len(tokenized) - len(usable)
+    if not usable:
+        raise DataError(
+            f"{data_path}: none of its {len(examples)} examples keeps a response token within "
+            f"train.seq_len={seq_len} (the prompts fill the context, or the responses are empty): shorten "
+            f"the prompts or raise train.seq_len (the model's context is {cfg.model.max_seq_len})"
+        )
     train_ex, val_ex = split_examples(usable, val_fraction, cfg.train.seed)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eot_id or 0)
     train_rows = build_rows(train_ex, seq_len, pad_id, pack)
