@@ -49,6 +49,15 @@ SHAPES = {
 }
 
 
+DEFINITIONS = (
+    "ratio: lmforge eager tokens/s over transformers; ratio_compiled: lmforge with train.compile=true over "
+    "transformers; kernel_floor: the step's matmul and flash-attention kernels alone, timed on warm buffers "
+    "(no step of this shape can be faster); ceiling_ratio: kernel_floor over transformers, the most lmforge "
+    "could reach if norms, RoPE, SwiGLU, loss, AdamW and copies cost nothing. mfu: against matmul_peak_flops "
+    "measured in the same run."
+)
+
+
 class Batch:
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor):
         self.inputs, self.targets, self.doc_ids = inputs, targets, None
@@ -205,6 +214,7 @@ def main() -> None:
                 flush=True,
             )
     report = {
+        "definitions": DEFINITIONS,
         "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
