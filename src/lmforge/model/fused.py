@@ -37,20 +37,21 @@ def fused_block_applies(block: nn.Module, x: torch.Tensor, rope, mask, cache) ->
     from lmforge.model.transformer import RMSNorm
 
     attn, mlp = block.self_attn, block.mlp
-    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.up_proj, mlp.down_proj)
+    if not mlp.swiglu:
+        return False
+    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     return (
         cache is None
-        and (mask is None or mask.shape[-1] == x.shape[1])  # no cached keys
+        and (mask is None or tuple(mask.shape[-2:]) == (x.shape[1],) * 2)  # (B, 1, T, T): no cached keys
         and rope is not None
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
         and not (block.training and (attn.dropout > 0 or block.resid_dropout.p > 0))
-        and mlp.swiglu
         and type(block.input_layernorm) is RMSNorm
         and type(block.post_attention_layernorm) is RMSNorm
-        and all(type(m) is nn.Linear and m.bias is None for m in (*linears, mlp.gate_proj))
+        and all(type(m) is nn.Linear and m.bias is None for m in linears)
         and all(m.weight.dtype == torch.float32 for m in linears)
         and all(type(m.weight) is nn.Parameter for m in linears)  # not tensor-parallel DTensor shards
     )
@@ -66,10 +67,9 @@ def fused_block(
     attn, mlp = block.self_attn, block.mlp
     cos, sin = rope
     half = cos.shape[-1] // 2
-    signed_sin = torch.cat(
-        (-sin[..., :half], sin[..., half:]), dim=-1
-    )  # rotate_half(x) * sin == swap(x) * this
-    swapped_sin = torch.cat((signed_sin[..., half:], signed_sin[..., :half]), dim=-1)  # for the backward
+    # rotate_half(x) * sin == swap_halves(x) * signed_sin; the backward multiplies by it swapped
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    swapped_sin = torch.cat((signed_sin[..., half:], signed_sin[..., :half]), dim=-1)
     x = _AttentionSublayer.apply(
         x,
         block.input_layernorm.weight,
