@@ -4,7 +4,8 @@ planner's memory and step-time predictions and derive corrections from the diffe
 Self-contained on purpose (its own step, its own activation checkpointing): it tests the planner's
 assumptions, not the training loop. Memory is measured as the CUDA allocator's peak above the baseline, or
 on the CPU as the growth of the resident set's high-water mark (Linux: reset through /proc/self/clear_refs,
-with glibc told to give every allocation of 64 KiB or more back to the OS when freed).
+with glibc told to give every allocation of 64 KiB or more back to the OS when freed, and its free heap
+pages trimmed before the baseline).
 """
 
 from __future__ import annotations
@@ -80,7 +81,11 @@ class _CpuPeak:
         self.method = "ru_maxrss growth"
         if sys.platform.startswith("linux"):
             with contextlib.suppress(OSError, AttributeError):
-                ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD: big blocks go back to the OS
+                libc = ctypes.CDLL("libc.so.6")
+                libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: big blocks go back to the OS
+                # Free heap pages kept from earlier work in this process would be reused without growing the
+                # resident set, hiding part of the probe's peak: hand them back before the baseline.
+                libc.malloc_trim(0)
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
