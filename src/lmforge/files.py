@@ -1,9 +1,14 @@
-"""Writing files so that an interrupted write never leaves one that looks complete."""
+"""Files: writing so that an interrupted write never leaves one that looks complete, and reading small
+JSONL files of records (tasks, fine-tuning data) with every problem named as file:line."""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+from lmforge.errors import DataError
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -16,3 +21,23 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def jsonl_records(path: str | Path, what: str) -> Iterator[tuple[dict, str]]:
+    """Each JSON object of a JSONL file with its ``file:line``; blank lines are skipped, anything else that is
+    not a JSON object is a ``DataError`` naming the line. ``what`` names the file in the missing-file error."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such {what}")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            yield obj, where

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import DataError
+from lmforge.files import jsonl_records
 from lmforge.infer.generate import Tokenizer
 from lmforge.model.transformer import Transformer
 
@@ -311,24 +312,11 @@ def _item_from_record(obj: dict, where: str) -> ChoiceItem:
 
 def load_choice_task(path: str | Path, limit: int | None = None) -> list[ChoiceItem]:
     """Read a multiple-choice JSONL file (first ``limit`` items); every problem names its file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such task file")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(items) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            items.append(_item_from_record(obj, where))
+    for obj, where in jsonl_records(path, "task file"):
+        if limit is not None and len(items) >= limit:
+            break
+        items.append(_item_from_record(obj, where))
     if not items:
         raise DataError(f"{path}: no items")
     return items

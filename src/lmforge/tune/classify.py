@@ -22,6 +22,7 @@ import torch
 from lmforge import checkpoint as ckpt
 from lmforge.config import Config
 from lmforge.errors import DataError
+from lmforge.files import jsonl_records
 from lmforge.model.transformer import SequenceClassifier, Transformer, build_model
 from lmforge.tune.sft import Batch, finetune_config
 
@@ -32,32 +33,19 @@ def load_labelled(
     path: str | Path, *, text_field: str = "text", label_field: str = "label"
 ) -> list[tuple[str, str]]:
     """(text, label) pairs of a JSONL file; a line without the fields is reported as file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such labelled data file")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            missing = [k for k in (text_field, label_field) if k not in obj]
-            if missing:
-                raise DataError(
-                    f"{where}: no field {', '.join(repr(m) for m in missing)} (found: {', '.join(sorted(obj))})"
-                )
-            text, label = obj[text_field], obj[label_field]
-            if not isinstance(text, str) or not text:
-                raise DataError(f"{where}: {text_field!r} must be a non-empty string")
-            if not isinstance(label, str | int) or isinstance(label, bool):
-                raise DataError(f"{where}: {label_field!r} must be a string or an integer, got {label!r}")
-            out.append((text, str(label)))
+    for obj, where in jsonl_records(path, "labelled data file"):
+        missing = [k for k in (text_field, label_field) if k not in obj]
+        if missing:
+            raise DataError(
+                f"{where}: no field {', '.join(repr(m) for m in missing)} (found: {', '.join(sorted(obj))})"
+            )
+        text, label = obj[text_field], obj[label_field]
+        if not isinstance(text, str) or not text:
+            raise DataError(f"{where}: {text_field!r} must be a non-empty string")
+        if not isinstance(label, str | int) or isinstance(label, bool):
+            raise DataError(f"{where}: {label_field!r} must be a string or an integer, got {label!r}")
+        out.append((text, str(label)))
     if not out:
         raise DataError(f"{path}: no examples")
     return out

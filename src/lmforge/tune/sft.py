@@ -13,7 +13,6 @@ so checkpoints, resume, logging and guards are the same as pre-training.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 from lmforge import checkpoint as ckpt
 from lmforge.config import Config, apply_overrides, config_from_dict
 from lmforge.errors import DataError
+from lmforge.files import jsonl_records
 from lmforge.infer.generate import Tokenizer
 from lmforge.tune.lora import LoRAConfig, apply_lora, merge_lora
 
@@ -104,24 +104,11 @@ def record_examples(obj: dict, where: str) -> list[list[Segment]]:
 
 def load_examples(path: str | Path, limit: int | None = None) -> list[list[Segment]]:
     """Every example of a JSONL file; any malformed line is reported as file:line before training starts."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such fine-tuning data file")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(examples) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            examples.extend(record_examples(obj, where))
+    for obj, where in jsonl_records(path, "fine-tuning data file"):
+        if limit is not None and len(examples) >= limit:
+            break
+        examples.extend(record_examples(obj, where))
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples[:limit] if limit is not None else examples
