@@ -30,7 +30,8 @@ def prepared(tmp_path_factory) -> Path:
     else:
         rng = random.Random(0)
         words = ["the", "king", "shall", "speak", "and", "we", "will", "hear", "him", "now"]
-        text = "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(600))
+        lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(600)]
+        text = "\n\n".join("\n".join(lines[i : i + 5]) for i in range(0, 600, 5))  # 120 paragraphs
     parts = text.split("\n\n")
     for i in range(8):  # several documents so both splits get some
         (root / f"doc{i}.txt").write_text("\n\n".join(parts[i::8]), encoding="utf-8")
