@@ -732,7 +732,12 @@ VERBS: dict[str, tuple[Callable, Callable]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="lmforge",
+        description="Train GPT/Llama-style language models end to end: raw text in, a trained, evaluated, "
+        "exported model out. `lmforge train` with no argument runs the built-in demo.",
+        epilog="`lmforge VERB --help` shows a verb's options.",
+    )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="verb", required=True)
     for add, _ in VERBS.values():

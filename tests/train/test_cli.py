@@ -169,3 +169,16 @@ def test_demo_yaml_is_the_built_in_demo():
     assert yaml.safe_load((root / "configs" / "demo.yaml").read_text()) == DEMO
     shakespeare = load_config(root / "configs" / "shakespeare-char.yaml")
     assert (shakespeare.model.n_layers, shakespeare.model.d_model, shakespeare.train.steps) == (4, 128, 2000)
+
+
+def test_prepared_cache_folders_are_named_readably_and_keyed_by_settings(tmp_path):
+    from lmforge.config import config_from_dict
+    from lmforge.train.data import prepared_dir_for
+
+    cfg = config_from_dict({})
+    stdlib = prepared_dir_for(cfg, ["/usr/lib/python3.11/*.py"], tmp_path)
+    assert stdlib.parent == tmp_path / "prepared" and stdlib.name.startswith("python3.11-")  # no '*' in it
+    assert prepared_dir_for(cfg, ["my texts/a b.txt"], tmp_path).name.startswith("a_b.txt-")
+    assert prepared_dir_for(cfg, ["**/*.txt"], tmp_path).name.startswith("data-")
+    other = config_from_dict({"data": {"vocab_size": 2048}})
+    assert prepared_dir_for(other, ["/usr/lib/python3.11/*.py"], tmp_path) != stdlib  # settings are in the key

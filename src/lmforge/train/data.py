@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -43,6 +44,14 @@ def expand_sources(sources: list[str]) -> list[str]:
     return [s.format(**PLACEHOLDERS) if "{" in s else s for s in sources]
 
 
+def _folder_stem(source: str) -> str:
+    """A readable, shell-safe folder name for a source: its last path part without glob characters
+    (``/usr/lib/python3.11/*.py`` -> ``python3.11``)."""
+    plain = [part for part in Path(source).parts if not any(c in part for c in "*?[]{}")]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", plain[-1] if plain else "").strip("._")
+    return name or "data"
+
+
 def prepared_dir_for(cfg: Config, sources: list[str], cache_dir: str | Path | None) -> Path:
     """Where raw sources are prepared: ``data.prepared``, else a cache folder keyed by sources and settings."""
     if cfg.data.prepared:
@@ -50,7 +59,7 @@ def prepared_dir_for(cfg: Config, sources: list[str], cache_dir: str | Path | No
     settings = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _NOT_IN_KEY}
     settings["sources"] = [str(Path(s).expanduser().absolute()) if "*" not in s else s for s in sources]
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    stem = Path(sources[0].rstrip("/*")).name or "data"
+    stem = _folder_stem(sources[0])
     if cache_dir is None:
         return Path(cfg.train.out_dir) / "data" / f"{stem}-{key}"
     return Path(cache_dir) / "prepared" / f"{stem}-{key}"
