@@ -1,5 +1,6 @@
 """The CLI: errors are one line on stderr and exit code 2 without a traceback; --debug shows the traceback."""
 
+import json
 import subprocess
 import sys
 
@@ -68,3 +69,13 @@ def test_model_info_prints_the_numbers(capsys):
     assert main(["model", "info", "gpt2-124m"]) == 0
     out = capsys.readouterr().out
     assert "124,439,808" in out and "position=learned" in out
+
+
+def test_overrides_after_options_are_still_overrides(capsys):
+    assert main(["model", "info", "tiny", "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)["parameters"]
+    assert main(["model", "info", "tiny", "--json", "model.n_layers=3"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"] < full
+    with pytest.raises(SystemExit):  # anything else unknown is still refused by argparse
+        main(["model", "info", "tiny", "--json", "--no-such-option"])
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err

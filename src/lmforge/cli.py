@@ -749,7 +749,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives a trailing positional list nothing once an option has come between: dotted overrides
+    # written after options (`lmforge finetune BASE DATA --out X train.steps=20`) are still overrides.
+    dest = next((d for d in ("overrides", "items") if isinstance(getattr(args, d, None), list)), None)
+    if extra and dest and all("=" in a and not a.startswith("-") for a in extra):
+        setattr(args, dest, getattr(args, dest) + extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     started = time.time()
     try:
         return VERBS[args.verb][1](args) or 0
