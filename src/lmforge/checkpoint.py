@@ -131,7 +131,9 @@ def verify_checkpoint(directory: str | Path) -> list[str]:
         if not path.is_file():
             problems.append(f"{path}: missing")
         elif path.stat().st_size != entry["bytes"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']} (truncated?)")
+            problems.append(
+                f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']} (truncated?)"
+            )
         elif sha256_file(path) != entry["sha256"]:
             problems.append(f"{path}: checksum mismatch (corrupt)")
     return problems
@@ -142,7 +144,9 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and "." not in p.name)
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and "." not in p.name
+    )
 
 
 @dataclass
@@ -169,7 +173,9 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
     removed = list_checkpoints(run_dir)[:-keep_last]
     root = Path(run_dir) / "checkpoints"
     if root.is_dir():
-        removed += [p for p in root.iterdir() if ".tmp-" in p.name and not p.name.endswith(f".tmp-{os.getpid()}")]
+        removed += [
+            p for p in root.iterdir() if ".tmp-" in p.name and not p.name.endswith(f".tmp-{os.getpid()}")
+        ]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
@@ -205,7 +211,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     found = latest_valid_checkpoint(path)
     if found is None:
-        raise CheckpointError(f"{path}: neither a checkpoint (no {WEIGHTS}) nor a run folder with a valid checkpoint")
+        raise CheckpointError(
+            f"{path}: neither a checkpoint (no {WEIGHTS}) nor a run folder with a valid checkpoint"
+        )
     return found.path
 
 

@@ -513,7 +513,9 @@ def _add_plan(sub) -> None:
     p.add_argument("--tp", default="", help="tensor-parallel degrees to compare, e.g. 2,4,8")
     p.add_argument("--price-per-gpu-hour", type=float, default=None, help="price of one GPU-hour")
     p.add_argument("--hardware-file", default=None, help="a YAML file adding or changing hardware entries")
-    p.add_argument("--probe", action="store_true", help="check the plan with a few real steps on this machine")
+    p.add_argument(
+        "--probe", action="store_true", help="check the plan with a few real steps on this machine"
+    )
     p.add_argument("--probe-steps", type=int, default=4, help="steps of the probe run (default 4)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -589,7 +591,9 @@ def _add_launch(sub) -> None:
     p.add_argument("items", nargs="*", metavar="[CONFIG] [overrides]", help="as for `lmforge train`")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes per node (GPUs per node)")
     p.add_argument("--nnodes", type=int, default=1, help="number of nodes")
-    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT where the nodes meet (one node's address)")
+    p.add_argument(
+        "--rdzv-endpoint", default=None, help="HOST:PORT where the nodes meet (one node's address)"
+    )
     p.add_argument("--rdzv-id", default="lmforge", help="a job id shared by all nodes")
     p.add_argument("--rdzv-timeout", type=float, default=120.0, help="seconds to wait for the endpoint/nodes")
     p.add_argument("--max-restarts", type=int, default=0, help="restart the group after a failure (resumes)")
@@ -641,7 +645,9 @@ def _run_launch(args) -> int:
 
 
 def _add_consolidate(sub) -> None:
-    p = sub.add_parser("consolidate", help="gather a sharded (multi-process) checkpoint into one safetensors file")
+    p = sub.add_parser(
+        "consolidate", help="gather a sharded (multi-process) checkpoint into one safetensors file"
+    )
     p.add_argument("checkpoint", help="a sharded checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("out", help="the ordinary checkpoint folder to write (readable by export and generate)")
 

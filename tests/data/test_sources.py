@@ -133,7 +133,9 @@ def test_json_array_is_streamed_record_by_record(tmp_path):
     tracemalloc.stop()
     assert count == len(records)
     # whole, the file's text alone would take > 60 MiB as a Python str (4 bytes per character with emoji)
-    assert peak < 12 * 2**20, f"peak {peak / 2**20:.1f} MiB of Python memory for a {size / 2**20:.1f} MiB file"
+    assert peak < 12 * 2**20, (
+        f"peak {peak / 2**20:.1f} MiB of Python memory for a {size / 2**20:.1f} MiB file"
+    )
 
 
 def test_json_edge_cases_and_malformed_arrays_name_the_line(tmp_path):

@@ -181,4 +181,6 @@ def test_prepared_cache_folders_are_named_readably_and_keyed_by_settings(tmp_pat
     assert prepared_dir_for(cfg, ["my texts/a b.txt"], tmp_path).name.startswith("a_b.txt-")
     assert prepared_dir_for(cfg, ["**/*.txt"], tmp_path).name.startswith("data-")
     other = config_from_dict({"data": {"vocab_size": 2048}})
-    assert prepared_dir_for(other, ["/usr/lib/python3.11/*.py"], tmp_path) != stdlib  # settings are in the key
+    assert (
+        prepared_dir_for(other, ["/usr/lib/python3.11/*.py"], tmp_path) != stdlib
+    )  # settings are in the key
