@@ -231,7 +231,7 @@ def measure_matmul_flops(dtype_name: str, *, size: int = 1024, repeats: int = 40
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     gen = torch.Generator().manual_seed(
         0
-    )  # never the global RNG: a run's random stream must not depend on this
+    )  # never the global RNG: a run's random stream must not depend on it
     a = torch.randn(size, size, generator=gen).to(dtype)
     b = torch.randn(size, size, generator=gen).to(dtype)
     torch.mm(a, b)
@@ -244,7 +244,10 @@ def measure_matmul_flops(dtype_name: str, *, size: int = 1024, repeats: int = 40
 
 
 def cpu_peak_flops(precision: str, cache_dir: str | Path | None) -> float:
-    """The CPU's matmul peak for ``precision``, measured once per (CPU, threads, torch) and cached as JSON."""
+    """The CPU's matmul peak for ``precision``: measured at every call (a fraction of a second) and kept in a
+    JSON cache per (CPU, threads, torch) as the best measurement so far. Other processes on the same cores
+    can only make a measurement too low, so a peak measured once on a busy machine would report MFU above
+    100% for ever after; the best one seen is the peak."""
     import torch
 
     key = f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{precision}"
@@ -255,17 +258,14 @@ def cpu_peak_flops(precision: str, cache_dir: str | Path | None) -> float:
             table = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             table = {}
-    if key in table:
-        return float(table[key])
-    peak = measure_matmul_flops(precision)
-    if path is not None:
+    cached = float(table.get(key, 0.0))
+    peak = max(cached, measure_matmul_flops(precision))
+    if path is not None and peak > cached:
         table[key] = peak
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(table, indent=2), encoding="utf-8")
-            os.replace(tmp, path)
-        except OSError:  # a read-only cache only costs a re-measurement next time
+            write_text_atomic(path, json.dumps(table, indent=2))
+        except OSError:  # a read-only cache only costs the best-so-far
             pass
     return peak
 
