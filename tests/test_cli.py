@@ -79,3 +79,11 @@ def test_overrides_after_options_are_still_overrides(capsys):
     with pytest.raises(SystemExit):  # anything else unknown is still refused by argparse
         main(["model", "info", "tiny", "--json", "--no-such-option"])
     assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+def test_a_mistyped_option_is_named_with_a_suggestion_in_the_verbs_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "some/model", "--tasks", "hellaswag.jsonl"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("usage: lmforge eval")
+    assert "unrecognized arguments: --tasks hellaswag.jsonl (--tasks: did you mean --task?)" in err

@@ -748,7 +748,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True)
     for add, _ in VERBS.values():
         add(sub)
+    parser.set_defaults(verb_parsers=sub.choices)  # verb -> its parser, for errors in the verb's own words
     return parser
+
+
+def _unrecognized(verb_parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """"unrecognized arguments: ..." with a "did you mean" for a mistyped option."""
+    import difflib
+
+    options = [o for action in verb_parser._actions for o in action.option_strings]
+    hints = []
+    for arg in extra:
+        if arg.startswith("--"):
+            close = difflib.get_close_matches(arg.split("=")[0], options, n=1)
+            hints += [f"{arg.split('=')[0]}: did you mean {close[0]}?"] if close else []
+    message = f"unrecognized arguments: {' '.join(extra)}"
+    return message + (f" ({'; '.join(hints)})" if hints else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -762,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and dest and all("=" in a and not a.startswith("-") for a in extra):
         setattr(args, dest, getattr(args, dest) + extra)
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.verb_parsers[args.verb].error(_unrecognized(args.verb_parsers[args.verb], extra))
     started = time.time()
     try:
         return VERBS[args.verb][1](args) or 0
