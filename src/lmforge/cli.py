@@ -753,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _unrecognized(verb_parser: argparse.ArgumentParser, extra: list[str]) -> str:
-    """"unrecognized arguments: ..." with a "did you mean" for a mistyped option."""
+    """ "unrecognized arguments: ..." with a "did you mean" for a mistyped option."""
     import difflib
 
     options = [o for action in verb_parser._actions for o in action.option_strings]
