@@ -97,7 +97,17 @@ def test_fused_block_gradients_match_transformers():
 
 @pytest.mark.parametrize(
     "case",
-    ["dropout", "bias", "layernorm", "gelu", "cached keys", "bf16 autocast", "lora", "learned positions"],
+    [
+        "dropout",
+        "bias",
+        "layernorm",
+        "gelu",
+        "cached keys",
+        "bf16 autocast",
+        "lora",
+        "learned positions",
+        "no grad",
+    ],
 )
 def test_plain_path_where_fused_does_not_apply(case):
     cfg = {
@@ -115,6 +125,11 @@ def test_plain_path_where_fused_does_not_apply(case):
     mask = torch.ones(3, 1, 32, 40, dtype=torch.bool) if case == "cached keys" else None
     if case == "bf16 autocast":
         with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not fused_block_applies(block, x, rope, mask, None)
+    elif (
+        case == "no grad"
+    ):  # evaluation and export checks run the plain modules, bit-identical to transformers
+        with torch.no_grad():
             assert not fused_block_applies(block, x, rope, mask, None)
     else:
         assert not fused_block_applies(block, x, rope, mask, None)

@@ -13,7 +13,7 @@ math, arranged so that little but the matmuls touches activations:
 - RoPE rotates queries and keys together, with sign-folded sine tables, in three passes;
 - the residual add rides in the output projection (``addmm``); the backward works in place.
 
-``Block.forward`` takes this path only where it applies (see ``fused_block_applies``): RMSNorm, SwiGLU,
+``Block.forward`` takes this path only where it applies (see ``fused_block_applies``): gradients on, RMSNorm, SwiGLU,
 RoPE, no bias, plain ``nn.Linear`` projections (LoRA's wrappers take the plain path), causal attention
 from position 0 or a (B, 1, T, T) training mask (packed documents), no KV cache, no dropout, fp32 without autocast, CPU, not under
 ``torch.compile`` (inductor fuses the plain modules itself). Everything else runs the plain modules.
@@ -41,7 +41,8 @@ def fused_block_applies(block: nn.Module, x: torch.Tensor, rope, mask, cache) ->
         return False
     linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     return (
-        cache is None
+        torch.is_grad_enabled()  # training: without autograd the plain modules are as fast, and match HF bit for bit
+        and cache is None
         and (mask is None or tuple(mask.shape[-2:]) == (x.shape[1],) * 2)  # (B, 1, T, T): no cached keys
         and rope is not None
         and x.device.type == "cpu"
