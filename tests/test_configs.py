@@ -19,7 +19,9 @@ def test_every_recipe_loads(path):
     assert cfg.train.seq_len <= cfg.model.max_seq_len
 
 
-@pytest.mark.parametrize(("name", "strategy"), [("1b.yaml", "ddp"), ("7b.yaml", "fsdp")])
+@pytest.mark.parametrize(
+    ("name", "strategy"), [("gpt2-124m.yaml", "ddp"), ("1b.yaml", "ddp"), ("7b.yaml", "fsdp")]
+)
 def test_the_gpu_recipes_fit_one_node_of_8_h100(name, strategy):
     cfg = load_config(CONFIGS / name, [])
     plan = plan_training(cfg, device_kind="cuda", world_size=8, device_memory_bytes=H100.memory_bytes)
