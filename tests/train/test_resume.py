@@ -73,3 +73,37 @@ def test_bf16_and_fp16_runs_learn(tmp_path):
     # mixed precision follows fp32 closely on the same batches
     assert abs(losses["bf16"] - losses["fp32"]) < 0.15 and abs(losses["fp16"] - losses["fp32"]) < 0.15
     assert losses["fp32"] < 3.5  # from ln(64) = 4.16 at the start
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+
+    from lmforge import checkpoint as ckpt
+    from lmforge.errors import CheckpointError
+
+    real_save, calls = torch.save, []
+
+    def save_until_the_disk_is_full(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # the step-10 checkpoint: the optimizer state does not fit any more
+            real_save(obj, path, *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    loader, val = loaders()
+    cfg = tiny_config(tmp_path / "run", "train.steps=10", "train.ckpt_every=5", "train.eval_every=10")
+    with pytest.raises(
+        CheckpointError,
+        match=r"step_00000010: .*No space left.*previous checkpoint .*step_00000005 is intact",
+    ):
+        train(cfg, loader=loader, val_batches=val, progress=False)
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000005"]  # nothing half-written beside it
+    assert ckpt.verify_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000005") == []
+    monkeypatch.setattr(torch, "save", real_save)  # space freed: the run continues from step 5
+    loader, val = loaders()
+    resumed = train(cfg, resume="auto", loader=loader, val_batches=val, progress=False)
+    assert resumed.step == 10 and (tmp_path / "run" / "checkpoints" / "step_00000010").is_dir()
