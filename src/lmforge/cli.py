@@ -603,7 +603,12 @@ def _add_launch(sub) -> None:
     p.add_argument("--slurm", default=None, metavar="FILE", help="write a Slurm batch script to FILE")
     p.add_argument("--slurm-time", default="24:00:00", help="Slurm time limit")
     p.add_argument("--slurm-partition", default=None, help="Slurm partition")
-    p.add_argument("--gpus-per-node", type=int, default=None, help="Slurm --gpus-per-node")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="Slurm --gpus-per-node (default: --nproc-per-node, unless train.device=cpu; 0: none)",
+    )
 
 
 def _run_launch(args) -> int:
@@ -615,7 +620,8 @@ def _run_launch(args) -> int:
 
     items = list(args.items)
     config = items.pop(0) if items and "=" not in items[0] else None
-    config_world_size = load_config(config, items).parallel.world_size  # a bad config fails here, not N times
+    cfg = load_config(config, items)  # a bad config fails here, not N times
+    config_world_size = cfg.parallel.world_size
     spec = launch.LaunchSpec(
         nproc_per_node=args.nproc_per_node,
         nnodes=args.nnodes,
@@ -628,14 +634,19 @@ def _run_launch(args) -> int:
     train_args += ["--no-progress"] if args.no_progress else []
     launch.check_world_size(spec, config_world_size)
     if args.slurm:
+        from lmforge.files import write_text_atomic
+
+        gpus = args.gpus_per_node
+        if gpus is None:  # one GPU per process, unless the run is meant for CPUs
+            gpus = 0 if cfg.train.device == "cpu" else args.nproc_per_node
         script = launch.slurm_script(
             spec,
             train_args,
             time_limit=args.slurm_time,
-            gpus_per_node=args.gpus_per_node,
+            gpus_per_node=gpus,
             partition=args.slurm_partition,
         )
-        Path(args.slurm).write_text(script, encoding="utf-8")
+        write_text_atomic(Path(args.slurm), script)
         print(f"wrote {args.slurm}; submit it with: sbatch {args.slurm}")
         return 0
     if args.dry_run:

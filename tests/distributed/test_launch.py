@@ -79,7 +79,13 @@ def test_the_cli_writes_the_slurm_script(tmp_path, capsys):
     assert (
         main(["launch", "--nnodes", "2", "--nproc-per-node", "4", "--slurm", str(path), "train.steps=5"]) == 0
     )
-    assert "#SBATCH --nodes=2" in path.read_text() and "sbatch" in capsys.readouterr().out
+    script = path.read_text()
+    assert "#SBATCH --nodes=2" in script and "sbatch" in capsys.readouterr().out
+    assert "#SBATCH --gpus-per-node=4" in script  # one GPU per process unless told otherwise
+    assert main(["launch", "--nproc-per-node", "4", "--slurm", str(path), "train.device=cpu"]) == 0
+    assert "--gpus-per-node" not in path.read_text()
+    assert main(["launch", "--nproc-per-node", "4", "--gpus-per-node", "8", "--slurm", str(path)]) == 0
+    assert "#SBATCH --gpus-per-node=8" in path.read_text()
 
 
 def test_a_world_size_the_config_does_not_allow_is_refused_before_launching(capsys):
