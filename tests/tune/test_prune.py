@@ -57,9 +57,9 @@ def test_pruned_weights_stay_zero_through_adamw():
     assert sparsity(model)["sparsity"] == 0.5
 
 
-@pytest.mark.parametrize("n_kv_heads", [2, 4])
-def test_structured_pruning_shrinks_and_equals_masking(n_kv_heads):
-    model = tiny_model(n_kv_heads=n_kv_heads)  # 4 heads of 16, ffn 96
+@pytest.mark.parametrize(("n_kv_heads", "bias"), [(2, False), (4, False), (2, True)])
+def test_structured_pruning_shrinks_and_equals_masking(n_kv_heads, bias):
+    model = tiny_model(n_kv_heads=n_kv_heads, bias=bias)  # 4 heads of 16, ffn 96
     plan = plan_structured(model, heads=0.5, channels=0.25)
     small = structured_prune(model, heads=0.5, channels=0.25)
     cfg = small.cfg
@@ -99,3 +99,46 @@ def test_structured_pruned_model_exports_and_loads_in_transformers(tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["intermediate_size"] == 48
     with torch.no_grad():
         torch.testing.assert_close(hf(X).logits, small(X), rtol=1e-4, atol=1e-4)
+
+
+def test_the_prune_command_writes_a_smaller_sparse_checkpoint_with_its_report(
+    base_checkpoint, tmp_path, capsys
+):
+    from lmforge.cli import main
+    from lmforge.infer.evaluate import score_file
+    from lmforge.infer.loading import load_for_inference
+
+    text = tmp_path / "eval.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 40, encoding="utf-8")
+    out = tmp_path / "pruned"
+    argv = [
+        "prune",
+        str(base_checkpoint),
+        str(out),
+        "--sparsity",
+        "0.5",
+        "--heads",
+        "0.5",
+        "--channels",
+        "0.25",
+    ]
+    assert main([*argv, "--eval-text", str(text), "--eval-tokens", "500"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["n_heads"] == 2 and report["ffn_hidden"] == 96  # 4 -> 2 heads, 128 -> 96 channels
+    assert report["sparsity"] == 0.5 and report["zeros"] * 2 == report["total"]
+    assert report["parameters_after"] < report["parameters_before"]
+    assert f"perplexity {report['perplexity_before']:.3f} -> {report['perplexity_after']:.3f}" in printed
+    loaded = load_for_inference(out, device=torch.device("cpu"))
+    assert loaded.model.layers[0].self_attn.q_proj.weight.shape == (32, 64)
+    assert sparsity(loaded.model)["sparsity"] == 0.5  # the zeros survive saving and loading
+    reloaded = score_file(
+        loaded.model, loaded.require_tokenizer(), text, device=torch.device("cpu"), max_tokens=500
+    ).perplexity
+    assert reloaded == pytest.approx(report["perplexity_after"], rel=1e-6)
+    # bad requests: one line, exit code 2, nothing written
+    assert main(["prune", str(base_checkpoint), str(tmp_path / "none")]) == 2
+    assert "nothing to prune" in capsys.readouterr().err
+    assert main(["prune", str(base_checkpoint), str(tmp_path / "none"), "--sparsity", "1.0"]) == 2
+    assert "sparsity=1.0 must be in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
