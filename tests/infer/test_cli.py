@@ -50,6 +50,30 @@ def test_generate_greedy_json_equals_the_library(checkpoint, capsys):
     assert printed == {"prompt": "to be", "text": expected.text, "tokens": 6, "finish_reason": "length"}
 
 
+def test_a_hugging_face_folder_generates_and_scores_like_its_checkpoint(checkpoint, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from lmforge.model.hf import export_checkpoint
+
+    export_checkpoint(checkpoint, tmp_path / "hf", verify=False)  # config.json + safetensors + tokenizer
+    text = tmp_path / "text.txt"
+    text.write_text("to be or not to be, that is the question\n" * 3, encoding="utf-8")
+    results = []
+    for model in (checkpoint, tmp_path / "hf"):
+        assert main(["generate", str(model), "--prompt", "to be", "--temperature", "0", "--max-new-tokens", "8",
+                     "--json", *CPU]) == 0  # fmt: skip
+        generated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert main(["eval", str(model), "--text", str(text), "--seq-len", "32", "--out", str(tmp_path / "e.json"),
+                     *CPU]) == 0  # fmt: skip
+        capsys.readouterr()
+        results.append((generated, json.loads((tmp_path / "e.json").read_text())))
+    (lm_text, lm_eval), (hf_text, hf_eval) = results
+    assert hf_text == lm_text and hf_text["tokens"] == 8
+    assert "perplexity" in json.dumps(lm_eval)  # the scores themselves are compared, not an empty file
+    assert json.dumps(hf_eval, sort_keys=True).replace(str(tmp_path / "hf"), "M") == json.dumps(
+        lm_eval, sort_keys=True
+    ).replace(str(checkpoint), "M")
+
+
 def test_generate_rejects_empty_and_too_long_prompts(checkpoint, capsys):
     assert main(["generate", str(checkpoint), "--prompt", "", *CPU]) == 2
     assert "prompt 0 is empty" in capsys.readouterr().err
