@@ -105,3 +105,44 @@ def test_configs_are_frozen():
     cfg = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.model.n_layers = 3
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.head_size=0", "model.head_size=0 must be >= 1"),
+        ("model.n_kv_heads=0", "model.n_kv_heads=0 must be >= 1"),
+        ("model.d_model=36", "model.position=rope needs an even head dimension, got 9"),
+        ("model.ffn_hidden=0", "model.ffn_hidden=0 must be >= 1"),
+        ("model.dropout=1.0", "model.dropout=1.0 must be in [0, 1)"),
+        ("model.rope_theta=0", "model.rope_theta=0.0 must be > 0"),
+        ("model.norm_eps=-1e-5", "model.norm_eps=-1e-05 must be > 0"),
+        ("model.init_std=0", "model.init_std=0.0 must be > 0"),
+        ("data.val_fraction=1", "data.val_fraction=1.0 must be in [0, 1)"),
+        ("data.vocab_size=1", "data.vocab_size=1 must be >= 2"),
+        ("data.workers=0", "data.workers=0 must be >= 1"),
+        ("data.near_dedup_threshold=0", "data.near_dedup_threshold=0.0 must be in (0, 1]"),
+        ("data.max_repeated_line_fraction=1.5", "data.max_repeated_line_fraction=1.5 must be in (0, 1]"),
+        ("data.min_chars=20000000", "data.min_chars=20000000 is larger than data.max_chars=10000000"),
+        ("data.text_chunk_chars=-1", "data.text_chunk_chars=-1 must be >= 0"),
+        ("data.shard_tokens=0", "data.shard_tokens=0 must be >= 1"),
+        ("train.micro_batch=0", "train.micro_batch=0 must be >= 1"),
+        ("train.global_batch_tokens=0", "train.global_batch_tokens=0 must be >= 1"),
+        ("train.lr=0", "train.lr=0.0 must be > 0"),
+        ("train.warmup_steps=-1", "train.warmup_steps=-1 must be >= 0"),
+        ("train.decay_fraction=2", "train.decay_fraction=2.0 must be in [0, 1]"),
+        ("train.grad_clip=-1", "train.grad_clip=-1.0 must be >= 0 (0 disables clipping)"),
+        ("train.beta2=1", "train.beta1=0.9 and train.beta2=1.0 must be in [0, 1)"),
+        ("train.max_bad_steps=0", "train.max_bad_steps=0 must be >= 1"),
+        ("parallel.tp=0", "parallel.tp=0 must be >= 1"),
+        ("parallel.timeout_s=0", "parallel.timeout_s=0.0 must be > 0"),
+        ("parallel.world_size=0", "parallel.world_size=0 must be >= 1"),
+        ("parallel.device_memory_gib=0", "parallel.device_memory_gib=0.0 must be > 0"),
+        ("eval.every=-1", "eval.every=-1 must be >= 0"),
+        ("eval.limit=0", "eval.limit=0 must be >= 1"),
+    ],
+)
+def test_every_range_check_names_the_key_and_the_bound(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
