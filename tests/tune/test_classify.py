@@ -68,3 +68,25 @@ def test_label_sets_must_agree_and_nothing_is_written(base_checkpoint, tmp_path)
     bad = write(tmp_path / "bad.jsonl", [{"text": "a", "label": "x"}, {"txt": "b", "label": "y"}])
     with pytest.raises(DataError, match=r"bad.jsonl:2: no field 'text'"):
         load_labelled(bad)
+
+
+def test_stratified_split_holds_out_each_labels_share_and_nothing_twice():
+    from lmforge.tune.classify import stratified_split
+
+    data = (
+        [(f"pos {i}", "pos") for i in range(20)]
+        + [(f"neg {i}", "neg") for i in range(10)]
+        + [
+            ("odd a", "odd"),
+            ("odd b", "odd"),
+        ]
+    )
+    train, test = stratified_split(data, 0.2, seed=3)
+    assert sorted(train + test) == sorted(data)  # every example exactly once
+    held = {label: sum(1 for _, lab in test if lab == label) for label in ("pos", "neg", "odd")}
+    assert held == {"pos": 4, "neg": 2, "odd": 1}  # 20% of each label, at least one, never all
+    assert {lab for _, lab in train} == {"pos", "neg", "odd"}
+    assert stratified_split(data, 0.2, seed=3) == (train, test)  # the seed decides
+    assert stratified_split(data, 0.2, seed=4) != (train, test)
+    with pytest.raises(DataError, match="label 'lonely' has a single example"):
+        stratified_split([*data, ("alone", "lonely")], 0.2, seed=3)
