@@ -184,3 +184,31 @@ def test_prepared_cache_folders_are_named_readably_and_keyed_by_settings(tmp_pat
     assert (
         prepared_dir_for(other, ["/usr/lib/python3.11/*.py"], tmp_path) != stdlib
     )  # settings are in the key
+
+
+def test_a_weighted_mixture_of_prepared_folders_trains(prepared, tmp_path, capsys):
+    second = tmp_path / "second"
+    (tmp_path / "src").mkdir()
+    for i in range(4):
+        (tmp_path / "src" / f"d{i}.txt").write_text(f"all the world's a stage {i}\n" * 200, encoding="utf-8")
+    tokenizer = str(prepared / "tokenizer.json")  # a mixture shares one tokenizer
+    prepare_data(DataConfig(tokenizer=tokenizer, val_fraction=0.25, seed=1), [str(tmp_path / "src")], second,
+                 progress=False)  # fmt: skip
+    config = tmp_path / "mix.yaml"
+    config.write_text(f"data:\n  mixture:\n    {prepared}: 0.7\n    {second}: 0.3\n", encoding="utf-8")
+    run = tmp_path / "run"
+    argv = args(prepared, run, "train.steps=6", "train.ckpt_every=6", "train.eval_every=6")
+    argv.remove(f"data.prepared={prepared}")
+    assert main([argv[0], str(config), *argv[1:]]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
+    assert any("val_loss" in r for r in records)
+    capsys.readouterr()
+    config.write_text(f"data:\n  mixture:\n    {prepared}: 0.7\n    {tmp_path / 'nothing'}: 0.3\n")
+    assert main([argv[0], str(config), *argv[1:]]) == 2
+    assert "which is not a prepared folder (no meta.json)" in capsys.readouterr().err
+
+
+def test_no_training_data_is_named(tmp_path, capsys):
+    assert main(["train", "data.sources=[]", f"train.out_dir={tmp_path / 'run'}", "--no-progress"]) == 2
+    assert "no training data: set data.sources" in capsys.readouterr().err
