@@ -31,7 +31,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
     | tee "$OUT/env.txt" || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >>"$OUT/env.txt" 2>&1
 
-step fsdp_1b 240 torchrun --standalone --nproc-per-node 1 benchmarks/gpu_fsdp_1b.py --steps 40
+step fsdp_1b 240 python3 -m torch.distributed.run --standalone --nproc-per-node 1 benchmarks/gpu_fsdp_1b.py --steps 40
 cp benchmarks/results/gpu_fsdp_1b.json "$OUT/" 2>/dev/null
 
 step probe_1b 150 python3 -m lmforge.cli plan --model 1b --gpu auto --gpus 1 --seq 2048 \
