@@ -87,3 +87,6 @@ def test_a_mistyped_option_is_named_with_a_suggestion_in_the_verbs_usage(capsys)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("usage: lmforge eval")
     assert "unrecognized arguments: --tasks hellaswag.jsonl (--tasks: did you mean --task?)" in err
+    with pytest.raises(SystemExit):  # a verb with verbs of its own
+        main(["model", "info", "tiny", "--jsn"])
+    assert "(--jsn: did you mean --json?)" in capsys.readouterr().err

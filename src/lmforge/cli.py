@@ -767,7 +767,16 @@ def _unrecognized(verb_parser: argparse.ArgumentParser, extra: list[str]) -> str
     """ "unrecognized arguments: ..." with a "did you mean" for a mistyped option."""
     import difflib
 
-    options = [o for action in verb_parser._actions for o in action.option_strings]
+    def options_of(p: argparse.ArgumentParser) -> list[str]:  # with those of nested verbs (`model info`)
+        found = []
+        for action in p._actions:
+            found += action.option_strings
+            for nested in getattr(action, "choices", None) or {}:
+                if isinstance(action.choices[nested], argparse.ArgumentParser):
+                    found += options_of(action.choices[nested])
+        return found
+
+    options = options_of(verb_parser)
     hints = []
     for arg in extra:
         if arg.startswith("--"):
