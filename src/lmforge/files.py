@@ -24,8 +24,8 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 def jsonl_records(path: str | Path, what: str) -> Iterator[tuple[dict, str]]:
-    """Each JSON object of a JSONL file with its ``file:line``; blank lines are skipped, anything else that is
-    not a JSON object is a ``DataError`` naming the line. ``what`` names the file in the missing-file error."""
+    """Each JSON object of a JSONL file with its ``file:line``. Blank lines are skipped; anything else that
+    is not a JSON object is a ``DataError`` naming the line. ``what`` names the file when it is missing."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such {what}")

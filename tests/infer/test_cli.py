@@ -59,11 +59,11 @@ def test_a_hugging_face_folder_generates_and_scores_like_its_checkpoint(checkpoi
     text.write_text("to be or not to be, that is the question\n" * 3, encoding="utf-8")
     results = []
     for model in (checkpoint, tmp_path / "hf"):
-        assert main(["generate", str(model), "--prompt", "to be", "--temperature", "0", "--max-new-tokens", "8",
-                     "--json", *CPU]) == 0  # fmt: skip
+        greedy = ["--prompt", "to be", "--temperature", "0", "--max-new-tokens", "8", "--json"]
+        assert main(["generate", str(model), *greedy, *CPU]) == 0
         generated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert main(["eval", str(model), "--text", str(text), "--seq-len", "32", "--out", str(tmp_path / "e.json"),
-                     *CPU]) == 0  # fmt: skip
+        scoring = ["--text", str(text), "--seq-len", "32", "--out", str(tmp_path / "e.json")]
+        assert main(["eval", str(model), *scoring, *CPU]) == 0
         capsys.readouterr()
         results.append((generated, json.loads((tmp_path / "e.json").read_text())))
     (lm_text, lm_eval), (hf_text, hf_eval) = results

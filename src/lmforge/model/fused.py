@@ -13,10 +13,12 @@ math, arranged so that little but the matmuls touches activations:
 - RoPE rotates queries and keys together, with sign-folded sine tables, in three passes;
 - the residual add rides in the output projection (``addmm``); the backward works in place.
 
-``Block.forward`` takes this path only where it applies (see ``fused_block_applies``): gradients on, RMSNorm, SwiGLU,
-RoPE, no bias, plain ``nn.Linear`` projections (LoRA's wrappers take the plain path), causal attention
-from position 0 or a (B, 1, T, T) training mask (packed documents), no KV cache, no dropout, fp32 without autocast, CPU, not under
-``torch.compile`` (inductor fuses the plain modules itself). Everything else runs the plain modules.
+``Block.forward`` takes this path only where it applies (see ``fused_block_applies``): gradients on,
+RMSNorm, SwiGLU, RoPE, no bias, plain ``nn.Linear`` projections (LoRA's wrappers take the plain path),
+causal attention from position 0 or a (B, 1, T, T) training mask (packed documents), no KV cache, no
+dropout, fp32 without autocast, CPU, not under ``torch.compile`` (inductor fuses the plain modules
+itself). Everything else runs the plain modules: without gradients (evaluation, export checks) they are
+as fast and match transformers bit for bit.
 
 Shape legend: B batch, T length, N = B*T tokens, C d_model, H heads, Hkv key/value heads, hd head dimension,
 F hidden dimension.
@@ -41,7 +43,7 @@ def fused_block_applies(block: nn.Module, x: torch.Tensor, rope, mask, cache) ->
         return False
     linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     return (
-        torch.is_grad_enabled()  # training: without autograd the plain modules are as fast, and match HF bit for bit
+        torch.is_grad_enabled()  # training only (see the module docstring)
         and cache is None
         and (mask is None or tuple(mask.shape[-2:]) == (x.shape[1],) * 2)  # (B, 1, T, T): no cached keys
         and rope is not None

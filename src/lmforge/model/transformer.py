@@ -231,9 +231,8 @@ class Block(nn.Module):
 
     def forward(self, x, rope, mask, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         if fused_block_applies(self, x, rope, mask, cache):
-            return fused_block(
-                self, x, rope, mask
-            )  # the same block, a hand-written backward (model/fused.py)
+            # the same block with a hand-written backward (model/fused.py)
+            return fused_block(self, x, rope, mask)
         x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache, layer))
         return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
 

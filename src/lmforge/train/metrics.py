@@ -229,9 +229,8 @@ def measure_matmul_flops(dtype_name: str, *, size: int = 1024, repeats: int = 40
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    gen = torch.Generator().manual_seed(
-        0
-    )  # never the global RNG: a run's random stream must not depend on it
+    # Never the global RNG: a run's random stream must not depend on this measurement.
+    gen = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=gen).to(dtype)
     b = torch.randn(size, size, generator=gen).to(dtype)
     torch.mm(a, b)
