@@ -175,7 +175,7 @@ def _run_plot(args) -> int:
 
 
 def _device(name: str):
-    from lmforge.train.loop import pick_device
+    from lmforge.train.run import pick_device
 
     return pick_device(name)
 
@@ -665,7 +665,7 @@ def _add_consolidate(sub) -> None:
 
 def _run_consolidate(args) -> int:
     from lmforge.checkpoint import resolve_checkpoint
-    from lmforge.distributed.dcp import consolidate
+    from lmforge.checkpoint.sharded import consolidate
 
     out = consolidate(resolve_checkpoint(args.checkpoint), args.out)
     print(f"wrote {out}")

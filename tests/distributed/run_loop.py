@@ -14,21 +14,15 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lmforge.data.batch import Batch
+
 GLOBAL_BATCH = 8
 SEQ_LEN = 16
 VOCAB = 64
-
-
-@dataclass
-class Batch:
-    inputs: torch.Tensor  # (b, T)
-    targets: torch.Tensor  # (b, T)
-    doc_ids: torch.Tensor | None = None
 
 
 class SlicedLoader:
@@ -37,6 +31,7 @@ class SlicedLoader:
         self.tokens = period.repeat(60)  # a learnable stream
         self.rank, self.world_size, self.seed, self.sleep_s = rank, world_size, seed, sleep_s
         self.vocab_size, self.tokenizer_path, self.batches = VOCAB, None, 0
+        self.batch_size = GLOBAL_BATCH // world_size  # world_size: the data-parallel ranks
 
     def batch(self, index: int) -> Batch:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
@@ -49,6 +44,9 @@ class SlicedLoader:
         time.sleep(self.sleep_s)
         self.batches += 1
         return self.batch(self.batches - 1)
+
+    def skip(self, n_batches: int) -> None:
+        self.batches += n_batches
 
     def state_dict(self) -> dict:
         return {"batches": self.batches}

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.checkpoint import WEIGHTS, save_checkpoint, verify_checkpoint
+from lmforge.checkpoint.sharded import consolidate, load_sharded, save_sharded
 from lmforge.config import Config, ModelConfig
-from lmforge.distributed.dcp import consolidate, load_sharded, save_sharded
 from lmforge.errors import CheckpointError
 from lmforge.model.transformer import build_model
 from tests.distributed.steps import (
@@ -140,7 +140,7 @@ def test_consolidate_gathers_the_shards_into_one_safetensors_file(runs, tmp_path
 def test_a_checkpoint_of_another_model_shape_is_refused_with_the_fields_named(runs):
     other = ModelConfig(**{**MODEL.__dict__, "d_model": 64})
     model = build_model(other, device="cpu")
-    with pytest.raises(CheckpointError, match=r"model\.d_model: checkpoint 32, this run 64"):
+    with pytest.raises(CheckpointError, match=r"model\.d_model: checkpoint 32, config 64"):
         load_sharded(runs["out"] / "by2", model=model, optimizer=None, world=single_world(), model_cfg=other)
     with pytest.raises(
         CheckpointError, match=r"embed_tokens\.weight: checkpoint \(97, 32\), model \(97, 64\)"

@@ -11,8 +11,8 @@ import torch
 from steps import MODEL, SAVE_AT, STEPS, make_model, make_optimizer, train_steps
 
 from lmforge.checkpoint import load_model_state, load_train_state
+from lmforge.checkpoint.sharded import load_full_into, load_sharded, save_sharded
 from lmforge.config import Config, ParallelConfig
-from lmforge.distributed.dcp import load_full_into, load_sharded, save_sharded
 from lmforge.distributed.parallelize import close_world, init_world, parallelize
 
 

@@ -3,16 +3,9 @@ prepared data (the loop accepts any such loader, as fine-tuning does)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class Batch:
-    inputs: torch.Tensor  # (B, T) int64
-    targets: torch.Tensor  # (B, T) int64, -100 where ignored
-    doc_ids: torch.Tensor | None = None
+from lmforge.data.batch import Batch
 
 
 class MemoryLoader:

@@ -132,25 +132,25 @@ def test_spike_detector_flags_a_jump_with_its_z_score():
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path):
     from lmforge.checkpoint import latest_valid_checkpoint, verify_checkpoint
+    from lmforge.checkpoint.manager import CheckpointManager
     from lmforge.distributed.parallelize import World
-    from lmforge.train.loop import save_run_checkpoint
 
     run = tmp_path / "run"
     loader, val = loaders()
     result = train(tiny_config(run, "train.steps=10"), loader=loader, val_batches=val, progress=False)
     model = torch.nn.Linear(2, 2)
     world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    manager = CheckpointManager(
+        run, config=tiny_config(run), world=world, tokenizer_file=tmp_path / "gone.json"
+    )
     with pytest.raises(CheckpointError, match="is intact"):
-        save_run_checkpoint(  # the copy of a vanished tokenizer fails half-way through the write
-            run,
-            step=20,
+        manager.save(  # the copy of a vanished tokenizer fails half-way through the write
+            20,
             model=model,
             optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
             scaler=None,
-            cfg=tiny_config(run),
-            state={},
-            tokenizer_path=tmp_path / "gone.json",
-            world=world,
+            loop_state={},
+            loader_state={},
         )
     assert latest_valid_checkpoint(run).path == result.checkpoint
     assert verify_checkpoint(result.checkpoint) == []

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lmforge.errors import DataError
-from lmforge.tune.classify import PooledClassifier, finetune_classifier, load_classifier, load_labelled
+from lmforge.model.transformer import SequenceClassifier
+from lmforge.tune.classify import finetune_classifier, load_classifier, load_labelled, to_batch
 from tests.infer.conftest import tiny_model
 
 FAST = ["train.micro_batch=16", "train.seq_len=64", "train.eval_every=40", "train.log_every=10"]
@@ -34,12 +35,15 @@ def sentiment(n: int, seed: int) -> list[dict]:
 
 
 def test_pool_uses_the_last_real_token():
-    model = PooledClassifier(tiny_model(), 3, pad_id=256)
-    ids = torch.tensor([[5, 6, 7, 256, 256], [5, 6, 7, 8, 9]])
-    mask = model.padding_mask(ids)
-    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
-    alone = model(ids[:1, :3])  # the same text without padding
-    torch.testing.assert_close(model(ids)[:1], alone, rtol=1e-5, atol=1e-5)
+    model = SequenceClassifier(tiny_model(), 3)
+    batch = to_batch([([5, 6, 7], 2), ([5, 6, 7, 8, 9], 0)], pad_id=256)
+    assert batch.inputs.tolist() == [[5, 6, 7, 256, 256], [5, 6, 7, 8, 9]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch.targets.tolist() == [2, 0]
+    alone = model(batch.inputs[:1, :3])  # the same text without padding
+    padded = model(batch.inputs, attention_mask=batch.attention_mask)[:1]
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(model(batch.inputs)[:1], alone, rtol=1e-5, atol=1e-5)  # the mask matters
 
 
 def test_classifier_learns_and_reports_held_out_accuracy(base_checkpoint, tmp_path):
@@ -55,8 +59,8 @@ def test_classifier_learns_and_reports_held_out_accuracy(base_checkpoint, tmp_pa
     )
     assert result.labels == ["neg", "pos"] and result.test_examples == 40
     assert result.accuracy >= 0.9, result
-    model, labels = load_classifier(result.model_dir)
-    assert labels == ["neg", "pos"] and isinstance(model, PooledClassifier)
+    model, labels, pad_id = load_classifier(result.model_dir)
+    assert labels == ["neg", "pos"] and isinstance(model, SequenceClassifier)
 
 
 def test_label_sets_must_agree_and_nothing_is_written(base_checkpoint, tmp_path):

@@ -13,22 +13,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lmforge.data.batch import Batch
 from lmforge.errors import DataError
 
 STATE_VERSION = 1
-
-
-@dataclass
-class Batch:
-    inputs: torch.Tensor  # (B, T) int64
-    targets: torch.Tensor  # (B, T) int64: inputs shifted by one
-    doc_ids: torch.Tensor | None = None  # (B, T) int64: document index within the window, or None
 
 
 class TokenSplit:

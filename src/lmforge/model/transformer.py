@@ -389,8 +389,15 @@ class SequenceClassifier(nn.Module):
 
     def __init__(self, backbone: Transformer, n_classes: int):
         super().__init__()
+        backbone.lm_head = None  # only the hidden states are used; a tied head would be saved twice
         self.backbone = backbone
         self.score = nn.Linear(backbone.cfg.d_model, n_classes, bias=False)
+        self.cfg = backbone.cfg  # the backbone's shape, as for the Transformer (planner, parallelize)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The blocks, the unit that activation checkpointing, compile and FSDP wrap."""
+        return self.backbone.layers
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.backbone.hidden_states(idx, attention_mask=attention_mask)  # (B, T, C)

@@ -1,8 +1,8 @@
-"""The training loop: one function, ``train``, with its state in plain variables.
+"""The training loop: ``train`` sets a run up (``train.run.setup_run``) and steps it, with the loop's state
+in one ``LoopState`` that the checkpoint saves whole, so a resumed run continues bit for bit.
 
-The step depends only on (model, optimizer, loader state, RNG states, step); the checkpoint saves exactly
-that set, so a resumed run continues bit for bit. Saving and loading a checkpoint each happen in one
-function below (``save_run_checkpoint`` / ``load_run_checkpoint``).
+The step depends only on (model, optimizer, scaler, loader state, RNG states, step); evaluation, samples,
+checkpoints and the model card are calls, not inline code.
 
 Shape legend: B micro-batch, T sequence length, V vocabulary.
 """
@@ -10,55 +10,30 @@ Shape legend: B micro-batch, T sequence length, V vocabulary.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
-import os
-import random
-import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from lmforge import checkpoint as ckpt
-from lmforge.config import Config, save_config
-from lmforge.distributed import dcp
-from lmforge.distributed.parallelize import (
-    World,
-    clip_grad_norm_,
-    close_world,
-    device_memory_bytes,
-    init_world,
-    is_sharded,
-    parallelize,
-    unwrap,
-)
-from lmforge.errors import CheckpointError, ConfigError, TrainingError
+from lmforge.checkpoint.manager import set_rng_state
+from lmforge.config import Config
+from lmforge.data.batch import IGNORE_INDEX, Batch
+from lmforge.distributed.parallelize import World, clip_grad_norm_, unwrap
+from lmforge.errors import TrainingError
 from lmforge.files import write_text_atomic
-from lmforge.model.info import model_flops_per_token
-from lmforge.model.transformer import build_model
-from lmforge.plan.planner import apply_plan, plan_training
-from lmforge.train.autoplan import refine_plan_by_trial
-from lmforge.train.data import RunData, build_loader, resolve_data, validation_batches
 from lmforge.train.guards import BadStepGuard, SpikeDetector, StopSignals
-from lmforge.train.metrics import (
-    RunLogger,
-    format_duration,
-    hardware_summary,
-    model_card,
-    peak_flops,
-    plot_runs,
-)
-from lmforge.train.optim import build_optimizer, lr_at, set_lr
+from lmforge.train.metrics import format_duration, model_card, plot_runs
+from lmforge.train.objectives import LANGUAGE_MODELING, Objective
+from lmforge.train.optim import lr_at, set_lr
+from lmforge.train.run import Run, Task, describe, setup_run
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "LoopState", "TrainResult", "forward_backward", "train"]
 
 
 @dataclass
@@ -74,25 +49,38 @@ class TrainResult:
     bad_steps: int
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto``: CUDA, then Apple MPS, then the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+@dataclass
+class LoopState:
+    """Everything the loop changes as it runs; ``state_dict`` is what a checkpoint saves of it."""
 
+    bad: BadStepGuard
+    spikes: SpikeDetector
+    step: int = 0
+    tokens: int = 0
+    wall_before: float = 0.0  # seconds spent in earlier attempts of this run
+    last_loss: float | None = None
+    val_loss: float | None = None
+    last_checkpoint: Path | None = None
+    samples: list[str] = field(default_factory=list)
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, n_targets: int | torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over targets that are not -100, divided by ``n_targets`` (the count over the
-    whole accumulated batch, so k micro-batches give the gradient of one batch k times larger)."""
-    V = logits.shape[-1]
-    total = F.cross_entropy(
-        logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )  # logits (B*T, V), targets (B*T,)
-    return total / n_targets
+    def wall_seconds(self, run: Run) -> float:
+        return self.wall_before + time.perf_counter() - run.started
+
+    def state_dict(self, run: Run) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "bad_steps": self.bad.state_dict(),
+            "spikes": self.spikes.state_dict(),
+            "last_loss": self.last_loss,
+            "val_loss": self.val_loss,
+            "wall_seconds": self.wall_seconds(run),
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.step, self.tokens, self.wall_before = saved["step"], saved["tokens"], saved["wall_seconds"]
+        self.bad.load_state_dict(saved["bad_steps"])
+        self.spikes.load_state_dict(saved["spikes"])
+        self.last_loss, self.val_loss = saved.get("last_loss"), saved.get("val_loss")
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -100,53 +88,6 @@ def autocast_for(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def forward_backward(
-    model: nn.Module,
-    batches: list,
-    *,
-    device: torch.device,
-    precision: str,
-    scaler: torch.amp.GradScaler | None,
-    world: World,
-) -> torch.Tensor:
-    """Accumulate the gradients of one optimizer step over its micro-batches; return the step's loss.
-
-    Every micro-batch's summed loss is divided by the number of target tokens over all of them (and over
-    all processes), so the gradient equals that of one batch holding them all, masked targets included."""
-    n_targets = torch.tensor(sum(int((b.targets != IGNORE_INDEX).sum()) for b in batches), device=device)
-    if world.distributed:
-        dist.all_reduce(n_targets, group=world.dp_group)  # tensor-parallel peers share their batch
-    n_targets = n_targets.clamp(min=1)
-    loss_sum = torch.zeros((), device=device)
-    for batch in batches:
-        x = batch.inputs.to(device, non_blocking=True)  # (B, T)
-        y = batch.targets.to(device, non_blocking=True)  # (B, T)
-        doc_ids = batch.doc_ids.to(device) if batch.doc_ids is not None else None
-        with autocast_for(device, precision):
-            logits = model(x, doc_ids=doc_ids) if doc_ids is not None else model(x)  # (B, T, V)
-            loss = lm_loss(logits, y, n_targets)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        loss_sum += loss.detach()
-    if world.distributed:
-        dist.all_reduce(loss_sum, group=world.dp_group)  # each replica holds its share of the step's loss
-    return loss_sum
-
-
-def accumulation_steps(cfg: Config, world_size: int) -> int:
-    """Micro-batches per optimizer step so one step sees ``train.global_batch_tokens`` tokens."""
-    tokens_per_micro = cfg.train.micro_batch * cfg.train.seq_len * world_size
-    if cfg.train.global_batch_tokens is None:
-        return 1
-    steps, remainder = divmod(cfg.train.global_batch_tokens, tokens_per_micro)
-    if steps < 1 or remainder:
-        raise ConfigError(
-            f"train.global_batch_tokens={cfg.train.global_batch_tokens} is not a multiple of "
-            f"train.micro_batch x train.seq_len x processes = {cfg.train.micro_batch} x {cfg.train.seq_len} x "
-            f"{world_size} = {tokens_per_micro}"
-        )
-    return steps
 
 
 def agree(flag: bool, world: World) -> bool:
@@ -158,520 +99,84 @@ def agree(flag: bool, world: World) -> bool:
     return bool(value.item() > 0)
 
 
-def rng_state() -> dict[str, Any]:
-    import numpy as np
-
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(keys.astype("int64")), "pos": pos, "gauss": (has_gauss, cached)},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    numpy_state = state["numpy"]
-    has_gauss, cached = numpy_state["gauss"]
-    np.random.set_state(
-        ("MT19937", numpy_state["keys"].numpy().astype("uint32"), numpy_state["pos"], has_gauss, cached)
-    )
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_run_checkpoint(
-    run_dir: Path,
-    *,
-    step: int,
+def forward_backward(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    batches: list[Batch],
+    *,
+    device: torch.device,
+    precision: str,
     scaler: torch.amp.GradScaler | None,
-    cfg: Config,
-    state: dict[str, Any],
-    tokenizer_path: str | Path | None,
     world: World,
-    extra_files: dict[str, str] | None = None,
-) -> Path:
-    """Write ``RUN/checkpoints/step_XXXXXXXX`` (model, optimizer, scaler, loop state) and apply ``keep_last``.
+    objective: Objective = LANGUAGE_MODELING,
+) -> torch.Tensor:
+    """Accumulate the gradients of one optimizer step over its micro-batches; return the step's loss.
 
-    A failed write (disk full, permissions) leaves every earlier checkpoint as it was."""
-    directory = run_dir / "checkpoints" / ckpt.step_dir_name(step)
-    train_state = {
-        **state,
-        "step": step,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rng_state(),
-    }
-    try:
-        if world.distributed:  # every rank writes its shard (distributed/dcp.py); loader and RNG are per rank
-            rank_state = {"loader": train_state.pop("loader"), "rng": train_state.pop("rng")}
-            dcp.save_sharded(
-                directory,
-                model=model,
-                optimizer=optimizer,
-                config=cfg,
-                world=world,
-                train_state=train_state,
-                rank_state=rank_state,
-                tokenizer_file=tokenizer_path,
-                extra_files=extra_files,
-            )
+    Every micro-batch's summed loss is divided by the objective's units over all of them (and over all
+    processes), so the gradient equals that of one batch holding them all, masked targets included."""
+    units = torch.tensor(sum(objective.units(b) for b in batches), device=device)
+    if world.distributed:
+        dist.all_reduce(units, group=world.dp_group)  # tensor-parallel peers share their batch
+    units = units.clamp(min=1)
+    loss_sum = torch.zeros((), device=device)
+    for batch in batches:
+        with autocast_for(device, precision):
+            loss = objective.loss(model, batch.to(device)) / units
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_sum += loss.detach()
+    if world.distributed:
+        dist.all_reduce(loss_sum, group=world.dp_group)  # each replica holds its share of the step's loss
+    return loss_sum
+
+
+def optimizer_step(run: Run, step: int, loss_sum: torch.Tensor) -> tuple[float, float, float, bool]:
+    """Clip, set the learning rate and update (skipped for a non-finite step); (loss, grad norm, lr, finite)."""
+    tc, optimizer, scaler = run.cfg.train, run.optimizer, run.scaler
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = clip_grad_norm_(list(run.model.parameters()), tc.grad_clip or math.inf)
+    loss, norm = loss_sum.item(), grad_norm.item()
+    finite = math.isfinite(loss) and (math.isfinite(norm) or scaler is not None)
+    lr = lr_at(step, tc)
+    set_lr(optimizer, lr)
+    if finite:
+        if scaler is not None:
+            scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
+            scaler.update()
         else:
-            ckpt.save_checkpoint(
-                directory,
-                model_state=model.state_dict(),
-                config=cfg,
-                train_state={**train_state, "optimizer": optimizer.state_dict()},
-                tokenizer_file=tokenizer_path,
-                extra_files=extra_files,
-            )
-    except OSError as exc:
-        previous = ckpt.latest_valid_checkpoint(run_dir)
-        kept = f"; the previous checkpoint {previous.path} is intact" if previous else ""
-        raise CheckpointError(f"could not write checkpoint {directory}: {exc}{kept}") from None
-    if world.is_main:
-        ckpt.prune_checkpoints(run_dir, cfg.train.keep_last)
-    return directory
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, norm, lr, finite
 
 
-def load_run_checkpoint(
-    directory: Path,
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    scaler: torch.amp.GradScaler | None,
-    cfg: Config,
-    world: World | None = None,
-) -> dict[str, Any]:
-    """Load weights (and optimizer/scaler state when given) from a checkpoint; return its loop state.
-    A sharded checkpoint (several writers) or a wrapped model (several readers) goes through
-    ``distributed/dcp.py``, which reshards between world sizes."""
-    saved = ckpt.load_config_from(directory)
-    if saved.model != cfg.model:
-        diff = [
-            f"model.{f.name}: checkpoint {getattr(saved.model, f.name)!r}, config {getattr(cfg.model, f.name)!r}"
-            for f in dataclasses.fields(cfg.model)
-            if getattr(saved.model, f.name) != getattr(cfg.model, f.name) and f.name != "preset"
-        ]
-        if diff:
-            raise CheckpointError(f"{directory} holds a different model:\n  " + "\n  ".join(diff))
-    if dcp.is_sharded(directory):
-        restored = dcp.load_sharded(directory, model=model, optimizer=optimizer, world=world)
-        # After a change of world size each rank takes rank 0's loader position and RNG (see dcp.Restored).
-        own = restored.rank_state(world) if world is not None else None
-        state = {**restored.train_state, **(own or restored.rank_states[0])}
-        if scaler is not None and state.get("scaler") is not None:
-            scaler.load_state_dict(state["scaler"])
-        return state
-    weights = ckpt.load_model_state(directory, saved)
-    if world is not None and world.distributed:  # one writer, several readers: each keeps its part
-        state = ckpt.load_train_state(directory)
-        if state is None:
-            raise CheckpointError(
-                f"{directory} has no {ckpt.TRAIN_STATE}: it holds weights only and cannot resume a run"
-            )
-        dcp.load_full_into(model, optimizer, model_state=weights, optimizer_state=state["optimizer"])
-        if scaler is not None and state.get("scaler") is not None:
-            scaler.load_state_dict(state["scaler"])
-        return state
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.model.tie_embeddings)]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{directory}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    state = ckpt.load_train_state(directory)
-    if state is None:
-        raise CheckpointError(
-            f"{directory} has no {ckpt.TRAIN_STATE}: it holds weights only and cannot resume a run"
-        )
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state.get("scaler") is not None:
-        scaler.load_state_dict(state["scaler"])
-    return state
-
-
-def check_writable(run_dir: Path, needed_bytes: int) -> None:
-    """Fail before training when the run folder cannot be written or its disk cannot hold a checkpoint."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"train.out_dir={str(run_dir)!r} is not writable ({exc.strerror or exc})") from None
-    free = shutil.disk_usage(run_dir).free
-    if free < needed_bytes:
-        raise ConfigError(
-            f"train.out_dir={str(run_dir)!r}: {free / 2**20:.0f} MiB free on its disk, but one checkpoint "
-            f"needs about {needed_bytes / 2**20:.0f} MiB; free space or choose another train.out_dir"
-        )
-
-
-def evaluate(model: nn.Module, batches, *, device: torch.device, autocast) -> tuple[float, int]:
-    """Mean loss per target token over ``batches`` and the number of target tokens."""
+def evaluate(run: Run, batches: Iterable[Batch]) -> tuple[float, int]:
+    """Mean loss per unit (target token, example) over ``batches`` and the number of units."""
+    model, device = run.model, run.device
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device, dtype=torch.float64), 0
     with torch.no_grad():
         for batch in batches:
-            x, y = batch.inputs.to(device), batch.targets.to(device)  # (B, T)
-            n = int((y != IGNORE_INDEX).sum())
-            with autocast():
-                total += lm_loss(model(x), y, 1).double()
-            count += n
+            batch = batch.to(device)
+            with autocast_for(device, run.cfg.train.precision):
+                total += run.objective.loss(model, batch).double()
+            count += run.objective.units(batch)
     model.train(was_training)
     return (total.item() / count if count else math.nan), count
 
 
-def sample_texts(model: nn.Module, tokenizer, cfg: Config, device: torch.device, step: int) -> list[str]:
-    """One continuation per ``train.sample_prompts`` (none: no samples), from a seeded sampler that leaves
-    the global RNG alone."""
+def sample_texts(run: Run, step: int) -> list[str]:
+    """One continuation per ``train.sample_prompts``, from a seeded sampler that leaves the RNGs alone."""
     from lmforge.infer.generate import SamplingConfig, generate
 
-    if not cfg.train.sample_prompts:
+    tc, device = run.cfg.train, run.device
+    if not tc.sample_prompts:
         return []
-    sampling = SamplingConfig(
-        max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=50, seed=cfg.train.seed + step
-    )
+    sampling = SamplingConfig(max_new_tokens=tc.sample_tokens, temperature=0.8, top_k=50, seed=tc.seed + step)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        out = generate(model, tokenizer, list(cfg.train.sample_prompts), sampling, device=device)
+        out = generate(
+            unwrap(run.model), run.data.tokenizer, list(tc.sample_prompts), sampling, device=device
+        )
     return [g.prompt + g.text for g in out]
-
-
-def train(
-    cfg: Config,
-    *,
-    resume: str | None = None,
-    loader=None,
-    val_batches: Callable[[], Any] | None = None,
-    cache_dir: str | Path | None = None,
-    progress: bool | None = None,
-    adapt_model: Callable[[nn.Module], nn.Module] | None = None,
-) -> TrainResult:
-    """Train ``cfg`` and leave a run folder at ``cfg.train.out_dir``.
-
-    ``resume``: None (a fresh run; refuses to overwrite an existing one), "auto" (the newest valid
-    checkpoint of the run folder, or a fresh start), or a checkpoint path.
-    ``loader``: an object with the ``TokenLoader`` interface (next_batch, state_dict, load_state_dict,
-    vocab_size, tokenizer_path); by default built from ``cfg.data`` (preparing raw sources first).
-    ``val_batches``: a callable returning an iterable of validation batches (default: the data's val split).
-    ``adapt_model``: applied to the initialised model before parallelization (fine-tuning: LoRA, frozen
-    weights, loading a base model). ``cache_dir``: where prepared data and the measured CPU peak are cached.
-    """
-    started = time.perf_counter()
-    log: RunLogger | None = None
-    world = init_world(cfg.parallel, pick_device(cfg.train.device))
-    device = world.device
-    tc = cfg.train
-    run_dir = Path(tc.out_dir)
-    try:
-        # -- data and the checks that must pass before any weight is allocated --------------------------------
-        data: RunData = resolve_data(cfg, loader=loader, world=world, cache_dir=cache_dir, progress=progress)
-        cfg = data.config  # the model's vocabulary follows the tokenizer unless set explicitly
-        accumulation_steps(cfg, world.dp_size)  # the config's own batch arithmetic must hold
-        plan = None
-        if cfg.parallel.strategy == "auto" and world.tp == 1:
-            plan = plan_training(
-                cfg,
-                device_kind=device.type,
-                world_size=world.world_size,
-                device_memory_bytes=(
-                    int(cfg.parallel.device_memory_gib * 2**30)
-                    if cfg.parallel.device_memory_gib is not None
-                    else device_memory_bytes(device, world)
-                ),
-            )
-        check_writable(run_dir, needed_bytes=int(data.parameters * 4 * 3 * 1.1) + (1 << 20))
-        found = ckpt.find_resume_checkpoint(run_dir, resume)
-        if resume is None and ckpt.list_checkpoints(run_dir):
-            raise ConfigError(
-                f"train.out_dir={str(run_dir)!r} already holds checkpoints: continue it with --resume auto, "
-                "or choose another train.out_dir"
-            )
-        log = RunLogger(run_dir, is_main=world.is_main, total_steps=tc.steps, progress=progress)
-        for problem in found.skipped if found else []:
-            log.warning(f"skipping a damaged checkpoint: {problem}")
-
-        # -- model, parallelism, optimizer --------------------------------------------------------------------
-        torch.manual_seed(tc.seed)
-        random.seed(tc.seed)
-        model = build_model(cfg.model, device=device, seed=tc.seed)
-        if adapt_model is not None:
-            model = adapt_model(model)
-        if plan is not None:
-            if device.type == "cuda" and plan.strategy != "fsdp" and loader is None:
-                plan = refine_plan_by_trial(model, cfg, plan, world)
-            cfg = apply_plan(cfg, plan)
-            tc = cfg.train
-            log.info(f"plan (parallel.strategy=auto): {plan.describe()}")
-            if world.is_main:
-                write_text_atomic(
-                    run_dir / "plan.json", json.dumps(dataclasses.asdict(plan), indent=2) + "\n"
-                )
-        if data.loader is None:
-            data.loader = build_loader(data, cfg, world)
-        elif getattr(data.loader, "batch_size", tc.micro_batch) != tc.micro_batch:
-            raise ConfigError(
-                f"the plan trains micro-batches of {tc.micro_batch} sequences (to fit memory) but the given "
-                f"data loader yields {data.loader.batch_size}: set train.micro_batch={tc.micro_batch}"
-            )
-        accum = accumulation_steps(cfg, world.dp_size)
-        model = parallelize(
-            model,
-            cfg.parallel,
-            world,
-            precision=tc.precision,
-            activation_checkpointing=tc.activation_checkpointing,
-            compile=tc.compile,
-            strategy=plan.strategy if plan is not None else None,
-        )
-        optimizer = build_optimizer(model, tc, device)
-        scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
-
-        def autocast():
-            return autocast_for(device, tc.precision)
-
-        # -- loop state: everything a checkpoint must hold -----------------------------------------------------
-        step, tokens_seen, wall_before = 0, 0, 0.0
-        bad = BadStepGuard(max_consecutive=tc.max_bad_steps)
-        spikes = SpikeDetector(zscore=tc.spike_zscore)
-        last_loss: float | None = None
-        val_loss: float | None = None
-        resumed_rng = None
-        if found is not None:
-            state = load_run_checkpoint(
-                found.path, model=model, optimizer=optimizer, scaler=scaler, cfg=cfg, world=world
-            )
-            step, tokens_seen, wall_before = state["step"], state["tokens"], state["wall_seconds"]
-            data.loader.load_state_dict(state["loader"])
-            bad.load_state_dict(state["bad_steps"])
-            spikes.load_state_dict(state["spikes"])
-            last_loss, val_loss = state.get("last_loss"), state.get("val_loss")
-            resumed_rng = state["rng"]
-            log.truncate_after(step)
-            log.info(f"resumed from {found.path} at step {step}")
-        log.start_step = step
-        log.advance(step)
-
-        def loop_state() -> dict[str, Any]:
-            return {
-                "tokens": tokens_seen,
-                "loader": data.loader.state_dict(),
-                "bad_steps": bad.state_dict(),
-                "spikes": spikes.state_dict(),
-                "last_loss": last_loss,
-                "val_loss": val_loss,
-                "wall_seconds": wall_before + time.perf_counter() - started,
-            }
-
-        def save(at_step: int, extra: dict[str, str] | None = None) -> Path:
-            return save_run_checkpoint(
-                run_dir,
-                step=at_step,
-                model=model,
-                optimizer=optimizer,
-                scaler=scaler,
-                cfg=cfg,
-                state=loop_state(),
-                tokenizer_path=data.tokenizer_path,
-                world=world,
-                extra_files=extra,
-            )
-
-        if world.is_main:
-            save_config(cfg, run_dir / "config.yaml")
-        n_params = sum(p.numel() for p in model.parameters())
-        flops_per_token = model_flops_per_token(cfg.model, tc.seq_len)
-        peak = peak_flops(device, tc.precision, cache_dir)
-        tokens_per_step = accum * tc.micro_batch * tc.seq_len * world.dp_size
-        log.info(
-            f"training {n_params:,} parameters on {hardware_summary(device)} ({tc.precision}); "
-            f"{tc.steps} steps of {tokens_per_step:,} tokens ({accum} x {tc.micro_batch} x {tc.seq_len}"
-            f"{f' x {world.world_size} processes' if world.distributed else ''}); run folder {run_dir}"
-        )
-
-        # -- the loop -----------------------------------------------------------------------------------------
-        model.train()
-        last_checkpoint: Path | None = found.path if found else None
-        stopped_by: str | None = None
-        samples: list[str] = []
-        interval_start, interval_tokens = time.perf_counter(), 0
-        time_limit = tc.time_limit_minutes * 60.0
-        if resumed_rng is not None:
-            set_rng_state(resumed_rng)  # last, so nothing between here and the first step draws from it
-        with StopSignals() as signals:
-            while step < tc.steps:
-                if agree(signals.received is not None, world):
-                    stopped_by = signals.received or "SIGTERM"
-                    break
-                batches = [data.loader.next_batch() for _ in range(accum)]
-                loss_sum = forward_backward(
-                    model, batches, device=device, precision=tc.precision, scaler=scaler, world=world
-                )
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                grad_norm = clip_grad_norm_(list(model.parameters()), tc.grad_clip or math.inf)
-                step_loss, grad_norm_value = loss_sum.item(), grad_norm.item()
-                finite = math.isfinite(step_loss) and (math.isfinite(grad_norm_value) or scaler is not None)
-                lr = lr_at(step, tc)
-                set_lr(optimizer, lr)
-                if finite:
-                    if scaler is not None:
-                        scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens_seen += tokens_per_step
-                interval_tokens += tokens_per_step
-                if not finite:
-                    log.warning(
-                        f"step {step}: non-finite loss or gradient (loss {step_loss}); update skipped"
-                    )
-                else:
-                    last_loss = step_loss
-                    z = spikes.check(step_loss)
-                    if z is not None:
-                        log.warning(f"step {step}: loss spike {step_loss:.4f} (z-score {z:.1f})")
-                if agree(bad.record(finite), world):
-                    previous = ckpt.latest_valid_checkpoint(run_dir)
-                    if previous is None:
-                        raise TrainingError(
-                            f"{bad.consecutive} consecutive non-finite steps (train.max_bad_steps="
-                            f"{tc.max_bad_steps}) and no checkpoint to roll back to; lower train.lr or check the data"
-                        )
-                    position = data.loader.state_dict()  # keep the stream past the bad window
-                    total_bad = bad.total
-                    state = load_run_checkpoint(
-                        previous.path, model=model, optimizer=optimizer, scaler=scaler, cfg=cfg, world=world
-                    )
-                    step, tokens_seen = state["step"], state["tokens"]
-                    spikes.load_state_dict(state["spikes"])
-                    set_rng_state(state["rng"])
-                    data.loader.load_state_dict(position)
-                    bad.total, bad.consecutive = total_bad, 0
-                    log.warning(
-                        f"rolled back to {previous.path} (step {step}); the data stream continues past the bad batches"
-                    )
-                    log.truncate_after(step)
-                    continue
-
-                over = time_limit > 0 and time.perf_counter() - started > time_limit
-                out_of_time = step < tc.steps and agree(over, world)
-                final = step == tc.steps or out_of_time  # the last step: log, evaluate, then finish
-                if step % tc.log_every == 0 or final:
-                    elapsed = time.perf_counter() - interval_start
-                    tokens_per_s = interval_tokens / elapsed if elapsed > 0 else 0.0
-                    achieved = tokens_per_s * flops_per_token / world.world_size
-                    log.log(
-                        step,
-                        {
-                            "loss": step_loss,
-                            "lr": lr,
-                            "grad_norm": grad_norm_value,
-                            "tokens": tokens_seen,
-                            "tokens_per_s": tokens_per_s,
-                            "mfu": achieved / peak if peak else None,
-                            "memory_gb": memory_gb(device),
-                            "skipped_steps": bad.total,
-                        },
-                    )
-                    interval_start, interval_tokens = time.perf_counter(), 0
-                log.advance(step)
-                if step % tc.eval_every == 0 or final:
-                    batches_iter = val_batches() if val_batches is not None else validation_batches(data, cfg)
-                    val_loss, n_val = evaluate(model, batches_iter, device=device, autocast=autocast)
-                    if n_val:
-                        log.log(
-                            step,
-                            {
-                                "val_loss": val_loss,
-                                "val_ppl": math.exp(min(val_loss, 50.0)),
-                                "tokens": tokens_seen,
-                            },
-                        )
-                if (
-                    cfg.eval.every
-                    and cfg.eval.tasks
-                    and step % cfg.eval.every == 0
-                    and data.tokenizer is not None
-                    and not is_sharded(model)  # FSDP shards: single-rank scoring cannot run (issue 5)
-                ):
-                    from lmforge.infer.evaluate import task_metrics  # multiple-choice accuracy, live model
-
-                    scores = task_metrics(
-                        unwrap(model), data.tokenizer, cfg.eval.tasks, device=device, limit=cfg.eval.limit
-                    )
-                    log.log(step, {**scores, "tokens": tokens_seen})
-                if (
-                    tc.sample_every
-                    and step % tc.sample_every == 0
-                    and step < tc.steps
-                    and world.is_main
-                    and not is_sharded(model)
-                ):
-                    log.info(
-                        f"sample at step {step}:\n"
-                        + "\n---\n".join(sample_texts(unwrap(model), data.tokenizer, cfg, device, step))
-                    )
-                if out_of_time:
-                    stopped_by = "time limit"
-                    break
-                if step % tc.ckpt_every == 0 and step < tc.steps:
-                    last_checkpoint = save(step)
-
-            # -- the end: samples, final checkpoint, plot, model card -------------------------------------------
-            wall = wall_before + time.perf_counter() - started
-            summary = run_summary(
-                cfg, data, n_params, step, tokens_seen, last_loss, val_loss, bad.total, device, wall
-            )
-            by_signal = stopped_by in (
-                "SIGTERM",
-                "SIGINT",
-            )  # a preempted run leaves at once; a timed one samples
-            if not by_signal and world.is_main and data.tokenizer is not None and not is_sharded(model):
-                samples = sample_texts(unwrap(model), data.tokenizer, cfg, device, step)
-                write_text_atomic(
-                    run_dir / "samples.txt", "\n\n".join(f"--- step {step} ---\n{s}" for s in samples) + "\n"
-                )
-            card = model_card(summary)
-            last_checkpoint = save(step, extra={"MODEL_CARD.md": card})
-            if world.is_main:
-                write_text_atomic(run_dir / "MODEL_CARD.md", card)
-                plot_runs([run_dir], run_dir / "loss.png")
-            if stopped_by is not None:
-                log.info(
-                    f"stopped by {stopped_by} at step {step}; checkpoint {last_checkpoint}; continue with --resume auto"
-                )
-            else:
-                log.info(
-                    f"done: {step} steps in {format_duration(wall)}; final loss {last_loss}; run folder {run_dir}"
-                )
-        return TrainResult(
-            run_dir=run_dir,
-            step=step,
-            final_loss=last_loss,
-            val_loss=val_loss,
-            checkpoint=last_checkpoint,
-            stopped_by=stopped_by,
-            samples=samples,
-            wall_seconds=wall,
-            bad_steps=bad.total,
-        )
-    finally:
-        if log is not None:
-            log.close()
-        close_world(world)
 
 
 def memory_gb(device: torch.device) -> float:
@@ -683,31 +188,210 @@ def memory_gb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
-def run_summary(
-    cfg, data: RunData, n_params, step, tokens, last_loss, val_loss, bad_steps, device, wall
-) -> dict:
-    """The facts the model card is written from."""
-    m = cfg.model
-    return {
-        "name": Path(cfg.train.out_dir).name,
-        "model": {**dataclasses.asdict(m), "kv_heads": m.kv_heads, "hidden_dim": m.hidden_dim},
-        "seq_len": cfg.train.seq_len,
-        "parameters": n_params,
-        "sources": data.sources or list(data.datasets),
-        "data_report": data.report,
-        "tokenizer": data.tokenizer_path,
-        "step": step,
-        "tokens": tokens,
-        "lr": cfg.train.lr,
-        "schedule": cfg.train.schedule,
-        "weight_decay": cfg.train.weight_decay,
-        "precision": cfg.train.precision,
-        "final_loss": last_loss,
-        "val_loss": val_loss,
-        "val_ppl": math.exp(min(val_loss, 50.0))
-        if val_loss is not None and math.isfinite(val_loss)
-        else None,
-        "bad_steps": bad_steps,
-        "hardware": hardware_summary(device),
-        "wall_seconds": wall,
-    }
+def save(run: Run, state: LoopState, extra_files: dict[str, str] | None = None) -> Path:
+    state.last_checkpoint = run.checkpoints.save(
+        state.step,
+        model=run.model,
+        optimizer=run.optimizer,
+        scaler=run.scaler,
+        loop_state=state.state_dict(run),
+        loader_state=run.loader.state_dict(),
+        extra_files=extra_files,
+    )
+    return state.last_checkpoint
+
+
+def restore(run: Run, directory: Path, state: LoopState) -> dict[str, Any]:
+    """Load a checkpoint into the run and the loop state; returns what was saved (its ``rng`` is applied
+    by the caller, last, so nothing draws from the generators before the first step)."""
+    saved = run.checkpoints.load(directory, model=run.model, optimizer=run.optimizer, scaler=run.scaler)
+    state.load_state_dict(saved)
+    state.last_checkpoint = directory
+    return saved
+
+
+def roll_back(run: Run, state: LoopState) -> None:
+    """After ``train.max_bad_steps`` non-finite steps in a row: back to the newest valid checkpoint, with
+    the data stream continuing past the bad batches."""
+    previous = run.checkpoints.latest()
+    if previous is None:
+        raise TrainingError(
+            f"{state.bad.consecutive} consecutive non-finite steps (train.max_bad_steps="
+            f"{run.cfg.train.max_bad_steps}) and no checkpoint to roll back to; lower train.lr or check the data"
+        )
+    position, total_bad = run.loader.state_dict(), state.bad.total
+    saved = restore(run, previous.path, state)
+    set_rng_state(saved["rng"])
+    run.loader.load_state_dict(position)
+    state.bad.total, state.bad.consecutive = total_bad, 0
+    run.log.warning(
+        f"rolled back to {previous.path} (step {state.step}); the data stream continues past the bad batches"
+    )
+    run.log.truncate_after(state.step)
+
+
+def log_step(run: Run, state: LoopState, values: dict[str, float], interval: tuple[float, int]) -> None:
+    elapsed = time.perf_counter() - interval[0]
+    tokens_per_s = interval[1] / elapsed if elapsed > 0 else 0.0
+    achieved = tokens_per_s * run.flops_per_token / run.world.world_size
+    run.log.log(
+        state.step,
+        {
+            **values,
+            "tokens": state.tokens,
+            "tokens_per_s": tokens_per_s,
+            "mfu": achieved / run.peak_flops if run.peak_flops else None,
+            "memory_gb": memory_gb(run.device),
+            "skipped_steps": state.bad.total,
+        },
+    )
+
+
+def validate(run: Run, state: LoopState, *, final: bool) -> None:
+    """Validation loss (every ``train.eval_every`` steps and at the last one) and, every ``eval.every``
+    steps, the multiple-choice tasks on the live model."""
+    cfg, step = run.cfg, state.step
+    if step % cfg.train.eval_every == 0 or final:
+        state.val_loss, n_val = evaluate(run, run.val_batches())
+        if n_val:
+            ppl = math.exp(min(state.val_loss, 50.0))
+            run.log.log(step, {"val_loss": state.val_loss, "val_ppl": ppl, "tokens": state.tokens})
+    if cfg.eval.every and cfg.eval.tasks and step % cfg.eval.every == 0 and run.writes_text:
+        from lmforge.infer.evaluate import task_metrics
+
+        scores = task_metrics(
+            unwrap(run.model), run.data.tokenizer, cfg.eval.tasks, device=run.device, limit=cfg.eval.limit
+        )
+        run.log.log(step, {**scores, "tokens": state.tokens})
+
+
+def finish(run: Run, state: LoopState, stopped_by: str | None) -> None:
+    """Samples (unless preempted), the final checkpoint with the model card, the loss plot."""
+    if stopped_by not in ("SIGTERM", "SIGINT") and run.world.is_main and run.writes_text:
+        state.samples = sample_texts(run, state.step)
+        text = "\n\n".join(f"--- step {state.step} ---\n{s}" for s in state.samples) + "\n"
+        write_text_atomic(run.run_dir / "samples.txt", text)
+    card = model_card(describe(run, state))
+    save(run, state, extra_files={"MODEL_CARD.md": card})
+    if run.world.is_main:
+        write_text_atomic(run.run_dir / "MODEL_CARD.md", card)
+        plot_runs([run.run_dir], run.run_dir / "loss.png")
+    if stopped_by is not None:
+        run.log.info(
+            f"stopped by {stopped_by} at step {state.step}; checkpoint {state.last_checkpoint}; "
+            "continue with --resume auto"
+        )
+    else:
+        run.log.info(
+            f"done: {state.step} steps in {format_duration(state.wall_seconds(run))}; final loss "
+            f"{state.last_loss}; run folder {run.run_dir}"
+        )
+
+
+def run_loop(run: Run) -> TrainResult:
+    """Step ``run`` to ``train.steps`` (or a stop signal, or the time limit) and finish it."""
+    tc, log, world = run.cfg.train, run.log, run.world
+    state = LoopState(bad=BadStepGuard(tc.max_bad_steps), spikes=SpikeDetector(tc.spike_zscore))
+    saved_rng = None
+    if run.resume_from is not None:
+        saved = restore(run, run.resume_from.path, state)
+        run.loader.load_state_dict(saved["loader"])
+        saved_rng = saved["rng"]
+        log.truncate_after(state.step)
+        log.info(f"resumed from {run.resume_from.path} at step {state.step}")
+    log.start_step = state.step
+    log.advance(state.step)
+    run.model.train()
+    stopped_by: str | None = None
+    interval = (time.perf_counter(), 0)  # (start, tokens) of the logging interval
+    time_limit = tc.time_limit_minutes * 60.0
+    if saved_rng is not None:
+        set_rng_state(saved_rng)  # last, so nothing between here and the first step draws from it
+    with StopSignals() as signals:
+        while state.step < tc.steps:
+            if agree(signals.received is not None, world):
+                stopped_by = signals.received or "SIGTERM"
+                break
+            batches = [run.loader.next_batch() for _ in range(run.grad_accum)]
+            loss_sum = forward_backward(
+                run.model,
+                batches,
+                device=run.device,
+                precision=tc.precision,
+                scaler=run.scaler,
+                world=world,
+                objective=run.objective,
+            )
+            loss, grad_norm, lr, finite = optimizer_step(run, state.step, loss_sum)
+            state.step += 1
+            state.tokens += run.tokens_per_step
+            interval = (interval[0], interval[1] + run.tokens_per_step)
+            if not finite:
+                log.warning(f"step {state.step}: non-finite loss or gradient (loss {loss}); update skipped")
+            else:
+                state.last_loss = loss
+                z = state.spikes.check(loss)
+                if z is not None:
+                    log.warning(f"step {state.step}: loss spike {loss:.4f} (z-score {z:.1f})")
+            if agree(state.bad.record(finite), world):
+                roll_back(run, state)
+                continue
+
+            over = time_limit > 0 and time.perf_counter() - run.started > time_limit
+            out_of_time = state.step < tc.steps and agree(over, world)
+            if state.step % tc.log_every == 0 or state.step == tc.steps or out_of_time:
+                log_step(run, state, {"loss": loss, "lr": lr, "grad_norm": grad_norm}, interval)
+                interval = (time.perf_counter(), 0)
+            log.advance(state.step)
+            validate(run, state, final=state.step == tc.steps or out_of_time)
+            if tc.sample_every and state.step % tc.sample_every == 0 and state.step < tc.steps:
+                if world.is_main and run.writes_text:
+                    log.info(
+                        f"sample at step {state.step}:\n" + "\n---\n".join(sample_texts(run, state.step))
+                    )
+            if out_of_time:
+                stopped_by = "time limit"
+                break
+            if state.step % tc.ckpt_every == 0 and state.step < tc.steps:
+                save(run, state)
+        finish(run, state, stopped_by)
+    return TrainResult(
+        run_dir=run.run_dir,
+        step=state.step,
+        final_loss=state.last_loss,
+        val_loss=state.val_loss,
+        checkpoint=state.last_checkpoint,
+        stopped_by=stopped_by,
+        samples=state.samples,
+        wall_seconds=state.wall_seconds(run),
+        bad_steps=state.bad.total,
+    )
+
+
+def train(
+    cfg: Config,
+    *,
+    resume: str | Path | None = None,
+    task: Task | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool | None = None,
+    loader=None,
+    val_batches=None,
+    adapt_model=None,
+) -> TrainResult:
+    """Train ``cfg`` and leave a run folder at ``cfg.train.out_dir``.
+
+    ``resume``: None (a fresh run; refuses to overwrite an existing one), "auto" (the newest valid
+    checkpoint of the run folder, or a fresh start), or a checkpoint path. ``task``: the loader, validation
+    batches, objective and model adaptation of a fine-tuning variant (default: language modelling on
+    ``cfg.data``, prepared on demand). ``loader``/``val_batches``/``adapt_model`` are a shorthand for a
+    language-modelling ``Task``. ``cache_dir``: where prepared data and the measured CPU peak are cached."""
+    if loader is not None:
+        if task is not None:
+            raise TypeError("pass either task or loader/val_batches/adapt_model, not both")
+        task = Task(loader=loader, val_batches=val_batches or (lambda: ()), adapt_model=adapt_model)
+    run = setup_run(cfg, resume=resume, task=task, cache_dir=cache_dir, progress=progress)
+    try:
+        return run_loop(run)
+    finally:
+        run.close()

@@ -3,28 +3,31 @@ head (``SequenceClassifier``), trained by the same loop as pre-training, scored 
 
 Shape legend: B batch, T tokens, K classes.
 
-The loop computes a cross-entropy over ``model(x)`` against ``targets``; here ``model(x)`` gives (B, 1, K)
-class logits and ``targets`` (B, 1) class indices, so nothing in the loop changes. Texts are right-padded
-with the tokenizer's pad id; the pad run at the end of a row is what the pool skips.
+The loop takes this module's ``Classification`` objective and a ``RowLoader`` of (ids, label) rows; batches
+carry right-padded ids, their attention mask (the pool reads the last real token) and (B,) class indices.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from lmforge import checkpoint as ckpt
 from lmforge.config import Config
+from lmforge.data.batch import Batch
 from lmforge.errors import DataError
 from lmforge.files import jsonl_records
 from lmforge.model.transformer import SequenceClassifier, Transformer, build_model
-from lmforge.tune.sft import Batch, finetune_config
+from lmforge.tune.rows import RowLoader
+from lmforge.tune.sft import finetune_config
 
 LABELS_FILE = "labels.json"
 
@@ -91,33 +94,6 @@ def stratified_split(data: Sequence[tuple[str, str]], fraction: float, seed: int
     return train, test
 
 
-class PooledClassifier(SequenceClassifier):
-    """``SequenceClassifier`` with the call signature of the training loop: (B, T) ids -> (B, 1, K)."""
-
-    def __init__(self, backbone: Transformer, n_classes: int, pad_id: int):
-        backbone.lm_head = None  # only the hidden states are used; a tied head would be saved twice
-        super().__init__(backbone, n_classes)
-        self.pad_id = pad_id
-
-    @property
-    def cfg(self):
-        return self.backbone.cfg  # what ``parallelize`` reads to size and wrap the model
-
-    @property
-    def layers(self):
-        return self.backbone.layers
-
-    def padding_mask(self, idx: torch.Tensor) -> torch.Tensor:
-        """1 up to each row's last token that is not part of its closing run of pad ids, 0 after."""
-        is_pad = (idx == self.pad_id).long()
-        trailing = is_pad.flip(1).cumprod(dim=1).flip(1)  # (B, T) 1 on the final pad run
-        return 1 - trailing
-
-    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, **_) -> torch.Tensor:
-        mask = self.padding_mask(idx) if attention_mask is None else attention_mask
-        return super().forward(idx, attention_mask=mask).unsqueeze(1)  # (B, 1, K)
-
-
 def encode_rows(
     data: Sequence[tuple[str, str]], tokenizer, labels: list[str], seq_len: int, pad_id: int
 ) -> list[tuple[list[int], int]]:
@@ -126,65 +102,42 @@ def encode_rows(
 
 
 def to_batch(rows: Sequence[tuple[list[int], int]], pad_id: int) -> Batch:
+    """Right-padded ids with their attention mask, and one class index per row."""
     width = max(len(ids) for ids, _ in rows)
     inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
     for r, (ids, _) in enumerate(rows):
         inputs[r, : len(ids)] = torch.tensor(ids)
-    targets = torch.tensor([[label] for _, label in rows], dtype=torch.long)  # (B, 1)
-    return Batch(inputs, targets, None)
+        mask[r, : len(ids)] = 1
+    targets = torch.tensor([label for _, label in rows], dtype=torch.long)  # (B,)
+    return Batch(inputs, targets, attention_mask=mask)
 
 
-class ClassifyLoader:
-    """Shuffled batches of (ids, label) rows with the TokenLoader interface."""
+class Classification:
+    """The training objective: cross-entropy of the pooled head's class logits, one unit per text."""
 
-    def __init__(self, rows: list, *, batch_size: int, seed: int, pad_id: int, vocab_size: int):
-        self.rows, self.batch_size, self.seed, self.pad_id = rows, batch_size, seed, pad_id
-        self.vocab_size, self.tokenizer_path = vocab_size, None  # no tokenizer: the loop samples no text
-        self.epoch, self.position = 0, 0
-        self._order = self._permutation(0)
+    def units(self, batch: Batch) -> int:
+        return int(batch.targets.numel())
 
-    def _permutation(self, epoch: int) -> list[int]:
-        order = list(range(len(self.rows)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
-
-    def _next(self):
-        if self.position >= len(self._order):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._permutation(self.epoch)
-        self.position += 1
-        return self.rows[self._order[self.position - 1]]
-
-    def next_batch(self) -> Batch:
-        return to_batch([self._next() for _ in range(self.batch_size)], self.pad_id)
-
-    def skip(self, n_batches: int) -> None:
-        for _ in range(n_batches * self.batch_size):
-            self._next()
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "rows": len(self.rows)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("rows") != len(self.rows):
-            raise DataError("the classification data changed since the checkpoint")
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._permutation(self.epoch)
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        logits = model(batch.inputs, attention_mask=batch.attention_mask)  # (B, K)
+        return F.cross_entropy(logits.float(), batch.targets, reduction="sum")
 
 
 @torch.no_grad()
 def predict(
-    model: PooledClassifier,
+    model: SequenceClassifier,
     rows: Sequence[tuple[list[int], int]],
     *,
+    pad_id: int,
     device: torch.device,
     batch_size: int = 32,
 ) -> list[int]:
     model.eval()
     out = []
     for i in range(0, len(rows), batch_size):
-        batch = to_batch(rows[i : i + batch_size], model.pad_id)
-        out += model(batch.inputs.to(device)).squeeze(1).argmax(dim=-1).tolist()
+        batch = to_batch(rows[i : i + batch_size], pad_id).to(device)
+        out += model(batch.inputs, attention_mask=batch.attention_mask).argmax(dim=-1).tolist()
     return out
 
 
@@ -214,6 +167,7 @@ def finetune_classifier(
     ``test_fraction`` of the training file). Every input is checked before anything is written."""
     from lmforge.infer.loading import load_for_inference
     from lmforge.train.loop import train
+    from lmforge.train.run import Task
 
     loaded = load_for_inference(base, device=torch.device("cpu"))
     tokenizer = loaded.require_tokenizer()
@@ -228,29 +182,30 @@ def finetune_classifier(
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eot_id
     train_rows = encode_rows(train_data, tokenizer, labels, cfg.train.seq_len, pad_id)
     test_rows = encode_rows(test_data, tokenizer, labels, cfg.train.seq_len, pad_id)
-    loader = ClassifyLoader(
+    loader = RowLoader(
         train_rows,
+        collate=partial(to_batch, pad_id=pad_id),
         batch_size=cfg.train.micro_batch,
         seed=cfg.train.seed,
-        pad_id=pad_id,
         vocab_size=cfg.model.vocab_size,
+        tokenizer_path=None,  # the classifier writes no text samples
+        what="classification data",
     )
     base_state = dict(loaded.model.state_dict())
 
-    def adapt(model: Transformer) -> PooledClassifier:
+    def adapt(model: Transformer) -> SequenceClassifier:
         model.load_state_dict(base_state, strict=False)
-        return PooledClassifier(model, len(labels), pad_id).to(next(model.parameters()).device)
+        return SequenceClassifier(model, len(labels)).to(next(model.parameters()).device)
 
     def val_batches():
         mb = cfg.train.micro_batch
         for i in range(0, len(test_rows), mb):
             yield to_batch(test_rows[i : i + mb], pad_id)
 
-    result = train(
-        cfg, resume=resume, loader=loader, val_batches=val_batches, progress=progress, adapt_model=adapt
-    )
-    classifier = load_classifier_weights(result.checkpoint, cfg, len(labels), pad_id)
-    predictions = predict(classifier, test_rows, device=torch.device("cpu"))
+    task = Task(loader=loader, val_batches=val_batches, objective=Classification(), adapt_model=adapt)
+    result = train(cfg, resume=resume, task=task, progress=progress)
+    classifier = load_classifier_weights(result.checkpoint, cfg, len(labels))
+    predictions = predict(classifier, test_rows, pad_id=pad_id, device=torch.device("cpu"))
     gold = [label for _, label in test_rows]
     hits = [p == g for p, g in zip(predictions, gold)]
     per_label = {
@@ -275,21 +230,21 @@ def finetune_classifier(
     )
 
 
-def load_classifier_weights(directory: Path, cfg: Config, n_classes: int, pad_id: int) -> PooledClassifier:
-    backbone = build_model(dataclasses.replace(cfg.model), device="cpu")
-    model = PooledClassifier(backbone, n_classes, pad_id)
+def load_classifier_weights(directory: Path, cfg: Config, n_classes: int) -> SequenceClassifier:
+    model = SequenceClassifier(build_model(cfg.model, device="cpu"), n_classes)
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(Path(directory) / ckpt.WEIGHTS), strict=True)
     return model.eval()
 
 
-def load_classifier(directory: str | Path) -> tuple[PooledClassifier, list[str]]:
-    """A classifier saved by ``finetune_classifier`` (``OUT/classifier``) and its label names."""
+def load_classifier(directory: str | Path) -> tuple[SequenceClassifier, list[str], int]:
+    """A classifier saved by ``finetune_classifier`` (``OUT/classifier``), its label names and pad id."""
     directory = Path(directory)
     problems = ckpt.verify_checkpoint(directory)
     if problems or not (directory / LABELS_FILE).is_file():
         raise DataError(f"{directory}: not a saved classifier ({'; '.join(problems) or 'no ' + LABELS_FILE})")
     meta = json.loads((directory / LABELS_FILE).read_text(encoding="utf-8"))
     cfg = ckpt.load_config_from(directory)
-    return load_classifier_weights(directory, cfg, len(meta["labels"]), meta["pad_id"]), meta["labels"]
+    model = load_classifier_weights(directory, cfg, len(meta["labels"]))
+    return model, meta["labels"], meta["pad_id"]

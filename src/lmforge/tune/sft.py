@@ -6,8 +6,8 @@ Records (JSONL, one per line) come in three shapes: ``instruction``/``input``/``
 ``prompt``/``response``, or ``messages`` (a list of ``{role, content}``; the loss falls on the assistant
 turns). Self-Instruct seed tasks (``instruction`` + ``instances``) give one example per instance. Each example
 becomes ids and labels (-100 on prompt tokens); examples are packed into rows of ``train.seq_len`` tokens
-(attention and positions restart at each example) or padded one per row. Training is ``train.loop.train``,
-so checkpoints, resume, logging and guards are the same as pre-training.
+(attention and positions restart at each example) or padded one per row. Training is ``train.loop.train`` with a
+``train.run.Task`` (this loader, language modelling), so checkpoints, resume, logging and guards are the same as pre-training.
 """
 
 from __future__ import annotations
@@ -16,18 +16,21 @@ import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from lmforge import checkpoint as ckpt
 from lmforge.config import Config, apply_overrides, config_from_dict
+from lmforge.data.batch import IGNORE_INDEX, Batch
 from lmforge.errors import DataError
 from lmforge.files import jsonl_records
 from lmforge.infer.generate import Tokenizer
 from lmforge.tune.lora import LoRAConfig, apply_lora, merge_lora
+from lmforge.tune.rows import RowLoader
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # a target without loss (prompt tokens, padding)
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -135,13 +138,6 @@ def tokenize_example(
 # -- batches ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Batch:
-    inputs: torch.Tensor  # (B, T)
-    targets: torch.Tensor  # (B, T), -100 where no loss
-    doc_ids: torch.Tensor | None  # (B, T) example index within a packed row
-
-
 Row = tuple[list[int], list[int], list[int]]
 
 
@@ -173,59 +169,6 @@ def rows_to_batch(rows: Sequence[Row], with_doc_ids: bool) -> Batch:
     targets = torch.tensor([r[1] for r in rows], dtype=torch.long)
     doc_ids = torch.tensor([r[2] for r in rows], dtype=torch.long) if with_doc_ids else None
     return Batch(inputs, targets, doc_ids)
-
-
-class SFTLoader:
-    """Rows in a seeded random order, epoch after epoch; the TokenLoader interface the training loop uses
-    (``next_batch``, ``state_dict``, ``load_state_dict``, ``skip``, ``vocab_size``, ``tokenizer_path``)."""
-
-    def __init__(
-        self,
-        rows: list[Row],
-        *,
-        batch_size: int,
-        seed: int,
-        vocab_size: int,
-        tokenizer_path: str | None,
-        with_doc_ids: bool,
-    ):
-        if not rows:
-            raise DataError("no training rows (every example was empty or longer than the context)")
-        self.rows, self.batch_size, self.seed = rows, batch_size, seed
-        self.vocab_size, self.tokenizer_path, self.with_doc_ids = vocab_size, tokenizer_path, with_doc_ids
-        self.epoch, self.position = 0, 0
-        self._order = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> list[int]:
-        order = list(range(len(self.rows)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
-
-    def _next_index(self) -> int:
-        if self.position >= len(self._order):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._permutation(self.epoch)
-        index = self._order[self.position]
-        self.position += 1
-        return index
-
-    def next_batch(self) -> Batch:
-        return rows_to_batch(
-            [self.rows[self._next_index()] for _ in range(self.batch_size)], self.with_doc_ids
-        )
-
-    def skip(self, n_batches: int) -> None:
-        for _ in range(n_batches * self.batch_size):
-            self._next_index()
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rows": len(self.rows)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("rows") != len(self.rows) or state.get("seed") != self.seed:
-            raise DataError("the fine-tuning data changed since the checkpoint (row count or seed differ)")
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._permutation(self.epoch)
 
 
 # -- the fine-tuning run ----------------------------------------------------------------------------------
@@ -293,6 +236,7 @@ def finetune(
     """
     from lmforge.infer.loading import load_for_inference
     from lmforge.train.loop import train
+    from lmforge.train.run import Task
     from lmforge.tune.prune import keep_pruned_at_zero, prunable_weights
 
     loaded = load_for_inference(base, device=torch.device("cpu"))
@@ -317,13 +261,13 @@ def finetune(
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eot_id or 0)
     train_rows = build_rows(train_ex, seq_len, pad_id, pack)
     val_rows = build_rows(val_ex, seq_len, pad_id, pack)
-    loader = SFTLoader(
+    loader = RowLoader(
         train_rows,
+        collate=partial(rows_to_batch, with_doc_ids=pack),
         batch_size=cfg.train.micro_batch,
         seed=cfg.train.seed,
         vocab_size=cfg.model.vocab_size,
         tokenizer_path=str(loaded.tokenizer_path),
-        with_doc_ids=pack,
     )
     first = examples[0]
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sample_prompts=[first[0].text]))
@@ -343,9 +287,8 @@ def finetune(
             keep_pruned_at_zero(masks, model)
         return apply_lora(model, lora) if lora is not None else model
 
-    result = train(
-        cfg, resume=resume, loader=loader, val_batches=val_batches, progress=progress, adapt_model=adapt
-    )
+    task = Task(loader=loader, val_batches=val_batches, adapt_model=adapt)
+    result = train(cfg, resume=resume, task=task, progress=progress)
     model_dir = save_final_model(result.checkpoint, cfg, lora, Path(out_dir) / "model", loaded.tokenizer_path)
     hf_dir = None
     if export_hf is not None:

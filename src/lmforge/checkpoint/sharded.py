@@ -8,7 +8,7 @@ Layout of one sharded checkpoint (``RUN/checkpoints/step_00000100/``)::
     config.yaml          the resolved Config of the run
     tokenizer.json       the run's tokenizer (optional)
     manifest.json        size and sha256 of every file above and the writers' world size; written last by
-                         rank 0, so its presence marks completion (``lmforge.checkpoint.verify_checkpoint``)
+                         rank 0, so its presence marks completion (``checkpoint.folder.verify_checkpoint``)
 
 Model and optimizer go through ``get_state_dict`` / ``set_state_dict``, which name every tensor by its
 parameter name whatever the wrapping (plain, DDP, FSDP2), so a checkpoint written by N processes loads on
@@ -19,7 +19,6 @@ node can see.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -40,11 +39,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from lmforge.checkpoint import (
+from lmforge.checkpoint.folder import (
     CONFIG,
     MANIFEST,
     TOKENIZER,
     TRAIN_STATE,
+    check_model_matches,
     load_config_from,
     save_checkpoint,
     sha256_file,
@@ -156,26 +156,6 @@ class Restored:
     def rank_state(self, world: World) -> dict[str, Any] | None:
         """This rank's own saved state when the world size is unchanged; None after resharding."""
         return self.rank_states[world.rank] if self.saved_world_size == world.world_size else None
-
-
-def model_config_differences(saved: ModelConfig, current: ModelConfig) -> list[str]:
-    saved_fields, current_fields = dataclasses.asdict(saved), dataclasses.asdict(current)
-    return [
-        f"model.{name}: checkpoint {saved_fields[name]!r}, this run {current_fields[name]!r}"
-        for name in saved_fields
-        if name != "preset" and saved_fields[name] != current_fields[name]
-    ]
-
-
-def check_model_matches(directory: Path, model_cfg: ModelConfig) -> None:
-    """Refuse, naming every differing field, a checkpoint written for another model shape."""
-    differences = model_config_differences(load_config_from(directory).model, model_cfg)
-    if differences:
-        raise CheckpointError(
-            f"{directory} was written for a different model:\n  "
-            + "\n  ".join(differences)
-            + "\n  resume with the checkpoint's model settings, or start a new run (another train.out_dir)"
-        )
 
 
 def _check_shapes(directory: Path, model_state: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Checkpoint folders: written atomically, checksummed, and validated before use.
+"""Checkpoint folders of one writer: written atomically, checksummed, and validated before use.
 
 Layout of one checkpoint (``RUN/checkpoints/step_00000100/``)::
 
@@ -14,6 +14,7 @@ leaves a folder that looks complete. A folder whose files do not match its manif
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import Config, config_from_dict, load_yaml, save_config
+from lmforge.config import Config, ModelConfig, config_from_dict, load_yaml, save_config
 from lmforge.errors import CheckpointError
 
 MANIFEST = "manifest.json"
@@ -251,6 +252,47 @@ def load_train_state(directory: str | Path) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def require_train_state(directory: str | Path) -> dict[str, Any]:
+    """The loop state of a checkpoint that is to resume a run (a weights-only checkpoint cannot)."""
+    state = load_train_state(directory)
+    if state is None:
+        raise CheckpointError(
+            f"{directory} has no {TRAIN_STATE}: it holds weights only and cannot resume a run"
+        )
+    return state
+
+
+def model_config_differences(saved: ModelConfig, current: ModelConfig) -> list[str]:
+    """``model.<field>: checkpoint X, config Y`` for every field that differs (the preset name aside)."""
+    saved_fields, current_fields = dataclasses.asdict(saved), dataclasses.asdict(current)
+    return [
+        f"model.{name}: checkpoint {saved_fields[name]!r}, config {current_fields[name]!r}"
+        for name in saved_fields
+        if name != "preset" and saved_fields[name] != current_fields[name]
+    ]
+
+
+def check_model_matches(directory: str | Path, model_cfg: ModelConfig) -> None:
+    """Refuse, naming every differing field, a checkpoint written for another model shape."""
+    differences = model_config_differences(load_config_from(directory).model, model_cfg)
+    if differences:
+        raise CheckpointError(
+            f"{directory} was written for a different model:\n  "
+            + "\n  ".join(differences)
+            + "\n  resume with the checkpoint's model settings, or start a new run (another train.out_dir)"
+        )
+
+
+def load_weights_into(model, state: dict[str, Any], model_cfg: ModelConfig, where: str | Path) -> None:
+    """Load a full state dict into an unwrapped model; a tied head may be absent (it is the embedding)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and model_cfg.tie_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
 def load_model(path: str | Path, *, device: str = "cpu"):
     """Build the model of a checkpoint (or a run's newest valid one) and load its weights.
     Returns (model, config, checkpoint folder)."""
@@ -262,11 +304,6 @@ def load_model(path: str | Path, *, device: str = "cpu"):
     model = build_model(config.model, device="meta")
     model.to_empty(device=device)
     model.tie_weights()  # to_empty gives the head its own tensor; a tied head must share the embedding's
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.model.tie_embeddings)]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{directory / WEIGHTS} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    load_weights_into(model, state, config.model, directory / WEIGHTS)
     model.init_buffers()
     return model, config, directory
