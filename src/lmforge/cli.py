@@ -158,16 +158,9 @@ def _add_plot(sub) -> None:
 
 
 def _run_plot(args) -> int:
-    from pathlib import Path
+    from lmforge.train.plots import plot_runs
 
-    from lmforge.errors import DataError
-    from lmforge.train.metrics import plot_runs
-
-    missing = [r for r in args.runs if not (Path(r) / "metrics.jsonl").is_file()]
-    if missing:
-        raise DataError(f"{missing[0]}: no metrics.jsonl (not an lmforge run folder)")
-    out = args.out or (Path(args.runs[0]) / "loss.png" if len(args.runs) == 1 else "loss.png")
-    print(f"wrote {plot_runs(args.runs, out)}")
+    print(f"wrote {plot_runs(args.runs, args.out)}")
     return 0
 
 

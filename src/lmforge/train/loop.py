@@ -44,19 +44,15 @@ from lmforge.errors import CheckpointError, ConfigError, TrainingError
 from lmforge.files import write_text_atomic
 from lmforge.model.info import model_flops_per_token
 from lmforge.model.transformer import build_model
+from lmforge.plan.hardware import hardware_summary, peak_flops
 from lmforge.plan.planner import apply_plan, plan_training
 from lmforge.train.autoplan import refine_plan_by_trial
+from lmforge.train.card import model_card
 from lmforge.train.data import RunData, build_loader, resolve_data, validation_batches
 from lmforge.train.guards import BadStepGuard, SpikeDetector, StopSignals
-from lmforge.train.metrics import (
-    RunLogger,
-    format_duration,
-    hardware_summary,
-    model_card,
-    peak_flops,
-    plot_runs,
-)
+from lmforge.train.metrics import RunLogger, format_duration
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
+from lmforge.train.plots import plot_runs
 
 IGNORE_INDEX = -100
 
