@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -698,11 +699,18 @@ def _unrecognized(verb_parser: argparse.ArgumentParser, extra: list[str]) -> str
 
 
 def _one_line(exc: Exception) -> str:
-    """lmforge's own message; for an OSError the path(s) and the reason ("/proc/x: Permission denied")."""
-    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
-        paths = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else f"{exc.filename}"
-        return f"{paths}: {exc.strerror}"
-    return str(exc).replace("\n", " ") if isinstance(exc, OSError) else str(exc)
+    """lmforge's own message; for an OSError the path(s) and the reason ("/proc/x: Permission denied"). An
+    atomic write fails on its temporary (``PATH.tmp-<pid>``), but the user named PATH: show that."""
+    if not isinstance(exc, OSError):
+        return str(exc)
+    if exc.filename is None or not exc.strerror:
+        return str(exc).replace("\n", " ")
+    paths = [
+        re.sub(r"\.tmp-(\d+|sharded)(?=(\.\w+)?$)", "", str(name))
+        for name in (exc.filename, exc.filename2)
+        if name
+    ]
+    return f"{' -> '.join(paths)}: {exc.strerror}"
 
 
 def main(argv: list[str] | None = None) -> int:
