@@ -1,8 +1,8 @@
 """The ``lmforge`` command: parse arguments, call one function per verb; no logic of its own.
 
 Each verb has an ``_add_<verb>(subparsers)`` that declares its arguments and a ``_run_<verb>(args)`` that
-calls the library. lmforge's own errors become one line on stderr and exit code 2; ``--debug`` shows the
-traceback.
+calls one library function and prints its result. lmforge's own errors, and an OSError of any verb (a path
+that cannot be read or written), become one line on stderr and exit code 2; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ def test_config_sources_and_overrides_are_told_apart(tmp_path, monkeypatch):
         ["data.vocab_size=300", "data.seed=3"],
     )
     assert split_arguments(["data.x=1.yaml", "s.txt"]) == (None, ["s.txt"], ["data.x=1.yaml"])
-    assert split_arguments(["s.txt", "later.yaml"]) == (None, ["s.txt", "later.yaml"], [])  # config first only
+    # only a first item is the config
+    assert split_arguments(["s.txt", "later.yaml"]) == (None, ["s.txt", "later.yaml"], [])
     assert split_arguments([]) == (None, [], [])
 
 
