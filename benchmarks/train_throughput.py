@@ -29,8 +29,8 @@ from lmforge.config import ModelConfig, ParallelConfig, TrainConfig
 from lmforge.distributed.parallelize import World, parallelize
 from lmforge.model.hf import to_hf_model
 from lmforge.model.transformer import build_model
+from lmforge.plan.hardware import cpu_name, measure_matmul_flops
 from lmforge.train.loop import autocast_for, forward_backward
-from lmforge.train.metrics import cpu_name, measure_matmul_flops
 from lmforge.train.optim import build_optimizer, param_groups
 
 CPU = torch.device("cpu")

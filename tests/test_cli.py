@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,44 @@ def test_a_mistyped_option_is_named_with_a_suggestion_in_the_verbs_usage(capsys)
     with pytest.raises(SystemExit):  # a verb with verbs of its own
         main(["model", "info", "tiny", "--jsn"])
     assert "(--jsn: did you mean --json?)" in capsys.readouterr().err
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.config import Config, ModelConfig
+    from lmforge.model.transformer import build_model
+
+    cfg = ModelConfig(vocab_size=64, max_seq_len=16, n_layers=1, d_model=32, n_heads=2)
+    model = build_model(cfg, seed=0)
+    return save_checkpoint(tmp_path / "ckpt", model_state=model.state_dict(), config=Config(model=cfg))
+
+
+def one_line_error(capsys, verb: str) -> str:
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err, captured.err
+    assert captured.err.startswith(f"lmforge {verb}: error: ")
+    return captured.err.removeprefix(f"lmforge {verb}: error: ").strip()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_export_to_an_unwritable_place_is_one_line_naming_the_path(checkpoint, capsys):
+    assert main(["export", str(checkpoint), "/proc/x", "--no-verify"]) == 2
+    message = one_line_error(capsys, "export")
+    assert message.startswith("/proc/x: ") and "tmp" not in message  # the path the user gave, and why
+    with pytest.raises(OSError):
+        main(["--debug", "export", str(checkpoint), "/proc/x", "--no-verify"])
+
+
+def test_os_errors_of_other_verbs_are_one_line_with_the_path_and_reason(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    script = blocker / "job.sh"  # a file's child can never be written, not even by root
+    assert main(["launch", "--slurm", str(script)]) == 2
+    assert one_line_error(capsys, "launch") == f"{script}: Not a directory"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    pytest.importorskip("matplotlib")
+    assert main(["plot", str(run), "--out", str(blocker / "loss.png")]) == 2
+    assert one_line_error(capsys, "plot").startswith(f"{blocker}")

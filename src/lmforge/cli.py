@@ -1,8 +1,8 @@
 """The ``lmforge`` command: parse arguments, call one function per verb; no logic of its own.
 
 Each verb has an ``_add_<verb>(subparsers)`` that declares its arguments and a ``_run_<verb>(args)`` that
-calls the library. lmforge's own errors become one line on stderr and exit code 2; ``--debug`` shows the
-traceback.
+calls one library function and prints its result. lmforge's own errors, and an OSError of any verb (a path
+that cannot be read or written), become one line on stderr and exit code 2; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -119,7 +120,7 @@ def _add_train(sub) -> None:
 
 
 def _cache_dir():
-    import os
+    """Where measured CPU peaks and downloaded tokenizers are kept (the environment is read here, at the edge)."""
     from pathlib import Path
 
     if os.environ.get("LMFORGE_CACHE"):
@@ -158,16 +159,9 @@ def _add_plot(sub) -> None:
 
 
 def _run_plot(args) -> int:
-    from pathlib import Path
+    from lmforge.train.plots import plot_runs
 
-    from lmforge.errors import DataError
-    from lmforge.train.metrics import plot_runs
-
-    missing = [r for r in args.runs if not (Path(r) / "metrics.jsonl").is_file()]
-    if missing:
-        raise DataError(f"{missing[0]}: no metrics.jsonl (not an lmforge run folder)")
-    out = args.out or (Path(args.runs[0]) / "loss.png" if len(args.runs) == 1 else "loss.png")
-    print(f"wrote {plot_runs(args.runs, out)}")
+    print(f"wrote {plot_runs(args.runs, args.out)}")
     return 0
 
 
@@ -203,8 +197,7 @@ def _add_generate(sub) -> None:
 
 def _run_generate(args) -> int:
     from lmforge.errors import DataError
-    from lmforge.infer.generate import SamplingConfig, generate, read_prompts
-    from lmforge.infer.loading import load_for_inference
+    from lmforge.infer.generate import SamplingConfig, open_generator, read_prompts
 
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts and not args.interactive:
@@ -218,44 +211,9 @@ def _run_generate(args) -> int:
         stop=tuple(args.stop),
         seed=args.seed,
     )
-    device = _device(args.device)
-    loaded = load_for_inference(args.model, device=device)
-    tokenizer = loaded.require_tokenizer()
-
-    def run(batch: list[str]) -> None:
-        stream = not args.no_stream and not args.json and len(batch) == 1
-        if stream:
-            print(batch[0], end="", flush=True)
-        on_text = (lambda row, text: print(text, end="", flush=True)) if stream else None
-        results = generate(
-            loaded.model,
-            tokenizer,
-            batch,
-            sampling,
-            device=device,
-            use_cache=not args.no_cache,
-            on_text=on_text,
-        )
-        for g in results:
-            if args.json:
-                print(
-                    json.dumps(
-                        {
-                            "prompt": g.prompt,
-                            "text": g.text,
-                            "tokens": len(g.tokens),
-                            "finish_reason": g.finish_reason,
-                        },
-                        ensure_ascii=False,
-                    )
-                )
-            elif stream:
-                print()
-            else:
-                print(f"--- {g.finish_reason}, {len(g.tokens)} tokens ---\n{g.prompt}{g.text}")
-
+    generator = open_generator(args.model, sampling, device=_device(args.device), use_cache=not args.no_cache)
     if prompts:
-        run(prompts)
+        _print_generations(generator, prompts, args)
     while args.interactive:
         try:
             line = input("> ")
@@ -264,10 +222,26 @@ def _run_generate(args) -> int:
             break
         if line.strip():
             try:
-                run([line.replace("\\n", "\n")])
+                _print_generations(generator, [line.replace("\\n", "\n")], args)
             except DataError as exc:  # a prompt too long for the context: say so and keep the session
                 print(f"lmforge generate: {exc}", file=sys.stderr)
     return 0
+
+
+def _print_generations(generator, prompts: list[str], args) -> None:
+    """One prompt streams its continuation as it comes (unless --no-stream or --json); a batch prints each
+    result when it is complete."""
+    stream = not args.no_stream and not args.json and len(prompts) == 1
+    if stream:
+        print(prompts[0], end="", flush=True)
+    on_text = (lambda row, text: print(text, end="", flush=True)) if stream else None
+    for g in generator(prompts, on_text=on_text):
+        if args.json:
+            print(json.dumps(g.to_dict(), ensure_ascii=False))
+        elif stream:
+            print()
+        else:
+            print(f"--- {g.finish_reason}, {len(g.tokens)} tokens ---\n{g.prompt}{g.text}")
 
 
 def _add_eval(sub) -> None:
@@ -292,62 +266,24 @@ def _add_eval(sub) -> None:
 
 
 def _run_eval(args) -> int:
-    from pathlib import Path
+    from lmforge.infer.evaluate import evaluate_model, format_table, write_results
 
-    from lmforge.errors import DataError
-    from lmforge.infer.evaluate import (
-        evaluate_choice_task,
-        format_table,
-        score_file,
-        score_prepared,
-        task_name,
-        write_results,
+    report = evaluate_model(
+        args.model,
+        texts=args.text,
+        prepared=args.data,
+        tasks=args.task,
+        device=_device(args.device),
+        limit=args.limit,
+        max_tokens=args.max_tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
     )
-    from lmforge.infer.loading import load_for_inference
-
-    if not args.text and not args.task and not args.data:
-        raise DataError("nothing to evaluate: give --text FILE, --data PREPARED_DIR and/or --task FILE.jsonl")
-    missing = [p for p in args.text + args.task if not Path(p).is_file()]
-    if missing:
-        raise DataError(f"{missing[0]}: no such file")
-    unprepared = [d for d in args.data if not (Path(d) / "meta.json").is_file()]
-    if unprepared:
-        raise DataError(f"{unprepared[0]}: not a prepared dataset (no meta.json); run `lmforge data prepare`")
-    device = _device(args.device)
-    loaded = load_for_inference(args.model, device=device)
-    tokenizer = loaded.require_tokenizer()
-    results: dict[str, dict] = {}
-    for path in args.text:
-        score = score_file(
-            loaded.model,
-            tokenizer,
-            path,
-            device=device,
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            max_tokens=args.max_tokens,
-        )
-        results[Path(path).name] = score.to_dict()
-    for folder in args.data:
-        score = score_prepared(
-            loaded.model,
-            tokenizer,
-            folder,
-            device=device,
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            max_tokens=args.max_tokens,
-        )
-        results[f"{Path(folder).name}/val"] = score.to_dict()
-        if score.note:
-            print(f"{folder}: no bits per byte: {score.note}")
-    for path in args.task:
-        results[task_name(path)] = evaluate_choice_task(
-            loaded.model, tokenizer, path, device=device, limit=args.limit, batch_size=args.batch_size
-        )
-    print(format_table(results))
+    for note in report.notes:
+        print(note)
+    print(format_table(report.results))
     if args.out:
-        print(f"wrote {write_results({'model': str(loaded.directory), 'results': results}, args.out)}")
+        print(f"wrote {write_results(report.to_dict(), args.out)}")
     return 0
 
 
@@ -374,26 +310,31 @@ def _add_finetune(sub) -> None:
 
 
 def _run_finetune(args) -> int:
-    progress = False if args.no_progress else None
-    if args.task == "classify":
-        from lmforge.tune.classify import finetune_classifier
+    return _run_classify(args) if args.task == "classify" else _run_sft(args)
 
-        result = finetune_classifier(
-            args.base,
-            args.data,
-            out_dir=args.out,
-            test_path=args.test,
-            test_fraction=args.test_fraction,
-            overrides=args.overrides,
-            resume=args.resume,
-            progress=progress,
-        )
-        print(
-            f"accuracy {result.accuracy:.4f} on {result.test_examples} held-out examples "
-            f"({', '.join(f'{k} {v:.3f}' for k, v in result.per_label.items())})"
-        )
-        print(f"classifier: {result.model_dir}")
-        return 0
+
+def _run_classify(args) -> int:
+    from lmforge.tune.classify import finetune_classifier
+
+    result = finetune_classifier(
+        args.base,
+        args.data,
+        out_dir=args.out,
+        test_path=args.test,
+        test_fraction=args.test_fraction,
+        overrides=args.overrides,
+        resume=args.resume,
+        progress=False if args.no_progress else None,
+    )
+    print(
+        f"accuracy {result.accuracy:.4f} on {result.test_examples} held-out examples "
+        f"({', '.join(f'{k} {v:.3f}' for k, v in result.per_label.items())})"
+    )
+    print(f"classifier: {result.model_dir}")
+    return 0
+
+
+def _run_sft(args) -> int:
     from lmforge.tune.lora import LoRAConfig
     from lmforge.tune.sft import finetune
 
@@ -415,7 +356,7 @@ def _run_finetune(args) -> int:
         resume=args.resume,
         keep_sparsity=args.keep_sparsity,
         export_hf=args.export_hf,
-        progress=progress,
+        progress=False if args.no_progress else None,
     )
     print(
         f"{result.train_examples} training / {result.val_examples} validation examples "
@@ -445,11 +386,9 @@ def _add_prune(sub) -> None:
 
 
 def _run_prune(args) -> int:
-    from pathlib import Path
+    from lmforge.tune.prune import prune_model
 
-    from lmforge.tune.prune import prune_checkpoint
-
-    report = prune_checkpoint(
+    result = prune_model(
         args.model,
         args.out,
         amount=args.sparsity,
@@ -458,38 +397,21 @@ def _run_prune(args) -> int:
         channels=args.channels,
         eval_text=args.eval_text,
         eval_tokens=args.eval_tokens,
+        recover=args.recover,
+        recover_steps=args.recover_steps,
         device=_device(args.device),
     )
     print(
-        f"parameters {report['parameters_before']:,} -> {report['parameters_after']:,}; "
-        f"sparsity of projection weights {report['sparsity']:.4f} ({report['zeros']:,} of {report['total']:,})"
+        f"parameters {result.parameters_before:,} -> {result.parameters_after:,}; sparsity of projection "
+        f"weights {result.sparsity:.4f} ({result.zeros:,} of {result.total:,})"
     )
-    if report["perplexity_before"] is not None:
-        print(f"perplexity {report['perplexity_before']:.3f} -> {report['perplexity_after']:.3f}")
-    print(f"wrote {report['out']}")
-    if args.recover:
-        from lmforge.infer.evaluate import score_file
-        from lmforge.infer.loading import load_for_inference
-        from lmforge.tune.sft import finetune
-
-        result = finetune(
-            args.out,
-            args.recover,
-            out_dir=Path(args.out).with_name(Path(args.out).name + "-recovered"),
-            overrides=[f"train.steps={args.recover_steps}"],
-            keep_sparsity=True,
-        )
-        print(f"recovered model: {result.model_dir}")
-        if args.eval_text:
-            loaded = load_for_inference(result.model_dir, device=_device(args.device))
-            score = score_file(
-                loaded.model,
-                loaded.tokenizer,
-                args.eval_text,
-                device=_device(args.device),
-                max_tokens=args.eval_tokens,
-            )
-            print(f"perplexity after recovery {score.perplexity:.3f}")
+    if result.perplexity_before is not None:
+        print(f"perplexity {result.perplexity_before:.3f} -> {result.perplexity_after:.3f}")
+    print(f"wrote {result.out}")
+    if result.recovered_dir is not None:
+        print(f"recovered model: {result.recovered_dir}")
+    if result.perplexity_recovered is not None:
+        print(f"perplexity after recovery {result.perplexity_recovered:.3f}")
     return 0
 
 
@@ -520,26 +442,36 @@ def _add_plan(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-def _run_plan(args) -> int:
+def _count(flag: str, text: str | None) -> int | None:
+    """A token count written as 4M, 1T or 2e12."""
     from lmforge.config import parse_number
+    from lmforge.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return int(parse_number(text))
+    except ValueError:
+        raise ConfigError(f"{flag}={text!r} is not a number (examples: 4M, 1T, 2e12)") from None
+
+
+def _tp_degrees(text: str) -> tuple[int, ...]:
+    from lmforge.errors import ConfigError
+
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ConfigError(f"--tp={text!r} must be a comma-separated list of integers, e.g. 2,4") from None
+
+
+def _run_plan(args) -> int:
     from lmforge.errors import ConfigError
     from lmforge.model.info import model_config_from_arg
     from lmforge.plan.hardware import lookup_interconnect, resolve_hardware
     from lmforge.plan.planner import Cluster, Workload, plan_cluster
-    from lmforge.plan.report import render_report
+    from lmforge.plan.report import render_probe, render_report
 
-    def number(flag: str, text: str | None) -> int | None:
-        if text is None:
-            return None
-        try:
-            return int(parse_number(text))
-        except ValueError:
-            raise ConfigError(f"{flag}={text!r} is not a number (examples: 4M, 1T, 2e12)") from None
-
-    try:
-        tp_degrees = tuple(int(t) for t in args.tp.split(",") if t.strip())
-    except ValueError:
-        raise ConfigError(f"--tp={args.tp!r} must be a comma-separated list of integers, e.g. 2,4") from None
+    tp_degrees = _tp_degrees(args.tp)
     cfg = model_config_from_arg(args.model, args.overrides)
     cluster = Cluster(
         hardware=resolve_hardware(args.gpu, args.hardware_file),
@@ -550,32 +482,23 @@ def _run_plan(args) -> int:
     )
     workload = Workload(
         seq_len=args.seq or cfg.max_seq_len,
-        global_batch_tokens=number("--global-batch-tokens", args.global_batch_tokens),
-        total_tokens=number("--tokens", args.tokens),
+        global_batch_tokens=_count("--global-batch-tokens", args.global_batch_tokens),
+        total_tokens=_count("--tokens", args.tokens),
         precision=args.precision,
     )
     report = plan_cluster(cfg, cluster, workload, tp_degrees=tp_degrees)
     probe = corrected = None
-    if args.probe:
+    if args.probe:  # a few real steps on this machine correct the plan's assumptions
         from lmforge.plan.probe import probe_report
 
         probe, corrected = probe_report(report, steps=args.probe_steps, hardware_file=args.hardware_file)
     if args.json:
-        out = report.to_dict()
-        if probe is not None:
-            out["probe"] = probe.to_dict()
-            out["corrected"] = corrected.to_dict()
-        print(json.dumps(out, indent=2))
+        extra = {"probe": probe.to_dict(), "corrected": corrected.to_dict()} if probe is not None else {}
+        print(json.dumps({**report.to_dict(), **extra}, indent=2))
     else:
         print(render_report(report))
         if probe is not None:
-            from lmforge.plan.report import render_probe
-
-            print()
-            print(render_probe(probe))
-            print()
-            print("corrected plan:")
-            print(render_report(corrected))
+            print(f"\n{render_probe(probe)}\n\ncorrected plan:\n{render_report(corrected)}")
     if report.chosen is None:
         raise ConfigError(report.shortfall())
     return 0
@@ -692,26 +615,15 @@ def _add_data(sub) -> None:
 
 
 def _run_data(args) -> int:
-    from pathlib import Path
-
-    from lmforge.config import load_config
     from lmforge.data.clean import format_report
-    from lmforge.data.prepare import prepare_data
+    from lmforge.data.prepare import prepare_from_arguments
 
-    items = list(args.items)
-    config = items.pop(0) if items and items[0].endswith((".yaml", ".yml")) and "=" not in items[0] else None
-    overrides = [i for i in items if "=" in i and not Path(i).exists()]
-    sources = [i for i in items if i not in overrides]
-    cfg = load_config(config, overrides)
-    meta = prepare_data(
-        cfg.data, sources or cfg.data.sources, args.out, progress=not args.no_progress, strict=args.strict
-    )
+    prepared = prepare_from_arguments(args.items, args.out, progress=not args.no_progress, strict=args.strict)
+    meta, src = prepared.meta, prepared.report["sources"]
     if args.json:
         print(json.dumps(meta, indent=2, ensure_ascii=False))
         return 0
-    report = json.loads((Path(args.out) / "report.json").read_text(encoding="utf-8"))
-    src = report["sources"]
-    print(format_report(report))
+    print(format_report(prepared.report))
     print(
         f"inputs {src['files']:,} ({src['bytes'] / 1e6:.1f} MB), binary skipped {src['binary_skipped']}, "
         f"invalid UTF-8 files {src['invalid_utf8_files']} ({src['invalid_utf8_chars']} chars replaced), "
@@ -786,6 +698,21 @@ def _unrecognized(verb_parser: argparse.ArgumentParser, extra: list[str]) -> str
     return message + (f" ({'; '.join(hints)})" if hints else "")
 
 
+def _one_line(exc: Exception) -> str:
+    """lmforge's own message; for an OSError the path(s) and the reason ("/proc/x: Permission denied"). An
+    atomic write fails on its temporary (``PATH.tmp-<pid>``), but the user named PATH: show that."""
+    if not isinstance(exc, OSError):
+        return str(exc)
+    if exc.filename is None or not exc.strerror:
+        return str(exc).replace("\n", " ")
+    paths = [
+        re.sub(r"\.tmp-(\d+|sharded)(?=(\.\w+)?$)", "", str(name))
+        for name in (exc.filename, exc.filename2)
+        if name
+    ]
+    return f"{' -> '.join(paths)}: {exc.strerror}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -801,10 +728,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         return VERBS[args.verb][1](args) or 0
-    except LMForgeError as exc:
+    except (LMForgeError, OSError) as exc:  # a bad input, or a path that cannot be read or written
         if debug:
             raise
-        print(f"lmforge {args.verb}: error: {exc}", file=sys.stderr)
+        print(f"lmforge {args.verb}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lmforge {args.verb}: interrupted after {time.time() - started:.0f}s", file=sys.stderr)

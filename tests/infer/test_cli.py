@@ -145,3 +145,73 @@ def test_eval_bad_input_writes_nothing(tmp_path, checkpoint, capsys):
     assert "cannot score an empty text" in capsys.readouterr().err and not out.exists()
     assert main(["eval", str(checkpoint), "--data", str(tmp_path), *CPU]) == 2
     assert "not a prepared dataset" in capsys.readouterr().err
+
+
+def test_evaluate_model_equals_a_direct_computation(checkpoint, tmp_path):
+    import math
+
+    from lmforge.infer.evaluate import evaluate_model
+    from lmforge.infer.loading import load_for_inference
+
+    text = tmp_path / "text.txt"
+    text.write_text("to be or not to be", encoding="utf-8")  # 18 tokens: one window of the 32-token context
+    items = [("the cat sat on the", ["mat", "moon"], 0), ("two plus two is", ["four", "fish", "five"], 2)]
+    task = tmp_path / "quiz_val.jsonl"
+    task.write_text("".join(json.dumps({"query": q, "choices": c, "gold": g}) + "\n" for q, c, g in items))
+    report = evaluate_model(checkpoint, texts=[text], tasks=[task], device=torch.device("cpu"))
+    assert (
+        report.model == str(checkpoint) and report.notes == [] and set(report.results) == {"text.txt", "quiz"}
+    )
+
+    loaded = load_for_inference(checkpoint, device=torch.device("cpu"))
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    ids = torch.tensor([[tok.eot_id, *tok.encode(text.read_text())]])  # scored as a new document
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:], reduction="sum").item()
+    scored = report.results["text.txt"]
+    assert scored["tokens"] == 18 and scored["bytes"] == 18
+    assert scored["loss"] == pytest.approx(nll / 18, rel=1e-5)
+    assert scored["bits_per_byte"] == pytest.approx(nll / (18 * math.log(2)), rel=1e-5)
+
+    def summed_logprob(context: str, ending: str) -> float:  # the ending's tokens after the context
+        ctx, cont = tok.encode(context), tok.encode(" " + ending)
+        full = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logprobs = model(full[:, :-1])[0].log_softmax(-1)
+        return sum(logprobs[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+
+    hits = []
+    for context, choices, gold in items:
+        scores = [summed_logprob(context, c) for c in choices]
+        hits.append(scores.index(max(scores)) == gold)
+    assert report.results["quiz"]["acc"] == sum(hits) / len(hits) and report.results["quiz"]["n"] == 2
+
+
+def test_evaluate_model_checks_its_inputs_before_loading(tmp_path):
+    from lmforge.infer.evaluate import evaluate_model
+
+    no_model = str(tmp_path / "no-model")  # never opened: the inputs are refused first
+    with pytest.raises(DataError, match="nothing to evaluate"):
+        evaluate_model(no_model, device=torch.device("cpu"))
+    with pytest.raises(DataError, match="missing.txt: no such file"):
+        evaluate_model(no_model, texts=[tmp_path / "missing.txt"], device=torch.device("cpu"))
+
+
+def test_open_generator_continues_like_a_greedy_loop_and_checks_sampling_first(checkpoint, tmp_path):
+    from lmforge.errors import ConfigError
+    from lmforge.infer.generate import open_generator
+    from lmforge.infer.loading import load_for_inference
+
+    with pytest.raises(ConfigError):  # a bad sampling setup is refused before any weights are read
+        open_generator(tmp_path / "no-model", SamplingConfig(top_p=0.0), device=torch.device("cpu"))
+    sampling = SamplingConfig(max_new_tokens=5, temperature=0)
+    generator = open_generator(checkpoint, sampling, device=torch.device("cpu"))
+    (result,) = generator(["to be"])
+
+    loaded = load_for_inference(checkpoint, device=torch.device("cpu"))
+    ids = loaded.tokenizer.encode("to be")
+    with torch.no_grad():
+        for _ in range(5):  # the reference: argmax of a full forward pass, no cache
+            ids.append(int(loaded.model.eval()(torch.tensor([ids]))[0, -1].argmax()))
+    expected = loaded.tokenizer.decode(ids[-5:])
+    assert result.to_dict() == {"prompt": "to be", "text": expected, "tokens": 5, "finish_reason": "length"}

@@ -99,3 +99,58 @@ def test_structured_pruned_model_exports_and_loads_in_transformers(tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["intermediate_size"] == 48
     with torch.no_grad():
         torch.testing.assert_close(hf(X).logits, small(X), rtol=1e-4, atol=1e-4)
+
+
+def direct_perplexity(model_dir, text: str) -> float:
+    """exp(mean next-token cross-entropy) of ``text`` after end-of-text, in one forward pass (the text fits
+    the context): an independent reference for the scores the pruning reports."""
+    from safetensors.torch import load_file
+
+    from lmforge.checkpoint import load_config_from
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.model.transformer import build_model
+
+    model = build_model(load_config_from(model_dir).model, device="cpu")
+    model.load_state_dict(load_file(model_dir / "model.safetensors"), strict=False)
+    tokenizer = load_tokenizer(model_dir / "tokenizer.json")
+    ids = torch.tensor([[tokenizer.eot_id, *tokenizer.encode(text)]])
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model.eval()(ids[:, :-1])[0].float(), ids[0, 1:])
+    return float(loss.exp())
+
+
+def test_prune_model_reports_what_it_saved_and_recovers(base_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    from lmforge.errors import DataError
+    from lmforge.tune.prune import prune_model
+
+    text = tmp_path / "eval.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 2, encoding="utf-8")
+    recover = tmp_path / "sft.jsonl"
+    recover.write_text(
+        "".join(json.dumps({"prompt": f"say {w}\n", "response": w}) + "\n" for w in ["a", "b"] * 10)
+    )
+    with pytest.raises(DataError, match="no-such.jsonl: no such recovery data file"):
+        prune_model(base_checkpoint, tmp_path / "x", amount=0.5, recover=tmp_path / "no-such.jsonl")
+    assert not (tmp_path / "x").exists()  # refused before anything was pruned or written
+
+    result = prune_model(
+        base_checkpoint, tmp_path / "pruned", amount=0.3, channels=0.25, eval_text=text, recover=recover,
+        recover_steps=2,
+    )  # fmt: skip
+    saved = load_file(result.out / "model.safetensors")
+    projections = [w for name, w in saved.items() if name.endswith("_proj.weight")]
+    zeros = sum(int((w == 0).sum()) for w in projections)
+    assert (result.zeros, result.total) == (zeros, sum(w.numel() for w in projections))
+    assert result.sparsity == zeros / result.total and abs(result.sparsity - 0.3) < 1e-3
+    assert result.parameters_after < result.parameters_before  # a quarter of the channels went
+    assert result.perplexity_after == pytest.approx(direct_perplexity(result.out, text.read_text()), rel=1e-5)
+    assert result.perplexity_before == pytest.approx(
+        direct_perplexity(base_checkpoint, text.read_text()), rel=1e-5
+    )
+    assert result.recovered_dir is not None and result.recovered_dir.parent.name == "pruned-recovered"
+    assert result.perplexity_recovered == pytest.approx(
+        direct_perplexity(result.recovered_dir, text.read_text()), rel=1e-5
+    )
+    assert result.perplexity_recovered != result.perplexity_after  # the recovery trained

@@ -21,12 +21,13 @@ import multiprocessing
 import os
 import struct
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from lmforge.config import DataConfig
+from lmforge.config import DataConfig, load_config
 from lmforge.data.clean import STAGES, Cleaner
 from lmforge.data.sources import SourceStats, expand_sources, read_documents
 from lmforge.data.tokenizer import (
@@ -172,6 +173,39 @@ def prepare_data(
     for name in ("kept.bin", "progress.json", "staged.json", "recipe.json"):
         (out / name).unlink(missing_ok=True)
     return meta
+
+
+def split_arguments(items: Sequence[str]) -> tuple[str | None, list[str], list[str]]:
+    """``lmforge data prepare [CONFIG] [SOURCES...] [overrides]`` as (config, sources, overrides): a first
+    item ending in .yaml/.yml (without '=') is the config; an item with '=' that is not an existing path is
+    a dotted override; everything else is a source (file, folder or glob)."""
+    items = list(items)
+    config = items.pop(0) if items and items[0].endswith((".yaml", ".yml")) and "=" not in items[0] else None
+    overrides = [i for i in items if "=" in i and not Path(i).exists()]
+    sources = [i for i in items if i not in overrides]
+    return config, sources, overrides
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreparedData:
+    """A prepared dataset folder: its ``meta.json`` (splits, tokenizer) and cleaning ``report.json``."""
+
+    out: Path
+    meta: dict
+    report: dict
+
+
+def prepare_from_arguments(
+    items: Sequence[str], out_dir: str | Path, *, progress: bool = True, strict: bool = False
+) -> PreparedData:
+    """Prepare a dataset from the data verb's arguments (see ``split_arguments``); sources default to the
+    config's ``data.sources``."""
+    config, sources, overrides = split_arguments(items)
+    cfg = load_config(config, overrides)
+    meta = prepare_data(
+        cfg.data, sources or list(cfg.data.sources), out_dir, progress=progress, strict=strict
+    )
+    return PreparedData(out=Path(out_dir), meta=meta, report=read_json(Path(out_dir) / "report.json"))
 
 
 def read_tokenizer_fingerprint(out: Path) -> str | None:

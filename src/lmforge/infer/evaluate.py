@@ -465,6 +465,66 @@ def task_metrics(
     return metrics
 
 
+# -- one model, several texts, prepared splits and tasks ---------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalReport:
+    """Results by name (a text file's name, ``FOLDER/val``, a task name) -> {metric: value}, and notes on what
+    could not be measured (bits per byte of a split that ends inside a document)."""
+
+    model: str  # the folder the weights came from
+    results: dict[str, dict]
+    notes: list[str]
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "results": self.results}
+
+
+def evaluate_model(
+    model: str | Path,
+    *,
+    texts: Sequence[str | Path] = (),
+    prepared: Sequence[str | Path] = (),
+    tasks: Sequence[str | Path] = (),
+    device: torch.device,
+    limit: int | None = None,
+    max_tokens: int | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 16,
+) -> EvalReport:
+    """Open ``model`` (an lmforge run/checkpoint or a Hugging Face folder) and score: perplexity and bits per
+    byte of each text file and of the val split of each prepared folder, accuracy on each multiple-choice
+    task (first ``limit`` items). Every input is checked before the weights are loaded."""
+    from lmforge.infer.loading import load_for_inference
+
+    if not texts and not tasks and not prepared:
+        raise DataError("nothing to evaluate: give --text FILE, --data PREPARED_DIR and/or --task FILE.jsonl")
+    missing = [p for p in [*texts, *tasks] if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: no such file")
+    unprepared = [d for d in prepared if not (Path(d) / "meta.json").is_file()]
+    if unprepared:
+        raise DataError(f"{unprepared[0]}: not a prepared dataset (no meta.json); run `lmforge data prepare`")
+    loaded = load_for_inference(model, device=device)
+    tokenizer = loaded.require_tokenizer()
+    window = {"device": device, "seq_len": seq_len, "batch_size": batch_size, "max_tokens": max_tokens}
+    results: dict[str, dict] = {}
+    notes: list[str] = []
+    for path in texts:
+        results[Path(path).name] = score_file(loaded.model, tokenizer, path, **window).to_dict()
+    for folder in prepared:
+        score = score_prepared(loaded.model, tokenizer, folder, **window)
+        results[f"{Path(folder).name}/val"] = score.to_dict()
+        if score.note:
+            notes.append(f"{folder}: no bits per byte: {score.note}")
+    for path in tasks:
+        results[task_name(path)] = evaluate_choice_task(
+            loaded.model, tokenizer, path, device=device, limit=limit, batch_size=batch_size
+        )
+    return EvalReport(model=str(loaded.directory), results=results, notes=notes)
+
+
 # -- reporting --------------------------------------------------------------------------------------------
 
 

@@ -255,6 +255,15 @@ class Generation:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str = "length"
 
+    def to_dict(self) -> dict:
+        """The generation as printed by ``lmforge generate --json`` (the token count, not the ids)."""
+        return {
+            "prompt": self.prompt,
+            "text": self.text,
+            "tokens": len(self.tokens),
+            "finish_reason": self.finish_reason,
+        }
+
 
 class TextTracker:
     """Turns one row's growing token list into text: finds stop strings and yields the text that is safe to
@@ -340,6 +349,43 @@ def generate(
             text = tokenizer.decode(tokens)
         out.append(Generation(prompts[row], text, tokens, result.finish_reasons[row]))
     return out
+
+
+@dataclass(frozen=True)
+class TextGenerator:
+    """A model and its tokenizer, opened once, continuing prompts with one sampling setup: a batch of
+    prompts, then any number more (an interactive session)."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    sampling: SamplingConfig
+    device: torch.device
+    use_cache: bool = True
+
+    def __call__(
+        self, prompts: Sequence[str], on_text: Callable[[int, str], None] | None = None
+    ) -> list[Generation]:
+        return generate(
+            self.model,
+            self.tokenizer,
+            prompts,
+            self.sampling,
+            device=self.device,
+            use_cache=self.use_cache,
+            on_text=on_text,
+        )
+
+
+def open_generator(
+    model: str | Path, sampling: SamplingConfig, *, device: torch.device, use_cache: bool = True
+) -> TextGenerator:
+    """Check ``sampling``, then open ``model`` (an lmforge run/checkpoint or a Hugging Face folder with a
+    tokenizer) on ``device``."""
+    from lmforge.infer.loading import load_for_inference
+
+    check_sampling(sampling)  # before the weights are read
+    loaded = load_for_inference(model, device=device)
+    return TextGenerator(loaded.model, loaded.require_tokenizer(), sampling, device, use_cache)
 
 
 def read_prompts(path: str | Path) -> list[str]:

@@ -1,4 +1,5 @@
-"""The devices the planner knows: peak FLOP/s, memory, bandwidths; a YAML file can add more; detection.
+"""The devices the planner knows: peak FLOP/s, memory, bandwidths; a YAML file can add more; detection of
+this machine, with a measured CPU matmul peak (for MFU).
 
 Figures are vendors' data-sheet values for the SXM / PCIe parts named: dense bf16 tensor-core peak (no
 sparsity), memory as the driver reports it (nvidia-smi MiB), HBM/GDDR bandwidth, and the per-GPU,
@@ -10,13 +11,18 @@ starting assumption, which ``lmforge plan --probe`` measures and corrects.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
+import platform
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.config import build, load_yaml, suggest
 from lmforge.errors import ConfigError
+from lmforge.files import write_text_atomic
 
 GIB = 2**30
 MIB = 2**20
@@ -299,3 +305,89 @@ def resolve_hardware(name: str, hardware_file: str | Path | None = None) -> Hard
     if name.lower() == "auto":
         return detect_hardware(table)
     return lookup_hardware(name, table)
+
+
+# -- this machine: names, measured CPU peak, peak FLOP/s for MFU ---------------------------------------------
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_matmul_flops(dtype_name: str, *, size: int = 1024, repeats: int = 40) -> float:
+    """The best FLOP/s of a square ``size`` matmul on the CPU with the current thread count. Many short
+    repeats, because other processes on the same cores make single timings several times too slow."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    # Never the global RNG: a run's random stream must not depend on this measurement.
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(dtype)
+    b = torch.randn(size, size, generator=gen).to(dtype)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def cpu_peak_flops(precision: str, cache_dir: str | Path | None) -> float:
+    """The CPU's matmul peak for ``precision``: measured at every call (a fraction of a second) and kept in a
+    JSON cache per (CPU, threads, torch) as the best measurement so far. Other processes on the same cores
+    can only make a measurement too low, so a peak measured once on a busy machine would report MFU above
+    100% for ever after; the best one seen is the peak."""
+    import torch
+
+    key = f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{precision}"
+    path = Path(cache_dir) / "cpu_peak.json" if cache_dir is not None else None
+    table: dict[str, float] = {}
+    if path is not None and path.is_file():
+        try:
+            table = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            table = {}
+    cached = float(table.get(key, 0.0))
+    peak = max(cached, measure_matmul_flops(precision))
+    if path is not None and peak > cached:
+        table[key] = peak
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps(table, indent=2))
+        except OSError:  # a read-only cache only costs the best-so-far
+            pass
+    return peak
+
+
+def peak_flops(device, precision: str, cache_dir: str | Path | None) -> float | None:
+    """Peak FLOP/s of one device for MFU: the GPU's entry in the planner's hardware table
+    (above), or the measured CPU matmul peak."""
+    import torch
+
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        try:
+            hw = hardware_from_device_name(props.name, props.total_memory)
+        except ConfigError:  # a GPU missing from the table: no MFU, the rest of the metrics stand
+            return None
+        return (hw.fp32_tflops * 1e12 or None) if precision == "fp32" else hw.peak_flops
+    if device.type == "cpu":
+        return cpu_peak_flops(precision, cache_dir)
+    return None
+
+
+def hardware_summary(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    if device.type == "mps":
+        return f"Apple MPS ({platform.machine()})"
+    return f"CPU: {cpu_name()}, {torch.get_num_threads()} threads"

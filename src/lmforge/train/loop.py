@@ -27,10 +27,12 @@ from lmforge.data.batch import IGNORE_INDEX, Batch
 from lmforge.distributed.parallelize import World, clip_grad_norm_, unwrap
 from lmforge.errors import TrainingError
 from lmforge.files import write_text_atomic
+from lmforge.train.card import model_card
 from lmforge.train.guards import BadStepGuard, SpikeDetector, StopSignals
-from lmforge.train.metrics import format_duration, model_card, plot_runs
+from lmforge.train.metrics import format_duration
 from lmforge.train.objectives import LANGUAGE_MODELING, Objective
 from lmforge.train.optim import lr_at, set_lr
+from lmforge.train.plots import plot_runs
 from lmforge.train.run import Run, Task, describe, setup_run
 
 __all__ = ["IGNORE_INDEX", "LoopState", "TrainResult", "forward_backward", "train"]

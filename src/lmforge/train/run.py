@@ -42,10 +42,11 @@ from lmforge.errors import ConfigError
 from lmforge.files import write_text_atomic
 from lmforge.model.info import model_flops_per_token
 from lmforge.model.transformer import Transformer, build_model
+from lmforge.plan.hardware import hardware_summary, peak_flops
 from lmforge.plan.planner import Plan, apply_plan, plan_training
 from lmforge.train.autoplan import refine_plan_by_trial
 from lmforge.train.data import RunData, build_loader, resolve_data, validation_batches
-from lmforge.train.metrics import RunLogger, hardware_summary, peak_flops
+from lmforge.train.metrics import RunLogger
 from lmforge.train.objectives import LANGUAGE_MODELING, Objective
 from lmforge.train.optim import build_optimizer
 

@@ -231,7 +231,7 @@ def structured_prune(model: Transformer, *, heads: float = 0.0, channels: float 
     return apply_structured(model, plan_structured(model, heads=heads, channels=channels))
 
 
-# -- a checkpoint in, a smaller checkpoint out --------------------------------------------------------------
+# -- a checkpoint in, a smaller checkpoint out (and a recovery fine-tune) ----------------------------------
 
 
 def prune_checkpoint(
@@ -296,3 +296,92 @@ def prune_checkpoint(
     )
     report["out"] = str(path)
     return report
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneResult:
+    """What ``prune_model`` did. ``sparsity`` is ``zeros / total`` over the prunable projection weights of
+    the pruned model; perplexities are None without an evaluation text, ``recovered_dir`` without
+    recovery."""
+
+    source: str
+    out: Path
+    parameters_before: int
+    parameters_after: int
+    zeros: int
+    total: int
+    sparsity: float
+    perplexity_before: float | None
+    perplexity_after: float | None
+    recovered_dir: Path | None = None
+    perplexity_recovered: float | None = None
+
+
+def prune_model(
+    source: str | Path,
+    out: str | Path,
+    *,
+    amount: float = 0.0,
+    scope: Literal["global", "layer"] = "global",
+    heads: float = 0.0,
+    channels: float = 0.0,
+    eval_text: str | Path | None = None,
+    eval_tokens: int = 20_000,
+    recover: str | Path | None = None,
+    recover_steps: int = 100,
+    device: torch.device | None = None,
+    progress: bool | None = None,
+) -> PruneResult:
+    """Prune ``source`` into ``out`` (see ``prune_checkpoint``); with ``recover`` (SFT JSONL), fine-tune the
+    pruned model for ``recover_steps`` steps into ``OUT-recovered`` with its zeros kept at zero, and with
+    ``eval_text`` also score the recovered model."""
+    from lmforge.errors import DataError
+
+    if recover is not None and not Path(recover).is_file():  # before any weights are pruned or written
+        raise DataError(f"{recover}: no such recovery data file")
+    report = prune_checkpoint(
+        source,
+        out,
+        amount=amount,
+        scope=scope,
+        heads=heads,
+        channels=channels,
+        eval_text=eval_text,
+        eval_tokens=eval_tokens,
+        device=device,
+    )
+    result = PruneResult(
+        source=report["source"],
+        out=Path(report["out"]),
+        parameters_before=report["parameters_before"],
+        parameters_after=report["parameters_after"],
+        zeros=report["zeros"],
+        total=report["total"],
+        sparsity=report["sparsity"],
+        perplexity_before=report["perplexity_before"],
+        perplexity_after=report["perplexity_after"],
+    )
+    if recover is None:
+        return result
+    from lmforge.infer.evaluate import score_file
+    from lmforge.infer.loading import load_for_inference
+    from lmforge.tune.sft import finetune
+
+    out = Path(out)
+    tuned = finetune(
+        out,
+        recover,
+        out_dir=out.with_name(out.name + "-recovered"),
+        overrides=[f"train.steps={recover_steps}"],
+        keep_sparsity=True,
+        progress=progress,
+    )
+    perplexity = None
+    if eval_text is not None:
+        device = device or torch.device("cpu")
+        loaded = load_for_inference(tuned.model_dir, device=device)
+        tokenizer = loaded.require_tokenizer()
+        perplexity = score_file(
+            loaded.model, tokenizer, eval_text, device=device, max_tokens=eval_tokens
+        ).perplexity
+    return dataclasses.replace(result, recovered_dir=tuned.model_dir, perplexity_recovered=perplexity)
