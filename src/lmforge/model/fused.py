@@ -194,11 +194,12 @@ class _AttentionSublayer(torch.autograd.Function):
         v = qkv[:, :, qk_heads:].transpose(1, 2)  # (B, Hkv, T, hd)
         out, logsumexp = _flash(q, k, v, 0.0, mask is None, attn_mask=mask)  # (B, H, T, hd) as (B, T, H, hd)
         heads = out.transpose(1, 2).reshape(B * T, H * hd)  # (N, H hd)
-        y = torch.addmm(x2, heads, wo.t())  # (N, C): the residual add inside the output projection
+        y = torch.empty(B, T, C, dtype=x.dtype, device=x.device)  # not a view: see _MLPSublayer
+        torch.addmm(x2, heads, wo.t(), out=y.view(B * T, C))  # the residual add inside the output projection
         ctx.save_for_backward(
             xhat, rstd, norm_w, stacked, folded, wo, q, k, v, out, logsumexp, heads, cos, swapped_sin, mask
         )
-        return y.view(B, T, C)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -238,9 +239,12 @@ class _MLPSublayer(torch.autograd.Function):
         gate, up = h[:, :hidden], h[:, hidden:]
         activated = F.silu(gate)  # (N, F)
         product = activated * up  # (N, F)
-        y = torch.addmm(x2, product, wd.t())  # (N, C)
+        # Written through a (N, C) view into a (B, T, C) tensor that is returned as it is: the block's output
+        # is then no view, which FSDP2 needs to keep its pre-backward hook (it warns on a view).
+        y = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
+        torch.addmm(x2, product, wd.t(), out=y.view(B * T, C))
         ctx.save_for_backward(xhat, rstd, norm_w, stacked, folded, wd, h, activated, product)
-        return y.view(B, T, C)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
