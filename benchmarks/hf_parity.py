@@ -19,9 +19,8 @@ import torch
 import transformers
 
 from lmforge.checkpoint import load_model, save_checkpoint
-from lmforge.config import Config, ModelConfig, TrainConfig
+from lmforge.config import PRESETS, Config, ModelConfig, TrainConfig
 from lmforge.model import hf
-from lmforge.model.presets import PRESETS
 from lmforge.model.transformer import build_model
 
 GPT2 = dict(position="learned", ffn="gelu", norm="layernorm", bias=True)
