@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from lmforge.config import ModelConfig
+from lmforge.config import PRESETS, ModelConfig
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.model.hf import to_hf_model
-from lmforge.model.presets import PRESETS
 from lmforge.model.transformer import build_model
 
 SHAPES = {

@@ -1,8 +1,8 @@
 """Claim: an exported lmforge model and an imported Hugging Face model compute the same logits as `transformers`.
 
 For each shape, on random weights in fp32 (norm weights and biases perturbed so mix-ups show):
-  export: lmforge checkpoint -> `export_checkpoint` -> AutoModelForCausalLM.from_pretrained -> max |logits diff|
-  import: transformers model (its own init) -> save_pretrained -> `import_hf` -> lmforge -> max |logits diff|
+  export: lmforge checkpoint -> `convert.export_model` -> AutoModelForCausalLM.from_pretrained -> max |logits diff|
+  import: transformers model (its own init) -> save_pretrained -> `convert.import_model` -> lmforge -> max |logits diff|
 Writes benchmarks/results/hf_parity.json. Run: python benchmarks/hf_parity.py [--small]
 """
 
@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 import transformers
 
+from lmforge import convert
 from lmforge.checkpoint import load_model, save_checkpoint
-from lmforge.config import Config, ModelConfig, TrainConfig
-from lmforge.model import hf
-from lmforge.model.presets import PRESETS
+from lmforge.config import PRESETS, Config, ModelConfig, TrainConfig
 from lmforge.model.transformer import build_model
 
 GPT2 = dict(position="learned", ffn="gelu", norm="layernorm", bias=True)
@@ -59,12 +58,12 @@ def export_direction(cfg: ModelConfig, tmp: Path) -> dict:
     config = Config(model=cfg, train=TrainConfig(seq_len=min(128, cfg.max_seq_len)))
     save_checkpoint(tmp / "ck", model_state=model.state_dict(), config=config)
     started = time.perf_counter()
-    report = hf.export_checkpoint(tmp / "ck", tmp / "hf")
+    report = convert.export_model(tmp / "ck", tmp / "hf")
     seconds = time.perf_counter() - started
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32).eval()
     return {
-        "architecture": report["architecture"],
-        "export_self_check": report["max_abs_diff"],
+        "architecture": report.architecture,
+        "export_self_check": report.max_abs_diff,
         "max_abs_diff": diff(model, loaded, cfg),
         "export_seconds": round(seconds, 2),
     }
@@ -79,7 +78,7 @@ def import_direction(tmp: Path) -> dict:
             p.copy_(0.05 * torch.randn(p.shape, generator=generator) + (1.0 if p.dim() == 1 else 0.0))
     reference.eval().save_pretrained(tmp / "hf2")
     started = time.perf_counter()
-    out = hf.import_hf(tmp / "hf2", tmp / "back")
+    out = convert.import_model(tmp / "hf2", tmp / "back").checkpoint
     seconds = time.perf_counter() - started
     model, config, _ = load_model(out)
     return {"max_abs_diff": diff(model.eval(), reference, config.model), "import_seconds": round(seconds, 2)}

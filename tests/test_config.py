@@ -4,9 +4,8 @@ import dataclasses
 
 import pytest
 
-from lmforge.config import Config, load_config, parse_number, save_config
+from lmforge.config import PRESETS, Config, load_config, parse_number, save_config
 from lmforge.errors import ConfigError
-from lmforge.model.presets import PRESETS
 
 
 def write(tmp_path, text: str):

@@ -78,14 +78,14 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> int:
-    from lmforge.model.hf import export_checkpoint
+    from lmforge.convert import export_model
 
-    report = export_checkpoint(args.checkpoint, args.out_dir, verify=not args.no_verify)
-    print(f"wrote {report['out_dir']} ({report['architecture']})")
-    if report.get("max_abs_diff") is not None:
-        print(f"verified with transformers: max |logits difference| = {report['max_abs_diff']:.2e}")
-    elif report.get("verify_note"):
-        print(report["verify_note"])
+    report = export_model(args.checkpoint, args.out_dir, verify=not args.no_verify)
+    print(f"wrote {report.out_dir} ({report.architecture})")
+    if report.max_abs_diff is not None:
+        print(f"verified with transformers: max |logits difference| = {report.max_abs_diff:.2e}")
+    elif report.verify_note:
+        print(report.verify_note)
     return 0
 
 
@@ -96,9 +96,9 @@ def _add_import(sub) -> None:
 
 
 def _run_import(args) -> int:
-    from lmforge.model.hf import import_hf
+    from lmforge.convert import import_model
 
-    out = import_hf(args.hf_dir, args.out)
+    out = import_model(args.hf_dir, args.out).checkpoint
     print(f"wrote {out}")
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,9 +22,12 @@ def main(out: Path) -> None:
     world = init_world(ParallelConfig(world_size=2), torch.device("cpu"))
     results = {}
     for strategy in ("ddp", "fsdp"):
-        model = parallelize(make_model(), ParallelConfig(strategy=strategy), world)
-        optimizer = make_optimizer(model)
-        results[strategy] = train_steps(model, optimizer, world, 0, STEPS)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = parallelize(make_model(), ParallelConfig(strategy=strategy), world)
+            optimizer = make_optimizer(model)
+            results[strategy] = train_steps(model, optimizer, world, 0, STEPS)
+        results[f"{strategy}_warnings"] = sorted({str(w.message) for w in caught})
 
     # FSDP's bf16 mixed precision: bf16 gathers and compute, fp32 sharded master weights.
     model = parallelize(make_model(), ParallelConfig(strategy="fsdp"), world, precision="bf16")

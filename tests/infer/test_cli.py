@@ -52,9 +52,9 @@ def test_generate_greedy_json_equals_the_library(checkpoint, capsys):
 
 def test_a_hugging_face_folder_generates_and_scores_like_its_checkpoint(checkpoint, tmp_path, capsys):
     pytest.importorskip("transformers")
-    from lmforge.model.hf import export_checkpoint
+    from lmforge.convert import export_model
 
-    export_checkpoint(checkpoint, tmp_path / "hf", verify=False)  # config.json + safetensors + tokenizer
+    export_model(checkpoint, tmp_path / "hf", verify=False)  # config.json + safetensors + tokenizer
     text = tmp_path / "text.txt"
     text.write_text("to be or not to be, that is the question\n" * 3, encoding="utf-8")
     results = []

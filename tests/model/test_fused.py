@@ -1,13 +1,15 @@
 """The fused block (model/fused.py): the same outputs and gradients as the plain modules and as `transformers`,
-and the plain path wherever the fused one does not apply."""
+applied only to the blocks it fits, and the plain math wherever a call needs it (no gradients, a KV cache)."""
+
+import copy
 
 import pytest
 import torch
 
 from lmforge.config import ModelConfig
 from lmforge.model import transformer
-from lmforge.model.fused import fused_block_applies
-from lmforge.model.transformer import build_model, rope_cos_sin
+from lmforge.model.fused import FusedBlock, apply_fused_blocks
+from lmforge.model.transformer import Block, KVCache, build_model, rope_cos_sin
 from lmforge.tune.lora import LoRAConfig, apply_lora
 
 VOCAB = 61
@@ -50,31 +52,38 @@ def assert_close_grads(grads: dict, reference: dict, rel: float) -> None:
         assert err <= rel, f"{name}: relative gradient error {err:.2e} > {rel:.0e}"
 
 
+def fused_copy(model: transformer.Transformer) -> transformer.Transformer:
+    fused = copy.deepcopy(model)
+    assert apply_fused_blocks(fused) == len(fused.layers)
+    assert all(type(block) is FusedBlock for block in fused.layers)
+    assert fused.state_dict().keys() == model.state_dict().keys()
+    return fused
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])  # multi-head, grouped-query, multi-query attention
-def test_fused_block_matches_plain_modules(monkeypatch, kv_heads):
+def test_fused_block_matches_plain_modules(kv_heads):
     model = perturbed_model(tiny(n_kv_heads=kv_heads))
+    fused = fused_copy(model)
+    rope = rope_cos_sin(torch.arange(32)[None], model.rope_inv_freq)
+    out = fused.layers[0](torch.randn(3, 32, 64), rope, None)  # (B, T, C)
+    assert type(out.grad_fn).__name__ == "_MLPSublayerBackward"  # the fused path ran
     idx = tokens()
-    x = torch.zeros(3, 32, 64)
-    assert fused_block_applies(
-        model.layers[0], x, rope_cos_sin(torch.arange(32)[None], model.rope_inv_freq), None, None
-    )
-    logits, grads = loss_and_grads(model, idx)
-    monkeypatch.setattr(transformer, "fused_block_applies", lambda *args: False)
+    logits, grads = loss_and_grads(fused, idx)
     plain_logits, plain_grads = loss_and_grads(model, idx)
     assert (logits - plain_logits).abs().max() <= 1e-5
     assert_close_grads(grads, plain_grads, 1e-5)
 
 
-def test_fused_block_with_packed_documents_matches_plain_modules(monkeypatch):
+def test_fused_block_with_packed_documents_matches_plain_modules():
     model = perturbed_model(tiny())
+    fused = fused_copy(model)
     idx = tokens(seed=6)
     doc_ids = torch.tensor([[0] * 10 + [1] * 22, [0] * 32, [0] * 5 + [1] * 5 + [2] * 22])  # (B, T)
-    logits, grads = loss_and_grads(model, idx, doc_ids=doc_ids)
-    monkeypatch.setattr(transformer, "fused_block_applies", lambda *args: False)
+    logits, grads = loss_and_grads(fused, idx, doc_ids=doc_ids)
     plain_logits, plain_grads = loss_and_grads(model, idx, doc_ids=doc_ids)
     assert (logits - plain_logits).abs().max() <= 1e-5
     assert_close_grads(grads, plain_grads, 1e-5)
-    first_doc_alone, _ = loss_and_grads(model, idx[:1, :10])  # attention stays inside each document
+    first_doc_alone, _ = loss_and_grads(fused, idx[:1, :10])  # attention stays inside each document
     assert (logits[:1, :10] - first_doc_alone).abs().max() <= 1e-5
 
 
@@ -84,8 +93,9 @@ def test_fused_block_gradients_match_transformers():
     pytest.importorskip("transformers")
     model = perturbed_model(tiny(tie_embeddings=False))
     hf_model = to_hf_model(model).train()
+    fused = fused_copy(model)
     idx = tokens(seed=9)
-    logits, grads = loss_and_grads(model, idx)
+    logits, grads = loss_and_grads(fused, idx)
     hf_model.zero_grad(set_to_none=True)
     hf_model(input_ids=idx, labels=idx).loss.backward()  # the same next-token loss (labels shift inside)
     hf_grads = {n: p.grad for n, p in hf_model.named_parameters()}
@@ -95,21 +105,30 @@ def test_fused_block_gradients_match_transformers():
         assert err <= 1e-4, f"{name}: relative gradient error against transformers {err:.2e}"
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "dropout",
-        "bias",
-        "layernorm",
-        "gelu",
-        "cached keys",
-        "bf16 autocast",
-        "lora",
-        "learned positions",
-        "no grad",
-    ],
-)
-def test_plain_path_where_fused_does_not_apply(case):
+def test_without_gradients_or_with_a_cache_the_fused_model_runs_the_plain_math():
+    """Evaluation, export checks and decoding: bit for bit the plain model (and so transformers)."""
+    from lmforge.model.hf import to_hf_model
+
+    pytest.importorskip("transformers")
+    model = perturbed_model(tiny(tie_embeddings=False)).eval()
+    fused = fused_copy(model)
+    idx = tokens(seed=4)
+    with torch.no_grad():
+        logits = fused(idx)
+        assert torch.equal(logits, model(idx))
+        hf_logits = to_hf_model(model).float()(input_ids=idx).logits
+    assert (logits - hf_logits).abs().max() <= 1e-4
+
+    def decode(m: transformer.Transformer) -> torch.Tensor:  # gradients on: only the cache says "plain"
+        cache = KVCache.empty(m.cfg, 3, 32, device=torch.device("cpu"), dtype=torch.float32)
+        m(idx[:, :20], cache=cache)  # a prefill into a cache
+        return m(idx[:, 20:21], cache=cache).detach()  # one step against the cached keys
+
+    assert torch.equal(decode(fused), decode(model))
+
+
+@pytest.mark.parametrize("case", ["dropout", "bias", "layernorm", "gelu", "learned positions", "lora"])
+def test_blocks_the_fused_math_does_not_fit_stay_plain(case):
     cfg = {
         "dropout": tiny(dropout=0.1),
         "bias": tiny(bias=True),
@@ -120,16 +139,13 @@ def test_plain_path_where_fused_does_not_apply(case):
     model = build_model(cfg, seed=1).train()
     if case == "lora":
         model = apply_lora(model, LoRAConfig(rank=2, targets=("q_proj", "v_proj")))
-    block, x = model.layers[0], torch.zeros(3, 32, 64)
-    rope = rope_cos_sin(torch.arange(32)[None], model.rope_inv_freq) if cfg.position == "rope" else None
-    mask = torch.ones(3, 1, 32, 40, dtype=torch.bool) if case == "cached keys" else None
-    if case == "bf16 autocast":
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not fused_block_applies(block, x, rope, mask, None)
-    elif (
-        case == "no grad"
-    ):  # evaluation and export checks run the plain modules, bit-identical to transformers
-        with torch.no_grad():
-            assert not fused_block_applies(block, x, rope, mask, None)
-    else:
-        assert not fused_block_applies(block, x, rope, mask, None)
+    assert apply_fused_blocks(model) == 0
+    assert all(type(block) is Block for block in model.layers)
+
+
+def test_only_the_blocks_that_fit_are_fused():
+    model = build_model(tiny(), seed=1)
+    model.layers[1] = apply_lora(model.layers[1], LoRAConfig(rank=2, targets=("q_proj",)))
+    assert apply_fused_blocks(model) == 1
+    assert [type(block) for block in model.layers] == [FusedBlock, Block]
+    assert apply_fused_blocks(model) == 0  # applying twice changes nothing

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge import convert
 from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.cli import main
 from lmforge.config import Config, ModelConfig, TrainConfig
@@ -73,10 +74,10 @@ def max_diff(ours: torch.nn.Module, theirs: torch.nn.Module, idx: torch.Tensor) 
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path, name):
     cfg = CASES[name]
     model, run = lmforge_run(tmp_path, cfg)
-    report = hf.export_checkpoint(run, tmp_path / "hf")
+    report = convert.export_model(run, tmp_path / "hf")
     expected_arch = "GPT2LMHeadModel" if cfg.position == "learned" else "LlamaForCausalLM"
-    assert report["architecture"] == expected_arch
-    assert report["max_abs_diff"] is not None and report["max_abs_diff"] <= PARITY
+    assert report.architecture == expected_arch
+    assert report.max_abs_diff is not None and report.max_abs_diff <= PARITY
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [expected_arch]
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert type(loaded).__name__ == expected_arch
@@ -122,7 +123,7 @@ def hf_reference(name: str):
 def test_import_gives_the_same_logits_as_transformers(tmp_path, name):
     reference = hf_reference(name)
     reference.save_pretrained(tmp_path / "hf")
-    out = hf.import_hf(tmp_path / "hf", tmp_path / "ck")
+    out = convert.import_model(tmp_path / "hf", tmp_path / "ck").checkpoint
     model, config, _ = load_model(out)
     assert config.model.kv_heads == CASES[name].kv_heads
     assert config.model.tie_embeddings == CASES[name].tie_embeddings
@@ -134,13 +135,13 @@ def test_import_sharded_safetensors_and_pytorch_bin(tmp_path):
     reference = hf_reference("llama-gqa-tied")
     reference.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
-    model, _, _ = load_model(hf.import_hf(tmp_path / "sharded", tmp_path / "ck1"))
+    model, _, _ = load_model(convert.import_model(tmp_path / "sharded", tmp_path / "ck1").checkpoint)
     assert max_diff(model, reference, probe()) <= PARITY
 
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text((tmp_path / "sharded" / "config.json").read_text())
     torch.save(reference.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
-    model, _, _ = load_model(hf.import_hf(tmp_path / "bin", tmp_path / "ck2"))
+    model, _, _ = load_model(convert.import_model(tmp_path / "bin", tmp_path / "ck2").checkpoint)
     assert max_diff(model, reference, probe()) <= PARITY
 
 
@@ -154,7 +155,7 @@ def test_import_original_gpt2_key_layout(tmp_path):
     state.pop("lm_head.weight", None)
     state["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
     save_file(state, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
-    model, _, _ = load_model(hf.import_hf(tmp_path / "hf", tmp_path / "ck"))
+    model, _, _ = load_model(convert.import_model(tmp_path / "hf", tmp_path / "ck").checkpoint)
     assert max_diff(model, reference, probe()) <= PARITY
 
 
@@ -191,7 +192,7 @@ def test_export_writes_tokenizer_and_model_card(tmp_path):
     cfg = tiny(vocab_size=tokenizer.get_vocab_size())
     _, run = lmforge_run(tmp_path, cfg, tokenizer_file=tmp_path / "tokenizer.json")
     (run / "MODEL_CARD.md").write_text("# a tiny model\n")
-    hf.export_checkpoint(run, tmp_path / "hf", verify=False)
+    convert.export_model(run, tmp_path / "hf", verify=False)
 
     loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "to be, or not"
@@ -201,7 +202,7 @@ def test_export_writes_tokenizer_and_model_card(tmp_path):
     assert config["eos_token_id"] == tokenizer.token_to_id("<|endoftext|>")
     assert config["pad_token_id"] == tokenizer.token_to_id("<pad>")
     assert (tmp_path / "hf" / "README.md").read_text() == "# a tiny model\n"
-    back = hf.import_hf(tmp_path / "hf", tmp_path / "back")
+    back = convert.import_model(tmp_path / "hf", tmp_path / "back").checkpoint
     assert (back / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
 
 
@@ -223,17 +224,17 @@ def test_export_writes_tokenizer_and_model_card(tmp_path):
 def test_export_refuses_what_neither_architecture_expresses(tmp_path, switches, message):
     _, run = lmforge_run(tmp_path, tiny(**switches))
     with pytest.raises(ExportError, match=message):
-        hf.export_checkpoint(run, tmp_path / "hf")
+        convert.export_model(run, tmp_path / "hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_export_check_fails_loudly_on_different_logits(tmp_path):
     model, run = lmforge_run(tmp_path, CASES["llama-mha-untied"])
-    hf.export_checkpoint(run, tmp_path / "hf", verify=False)
+    convert.export_model(run, tmp_path / "hf", verify=False)
     other = build_model(CASES["llama-mha-untied"], seed=5).eval()
     with pytest.raises(ExportError, match="exceeds"):
-        hf._verify(other, tmp_path / "hf")
-    diff, note = hf._verify(model, tmp_path / "hf")
+        hf.verify_with_transformers(other, tmp_path / "hf")
+    diff, note = hf.verify_with_transformers(model, tmp_path / "hf")
     assert diff <= PARITY and "max |logits difference|" in note
 
 
@@ -276,7 +277,7 @@ def test_import_rejects_bad_folders_with_one_clear_line(tmp_path, capsys, case):
     damage, message = BAD_FOLDERS[case]
     damage(tmp_path / "hf")
     with pytest.raises((CheckpointError, ExportError), match=message):
-        hf.import_hf(tmp_path / "hf", tmp_path / "ck")
+        convert.import_model(tmp_path / "hf", tmp_path / "ck")
     assert not (tmp_path / "ck").exists()
     capsys.readouterr()  # drop transformers' progress bars from saving the reference
     assert main(["import", str(tmp_path / "hf"), str(tmp_path / "ck")]) == 2
@@ -293,7 +294,7 @@ def test_export_of_lmforge_tokenizers_loads_in_auto_tokenizer(tmp_path, kind):
     _, run = lmforge_run(
         tmp_path, tiny(vocab_size=tokenizer.vocab_size), tokenizer_file=tmp_path / "tokenizer.json"
     )
-    hf.export_checkpoint(run, tmp_path / "hf", verify=False)
+    convert.export_model(run, tmp_path / "hf", verify=False)
     loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "not to be, 中文 and unseen €"
     assert loaded(text)["input_ids"] == tokenizer.encode(text)

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from lmforge.cli import main
+from lmforge.config import PRESETS
 from lmforge.model.info import count_params, model_flops_per_token
-from lmforge.model.presets import PRESETS
 from lmforge.model.transformer import build_model
 
 LLAMA2_7B_PARAMS = 6_738_415_616  # meta-llama/Llama-2-7b-hf

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.config import ModelConfig
-from lmforge.model.presets import PRESETS
+from lmforge.config import PRESETS, ModelConfig
 from lmforge.plan.hardware import GIB, KNOWN_HARDWARE
 from lmforge.plan.memory import Layout, memory_breakdown
 from lmforge.plan.planner import Cluster, Workload, plan_cluster

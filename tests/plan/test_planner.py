@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import Config, ParallelConfig, TrainConfig
+from lmforge.config import PRESETS, Config, ParallelConfig, TrainConfig
 from lmforge.errors import ConfigError
-from lmforge.model.presets import PRESETS
 from lmforge.plan.hardware import (
     GIB,
     INTERCONNECTS,

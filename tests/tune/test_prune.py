@@ -10,13 +10,13 @@ import torch
 from lmforge.checkpoint import save_checkpoint
 from lmforge.config import Config
 from lmforge.tune.prune import (
-    keep_pruned_at_zero,
     magnitude_prune,
     plan_structured,
     prunable_weights,
     sparsity,
     structured_prune,
 )
+from lmforge.tune.sparsity import keep_pruned_at_zero
 from tests.infer.conftest import tiny_model
 
 X = torch.randint(0, 257, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -86,14 +86,14 @@ def test_structured_pruning_shrinks_and_equals_masking(n_kv_heads, bias):
 
 def test_structured_pruned_model_exports_and_loads_in_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from lmforge.model.hf import export_checkpoint
+    from lmforge.convert import export_model
 
     model = tiny_model()
     small = structured_prune(model, heads=0.5, channels=0.5)
     config = Config(model=small.cfg)
     save_checkpoint(tmp_path / "ckpt", model_state=small.state_dict(), config=config)
-    report = export_checkpoint(tmp_path / "ckpt", tmp_path / "hf", verify=True)
-    assert report["max_abs_diff"] is not None and report["max_abs_diff"] < 1e-4
+    report = export_model(tmp_path / "ckpt", tmp_path / "hf", verify=True)
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-4
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert hf.model.layers[0].self_attn.q_proj.weight.shape == (32, 64)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["intermediate_size"] == 48

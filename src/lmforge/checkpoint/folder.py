@@ -231,7 +231,7 @@ def load_model_state(directory: str | Path, config: Config) -> dict[str, Any]:
 
     path = Path(directory) / WEIGHTS
     if not path.is_file():
-        sharded = (Path(directory) / "dcp").is_dir()  # written by several processes (distributed/dcp.py)
+        sharded = (Path(directory) / "dcp").is_dir()  # written by several processes (sharded.py)
         hint = f"; it is sharded: lmforge consolidate {directory} OUT_DIR writes one" if sharded else ""
         raise CheckpointError(f"{directory}: no {WEIGHTS}{hint}")
     try:

@@ -1,9 +1,9 @@
-"""Apply parallelism to the model from outside: activation checkpointing, then compile, then data parallelism.
+"""Apply parallelism and speed-ups to the model from outside, in a fixed order.
 
 The model knows nothing of this file. ``init_world`` reads the launcher's environment (torchrun's RANK,
-WORLD_SIZE, LOCAL_RANK) and joins the process group; ``parallelize`` wraps the model in a fixed order:
-activation checkpointing per block, ``torch.compile`` per block, then DDP, or FSDP2 (``fully_shard``) per
-block and at the root.
+WORLD_SIZE, LOCAL_RANK) and joins the process group; ``parallelize`` changes the model in a fixed order:
+tensor parallelism, the fused block (fp32 on the CPU), activation checkpointing per block,
+``torch.compile`` per block, then DDP, or FSDP2 (``fully_shard``) per block and at the root.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ParallelConfig
 from lmforge.errors import ConfigError
+from lmforge.model.fused import apply_fused_blocks
 
 _GROUPS_STARTED = 0  # process groups this process has started (a fresh store key space for each)
 
@@ -260,18 +261,21 @@ def parallelize(
     activation_checkpointing: bool = False,
     compile: bool = False,
     strategy: str | None = None,
+    fused_blocks: bool = True,
 ) -> nn.Module:
-    """Activation checkpointing, then ``torch.compile`` per block, then data parallelism (DDP or FSDP2),
-    in that order. ``strategy`` is the resolved one (``lmforge train`` asks the planner,
-    ``plan.planner.plan_training``, for ``parallel.strategy: auto``); by default ``parallel.strategy``, with
-    ``auto`` meaning DDP on several processes. Returns the module to train: the same object for a
-    single process and for FSDP (whose parameters become sharded DTensors), a DDP wrapper for DDP.
+    """Tensor parallelism, the fused block, activation checkpointing, ``torch.compile`` per block, then data
+    parallelism (DDP or FSDP2), in that order. The fused block (``model/fused.py``, off with
+    ``fused_blocks=False``) replaces the qualifying blocks' training math for fp32 on the CPU without compile
+    or tensor parallelism; it goes before activation checkpointing, which wraps the block's forward as it is.
+    ``strategy`` is the resolved one (``train.run.strategy_of``: the planner's choice for
+    ``parallel.strategy: auto``); by default ``parallel.strategy``, where ``auto`` is only accepted for one
+    process. Returns the module to train: the same object for a single process and for FSDP (whose
+    parameters become sharded DTensors), a DDP wrapper for DDP.
 
     Gradients are SUMMED over processes, not averaged: each rank backpropagates its share of the global
     loss (its summed token losses divided by the token count over all ranks), which stays exact when ranks
     hold different numbers of unmasked targets."""
-    if strategy is None:
-        strategy = "ddp" if parallel.strategy == "auto" else parallel.strategy
+    strategy = strategy or parallel.strategy
     if world.tp > 1:
         if strategy == "ddp" and parallel.strategy == "ddp":
             raise ConfigError(
@@ -280,6 +284,15 @@ def parallelize(
             )
         apply_tensor_parallel(model, world.mesh["tp"])
         strategy = "fsdp" if world.dp_size > 1 else "single"
+    if strategy == "auto":
+        if world.distributed:
+            raise ConfigError(
+                "parallel.strategy=auto reached parallelize unresolved on several processes: pass the "
+                "planner's choice (train.run.strategy_of)"
+            )
+        strategy = "single"
+    if fused_blocks and precision == "fp32" and world.device.type == "cpu" and not compile and world.tp == 1:
+        apply_fused_blocks(model)
     if activation_checkpointing:
         apply_activation_checkpointing(model.layers)
     if compile:

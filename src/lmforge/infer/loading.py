@@ -33,7 +33,7 @@ def is_hf_folder(path: Path) -> bool:
 
 def load_hf_folder(path: Path, *, device: torch.device) -> tuple[Transformer, Config]:
     """Build the lmforge model of a Hugging Face Llama or GPT-2 folder, in memory (nothing is written)."""
-    from lmforge.model.hf import read_hf_folder
+    from lmforge.convert import read_hf_folder
 
     config, state = read_hf_folder(path)
     model = build_model(config.model, device="meta")

@@ -13,12 +13,15 @@ math, arranged so that little but the matmuls touches activations:
 - RoPE rotates queries and keys together, with sign-folded sine tables, in three passes;
 - the residual add rides in the output projection (``addmm``); the backward works in place.
 
-``Block.forward`` takes this path only where it applies (see ``fused_block_applies``): gradients on,
-RMSNorm, SwiGLU, RoPE, no bias, plain ``nn.Linear`` projections (LoRA's wrappers take the plain path),
-causal attention from position 0 or a (B, 1, T, T) training mask (packed documents), no KV cache, no
-dropout, fp32 without autocast, CPU, not under ``torch.compile`` (inductor fuses the plain modules
-itself). Everything else runs the plain modules: without gradients (evaluation, export checks) they are
-as fast and match transformers bit for bit.
+The fused block is applied from outside the model, as ``torch.compile`` and FSDP are:
+``apply_fused_blocks(model)`` checks once which blocks qualify (RMSNorm, SwiGLU, RoPE, no bias, plain
+``nn.Linear`` projections with fp32 ``nn.Parameter`` weights on the CPU, so neither LoRA's wrappers nor
+tensor-parallel DTensor shards, no dropout) and turns those into ``FusedBlock``s; the state_dict does not
+change. ``distributed.parallelize`` calls it for fp32 training on the CPU without ``torch.compile`` (inductor
+fuses the plain modules itself) and without tensor parallelism. The one decision left for each call is the
+one that must be made there: the fused path needs gradients, no KV cache and a causal or (B, 1, T, T) mask;
+otherwise a ``FusedBlock`` runs the plain ``Block`` math, so evaluation and export checks (without
+gradients) stay as fast and bit-identical to transformers.
 
 Shape legend: B batch, T length, N = B*T tokens, C d_model, H heads, Hkv key/value heads, hd head dimension,
 F hidden dimension.
@@ -30,34 +33,50 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.config import ModelConfig
+from lmforge.model.transformer import Block, KVCache, RMSNorm
+
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def fused_block_applies(block: nn.Module, x: torch.Tensor, rope, mask, cache) -> bool:
-    """Whether ``block`` (a ``transformer.Block``) can run through ``fused_block`` for this call."""
-    from lmforge.model.transformer import RMSNorm
+class FusedBlock(Block):
+    """A ``Block`` whose training forward and backward run through the two fused sublayers below."""
 
-    attn, mlp = block.self_attn, block.mlp
-    if not mlp.swiglu:
+    def forward(self, x, rope, mask, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        T = x.shape[1]
+        if torch.is_grad_enabled() and cache is None and (mask is None or tuple(mask.shape[-2:]) == (T, T)):
+            return fused_block(self, x, rope, mask)
+        return super().forward(x, rope, mask, cache, layer)  # evaluation, decoding: the plain math
+
+
+def fused_block_qualifies(block: nn.Module, cfg: ModelConfig) -> bool:
+    """Whether ``block`` (of a model with ``cfg``) has exactly what ``fused_block`` computes."""
+    if type(block) is not Block or cfg.position != "rope" or not block.mlp.swiglu:
         return False
+    attn, mlp = block.self_attn, block.mlp
     linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     return (
-        torch.is_grad_enabled()  # training only (see the module docstring)
-        and cache is None
-        and (mask is None or tuple(mask.shape[-2:]) == (x.shape[1],) * 2)  # (B, 1, T, T): no cached keys
-        and rope is not None
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-        and not (block.training and (attn.dropout > 0 or block.resid_dropout.p > 0))
+        attn.dropout == 0
+        and block.resid_dropout.p == 0
         and type(block.input_layernorm) is RMSNorm
         and type(block.post_attention_layernorm) is RMSNorm
-        and all(type(m) is nn.Linear and m.bias is None for m in linears)
-        and all(m.weight.dtype == torch.float32 for m in linears)
-        and all(type(m.weight) is nn.Parameter for m in linears)  # not tensor-parallel DTensor shards
+        and all(type(m) is nn.Linear and m.bias is None for m in linears)  # LoRA wraps: not plain
+        and all(type(m.weight) is nn.Parameter for m in linears)  # tensor-parallel shards are DTensors
+        and all(m.weight.dtype == torch.float32 and m.weight.device.type in ("cpu", "meta") for m in linears)
     )
+
+
+def apply_fused_blocks(model: nn.Module) -> int:
+    """Turn every qualifying block of ``model.layers`` into a ``FusedBlock`` (in place: the same parameters
+    and state_dict keys); return how many. Apply before activation checkpointing, ``torch.compile`` and data
+    parallelism, which wrap the block's forward as it is then; only for fp32 training without autocast."""
+    fused = 0
+    for block in model.layers:
+        if fused_block_qualifies(block, model.cfg):
+            block.__class__ = FusedBlock
+            fused += 1
+    return fused
 
 
 def fused_block(
@@ -175,11 +194,12 @@ class _AttentionSublayer(torch.autograd.Function):
         v = qkv[:, :, qk_heads:].transpose(1, 2)  # (B, Hkv, T, hd)
         out, logsumexp = _flash(q, k, v, 0.0, mask is None, attn_mask=mask)  # (B, H, T, hd) as (B, T, H, hd)
         heads = out.transpose(1, 2).reshape(B * T, H * hd)  # (N, H hd)
-        y = torch.addmm(x2, heads, wo.t())  # (N, C): the residual add inside the output projection
+        y = torch.empty(B, T, C, dtype=x.dtype, device=x.device)  # not a view: see _MLPSublayer
+        torch.addmm(x2, heads, wo.t(), out=y.view(B * T, C))  # the residual add inside the output projection
         ctx.save_for_backward(
             xhat, rstd, norm_w, stacked, folded, wo, q, k, v, out, logsumexp, heads, cos, swapped_sin, mask
         )
-        return y.view(B, T, C)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -219,9 +239,12 @@ class _MLPSublayer(torch.autograd.Function):
         gate, up = h[:, :hidden], h[:, hidden:]
         activated = F.silu(gate)  # (N, F)
         product = activated * up  # (N, F)
-        y = torch.addmm(x2, product, wd.t())  # (N, C)
+        # Written through a (N, C) view into a (B, T, C) tensor that is returned as it is: the block's output
+        # is then no view, which FSDP2 needs to keep its pre-backward hook (it warns on a view).
+        y = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
+        torch.addmm(x2, product, wd.t(), out=y.view(B * T, C))
         ctx.save_for_backward(xhat, rstd, norm_w, stacked, folded, wd, h, activated, product)
-        return y.view(B, T, C)
+        return y
 
     @staticmethod
     def backward(ctx, dy):

@@ -1,8 +1,9 @@
-"""Hugging Face interop: lmforge checkpoints to and from ``LlamaForCausalLM`` and ``GPT2LMHeadModel`` folders.
+"""Hugging Face conversion: lmforge models to and from ``LlamaForCausalLM`` and ``GPT2LMHeadModel``.
 
 Everything goes through two explicit tables (``LLAMA_KEYS``, ``GPT2_KEYS``) that pair lmforge parameter names
 with Hugging Face ones, and two config translations (``hf_config`` and ``model_config_from_hf``). One table
 serves both directions. A model that neither architecture can express is refused, naming the switch.
+Reading and writing whole folders (checkpoints, weight files, tokenizer) is ``lmforge.convert``'s job.
 
 Shape legend: C d_model, F feed-forward hidden, V vocabulary, H heads, Hkv key/value heads, hd head dimension.
 """
@@ -10,16 +11,12 @@ Shape legend: C d_model, F feed-forward hidden, V vocabulary, H heads, Hkv key/v
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from lmforge.checkpoint import TOKENIZER, load_model, save_checkpoint
-from lmforge.config import Config, ModelConfig, TrainConfig, build
+from lmforge.config import ModelConfig, build
 from lmforge.errors import CheckpointError, ConfigError, ExportError
 from lmforge.model.transformer import Transformer
 
@@ -377,40 +374,7 @@ def to_hf_model(model: Transformer):
     return hf_model.to(next(model.parameters()).dtype).eval()
 
 
-# -- export ------------------------------------------------------------------------------------------------
-
-_EOS = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>", "[EOS]", "<|im_end|>")
-_BOS = ("<s>", "<bos>", "<|bos|>", "<|startoftext|>", "<|begin_of_text|>", "[BOS]")
-_PAD = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>")
-
-
-def special_tokens(tokenizer_file: Path) -> dict[str, tuple[str, int] | None]:
-    """The bos/eos/pad tokens (text, id) of a ``tokenizers`` JSON file, recognised by their usual spellings
-    among its special tokens. A tokenizer without a pad token pads with eos."""
-    try:
-        added = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("added_tokens") or []
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{tokenizer_file}: unreadable tokenizer ({exc})") from None
-    specials = {t["content"]: t["id"] for t in added if t.get("special", True)}
-
-    def first(names: tuple[str, ...]) -> tuple[str, int] | None:
-        return next(((n, specials[n]) for n in names if n in specials), None)
-
-    eos = first(_EOS)
-    return {"bos": first(_BOS), "eos": eos, "pad": first(_PAD) or eos}
-
-
-def _write_tokenizer(tokenizer_file: Path, out: Path, cfg: ModelConfig) -> dict[str, int | None]:
-    tokens = special_tokens(tokenizer_file)
-    shutil.copyfile(tokenizer_file, out / "tokenizer.json")
-    tok_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": cfg.max_seq_len,
-        "clean_up_tokenization_spaces": False,
-    }
-    tok_config.update({f"{k}_token": v[0] for k, v in tokens.items() if v is not None})
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2), encoding="utf-8")
-    return {k: (v[1] if v is not None else None) for k, v in tokens.items()}
+# -- verification ------------------------------------------------------------------------------------------
 
 
 def probe_batch(cfg: ModelConfig) -> torch.Tensor:
@@ -427,7 +391,9 @@ def max_logits_diff(model: Transformer, hf_model, idx: torch.Tensor) -> float:
     return float((ours - theirs).abs().max())
 
 
-def _verify(model: Transformer, folder: Path) -> tuple[float | None, str]:
+def verify_with_transformers(model: Transformer, folder: Path) -> tuple[float | None, str]:
+    """Reload an exported ``folder`` with transformers and compare its logits with ``model``'s on a fixed batch:
+    (max |difference|, a note). An ExportError beyond ``VERIFY_TOLERANCE``; (None, why) without transformers."""
     try:
         import transformers
     except ImportError:
@@ -446,109 +412,3 @@ def _verify(model: Transformer, folder: Path) -> tuple[float | None, str]:
     if not diff <= VERIFY_TOLERANCE:
         raise ExportError(f"export check failed: {note} exceeds {VERIFY_TOLERANCE:g} (nothing written)")
     return diff, note
-
-
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, verify: bool = True) -> dict:
-    """Write a Hugging Face folder (model.safetensors, config.json, tokenizer, README.md) for a checkpoint
-    or a run's newest valid checkpoint; verify it against ``transformers`` when installed. Atomic: the folder
-    appears complete or not at all. Returns {out_dir, architecture, max_abs_diff, verify_note}."""
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not (
-        out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / "config.json").exists())
-    ):
-        raise ExportError(f"{out_dir}: exists and is not an exported model folder; choose another OUT_DIR")
-    model, config, ckpt_dir = load_model(checkpoint)
-    model.eval()
-    cfg = config.model
-    architecture = architecture_for(cfg)
-    state = to_hf_state_dict(model)
-    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        token_ids = {}
-        if (ckpt_dir / TOKENIZER).is_file():
-            token_ids = _write_tokenizer(ckpt_dir / TOKENIZER, tmp, cfg)
-        config_json = hf_config(cfg, token_ids=token_ids, dtype=dtype)
-        (tmp / "config.json").write_text(json.dumps(config_json, indent=2), encoding="utf-8")
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        run_dir = ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else None
-        if run_dir is not None and (run_dir / "MODEL_CARD.md").is_file():
-            shutil.copyfile(run_dir / "MODEL_CARD.md", tmp / "README.md")
-        diff, note = _verify(model, tmp) if verify else (None, "not verified (--no-verify)")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {"out_dir": str(out_dir), "architecture": architecture, "max_abs_diff": diff, "verify_note": note}
-
-
-# -- import ------------------------------------------------------------------------------------------------
-
-
-def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    def load(path: Path) -> dict[str, torch.Tensor]:
-        if not path.is_file():
-            raise CheckpointError(f"{folder}: missing weight file {path.name}")
-        try:
-            if path.suffix == ".safetensors":
-                return load_file(path)
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except (SafetensorError, OSError, RuntimeError, EOFError) as exc:
-            raise CheckpointError(f"{path}: unreadable weights ({str(exc).splitlines()[0]})") from None
-
-    for single, index in (
-        ("model.safetensors", "model.safetensors.index.json"),
-        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
-    ):
-        if (folder / single).is_file():
-            return load(folder / single)
-        if (folder / index).is_file():
-            try:
-                weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
-                files = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-                raise CheckpointError(f"{folder / index}: malformed index ({exc})") from None
-            state = {}
-            for name in files:
-                state.update(load(folder / name))
-            return state
-    raise CheckpointError(f"{folder}: no model.safetensors, sharded safetensors index or pytorch_model.bin")
-
-
-def read_hf_folder(hf_dir: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
-    """The lmforge Config and weights of a Hugging Face Llama or GPT-2 folder, in memory (nothing written)."""
-    folder = Path(hf_dir)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such Hugging Face model folder")
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    try:
-        hf = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config_path}: malformed JSON ({exc})") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{config_path}: must hold a JSON object")
-    cfg = model_config_from_hf(hf, str(config_path))
-    state = from_hf_state_dict(_read_hf_weights(folder), cfg, str(folder))
-    # A shorter default training window where the model's learned positions stop earlier.
-    return Config(model=cfg, train=TrainConfig(seq_len=min(TrainConfig().seq_len, cfg.max_seq_len))), state
-
-
-def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
-    """Read a Hugging Face Llama or GPT-2 folder into an lmforge checkpoint folder ``out``; return its path."""
-    config, state = read_hf_folder(hf_dir)
-    tokenizer = Path(hf_dir) / TOKENIZER
-    tokenizer_file = tokenizer if tokenizer.is_file() else None
-    return save_checkpoint(Path(out), model_state=state, config=config, tokenizer_file=tokenizer_file)

@@ -9,12 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.config import (
+    PRESETS,
     Config,
     ModelConfig,
     apply_overrides,
     build,
     load_yaml,
     resolve_model_dict,
+    suggest,
     validate,
 )
 from lmforge.errors import ConfigError
@@ -66,15 +68,11 @@ def describe(cfg: ModelConfig, seq_len: int | None = None) -> dict:
 
 def model_config_from_arg(arg: str, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfig:
     """A preset name or a YAML config file (its ``model`` section), plus dotted overrides."""
-    from lmforge.model.presets import PRESETS
-
     if arg in PRESETS:
         data = {"model": {"preset": arg}}
     elif Path(arg).suffix in (".yaml", ".yml") or Path(arg).exists():
         data = load_yaml(arg)
     else:
-        from lmforge.config import suggest
-
         raise ConfigError(
             f"{arg!r} is neither a preset{suggest(arg, PRESETS)} nor a config file; presets: {', '.join(PRESETS)}"
         )

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
-from lmforge.model.fused import fused_block, fused_block_applies
 from lmforge.model.info import model_flops_per_token
 
 
@@ -230,9 +229,6 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, mask, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        if fused_block_applies(self, x, rope, mask, cache):
-            # the same block with a hand-written backward (model/fused.py)
-            return fused_block(self, x, rope, mask)
         x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache, layer))
         return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
 

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
+from lmforge.model.fused import apply_fused_blocks
 from lmforge.model.transformer import build_model
 from lmforge.plan.hardware import GIB, Hardware, resolve_hardware
 from lmforge.plan.memory import Layout
@@ -121,6 +122,8 @@ def _train_steps(
     """Build the model and run ``steps`` AdamW steps on random tokens; the seconds of each step."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     model = build_model(cfg, device=dev, seed=0)
+    if dev.type == "cpu" and precision == "fp32":
+        apply_fused_blocks(model)  # as parallelize applies it to a training run
     if activation_checkpointing:
         _checkpoint_blocks(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)

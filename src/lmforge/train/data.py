@@ -98,7 +98,7 @@ def prepared_datasets(cfg: Config, *, world, cache_dir: str | Path | None, progr
 
 
 def default_vocab_size(model: ModelConfig) -> int:
-    from lmforge.model.presets import PRESETS
+    from lmforge.config import PRESETS
 
     if model.preset in PRESETS:
         return PRESETS[model.preset].vocab_size

@@ -237,7 +237,7 @@ def finetune(
     from lmforge.infer.loading import load_for_inference
     from lmforge.train.loop import train
     from lmforge.train.run import Task
-    from lmforge.tune.prune import keep_pruned_at_zero, prunable_weights
+    from lmforge.tune.sparsity import keep_pruned_at_zero, prunable_weights
 
     loaded = load_for_inference(base, device=torch.device("cpu"))
     tokenizer = loaded.require_tokenizer()
@@ -292,9 +292,9 @@ def finetune(
     model_dir = save_final_model(result.checkpoint, cfg, lora, Path(out_dir) / "model", loaded.tokenizer_path)
     hf_dir = None
     if export_hf is not None:
-        from lmforge.model.hf import export_checkpoint
+        from lmforge.convert import export_model
 
-        hf_dir = Path(export_checkpoint(model_dir, export_hf, verify=True)["out_dir"])
+        hf_dir = export_model(model_dir, export_hf, verify=True).out_dir
     return FinetuneResult(
         run_dir=result.run_dir,
         model_dir=model_dir,
