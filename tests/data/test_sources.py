@@ -149,3 +149,49 @@ def test_json_edge_cases_and_malformed_arrays_name_the_line(tmp_path):
     (tmp_path / "cut.json").write_text('[\n{"text": "a"},\n{"text": "b', encoding="utf-8")
     with pytest.raises(DataError, match=r"cut\.json:3: malformed JSON"):
         read([tmp_path / "cut.json"])
+
+
+def test_a_stray_nul_byte_loses_only_its_record_and_a_really_binary_file_is_still_skipped(tmp_path):
+    """Crawl shards hold stray control bytes: a JSONL file with one raw NUL used to be skipped whole as binary."""
+    import random
+
+    rng = random.Random(0)
+    good = [
+        f"record {i}: " + " ".join(rng.choice(["crawl", "shard", "text", "ok"]) for _ in range(20))
+        for i in range(40)
+    ]
+    lines = [json.dumps({"text": t}).encode() for t in good]
+    bad_line = 7  # 1-based line of the bad record, in the first sniffed block
+    lines.insert(bad_line - 1, b'{"text": "broken \x00 record"}')
+    lines.append(b'{"text": "form feed \x0c and bell \x07 in a string"}')  # another bad record, last line
+    jsonl = tmp_path / "crawl.jsonl"
+    jsonl.write_bytes(b"\n".join(lines) + b"\n")
+    text = tmp_path / "page.txt"
+    text.write_bytes(b"a text file with a stray \x00 byte\nand more text after it\n")
+    image = tmp_path / "image.dat"  # no telling suffix: binary by its bytes
+    image.write_bytes(bytes(rng.randrange(256) for _ in range(4096)))
+    zeros = tmp_path / "zeros.jsonl"
+    zeros.write_bytes(b'{"text": "x"}\n' + b"\x00" * 2000)
+    docs, stats = read([jsonl, text, image, zeros])
+    assert [d.text for d in docs[:-1]] == good  # every good record, before and after the bad one
+    assert (
+        docs[-1].text == "a text file with a stray \x00 byte\nand more text after it\n"
+    )  # clean removes \x00
+    assert stats.malformed_records == 2
+    assert stats.malformed_examples[0].startswith(
+        f"{jsonl}:{bad_line}: malformed JSON (a raw control byte 0x00"
+    )
+    assert stats.malformed_examples[1].startswith(
+        f"{jsonl}:{len(good) + 2}: malformed JSON (a raw control byte"
+    )
+    assert stats.binary_skipped == [str(image), str(zeros)]
+    assert stats.as_dict()["binary_skipped"] == 2
+    from lmforge.config import DataConfig
+    from lmforge.data.prepare import prepare_data
+
+    prepare_data(
+        DataConfig(tokenizer="char", val_fraction=0.0), [str(jsonl)], tmp_path / "out", progress=False
+    )
+    report = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))["sources"]
+    assert report["malformed_records"] == 2 and report["binary_skipped"] == 0
+    assert report["malformed_examples"][0].startswith(f"{jsonl}:{bad_line}: ")

@@ -27,12 +27,65 @@ def test_bpe_round_trip_is_lossless_on_any_utf8(bpe_path, shared):
     )
 
 
-def test_bpe_ids_match_transformers(bpe_path, shared):
-    transformers = pytest.importorskip("transformers")
+# GPT-2's pre-tokenization pattern (the byte-level BPE contract), written here rather than imported.
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def gpt2_byte_alphabet() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map: printable Latin-1 bytes stand for themselves, the
+    other 68 bytes take the characters from U+0100 on, in byte order."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def reference_bpe_encode(tokenizer_json, text: str) -> list[int]:
+    """Byte-level BPE by the textbook algorithm: split with GPT-2's pattern, map each piece's UTF-8 bytes to
+    the byte alphabet, then merge the adjacent pair of lowest merge rank until none applies."""
+    import regex
+
+    model = json.loads(tokenizer_json.read_text(encoding="utf-8"))["model"]
+    vocab = model["vocab"]
+    ranks = {tuple(m.split(" ") if isinstance(m, str) else m): r for r, m in enumerate(model["merges"])}
+    alphabet = gpt2_byte_alphabet()
+    ids = []
+    for piece in regex.findall(GPT2_SPLIT, text):
+        word = [alphabet[b] for b in piece.encode("utf-8")]
+        while len(word) > 1:
+            rank, at = min((ranks.get((word[i], word[i + 1]), float("inf")), i) for i in range(len(word) - 1))
+            if rank == float("inf"):
+                break
+            first, second = word[at], word[at + 1]
+            merged, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and word[i] == first and word[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        ids += [vocab[token] for token in word]
+    return ids
+
+
+def test_bpe_ids_match_a_reference_byte_level_bpe(bpe_path, shared):
+    """Against the byte-level BPE algorithm written out in this file (not the same tokenizer.json in the
+    same engine), on emoji, code, CRLF, odd whitespace, Chinese and English."""
+    pytest.importorskip("regex")  # for \p{L}; installed with transformers (the dev extra)
     ours = load_tokenizer(bpe_path)
-    theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(bpe_path))
-    for text in SYNTHETIC[:4] + zh_texts(shared, 20):
-        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False)
+    en = (shared / "en" / "pg2701_moby_dick.txt").read_text(encoding="utf-8")[:5_000]
+    texts = SYNTHETIC + zh_texts(shared, 20) + [en, "  two  spaces\t\ttabs \n\n", "it's we'll I'D 123,456"]
+    merged = 0
+    for text in texts:
+        expected = reference_bpe_encode(bpe_path, text)
+        assert ours.encode(text) == expected, text[:60]
+        merged += len(text.encode("utf-8")) - len(expected)
+    assert merged > 1000  # the merges did most of the work, so their order was checked
 
 
 def test_special_token_text_is_encoded_as_text(bpe_path):

@@ -1,6 +1,7 @@
 """``lmforge launch`` end to end on real text: two "nodes" on this machine meet at a c10d rendezvous
 endpoint and train with FSDP through the real ``lmforge train``; the sharded checkpoint is consolidated
-into one safetensors file that the single-process tools read."""
+into one safetensors file that the single-process tools read, and whose logits equal those of the same
+steps trained in one process."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmforge.checkpoint import load_model, verify_checkpoint
 from lmforge.errors import CheckpointError
@@ -19,9 +21,10 @@ SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinysha
 RUN = [
     f"data.sources=[{SHAKESPEARE}]", "data.tokenizer=char", "model.preset=tiny", "model.n_layers=2",
     "model.d_model=64", "model.n_heads=2", "model.ffn_hidden=128", "train.steps=6", "train.seq_len=32",
-    "train.micro_batch=4", "train.eval_every=3", "train.eval_batches=2", "train.ckpt_every=3",
-    "train.device=cpu", "train.sample_tokens=8", "parallel.strategy=fsdp", "parallel.timeout_s=60",
+    "train.micro_batch=4", "train.global_batch_tokens=256", "train.eval_every=3", "train.eval_batches=2",
+    "train.ckpt_every=3", "train.device=cpu", "train.sample_tokens=8", "parallel.timeout_s=60",
 ]  # fmt: skip
+# 2 processes x 1 micro-batch of 4 x 32 tokens = 256 tokens a step; one process accumulates the same batch.
 
 
 def free_port() -> int:
@@ -38,7 +41,7 @@ def test_two_nodes_train_with_fsdp_and_the_checkpoint_consolidates(tmp_path):
     endpoint = f"127.0.0.1:{free_port()}"
     command = [sys.executable, "-m", "lmforge.cli", "launch", "--nnodes", "2", "--nproc-per-node", "1",
                "--rdzv-endpoint", endpoint, "--rdzv-timeout", "60", "--no-progress",
-               *RUN, f"train.out_dir={tmp_path / 'run'}"]  # fmt: skip
+               *RUN, "parallel.strategy=fsdp", f"train.out_dir={tmp_path / 'run'}"]  # fmt: skip
     nodes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]  # fmt: skip
     outputs = [node.communicate(timeout=150)[0] for node in nodes]
@@ -55,7 +58,20 @@ def test_two_nodes_train_with_fsdp_and_the_checkpoint_consolidates(tmp_path):
     assert done.returncode == 0, done.stderr
     model, config, _ = load_model(consolidated)
     assert config.model.d_model == 64 and config.parallel.strategy == "fsdp"
-    assert model.embed_tokens.weight.abs().sum() > 0 and (consolidated / "tokenizer.json").is_file()
+    assert (consolidated / "tokenizer.json").is_file()
+
+    # The same six steps in one process (the same global batches, accumulated): the same model.
+    single = subprocess.run([sys.executable, "-m", "lmforge.cli", "train", *RUN, "--no-progress",
+                             f"train.out_dir={tmp_path / 'single'}"], env=env, capture_output=True, text=True,
+                            timeout=150)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    reference, _, _ = load_model(tmp_path / "single")
+    tokens = torch.randint(0, config.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, expected = model(tokens), reference(tokens)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    start = load_model(tmp_path / "single" / "checkpoints" / "step_00000003")[0](tokens).detach()
+    assert (start - expected).abs().max() > 100 * 1e-4  # the last steps moved it: the comparison can fail
 
 
 RESHARD = [

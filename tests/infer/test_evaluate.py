@@ -54,15 +54,19 @@ def write_jsonl(path: Path, records) -> Path:
     return path
 
 
-def hf_loglikelihood(hf, context: str, ending: str) -> float:
+def hf_loglikelihood(hf, context: str, ending: str, window: int | None = None) -> float:
     """log P(" " + ending | context) from transformers' logits, byte tokens (independent of lmforge). As in
-    the harness, whitespace that ends the context belongs to the continuation."""
+    the harness, whitespace that ends the context belongs to the continuation, and a pair longer than the
+    ``window`` loses its first tokens (the model sees the last ``window`` inputs)."""
     stripped = context.rstrip()
     ctx, cont = list(stripped.encode()), list((context[len(stripped) :] + " " + ending).encode())
-    ids = torch.tensor([ctx + cont])
+    ids = ctx + cont
+    if window is not None:
+        ids = ids[-(window + 1) :]
     with torch.no_grad():
-        logprobs = hf(ids).logits.double().log_softmax(-1)[0]  # (T, V)
-    return sum(logprobs[len(ctx) + j - 1, tok].item() for j, tok in enumerate(cont))
+        logprobs = hf(torch.tensor([ids[:-1]])).logits.double().log_softmax(-1)[0]  # (T, V)
+    first = len(ids) - len(cont)  # the first continuation token's position in ids
+    return sum(logprobs[first + j - 1, tok].item() for j, tok in enumerate(cont))
 
 
 def test_choice_loglikelihoods_match_transformers_and_give_acc(tmp_path):
@@ -121,16 +125,38 @@ def test_perplexity_windows_match_transformers():
     assert score.bits_per_byte == pytest.approx(total / (len(text.encode()) * math.log(2)), rel=1e-5)
 
 
-def test_real_hellaswag_file_and_task_metrics():
+def test_real_hellaswag_file_and_task_metrics(tmp_path):
+    """Per-item log-likelihoods of real HellaSwag lines against transformers, on the model exported to a
+    Hugging Face folder by lmforge's export and loaded by transformers itself; acc and acc_norm follow."""
     if not HELLASWAG.is_file():
         pytest.skip(f"{HELLASWAG} is absent (the shared data folder is not mounted)")
+    transformers = pytest.importorskip("transformers")
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.config import Config
+    from lmforge.model.hf import export_checkpoint
+
     items = load_choice_task(HELLASWAG, limit=5)
     assert items[0].context == "Roof shingle removal: A man is sitting on a roof. he" and items[0].gold == 3
-    model = tiny_model(max_seq_len=256)
+    longest = max(len(f"{i.context} {c}".encode()) for i in items for c in i.choices)
+    assert longest > 257  # line 3 is longer than the window: it is cut on the left, as in the harness
+    model = tiny_model(seed=3, max_seq_len=256)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model_state=model.state_dict(), config=Config(model=model.cfg))
+    export_checkpoint(ckpt, tmp_path / "hf", verify=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+
+    ours = choice_loglikelihoods(model, ByteTokenizer(), items, device=CPU, batch_size=4)
+    hits, hits_norm = [], []
+    for item, lls in zip(items, ours):
+        reference = [hf_loglikelihood(hf, item.context, c, window=256) for c in item.choices]
+        assert max(abs(a - b) for a, b in zip(lls, reference)) <= 1e-4, item.where
+        hits.append(int(np.argmax(reference)) == item.gold)
+        hits_norm.append(int(np.argmax([ll / len(c) for ll, c in zip(reference, item.choices)])) == item.gold)
     metrics = task_metrics(model, ByteTokenizer(), [HELLASWAG], device=CPU, limit=5)
-    assert set(metrics) == {"hellaswag/acc", "hellaswag/acc_norm"}
+    assert metrics == pytest.approx(
+        {"hellaswag/acc": sum(hits) / 5, "hellaswag/acc_norm": sum(hits_norm) / 5}
+    )
     result = evaluate_choice_task(model, ByteTokenizer(), HELLASWAG, device=CPU, limit=5)
-    assert result["acc"] == metrics["hellaswag/acc"]
+    assert (result["acc"], result["acc_norm"], result["n"]) == (sum(hits) / 5, sum(hits_norm) / 5, 5)
     assert "hellaswag" in format_table({"hellaswag": result})
 
 

@@ -94,15 +94,30 @@ def test_checkpointing_measurably_saves_memory(measured):
 
 
 def test_7b_parameters_and_training_state():
+    """The planner's own fields against arithmetic by hand (Llama-2 7B: d 4096, FFN 11008, 32 layers, 32000
+    tokens, untied head): fp32 master weights and gradients (4 bytes each), two fp32 AdamW moments (8)."""
+    d, ffn, layers, vocab = 4096, 11008, 32, 32000
+    block = 4 * d * d + 3 * d * ffn + 2 * d  # q, k, v, o; gate, up, down; two RMSNorm weights
+    n = layers * block + vocab * d + vocab * d + d  # blocks, embedding, head, final norm
+    assert n == 6_738_415_616
     cfg = PRESETS["7b"]
-    layout = Layout(strategy="single", micro_batch=1, seq_len=4096, precision="bf16")
-    memory = memory_breakdown(cfg, layout)
-    state = memory.weights + memory_breakdown(cfg, dataclasses.replace(layout)).optimizer
-    full_state = 4 * 6_738_415_616 + 4 * 6_738_415_616 + 8 * 6_738_415_616
-    assert memory.weights == 4 * 6_738_415_616
-    assert memory.optimizer == 8 * 6_738_415_616
-    assert state + 4 * 6_738_415_616 == full_state == 16 * 6_738_415_616  # 16 bytes per parameter
-    assert 107e9 < full_state < 109e9  # about 108 GB
+
+    def memory(**kw):
+        return memory_breakdown(cfg, Layout(micro_batch=1, seq_len=4096, precision="bf16", **kw))
+
+    one = memory(strategy="single")  # the peak is the optimizer step: every gradient is alive
+    assert one.peak_phase == "optimizer"
+    assert (one.weights, one.gradients, one.optimizer) == (4 * n, 4 * n, 8 * n)
+    assert 107e9 < one.weights + one.gradients + one.optimizer < 109e9  # 16 bytes per parameter, ~108 GB
+    accumulating = memory(strategy="single", grad_accum=2)  # gradients carried across micro-batches
+    assert accumulating.gradients == 4 * n
+    sharded = memory(strategy="fsdp", world_size=8, grad_accum=4)
+    assert (sharded.weights, sharded.gradients, sharded.optimizer) == (4 * n // 8, 4 * n // 8, 8 * n // 8)
+    first = memory(strategy="fsdp", world_size=8)  # peak at the loss: only the head's gradient exists
+    assert first.peak_phase == "loss" and first.gradients == 4 * (vocab * d + d) // 8
+    offloaded = memory(strategy="fsdp", world_size=8, cpu_offload=True)
+    assert (offloaded.weights, offloaded.gradients, offloaded.optimizer) == (0, 0, 0)
+    assert offloaded.host_bytes == 16 * n // 8
 
 
 def test_7b_does_not_fit_one_80gb_gpu_but_fits_8_with_fsdp():

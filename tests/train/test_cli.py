@@ -203,6 +203,31 @@ def test_a_weighted_mixture_of_prepared_folders_trains(prepared, tmp_path, capsy
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
     assert any("val_loss" in r for r in records)
+
+    # The run's data path (config -> prepared folders and weights -> loader), drawn for 2,000 windows: each
+    # window is told apart by its text (the second corpus uses only the characters of its one line), and the
+    # share of the first is 0.7 within 4 standard deviations of a seeded binomial draw, sqrt(0.21 / n).
+    from lmforge.config import load_config
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.distributed.parallelize import World
+    from lmforge.train.data import build_loader, resolve_data
+
+    world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    cfg = load_config(config, argv[1:-1])  # the same overrides, without --no-progress
+    data = resolve_data(cfg, loader=None, world=world, cache_dir=tmp_path / "cache", progress=False)
+    loader = build_loader(data, data.config, world)
+    decode = load_tokenizer(prepared / "tokenizer.json").decode
+    stage = set("all the world's a stage 0123\n")
+    from_second = n = 0
+    for _ in range(500):
+        for window in loader.next_batch().inputs.tolist():
+            from_second += set(decode(window)) <= stage
+            n += 1
+    share = (n - from_second) / n
+    assert n == 2000 and abs(share - 0.7) <= 4 * (0.7 * 0.3 / n) ** 0.5, f"share of the 0.7 dataset: {share}"
+    state = torch.load(run / "checkpoints" / "step_00000006" / "train_state.pt", weights_only=True)["loader"]
+    assert sum(state["counts"]) == 6 * 4 and abs(state["counts"][0] - 0.7 * 24) <= 4 * (24 * 0.21) ** 0.5
+
     capsys.readouterr()
     config.write_text(f"data:\n  mixture:\n    {prepared}: 0.7\n    {tmp_path / 'nothing'}: 0.3\n")
     assert main([argv[0], str(config), *argv[1:]]) == 2

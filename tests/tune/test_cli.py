@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -31,37 +32,80 @@ def instructions(tmp_path):
     return write_jsonl(tmp_path / "sft.jsonl", records)
 
 
-def test_finetune_sft_with_lora_prints_its_figures_and_saves_a_merged_model(
+def logged_losses(run) -> list[float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_finetune_sft_with_lora_trains_only_its_targets_and_saves_a_merged_model(
     base_checkpoint, tmp_path, capsys
 ):
     out = tmp_path / "sft"
     argv = ["finetune", str(base_checkpoint), str(instructions(tmp_path)), "--out", str(out)]
-    assert main([*argv, "--lora-rank", "4", "--lora-targets", "q_proj,v_proj", "--no-progress", *QUICK]) == 0
+    learn = [
+        "train.steps=16",
+        "train.lr=1e-2",
+        "train.warmup_steps=2",
+        "train.eval_every=16",
+        "train.log_every=1",
+    ]
+    lora = ["--lora-rank", "4", "--lora-targets", "q_proj,v_proj"]
+    assert main([*argv, *lora, "--no-progress", *QUICK, *learn]) == 0
     printed = capsys.readouterr().out
     assert "training /" in printed and "validation examples" in printed and "final loss" in printed
     assert f"fine-tuned model: {out}" in printed
     model_dir = printed.split("fine-tuned model: ")[1].split()[0].rstrip(";")
     weights = load_file(f"{model_dir}/model.safetensors")
-    assert weights and not any("lora" in name for name in weights)  # the adapters are merged into the weights
     base = load_file(base_checkpoint / "model.safetensors")
-    assert weights.keys() == base.keys()
+    assert weights.keys() == base.keys()  # the adapters are merged into the plain model's weights
+    targeted = {n for n in base if n.endswith(("self_attn.q_proj.weight", "self_attn.v_proj.weight"))}
+    assert len(targeted) == 4  # 2 layers x (q, v)
+    for name in base:
+        if name in targeted:  # the merged update B A is there, in every targeted projection
+            assert (weights[name] - base[name]).abs().max() > 1e-4, f"{name} unchanged"
+        else:  # and nowhere else: LoRA freezes the rest
+            assert torch.equal(weights[name], base[name]), f"{name} changed but is not a LoRA target"
+    losses = logged_losses(out)
+    assert len(losses) == 16
+    assert sum(losses[-3:]) / 3 < sum(losses[:2]) / 2 - 0.1, losses  # it learnt (a run that did not: ~0.02)
 
 
-def test_finetune_classify_prints_accuracy_per_label(base_checkpoint, tmp_path, capsys):
-    rng = random.Random(1)
-    records = [
-        {"text": f"{rng.choice(['good', 'great', 'fine'])} day {i}", "label": "pos"} for i in range(20)
-    ]
-    records += [
-        {"text": f"{rng.choice(['bad', 'awful', 'grim'])} day {i}", "label": "neg"} for i in range(20)
-    ]
-    data = write_jsonl(tmp_path / "labelled.jsonl", records)
+def test_finetune_classify_learns_a_separable_task(base_checkpoint, tmp_path, capsys):
+    """Positive and negative words: a learnable task, scored on a separate test file, by the CLI and again here
+    from the saved classifier."""
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.tune.classify import load_classifier
+
+    def labelled(seed: int, n: int) -> list[dict]:
+        rng = random.Random(seed)
+        pos = [{"text": f"{rng.choice(['good', 'great', 'fine'])} day {i}", "label": "pos"} for i in range(n)]
+        neg = [{"text": f"{rng.choice(['bad', 'awful', 'grim'])} day {i}", "label": "neg"} for i in range(n)]
+        return pos + neg
+
+    data = write_jsonl(tmp_path / "labelled.jsonl", labelled(1, 20))
+    test = labelled(2, 10)
     out = tmp_path / "cls"
     argv = ["finetune", str(base_checkpoint), str(data), "--task", "classify", "--out", str(out)]
-    assert main([*argv, "--test-fraction", "0.25", "--no-progress", *QUICK]) == 0
+    learn = ["train.steps=12", "train.lr=3e-3", "train.warmup_steps=2", "train.eval_every=12"]
+    test_file = write_jsonl(tmp_path / "test.jsonl", test)
+    assert main([*argv, "--test", str(test_file), "--no-progress", *QUICK, *learn]) == 0
     printed = capsys.readouterr().out
-    assert "on 10 held-out examples" in printed and "neg " in printed and "pos " in printed
-    assert "classifier: " in printed
+    found = re.search(
+        r"accuracy ([0-9.]+) on (\d+) held-out examples \(neg ([0-9.]+), pos ([0-9.]+)\)", printed
+    )
+    assert found, printed
+    accuracy, n, neg, pos = float(found[1]), int(found[2]), float(found[3]), float(found[4])
+    assert n == 20 and accuracy >= 0.9 and min(neg, pos) >= 0.8  # chance is 0.5
+    model_dir = printed.split("classifier: ")[1].split()[0]
+    classifier, labels = load_classifier(model_dir)
+    tokenizer = load_tokenizer(f"{model_dir}/tokenizer.json")
+    with torch.no_grad():
+        predicted = [
+            labels[classifier(torch.tensor([tokenizer.encode(r["text"])]))[0, 0].argmax().item()]
+            for r in test
+        ]
+    hits = sum(p == r["label"] for p, r in zip(predicted, test))
+    assert hits / len(test) == pytest.approx(accuracy)  # the printed figure is the saved model's
 
 
 def test_prune_then_recover_keeps_the_zeros(base_checkpoint, tmp_path, capsys):

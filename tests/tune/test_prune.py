@@ -46,29 +46,71 @@ def test_half_sparsity_is_exact_and_removes_the_smallest(scope):
 
 
 def test_pruned_weights_stay_zero_through_adamw():
+    """The zeros are the smallest-magnitude half (by a global threshold computed here), and after AdamW steps
+    exactly those positions are zero, while every kept weight has trained."""
     model = tiny_model()
+    before = {n: p.detach().clone() for n, p in prunable_weights(model).items()}
+    magnitudes = torch.cat([w.abs().flatten() for w in before.values()])
+    threshold = magnitudes.kthvalue(magnitudes.numel() // 2).values  # the largest magnitude to prune
     masks = magnitude_prune(model, 0.5)
+    for name, w in before.items():
+        assert torch.equal(masks[name], w.abs() > threshold), name  # no ties in random weights
     keep_pruned_at_zero(masks, model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     for _ in range(3):
         model(X).logsumexp(-1).mean().backward()
         opt.step()
         opt.zero_grad()
-    assert sparsity(model)["sparsity"] == 0.5
+    for name, p in prunable_weights(model).items():
+        assert torch.equal(p == 0, ~masks[name]), f"{name}: the zeros moved"
+        assert (p[masks[name]] != before[name][masks[name]]).all(), f"{name}: a kept weight did not train"
+
+
+def scale_heads_and_channels(model, head_scales: list[list[float]], weak_channels: list[list[int]]) -> None:
+    """Make importance known by construction: head h of layer l gets its q (and k, v when it owns them) rows
+    and o columns multiplied by head_scales[l][h]; the weak channels' up/gate rows and down columns by 0.1."""
+    cfg = model.cfg
+    hd = cfg.head_dim
+    with torch.no_grad():
+        for layer, scales, weak in zip(model.layers, head_scales, weak_channels):
+            attn = layer.self_attn
+            for h, scale in enumerate(scales):
+                rows = slice(h * hd, (h + 1) * hd)
+                projections = [attn.q_proj] + (
+                    [attn.k_proj, attn.v_proj] if cfg.kv_heads == cfg.n_heads else []
+                )
+                for proj in projections:
+                    proj.weight[rows] *= scale
+                    if proj.bias is not None:
+                        proj.bias[rows] *= scale
+                attn.o_proj.weight[:, rows] *= scale
+            for proj in (layer.mlp.up_proj, layer.mlp.gate_proj):
+                proj.weight[weak] *= 0.1
+            layer.mlp.down_proj.weight[:, weak] *= 0.1
 
 
 @pytest.mark.parametrize(("n_kv_heads", "bias"), [(2, False), (4, False), (2, True)])
-def test_structured_pruning_shrinks_and_equals_masking(n_kv_heads, bias):
+def test_structured_pruning_keeps_the_important_shrinks_and_equals_masking(n_kv_heads, bias):
     model = tiny_model(n_kv_heads=n_kv_heads, bias=bias)  # 4 heads of 16, ffn 96
+    head_scales = [[0.1, 3.0, 1.0, 0.2], [2.0, 1.5, 0.3, 0.1]]
+    weak = [
+        sorted(torch.randperm(96, generator=torch.Generator().manual_seed(layer))[:24].tolist())
+        for layer in (0, 1)
+    ]
+    scale_heads_and_channels(model, head_scales, weak)
     plan = plan_structured(model, heads=0.5, channels=0.25)
+    # By hand: multi-head attention keeps the two largest heads of the layer; grouped-query attention
+    # (query heads 0, 1 share key/value head 0; 2, 3 share 1) keeps the larger head of each group.
+    if n_kv_heads == 4:
+        assert plan.heads == [[1, 2], [0, 1]]
+    else:
+        assert plan.heads == [[1, 2], [0, 2]]
+    assert plan.channels == [[c for c in range(96) if c not in weak[layer]] for layer in (0, 1)]
     small = structured_prune(model, heads=0.5, channels=0.25)
     cfg = small.cfg
-    assert (cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.hidden_dim) == (
-        2,
-        2 if n_kv_heads == 4 else 2,
-        16,
-        72,
-    )
+    # 4 -> 2 query heads; key/value heads: multi-head attention drops the removed heads' (4 -> 2), grouped
+    # query attention keeps both groups (2 -> 2, one query head each)
+    assert (cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.hidden_dim) == (2, 2, 16, 72)
     attn = small.layers[0].self_attn
     assert attn.q_proj.weight.shape == (32, 64) and attn.o_proj.weight.shape == (64, 32)
     assert small.layers[0].mlp.down_proj.weight.shape == (64, 72)

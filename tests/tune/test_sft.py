@@ -100,13 +100,23 @@ def test_lora_starts_at_the_base_model_and_merges_exactly():
 
 
 def test_lora_finetune_merges_and_exports(base_checkpoint, tmp_path):
-    pytest.importorskip("transformers")
+    """The exported folder, loaded by transformers, gives the logits of the model as trained (base + scaled
+    LoRA update, unmerged) and of the merged lmforge model; the in-training multiple-choice metric of the last
+    step equals the one computed from transformers' log-likelihoods."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.checkpoint import load_model_state
+    from lmforge.config import load_config
+    from lmforge.model.transformer import build_model
+
     data = tmp_path / "pr.jsonl"
     data.write_text(
         "".join(json.dumps({"prompt": f"Q{i}: ", "response": f"A{i % 3}"}) + "\n" for i in range(20))
     )
     task = tmp_path / "mc_val.jsonl"  # multiple choice inside training, on the live model, every 2 steps
-    task.write_text(json.dumps({"query": "Q0: ", "choices": ["A0", "A1"], "gold": 0}) + "\n")
+    questions = [
+        {"query": f"Q{i}: ", "choices": ["A0", "A1 and", "A2 or more"], "gold": i % 2} for i in range(6)
+    ]
+    task.write_text("".join(json.dumps(q) + "\n" for q in questions))
     lora = LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
     overrides = FAST + ["train.steps=4", "train.lr=1e-2", "eval.every=2", f"eval.tasks=[{task}]"]
     result = finetune(
@@ -118,13 +128,42 @@ def test_lora_finetune_merges_and_exports(base_checkpoint, tmp_path):
         export_hf=tmp_path / "hf",
         progress=False,
     )
-    logged = [m for m in read_metrics(tmp_path / "run") if "mc/acc" in m]
-    assert [m["step"] for m in logged] == [2, 4] and all(0.0 <= m["mc/acc_norm"] <= 1.0 for m in logged)
-    assert (result.hf_dir / "config.json").is_file()
     tuned, _, _ = load_model(result.model_dir)
     base, _, _ = load_model(base_checkpoint)
     changed = [n for n, p in tuned.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
     assert changed and all("q_proj" in n or "v_proj" in n for n in changed)
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(result.hf_dir, dtype=torch.float32).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(result.hf_dir)
+    last = tmp_path / "run" / "checkpoints" / "step_00000004"
+    cfg = load_config(last / "config.yaml")
+    trained = apply_lora(build_model(cfg.model, device="cpu"), lora)  # the model as trained: adapters apart
+    trained.load_state_dict(load_model_state(last, cfg), strict=True)
+    ids = torch.randint(0, tuned.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hf_logits = hf(ids).logits
+        torch.testing.assert_close(hf_logits, tuned.eval()(ids), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hf_logits, trained.eval()(ids), rtol=1e-4, atol=1e-4)
+        assert (hf_logits - base.eval()(ids)).abs().max() > 1e-2  # and the update is not negligible
+
+    def loglikelihood(context: str, continuation: str) -> float:  # the harness's split, by transformers
+        ctx = hf_tokenizer(context.rstrip(), add_special_tokens=False)["input_ids"]
+        whole = hf_tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logprobs = hf(torch.tensor([whole])).logits.double().log_softmax(-1)[0]
+        return sum(logprobs[j - 1, whole[j]].item() for j in range(len(ctx), len(whole)))
+
+    hits = hits_norm = 0
+    for q in questions:
+        lls = [loglikelihood(q["query"], " " + c) for c in q["choices"]]
+        hits += max(range(3), key=lambda k: lls[k]) == q["gold"]
+        hits_norm += max(range(3), key=lambda k: lls[k] / len(q["choices"][k])) == q["gold"]
+    assert hits != hits_norm  # the two metrics differ here, so each is checked
+    logged = [m for m in read_metrics(tmp_path / "run") if "mc/acc" in m]
+    assert [m["step"] for m in logged] == [2, 4]
+    assert logged[-1]["mc/acc"] == pytest.approx(hits / 6) and logged[-1]["mc/acc_norm"] == pytest.approx(
+        hits_norm / 6
+    )
 
 
 def test_bad_records_name_file_and_line_and_write_nothing(base_checkpoint, tmp_path):

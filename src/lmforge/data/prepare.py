@@ -246,7 +246,8 @@ def _stage_documents(
     at the end write report.json and staged.json (or raise, naming the stage that removed everything)."""
     from tqdm import tqdm
 
-    paths = expand_sources(sources)
+    inside_out = out.resolve()  # an output folder inside a source folder is not an input
+    paths = [p for p in expand_sources(sources) if inside_out not in p.resolve().parents]
     stats = SourceStats()
     cleaner = Cleaner(cfg)
     counts = {"train": 0, "val": 0}

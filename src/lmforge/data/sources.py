@@ -6,7 +6,9 @@ of these also compressed as ``.gz`` or ``.zst``; ``.parquet``; Hugging Face ``da
 ``save_to_disk`` (``state.json`` + ``data-*.arrow``, or a ``dataset_dict.json`` of splits).
 
 Bad input is counted in a ``SourceStats`` rather than crashing: binary files are skipped, invalid UTF-8 is
-replaced (U+FFFD), malformed JSON lines are reported as ``file:line`` and skipped (``strict`` aborts).
+replaced (U+FFFD), malformed JSON lines are reported as ``file:line`` and skipped (``strict`` aborts). A few
+stray control bytes (crawl shards have them) do not make a file binary: in JSON Lines only the record that
+holds one is lost (named in the report); in text the cleaner's ``normalize`` stage removes them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ BINARY_SUFFIXES = {
     ".gif", ".pdf", ".so", ".o", ".pyc", ".arrow", ".bz2", ".xz", ".7z", ".whl", ".exe", ".ttf", ".woff",
 }  # fmt: skip
 BLANK_LINES = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")
+# Bytes that text never holds (all C0 controls but tab, LF, VT, FF, CR and ESC; and DEL). A file whose first
+# block has more than this fraction of them is binary: random bytes have ~11%, text with stray bytes ~0.
+ODD_BYTES = bytes([*range(0x00, 0x09), *range(0x0E, 0x1B), *range(0x1C, 0x20), 0x7F])
+BINARY_ODD_FRACTION = 0.05
 MAX_REPORTED = 20  # malformed lines listed by name in the report; the rest are only counted
 
 
@@ -79,11 +85,17 @@ class SourceStats:
 def expand_sources(sources: list[str]) -> list[Path]:
     """Files, folders (recursively) and globs -> a sorted, de-duplicated list of inputs.
 
-    A ``save_to_disk`` folder stays one input. A source that matches nothing is an error.
+    A ``save_to_disk`` folder stays one input. A source that matches nothing, or that is a prepared folder
+    (token shards, not text), is an error.
     """
     out: list[Path] = []
     for source in sources:
         path = Path(source)
+        if is_prepared_folder(path):
+            raise DataError(
+                f"data source {source!r} is a prepared folder (meta.json from `lmforge data prepare`), not raw "
+                f"text; train on it with data.prepared={source}"
+            )
         if path.is_file() or is_arrow_dataset(path):
             matches = [path]
         elif path.is_dir():
@@ -109,9 +121,13 @@ def expand_sources(sources: list[str]) -> list[Path]:
 
 
 def _walk(folder: Path) -> list[Path]:
+    """The inputs under a folder: hidden paths and prepared folders (earlier outputs) are not inputs."""
     out = []
+    prepared = [p for p in folder.rglob("meta.json") if is_prepared_folder(p.parent)]
     for p in sorted(folder.rglob("*")):
         if any(part.startswith(".") for part in p.relative_to(folder).parts):
+            continue
+        if any(d.parent == p or d.parent in p.parents for d in prepared):
             continue
         if any(is_arrow_dataset(parent) for parent in p.relative_to(folder).parents if parent != Path(".")):
             continue
@@ -120,6 +136,15 @@ def _walk(folder: Path) -> list[Path]:
         elif p.is_file() and not any(is_arrow_dataset(a) for a in p.parents):
             out.append(p)
     return out
+
+
+def is_prepared_folder(path: Path) -> bool:
+    """A folder written by ``lmforge data prepare`` (a meta.json that lists token splits)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("splits"), dict)
 
 
 def is_arrow_dataset(path: Path) -> bool:
@@ -156,6 +181,14 @@ def _kind(path: Path) -> str:
     if last in BINARY_SUFFIXES:
         return "binary"
     return "text"
+
+
+def looks_binary(head: bytes) -> bool:
+    """True for the first bytes of a binary file (many control bytes), false for text with a few stray ones."""
+    if not head:
+        return False
+    odd = len(head) - len(head.translate(None, ODD_BYTES))
+    return odd > BINARY_ODD_FRACTION * len(head)
 
 
 def _open_binary(path: Path) -> IO[bytes]:
@@ -204,7 +237,7 @@ def _read_text(path: Path, chunk_chars: int, stats: SourceStats) -> Iterator[Doc
             data = f.read(BLOCK_BYTES)
             if first:
                 first = False
-                if b"\x00" in data[:SNIFF_BYTES]:
+                if looks_binary(data[:SNIFF_BYTES]):
                     stats.binary_skipped.append(str(path))
                     return
             buffer += decode(data, final=not data)
@@ -251,7 +284,7 @@ def _read_json(path: Path, text_field: str, stats: SourceStats, strict: bool) ->
     """JSON Lines (one object per line, streamed), or a ``.json`` file holding an object or a list of them."""
     with _open_binary(path) as f:
         head = f.peek(SNIFF_BYTES)[:SNIFF_BYTES]
-        if b"\x00" in head:
+        if looks_binary(head):
             stats.binary_skipped.append(str(path))
             return
         if _base_suffix(path) == ".json":
@@ -272,9 +305,9 @@ def _read_json(path: Path, text_field: str, stats: SourceStats, strict: bool) ->
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                stats.malformed(
-                    f"{path}:{lineno}", f"malformed JSON ({exc.msg} at column {exc.colno})", strict
-                )
+                odd = next((c for c in line if c.isascii() and ord(c) in ODD_BYTES), None)
+                why = exc.msg.removesuffix(" at") if odd is None else f"a raw control byte {ord(odd):#04x}"
+                stats.malformed(f"{path}:{lineno}", f"malformed JSON ({why} at column {exc.colno})", strict)
                 continue
             text = _field(record, text_field, f"{path}:{lineno}", first, stats, strict)
             first = False

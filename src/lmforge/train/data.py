@@ -65,24 +65,48 @@ def prepared_dir_for(cfg: Config, sources: list[str], cache_dir: str | Path | No
     return Path(cache_dir) / "prepared" / f"{stem}-{key}"
 
 
+def _as_prepared(name: str) -> str:
+    """A prepared folder named by its ``meta.json`` stands for the folder."""
+    path = Path(name)
+    return str(path.parent) if path.name == "meta.json" and path.is_file() else name
+
+
 def prepared_datasets(cfg: Config, *, world, cache_dir: str | Path | None, progress: bool | None) -> tuple:
-    """The prepared folders and their weights, preparing ``data.sources`` first when they are not prepared."""
+    """The prepared folders and their weights, preparing ``data.sources`` first when they are not prepared.
+
+    A prepared folder (``meta.json`` from ``lmforge data prepare``) is used as prepared data wherever it is
+    named: in ``data.mixture``, ``data.prepared`` or among ``data.sources`` (several prepared sources are
+    weighted by their training tokens, as raw sources read together would be)."""
     import torch.distributed as dist
 
     from lmforge.data.prepare import is_prepared, prepare_data
 
     if cfg.data.mixture:
-        datasets = dict(cfg.data.mixture)
+        datasets = {_as_prepared(d): w for d, w in cfg.data.mixture.items()}
         missing = [d for d in datasets if not is_prepared(d)]
         if missing:
             raise DataError(
-                f"data.mixture names {missing[0]!r}, which is not a prepared folder (no meta.json)"
+                f"data.mixture names {missing[0]!r}, which is not a prepared folder (no meta.json); "
+                "prepare it with `lmforge data prepare` or list raw files in data.sources"
             )
         return datasets, []
-    sources = expand_sources(list(cfg.data.sources))
+    sources = [_as_prepared(s) for s in expand_sources(list(cfg.data.sources))]
+    ready = [s for s in sources if is_prepared(s)]
+    if ready:
+        raw = [s for s in sources if s not in ready]
+        if raw:
+            raise DataError(
+                f"data.sources mixes a prepared folder ({ready[0]}) with raw data ({raw[0]}); prepare the raw "
+                f"data with `lmforge data prepare {raw[0]} --out DIR data.tokenizer="
+                f"{Path(ready[0]) / 'tokenizer.json'}` and name both folders in data.mixture"
+            )
+        if len(ready) == 1:
+            return {ready[0]: 1.0}, []
+        return {s: float(train_split_tokens(s) or 1) for s in ready}, []
     if not sources and not cfg.data.prepared:
         raise ConfigError("no training data: set data.sources (raw files, folders, globs) or data.prepared")
     out = prepared_dir_for(cfg, sources, cache_dir)
+    out = Path(_as_prepared(str(out)))
     if not is_prepared(out):
         if not sources:
             raise DataError(
