@@ -4,6 +4,7 @@ import pytest
 
 from lmforge.data.tokenizer import char_tokenizer, load_tokenizer, train_bpe, train_char
 from lmforge.errors import DataError
+from tests.conftest import require_transformers
 
 from .conftest import SYNTHETIC
 
@@ -28,7 +29,7 @@ def test_bpe_round_trip_is_lossless_on_any_utf8(bpe_path, shared):
 
 
 def test_bpe_ids_match_transformers(bpe_path, shared):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_transformers()
     ours = load_tokenizer(bpe_path)
     theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(bpe_path))
     for text in SYNTHETIC[:4] + zh_texts(shared, 20):

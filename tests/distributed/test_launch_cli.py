@@ -14,8 +14,9 @@ import pytest
 
 from lmforge.checkpoint import load_model, verify_checkpoint
 from lmforge.errors import CheckpointError
+from tests.conftest import SHARED_DATA, require_shared_data
 
-SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 RUN = [
     f"data.sources=[{SHAKESPEARE}]", "data.tokenizer=char", "model.preset=tiny", "model.n_layers=2",
     "model.d_model=64", "model.n_heads=2", "model.ffn_hidden=128", "train.steps=6", "train.seq_len=32",
@@ -32,8 +33,7 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_two_nodes_train_with_fsdp_and_the_checkpoint_consolidates(tmp_path):
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} is absent (the shared data folder is not mounted)")
+    require_shared_data("tinyshakespeare.txt")
     env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache")}
     endpoint = f"127.0.0.1:{free_port()}"
     command = [sys.executable, "-m", "lmforge.cli", "launch", "--nnodes", "2", "--nproc-per-node", "1",
@@ -77,8 +77,7 @@ def final_loss(run_dir: Path) -> float:
 def test_lmforge_train_on_2_processes_resumes_on_1_with_the_same_final_loss(tmp_path):
     """Real data through TokenLoader: the global batch stays 256 tokens, gradient accumulation absorbs the
     change of process count, and the loader's state (global batches) carries over unchanged."""
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} is absent (the shared data folder is not mounted)")
+    require_shared_data("tinyshakespeare.txt")
     env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache")}
     cli = [sys.executable, "-m", "lmforge.cli"]
 

@@ -20,11 +20,12 @@ from lmforge.infer.evaluate import (
     score_text,
     task_metrics,
 )
+from tests.conftest import SHARED_DATA, require_shared_data
 
 from .conftest import ByteTokenizer, hf_llama, tiny_model
 
 CPU = torch.device("cpu")
-HELLASWAG = Path(__file__).resolve().parents[3] / "shared" / "data" / "eval" / "hellaswag_val.jsonl"
+HELLASWAG = SHARED_DATA / "eval" / "hellaswag_val.jsonl"
 
 RECORDS = [
     {
@@ -122,8 +123,7 @@ def test_perplexity_windows_match_transformers():
 
 
 def test_real_hellaswag_file_and_task_metrics():
-    if not HELLASWAG.is_file():
-        pytest.skip(f"{HELLASWAG} is absent (the shared data folder is not mounted)")
+    require_shared_data("eval/hellaswag_val.jsonl")
     items = load_choice_task(HELLASWAG, limit=5)
     assert items[0].context == "Roof shingle removal: A man is sitting on a roof. he" and items[0].gold == 3
     model = tiny_model(max_seq_len=256)

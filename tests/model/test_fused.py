@@ -9,6 +9,7 @@ from lmforge.model import transformer
 from lmforge.model.fused import fused_block_applies
 from lmforge.model.transformer import build_model, rope_cos_sin
 from lmforge.tune.lora import LoRAConfig, apply_lora
+from tests.conftest import require_transformers
 
 VOCAB = 61
 
@@ -81,7 +82,7 @@ def test_fused_block_with_packed_documents_matches_plain_modules(monkeypatch):
 def test_fused_block_gradients_match_transformers():
     from lmforge.model.hf import to_hf_model
 
-    pytest.importorskip("transformers")
+    require_transformers()
     model = perturbed_model(tiny(tie_embeddings=False))
     hf_model = to_hf_model(model).train()
     idx = tokens(seed=9)

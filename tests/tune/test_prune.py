@@ -17,6 +17,7 @@ from lmforge.tune.prune import (
     sparsity,
     structured_prune,
 )
+from tests.conftest import require_transformers
 from tests.infer.conftest import tiny_model
 
 X = torch.randint(0, 257, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -85,7 +86,7 @@ def test_structured_pruning_shrinks_and_equals_masking(n_kv_heads, bias):
 
 
 def test_structured_pruned_model_exports_and_loads_in_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_transformers()
     from lmforge.model.hf import export_checkpoint
 
     model = tiny_model()

@@ -21,6 +21,7 @@ from lmforge.tune.sft import (
     record_examples,
     tokenize_example,
 )
+from tests.conftest import require_transformers
 from tests.infer.conftest import tiny_model
 
 from .conftest import alpaca_records
@@ -100,7 +101,7 @@ def test_lora_starts_at_the_base_model_and_merges_exactly():
 
 
 def test_lora_finetune_merges_and_exports(base_checkpoint, tmp_path):
-    pytest.importorskip("transformers")
+    require_transformers()
     data = tmp_path / "pr.jsonl"
     data.write_text(
         "".join(json.dumps({"prompt": f"Q{i}: ", "response": f"A{i % 3}"}) + "\n" for i in range(20))
