@@ -5,7 +5,6 @@ into one safetensors file that the single-process tools read."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,17 +24,22 @@ RUN = [
 ]  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous_store():
+    """A TCP store that binds port 0 itself and reports the port it got: no other program can take the port
+    between choosing and binding it. torchrun's c10d rendezvous finds the port in use and joins as a client."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True, timeout=timedelta(seconds=120))
 
 
 @pytest.mark.slow
 def test_two_nodes_train_with_fsdp_and_the_checkpoint_consolidates(tmp_path):
     require_shared_data("tinyshakespeare.txt")
     env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache")}
-    endpoint = f"127.0.0.1:{free_port()}"
+    store = rendezvous_store()  # held until both nodes have finished
+    endpoint = f"127.0.0.1:{store.port}"
     command = [sys.executable, "-m", "lmforge.cli", "launch", "--nnodes", "2", "--nproc-per-node", "1",
                "--rdzv-endpoint", endpoint, "--rdzv-timeout", "60", "--no-progress",
                *RUN, f"train.out_dir={tmp_path / 'run'}"]  # fmt: skip
