@@ -78,8 +78,10 @@ def test_response_loss_falls_on_alpaca(base_checkpoint, tmp_path):
 
 
 def test_lora_starts_at_the_base_model_and_merges_exactly():
+    torch.manual_seed(0)  # apply_lora draws lora_A from the global generator
+    generator = torch.Generator().manual_seed(1)
     model = tiny_model()
-    x = torch.randint(0, 257, (2, 10))
+    x = torch.randint(0, 257, (2, 10), generator=generator)
     before = model(x)
     apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj")))
     torch.testing.assert_close(model(x), before)
@@ -91,7 +93,7 @@ def test_lora_starts_at_the_base_model_and_merges_exactly():
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):
-                m.lora_B.normal_()
+                m.lora_B.normal_(generator=generator)
     adapted = model(x)
     assert not torch.allclose(adapted, before)
     merge_lora(model)
