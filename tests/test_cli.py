@@ -129,6 +129,5 @@ def test_os_errors_of_other_verbs_are_one_line_with_the_path_and_reason(tmp_path
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
-    pytest.importorskip("matplotlib")
     assert main(["plot", str(run), "--out", str(blocker / "loss.png")]) == 2
     assert one_line_error(capsys, "plot").startswith(f"{blocker}")

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from lmforge.data.tokenizer import train_bpe
+from tests.conftest import SHARED_DATA, require_shared_data
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED = SHARED_DATA
 
 # Synthetic documents that stress the round trip: emoji (with joiners and skin tones), code, CRLF and lone CR
 # line ends, odd whitespace (tabs, NBSP, ideographic space, zero-width space), combining marks, a 4-byte CJK
@@ -25,9 +26,7 @@ SYNTHETIC = [
 
 
 def needs_shared() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"shared corpora not found at {SHARED} (see the project README)")
-    return SHARED
+    return require_shared_data()
 
 
 @pytest.fixture(scope="session")

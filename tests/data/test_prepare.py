@@ -1,9 +1,8 @@
 import json
-import os
+import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -175,12 +174,24 @@ def test_cli_data_prepare(tmp_path, corpus, capsys):
     assert code == 2 and f"{tmp_path / 'bad.jsonl'}:2: malformed JSON" in capsys.readouterr().err
 
 
+# argv: tokenizer, out, K, sources... K > 0: SIGKILL this process right after prepare announces its K-th
+# progress.json (renamed into place), at its very next file operation. K = 0: run to the end and print how
+# many progress.json it wrote. An audit hook sees the renames without touching lmforge's code.
 PREPARE = """
-import sys
+import os, signal, sys
 from lmforge.config import DataConfig
 from lmforge.data.prepare import prepare_data
+kill_at, announced = int(sys.argv[3]), 0
+def hook(event, args):
+    global announced
+    if kill_at and announced == kill_at and event in ("open", "os.rename", "os.remove"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if event == "os.rename" and os.fspath(args[1]).endswith("progress.json"):
+        announced += 1
+sys.addaudithook(hook)
 cfg = DataConfig(tokenizer=sys.argv[1], val_fraction=0.05, workers=1, shard_tokens=10_000)
-prepare_data(cfg, sys.argv[3:], sys.argv[2], progress=False)
+prepare_data(cfg, sys.argv[4:], sys.argv[2], progress=False)
+print(announced)
 """
 
 
@@ -190,16 +201,14 @@ def test_killed_prepare_resumes_to_the_same_result(tmp_path, shared, bpe_path, k
     sources = [str(shared / "tinyshakespeare.txt"), str(shared / "en" / "pg2701_moby_dick.txt")]
     tokenizer = str(bpe_path) if kind == "bpe-file" else "char"
     args = [sys.executable, "-c", PREPARE, tokenizer]
-    subprocess.run(args + [str(tmp_path / "whole"), *sources], check=True)
+    whole = subprocess.run(args + [str(tmp_path / "whole"), "0", *sources], check=True, capture_output=True)
+    announced = int(whole.stdout.split()[-1])
+    assert announced >= 2  # so that the kill can land between two announcements
+    kill_at = random.Random(f"{kind}-kill").randint(1, announced)  # seeded: a failure names its step
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(args + [str(killed), *sources])
-    deadline = time.time() + 60
-    while not (killed / "progress.json").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "meta.json").exists(), "prepare finished before it could be interrupted"
-    assert not is_prepared(killed)
+    proc = subprocess.run(args + [str(killed), str(kill_at), *sources], timeout=300)
+    assert proc.returncode == -signal.SIGKILL, f"prepare was not killed after progress.json #{kill_at}"
+    assert not (killed / "meta.json").exists() and not is_prepared(killed)
     meta = prepare_data(
         DataConfig(tokenizer=tokenizer, val_fraction=0.05, workers=1, shard_tokens=10_000), sources, killed,
         progress=False,
@@ -207,4 +216,4 @@ def test_killed_prepare_resumes_to_the_same_result(tmp_path, shared, bpe_path, k
     assert meta == json.loads((tmp_path / "whole" / "meta.json").read_text())
     assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
     for path in (tmp_path / "whole").iterdir():
-        assert (killed / path.name).read_bytes() == path.read_bytes(), path.name
+        assert (killed / path.name).read_bytes() == path.read_bytes(), f"{path.name} (killed at #{kill_at})"

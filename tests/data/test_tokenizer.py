@@ -76,7 +76,6 @@ def reference_bpe_encode(tokenizer_json, text: str) -> list[int]:
 def test_bpe_ids_match_a_reference_byte_level_bpe(bpe_path, shared):
     """Against the byte-level BPE algorithm written out in this file (not the same tokenizer.json in the
     same engine), on emoji, code, CRLF, odd whitespace, Chinese and English."""
-    pytest.importorskip("regex")  # for \p{L}; installed with transformers (the dev extra)
     ours = load_tokenizer(bpe_path)
     en = (shared / "en" / "pg2701_moby_dick.txt").read_text(encoding="utf-8")[:5_000]
     texts = SYNTHETIC + zh_texts(shared, 20) + [en, "  two  spaces\t\ttabs \n\n", "it's we'll I'D 123,456"]

@@ -1,8 +1,9 @@
 """The training loop (``lmforge.train.loop.train``) on a rank-aware in-memory loader; runs as one process
 or under torchrun. Each argument is one run ``OUT_DIR:STEPS:STRATEGY[:resume]``; rank 0 appends each run's
-result to ``OUT_DIR/result.json``. ``--sleep S`` slows every batch (the fault tests need time to strike);
+result to ``OUT_DIR/result.json``. Options apply to the runs after them. ``--sleep S`` slows every batch (the fault tests need time to strike);
 ``--timeout S`` sets ``parallel.timeout_s``; ``--tp N`` sets ``parallel.tp`` (each tensor-parallel group of N
-consecutive ranks reads one data-parallel slice); ``--untied 1`` unties the output head.
+consecutive ranks reads one data-parallel slice); ``--untied 1`` unties the output head; ``--offload 1`` sets
+``parallel.cpu_offload=true``.
 
 The loader draws global batch ``n`` as a pure function of ``n`` and gives each rank its slice, and its
 state (batches drawn) does not depend on the world size, so runs on 1 and 2 processes see the same data.
@@ -63,6 +64,7 @@ def config(
     timeout_s: float = 60.0,
     tp: int = 1,
     untied=False,
+    offload=False,
 ):
     from lmforge.config import load_config
 
@@ -73,23 +75,35 @@ def config(
         "train.ckpt_every=5", "train.keep_last=10", "train.schedule=constant", "train.warmup_steps=0",
         "train.lr=1e-2", "train.device=cpu", f"parallel.strategy={strategy}", f"parallel.timeout_s={timeout_s}",
         f"parallel.tp={tp}", f"model.tie_embeddings={'false' if untied else 'true'}",
+        f"parallel.cpu_offload={'true' if offload else 'false'}",
     ])  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
     from lmforge.train.loop import train
 
-    options = {"--sleep": 0.0, "--timeout": 60.0, "--tp": 1.0, "--untied": 0.0}
-    while argv[:1] and argv[0] in options:
-        options[argv[0]], argv = float(argv[1]), argv[2:]
-    sleep_s, tp, untied = options["--sleep"], int(options["--tp"]), bool(options["--untied"])
+    options = {"--sleep": 0.0, "--timeout": 60.0, "--tp": 1.0, "--untied": 0.0, "--offload": 0.0}
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    for spec in argv:
+    while argv:
+        if argv[0] in options:  # an option applies to the runs after it
+            options[argv[0]], argv = float(argv[1]), argv[2:]
+            continue
+        spec, argv = argv[0], argv[1:]
+        sleep_s, tp, untied = options["--sleep"], int(options["--tp"]), bool(options["--untied"])
         out_dir, steps, strategy, *resume = spec.split(":")
         loader = SlicedLoader(rank=rank // tp, world_size=world_size // tp, seed=0, sleep_s=sleep_s)
         val = SlicedLoader(rank=0, world_size=1, seed=99)
         result = train(
-            config(out_dir, int(steps), strategy, world_size, options["--timeout"], tp, untied),
+            config(
+                out_dir,
+                int(steps),
+                strategy,
+                world_size,
+                options["--timeout"],
+                tp,
+                untied,
+                bool(options["--offload"]),
+            ),  # fmt: skip
             resume=resume[0] if resume else None,
             loader=loader,
             val_batches=lambda val=val: [val.batch(i) for i in range(2)],

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import shlex
 import socket
-import time
 
 import pytest
 
 from lmforge.cli import main
+from lmforge.distributed import launch
 from lmforge.distributed.launch import (
     LaunchSpec,
     slurm_script,
@@ -104,16 +104,44 @@ def test_bad_launch_options_are_listed_together():
         torchrun_command(LaunchSpec(nnodes=2, rdzv_endpoint="node001:http"), [])
 
 
-def test_an_unreachable_rendezvous_fails_within_the_timeout():
-    with socket.socket() as s:  # a port on this machine with nobody listening
+class FakeClock:
+    """monotonic() and sleep() over a counter: the retry schedule is checked without waiting for it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_an_unreachable_rendezvous_retries_until_the_timeout_and_then_fails(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(launch, "time", clock)
+    attempts = []  # (clock time, connect timeout) of every connection attempt
+    connect = socket.create_connection
+
+    def counted_connect(address, *, timeout):
+        attempts.append((clock.now, timeout))
+        return connect(address, timeout=timeout)
+
+    monkeypatch.setattr(launch.socket, "create_connection", counted_connect)
+    # bound but not listening, and held for the whole test: nobody else can take the port meanwhile
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    started = time.monotonic()
-    with pytest.raises(
-        ConfigError, match=rf"cannot reach the rendezvous endpoint 127.0.0.1:{port} within 1.5s"
-    ):
-        wait_for_endpoint(f"127.0.0.1:{port}", 1.5, retry_s=0.2)
-    assert time.monotonic() - started < 10
+        with pytest.raises(
+            ConfigError,
+            match=rf"cannot reach the rendezvous endpoint 127.0.0.1:{port} within 1.5s \(.*refused",
+        ):
+            wait_for_endpoint(f"127.0.0.1:{port}", 1.5, retry_s=0.25)
+    # one attempt every 0.25 s from 0 up to the deadline, each bounded by the time left, and no sleep past it
+    assert attempts == [(0.25 * i, 1.5 - 0.25 * i) for i in range(6)]
+    assert clock.sleeps == [0.25] * 6 and clock.now == 1.5
 
 
 def test_a_reachable_rendezvous_is_accepted():

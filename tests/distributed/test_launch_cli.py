@@ -6,7 +6,6 @@ steps trained in one process."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +15,9 @@ import torch
 
 from lmforge.checkpoint import load_model, verify_checkpoint
 from lmforge.errors import CheckpointError
+from tests.conftest import SHARED_DATA, require_shared_data
 
-SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 RUN = [
     f"data.sources=[{SHAKESPEARE}]", "data.tokenizer=char", "model.preset=tiny", "model.n_layers=2",
     "model.d_model=64", "model.n_heads=2", "model.ffn_hidden=128", "train.steps=6", "train.seq_len=32",
@@ -27,18 +27,22 @@ RUN = [
 # 2 processes x 1 micro-batch of 4 x 32 tokens = 256 tokens a step; one process accumulates the same batch.
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous_store():
+    """A TCP store that binds port 0 itself and reports the port it got: no other program can take the port
+    between choosing and binding it. torchrun's c10d rendezvous finds the port in use and joins as a client."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True, timeout=timedelta(seconds=120))
 
 
 @pytest.mark.slow
 def test_two_nodes_train_with_fsdp_and_the_checkpoint_consolidates(tmp_path):
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} is absent (the shared data folder is not mounted)")
+    require_shared_data("tinyshakespeare.txt")
     env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache")}
-    endpoint = f"127.0.0.1:{free_port()}"
+    store = rendezvous_store()  # held until both nodes have finished
+    endpoint = f"127.0.0.1:{store.port}"
     command = [sys.executable, "-m", "lmforge.cli", "launch", "--nnodes", "2", "--nproc-per-node", "1",
                "--rdzv-endpoint", endpoint, "--rdzv-timeout", "60", "--no-progress",
                *RUN, "parallel.strategy=fsdp", f"train.out_dir={tmp_path / 'run'}"]  # fmt: skip
@@ -93,8 +97,7 @@ def final_loss(run_dir: Path) -> float:
 def test_lmforge_train_on_2_processes_resumes_on_1_with_the_same_final_loss(tmp_path):
     """Real data through TokenLoader: the global batch stays 256 tokens, gradient accumulation absorbs the
     change of process count, and the loader's state (global batches) carries over unchanged."""
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} is absent (the shared data folder is not mounted)")
+    require_shared_data("tinyshakespeare.txt")
     env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache")}
     cli = [sys.executable, "-m", "lmforge.cli"]
 

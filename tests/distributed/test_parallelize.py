@@ -35,10 +35,11 @@ def test_a_tensor_parallel_degree_must_divide_the_heads_and_the_processes(monkey
         init_world(ParallelConfig(tp=2), torch.device("cpu"))
 
 
-def test_cpu_offload_without_a_gpu_is_refused_with_the_fix():
+def test_cpu_offload_on_the_cpu_is_accepted():
+    # FSDP2's CPUOffloadPolicy runs on gloo without pinned memory (tests/distributed/test_cpu_offload.py
+    # checks the loss curve); without a process group there is nothing to shard and the model is returned
     model = build_model(ModelConfig(vocab_size=32, n_layers=1, d_model=16, n_heads=2), device="cpu")
-    with pytest.raises(ConfigError, match=r"set parallel\.cpu_offload=false"):
-        parallelize(model, ParallelConfig(strategy="fsdp", cpu_offload=True), TWO)
+    assert parallelize(model, ParallelConfig(strategy="fsdp", cpu_offload=True), ONE) is model
 
 
 def fused_layers(**kwargs) -> list[bool]:

@@ -6,6 +6,7 @@ import pytest
 
 from lmforge.config import ModelConfig
 from lmforge.model.transformer import Transformer, build_model
+from tests.conftest import require_transformers
 
 
 class ByteTokenizer:
@@ -45,7 +46,7 @@ def tiny_model(seed: int = 0, **overrides) -> Transformer:
 def hf_llama(model: Transformer):
     """The same weights as a transformers LlamaForCausalLM, built here with an explicit key map so these tests
     stay independent of lmforge's own export code."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require_transformers()
     cfg = model.cfg
     hf_cfg = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size,

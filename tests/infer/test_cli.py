@@ -13,6 +13,7 @@ from lmforge.cli import main
 from lmforge.config import Config
 from lmforge.errors import DataError
 from lmforge.infer.generate import SamplingConfig, generate, read_prompts
+from tests.conftest import require_transformers
 
 from .conftest import tiny_model
 
@@ -51,7 +52,7 @@ def test_generate_greedy_json_equals_the_library(checkpoint, capsys):
 
 
 def test_a_hugging_face_folder_generates_and_scores_like_its_checkpoint(checkpoint, tmp_path, capsys):
-    pytest.importorskip("transformers")
+    require_transformers()
     from lmforge.convert import export_model
 
     export_model(checkpoint, tmp_path / "hf", verify=False)  # config.json + safetensors + tokenizer

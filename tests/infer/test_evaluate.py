@@ -20,11 +20,12 @@ from lmforge.infer.evaluate import (
     score_text,
     task_metrics,
 )
+from tests.conftest import SHARED_DATA, require_shared_data, require_transformers
 
 from .conftest import ByteTokenizer, hf_llama, tiny_model
 
 CPU = torch.device("cpu")
-HELLASWAG = Path(__file__).resolve().parents[3] / "shared" / "data" / "eval" / "hellaswag_val.jsonl"
+HELLASWAG = SHARED_DATA / "eval" / "hellaswag_val.jsonl"
 
 RECORDS = [
     {
@@ -128,12 +129,11 @@ def test_perplexity_windows_match_transformers():
 def test_real_hellaswag_file_and_task_metrics(tmp_path):
     """Per-item log-likelihoods of real HellaSwag lines against transformers, on the model exported to a
     Hugging Face folder by lmforge's export and loaded by transformers itself; acc and acc_norm follow."""
-    if not HELLASWAG.is_file():
-        pytest.skip(f"{HELLASWAG} is absent (the shared data folder is not mounted)")
-    transformers = pytest.importorskip("transformers")
+    require_shared_data("eval/hellaswag_val.jsonl")
+    transformers = require_transformers()
     from lmforge.checkpoint import save_checkpoint
     from lmforge.config import Config
-    from lmforge.model.hf import export_checkpoint
+    from lmforge.convert import export_model
 
     items = load_choice_task(HELLASWAG, limit=5)
     assert items[0].context == "Roof shingle removal: A man is sitting on a roof. he" and items[0].gold == 3
@@ -141,7 +141,7 @@ def test_real_hellaswag_file_and_task_metrics(tmp_path):
     assert longest > 257  # line 3 is longer than the window: it is cut on the left, as in the harness
     model = tiny_model(seed=3, max_seq_len=256)
     ckpt = save_checkpoint(tmp_path / "ckpt", model_state=model.state_dict(), config=Config(model=model.cfg))
-    export_checkpoint(ckpt, tmp_path / "hf", verify=False)
+    export_model(ckpt, tmp_path / "hf", verify=False)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
 
     ours = choice_loglikelihoods(model, ByteTokenizer(), items, device=CPU, batch_size=4)

@@ -13,6 +13,7 @@ from lmforge.infer.generate import (
     generate,
     generate_ids,
 )
+from tests.conftest import require_transformers
 
 from .conftest import ByteTokenizer, hf_llama, tiny_model
 
@@ -77,7 +78,7 @@ def test_top_k_top_p_filters_keep_the_right_tokens():
 
 
 def test_repetition_penalty_matches_transformers():
-    transformers = pytest.importorskip("transformers")
+    transformers = require_transformers()
     torch.manual_seed(0)
     logits = torch.randn(2, 10)
     ids = torch.tensor([[1, 3, 3], [0, 9, 4]])

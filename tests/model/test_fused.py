@@ -11,6 +11,7 @@ from lmforge.model import transformer
 from lmforge.model.fused import FusedBlock, apply_fused_blocks
 from lmforge.model.transformer import Block, KVCache, build_model, rope_cos_sin
 from lmforge.tune.lora import LoRAConfig, apply_lora
+from tests.conftest import require_transformers
 
 VOCAB = 61
 
@@ -90,7 +91,7 @@ def test_fused_block_with_packed_documents_matches_plain_modules():
 def test_fused_block_gradients_match_transformers():
     from lmforge.model.hf import to_hf_model
 
-    pytest.importorskip("transformers")
+    require_transformers()
     model = perturbed_model(tiny(tie_embeddings=False))
     hf_model = to_hf_model(model).train()
     fused = fused_copy(model)
@@ -109,7 +110,7 @@ def test_without_gradients_or_with_a_cache_the_fused_model_runs_the_plain_math()
     """Evaluation, export checks and decoding: bit for bit the plain model (and so transformers)."""
     from lmforge.model.hf import to_hf_model
 
-    pytest.importorskip("transformers")
+    require_transformers()
     model = perturbed_model(tiny(tie_embeddings=False)).eval()
     fused = fused_copy(model)
     idx = tokens(seed=4)

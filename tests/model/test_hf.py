@@ -13,8 +13,9 @@ from lmforge.config import Config, ModelConfig, TrainConfig
 from lmforge.errors import CheckpointError, ExportError
 from lmforge.model import hf
 from lmforge.model.transformer import build_model
+from tests.conftest import require_transformers
 
-transformers = pytest.importorskip("transformers")
+transformers = require_transformers()
 
 PARITY = 1e-4  # max |logits difference| required by the issue (fp32, random weights)
 VOCAB = 61
@@ -287,7 +288,8 @@ def test_import_rejects_bad_folders_with_one_clear_line(tmp_path, capsys, case):
 
 @pytest.mark.parametrize("kind", ["bpe", "char"])
 def test_export_of_lmforge_tokenizers_loads_in_auto_tokenizer(tmp_path, kind):
-    data_tokenizer = pytest.importorskip("lmforge.data.tokenizer")
+    from lmforge.data import tokenizer as data_tokenizer
+
     texts = ["To be, or not to be: that is the question. Ünïcode 中文"] * 30
     tokenizer = data_tokenizer.train_tokenizer(kind, texts, 300)
     tokenizer.save(tmp_path / "tokenizer.json")

@@ -17,7 +17,6 @@ def run(path, losses):
 
 
 def test_one_run_plots_beside_itself_and_several_where_asked(tmp_path):
-    pytest.importorskip("matplotlib")
     a, b = run(tmp_path / "a", [3.0, 2.5, 2.0]), run(tmp_path / "b", [3.5, 3.0])
     assert plot_runs([a]) == a / "loss.png"
     both = plot_runs([a, b], tmp_path / "out" / "both.png")

@@ -10,15 +10,13 @@ import pytest
 from lmforge.checkpoint import save_checkpoint
 from lmforge.config import Config, ModelConfig
 from lmforge.model.transformer import build_model
+from tests.conftest import SHARED_DATA, require_shared_data
 
-SFT_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "sft"
-ALPACA = SFT_DIR / "alpaca_5000.jsonl"
+ALPACA = SHARED_DATA / "sft" / "alpaca_5000.jsonl"
 
 
 def alpaca_records(n: int) -> list[dict]:
-    if not ALPACA.is_file():
-        pytest.skip(f"{ALPACA} is absent (the shared data folder is not mounted)")
-    with open(ALPACA, encoding="utf-8") as f:
+    with open(require_shared_data("sft/alpaca_5000.jsonl"), encoding="utf-8") as f:
         return [json.loads(next(f)) for _ in range(n)]
 
 

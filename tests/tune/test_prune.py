@@ -17,6 +17,7 @@ from lmforge.tune.prune import (
     structured_prune,
 )
 from lmforge.tune.sparsity import keep_pruned_at_zero
+from tests.conftest import require_transformers
 from tests.infer.conftest import tiny_model
 
 X = torch.randint(0, 257, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -127,7 +128,7 @@ def test_structured_pruning_keeps_the_important_shrinks_and_equals_masking(n_kv_
 
 
 def test_structured_pruned_model_exports_and_loads_in_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_transformers()
     from lmforge.convert import export_model
 
     model = tiny_model()

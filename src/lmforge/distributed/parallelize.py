@@ -168,7 +168,8 @@ def apply_fsdp(model: nn.Module, world: World, *, precision: str, cpu_offload: b
     mp_policy = MixedPrecisionPolicy()
     if precision == "bf16":
         mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    # Pinned host memory needs an accelerator; on the CPU (gloo) the policy still runs, with plain memory.
+    offload = CPUOffloadPolicy(pin_memory=world.device.type != "cpu") if cpu_offload else OffloadPolicy()
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
@@ -298,11 +299,6 @@ def parallelize(
     if compile:
         for block in model.layers:
             block.compile()
-    if parallel.cpu_offload and world.device.type == "cpu":
-        raise ConfigError(
-            "parallel.cpu_offload=true moves FSDP shards from a GPU to host memory; on the CPU they are "
-            "there already: set parallel.cpu_offload=false"
-        )
     if strategy == "single" or not world.distributed:
         return model
     if strategy == "ddp":
