@@ -320,27 +320,44 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure_matmul_flops(dtype_name: str, *, size: int = 1024, repeats: int = 40) -> float:
-    """The best FLOP/s of a square ``size`` matmul on the CPU with the current thread count. Many short
-    repeats, because other processes on the same cores make single timings several times too slow."""
+def measure_matmul_flops(
+    dtype_name: str, *, size: int = 1024, repeats: int = 40, budget_s: float = 1.0
+) -> float:
+    """The best FLOP/s of a square matmul on the CPU with the current thread count. Many short repeats,
+    because other processes on the same cores make single timings several times too slow. A dtype the CPU
+    only emulates (fp16 on most x86 CPUs runs ~100x slower than fp32) gets a smaller matrix, so the whole
+    measurement stays within about ``budget_s`` seconds."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     # Never the global RNG: a run's random stream must not depend on this measurement.
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(dtype)
-    b = torch.randn(size, size, generator=gen).to(dtype)
-    torch.mm(a, b)
-    best = math.inf
-    for _ in range(repeats):
+
+    def operands(n: int):
+        return torch.randn(n, n, generator=gen).to(dtype), torch.randn(n, n, generator=gen).to(dtype)
+
+    def timed(a, b) -> float:
         started = time.perf_counter()
         torch.mm(a, b)
-        best = min(best, time.perf_counter() - started)
+        return time.perf_counter() - started
+
+    probe = 256
+    a, b = operands(probe)
+    torch.mm(a, b)
+    per_probe = timed(a, b)
+    while size > probe and per_probe * (size / probe) ** 3 > budget_s / 10:
+        size //= 2  # one product must fit ten times into the budget
+    a, b = operands(size)
+    torch.mm(a, b)
+    best, spent, count = math.inf, 0.0, 0
+    while count < repeats and (count < 3 or spent < budget_s):
+        elapsed = timed(a, b)
+        best, spent, count = min(best, elapsed), spent + elapsed, count + 1
     return 2 * size**3 / best
 
 
 def cpu_peak_flops(precision: str, cache_dir: str | Path | None) -> float:
-    """The CPU's matmul peak for ``precision``: measured at every call (a fraction of a second) and kept in a
+    """The CPU's matmul peak for ``precision``: measured at every call (at most about a second) and kept in a
     JSON cache per (CPU, threads, torch) as the best measurement so far. Other processes on the same cores
     can only make a measurement too low, so a peak measured once on a busy machine would report MFU above
     100% for ever after; the best one seen is the peak."""
