@@ -22,7 +22,7 @@ import torch
 
 from lmforge.config import load_config
 from lmforge.plan.hardware import detect_hardware
-from lmforge.plan.planner import plan_training
+from lmforge.plan.training import plan_training
 from lmforge.train.loop import train
 
 

@@ -7,7 +7,7 @@ import pytest
 from lmforge.config import load_config
 from lmforge.model.info import count_params
 from lmforge.plan.hardware import KNOWN_HARDWARE
-from lmforge.plan.planner import plan_training
+from lmforge.plan.training import plan_training
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 H100 = KNOWN_HARDWARE["H100-80GB"]

@@ -23,7 +23,8 @@ from lmforge.plan.hardware import (
 )
 from lmforge.plan.memory import Layout
 from lmforge.plan.microbatch import find_max_micro_batch
-from lmforge.plan.planner import Cluster, Workload, plan_cluster, plan_training, step_timing
+from lmforge.plan.planner import Cluster, Workload, plan_cluster, step_timing
+from lmforge.plan.training import plan_training
 
 H100 = KNOWN_HARDWARE["H100-80GB"]
 

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from lmforge.config import load_config
-from lmforge.plan.planner import plan_training
+from lmforge.plan.training import plan_training
 from lmforge.train.autoplan import search_micro_batch
 from lmforge.train.loop import train
 

@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from lmforge.config import Config
 from lmforge.plan.microbatch import find_max_micro_batch
-from lmforge.plan.planner import Plan, exact_split
+from lmforge.plan.planner import exact_split
+from lmforge.plan.training import Plan
 
 
 def search_micro_batch(

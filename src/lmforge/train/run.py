@@ -43,7 +43,7 @@ from lmforge.files import write_text_atomic
 from lmforge.model.info import model_flops_per_token
 from lmforge.model.transformer import Transformer, build_model
 from lmforge.plan.hardware import hardware_summary, peak_flops
-from lmforge.plan.planner import Plan, apply_plan, plan_training
+from lmforge.plan.training import Plan, apply_plan, plan_training
 from lmforge.train.autoplan import refine_plan_by_trial
 from lmforge.train.data import RunData, build_loader, resolve_data, validation_batches
 from lmforge.train.metrics import RunLogger

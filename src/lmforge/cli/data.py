@@ -1,0 +1,50 @@
+"""``lmforge data prepare``."""
+
+from __future__ import annotations
+
+import json
+
+# -- data ---------------------------------------------------------------------------------------------------
+
+
+def add_data(sub) -> None:
+    p = sub.add_parser("data", help="prepare token shards from raw text")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+    prep = dsub.add_parser("prepare", help="read, clean, tokenize and shard sources into a dataset folder")
+    prep.add_argument(
+        "items",
+        nargs="*",
+        metavar="[CONFIG] [SOURCES...] [overrides]",
+        help="an optional YAML config, then files/folders/globs, then dotted overrides (data.vocab_size=8000)",
+    )
+    prep.add_argument("--out", required=True, help="the dataset folder to write")
+    prep.add_argument("--strict", action="store_true", help="abort on a malformed record (default: skip it)")
+    prep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    prep.add_argument("--json", action="store_true", help="print meta.json instead of the tables")
+
+
+def run_data(args) -> int:
+    from lmforge.data.clean import format_report
+    from lmforge.data.prepare import prepare_from_arguments
+
+    prepared = prepare_from_arguments(args.items, args.out, progress=not args.no_progress, strict=args.strict)
+    meta, src = prepared.meta, prepared.report["sources"]
+    if args.json:
+        print(json.dumps(meta, indent=2, ensure_ascii=False))
+        return 0
+    print(format_report(prepared.report))
+    print(
+        f"inputs {src['files']:,} ({src['bytes'] / 1e6:.1f} MB), binary skipped {src['binary_skipped']}, "
+        f"invalid UTF-8 files {src['invalid_utf8_files']} ({src['invalid_utf8_chars']} chars replaced), "
+        f"malformed records {src['malformed_records']}"
+    )
+    for example in src["malformed_examples"][:5]:
+        print(f"  skipped {example}")
+    for split, info in meta["splits"].items():
+        shards = len(info["shards"])
+        print(f"{split:<6} {info['docs']:>10,} docs {info['tokens']:>14,} tokens in {shards} shards")
+    print(
+        f"wrote {args.out}: {meta['dtype']} shards, vocab {meta['vocab_size']}, "
+        f"tokenizer {meta['tokenizer_fingerprint']}"
+    )
+    return 0

@@ -1,0 +1,90 @@
+"""``lmforge model info``, ``export`` and ``import``: shapes and the Hugging Face world."""
+
+from __future__ import annotations
+
+import json
+
+
+def human_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+# -- model info --------------------------------------------------------------------------------------------
+
+
+def add_model(sub) -> None:
+    p = sub.add_parser("model", help="inspect model shapes")
+    msub = p.add_subparsers(dest="model_cmd", required=True)
+    info = msub.add_parser("info", help="parameters, FLOPs per token and weight sizes of a preset or config")
+    info.add_argument(
+        "model", help="a preset name (tiny, gpt2-124m, llama-160m, 1b, 3b, 7b) or a YAML config"
+    )
+    info.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layers=8")
+    info.add_argument(
+        "--seq", type=int, default=None, help="sequence length for FLOPs (default: max_seq_len)"
+    )
+    info.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run_model(args) -> int:
+    from lmforge.model.info import describe, model_config_from_arg
+
+    cfg = model_config_from_arg(args.model, args.overrides)
+    info = describe(cfg, seq_len=args.seq)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model            {info['preset'] or args.model}")
+    print(
+        f"shape            {cfg.n_layers} layers x d_model {cfg.d_model}, {cfg.n_heads} heads "
+        f"({cfg.kv_heads} kv), ffn {cfg.ffn} {cfg.hidden_dim}, vocab {cfg.vocab_size}"
+    )
+    print(
+        f"switches         position={cfg.position} norm={cfg.norm} bias={cfg.bias} tied={cfg.tie_embeddings}"
+    )
+    print(f"parameters       {info['parameters']:,} ({human_count(info['parameters'])})")
+    print(f"FLOPs per token  {info['flops_per_token']:.4g} (training, seq {info['seq_len']})")
+    print(f"weights fp32     {info['bytes_fp32'] / 2**30:.2f} GiB")
+    print(f"weights bf16     {info['bytes_bf16'] / 2**30:.2f} GiB")
+    return 0
+
+
+# -- export / import --------------------------------------------------------------------------------------
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser(
+        "export", help="write a Hugging Face folder (safetensors + config.json) from a checkpoint"
+    )
+    p.add_argument("checkpoint", help="an lmforge run folder or checkpoint folder")
+    p.add_argument("out_dir", help="the Hugging Face folder to write")
+    p.add_argument("--no-verify", action="store_true", help="skip the logits check against transformers")
+
+
+def run_export(args) -> int:
+    from lmforge.convert import export_model
+
+    report = export_model(args.checkpoint, args.out_dir, verify=not args.no_verify)
+    print(f"wrote {report.out_dir} ({report.architecture})")
+    if report.max_abs_diff is not None:
+        print(f"verified with transformers: max |logits difference| = {report.max_abs_diff:.2e}")
+    elif report.verify_note:
+        print(report.verify_note)
+    return 0
+
+
+def add_import(sub) -> None:
+    p = sub.add_parser("import", help="read a Hugging Face Llama or GPT-2 folder into an lmforge checkpoint")
+    p.add_argument("hf_dir", help="a folder with config.json and *.safetensors (or pytorch_model.bin)")
+    p.add_argument("out", help="the lmforge checkpoint folder to write")
+
+
+def run_import(args) -> int:
+    from lmforge.convert import import_model
+
+    out = import_model(args.hf_dir, args.out).checkpoint
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,255 @@
+"""``lmforge generate``, ``eval``, ``finetune`` and ``prune``: using and adapting a trained model."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+# -- generate / eval / finetune / prune (issue 7) ---------------------------------------------------------
+
+
+def _device(name: str):
+    from lmforge.train.run import pick_device
+
+    return pick_device(name)
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="continue prompts with a trained model (KV cache, sampling, streaming)"
+    )
+    p.add_argument("model", help="an lmforge run/checkpoint folder or a Hugging Face model folder")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    p.add_argument("--prompts-file", default=None, help="one prompt per line, or JSONL with a 'prompt' field")
+    p.add_argument("--interactive", action="store_true", help="read prompts from the terminal until EOF")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
+    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    p.add_argument("--no-stream", action="store_true", help="print each result when it is complete")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print results as JSON lines")
+
+
+def run_generate(args) -> int:
+    from lmforge.errors import DataError
+    from lmforge.infer.generate import SamplingConfig, open_generator, read_prompts
+
+    prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
+    if not prompts and not args.interactive:
+        raise DataError("no prompt: give --prompt TEXT, --prompts-file FILE or --interactive")
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop=tuple(args.stop),
+        seed=args.seed,
+    )
+    generator = open_generator(args.model, sampling, device=_device(args.device), use_cache=not args.no_cache)
+    if prompts:
+        _print_generations(generator, prompts, args)
+    while args.interactive:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            break
+        if line.strip():
+            try:
+                _print_generations(generator, [line.replace("\\n", "\n")], args)
+            except DataError as exc:  # a prompt too long for the context: say so and keep the session
+                print(f"lmforge generate: {exc}", file=sys.stderr)
+    return 0
+
+
+def _print_generations(generator, prompts: list[str], args) -> None:
+    """One prompt streams its continuation as it comes (unless --no-stream or --json); a batch prints each
+    result when it is complete."""
+    stream = not args.no_stream and not args.json and len(prompts) == 1
+    if stream:
+        print(prompts[0], end="", flush=True)
+    on_text = (lambda row, text: print(text, end="", flush=True)) if stream else None
+    for g in generator(prompts, on_text=on_text):
+        if args.json:
+            print(json.dumps(g.to_dict(), ensure_ascii=False))
+        elif stream:
+            print()
+        else:
+            print(f"--- {g.finish_reason}, {len(g.tokens)} tokens ---\n{g.prompt}{g.text}")
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity / bits per byte on text, accuracy on multiple-choice tasks")
+    p.add_argument("model", help="an lmforge run/checkpoint folder or a Hugging Face model folder")
+    p.add_argument("--text", action="append", default=[], help="a UTF-8 text file to score (repeatable)")
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        help="a folder written by `lmforge data prepare`: score its val split (repeatable)",
+    )
+    p.add_argument(
+        "--task", action="append", default=[], help="a multiple-choice JSONL file (HellaSwag format)"
+    )
+    p.add_argument("--limit", type=int, default=None, help="first N items of each task")
+    p.add_argument("--max-tokens", type=int, default=None, help="first N tokens of each text")
+    p.add_argument("--seq-len", type=int, default=None, help="window for perplexity (default: the context)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def run_eval(args) -> int:
+    from lmforge.infer.evaluate import evaluate_model, format_table, write_results
+
+    report = evaluate_model(
+        args.model,
+        texts=args.text,
+        prepared=args.data,
+        tasks=args.task,
+        device=_device(args.device),
+        limit=args.limit,
+        max_tokens=args.max_tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+    )
+    for note in report.notes:
+        print(note)
+    print(format_table(report.results))
+    if args.out:
+        print(f"wrote {write_results(report.to_dict(), args.out)}")
+    return 0
+
+
+def add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="supervised fine-tuning (instructions, chat) or classification")
+    p.add_argument("base", help="an lmforge run/checkpoint folder or a Hugging Face model folder")
+    p.add_argument("data", help="JSONL: instruction/input/output, prompt/response or messages; or text/label")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=500 train.lr=2e-5")
+    p.add_argument("--out", required=True, help="the run folder to write")
+    p.add_argument("--task", choices=["sft", "classify"], default="sft")
+    p.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning; else LoRA with this rank")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated projection names")
+    p.add_argument("--no-pack", action="store_true", help="one example per row instead of packing")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--limit", type=int, default=None, help="first N examples")
+    p.add_argument("--keep-sparsity", action="store_true", help="keep pruned (zero) weights at zero")
+    p.add_argument("--export-hf", default=None, help="also write the merged model as a Hugging Face folder")
+    p.add_argument("--test", default=None, help="classify: a labelled test file (default: a held-out split)")
+    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_finetune(args) -> int:
+    return run_classify(args) if args.task == "classify" else run_sft(args)
+
+
+def run_classify(args) -> int:
+    from lmforge.tune.classify import finetune_classifier
+
+    result = finetune_classifier(
+        args.base,
+        args.data,
+        out_dir=args.out,
+        test_path=args.test,
+        test_fraction=args.test_fraction,
+        overrides=args.overrides,
+        resume=args.resume,
+        progress=False if args.no_progress else None,
+    )
+    print(
+        f"accuracy {result.accuracy:.4f} on {result.test_examples} held-out examples "
+        f"({', '.join(f'{k} {v:.3f}' for k, v in result.per_label.items())})"
+    )
+    print(f"classifier: {result.model_dir}")
+    return 0
+
+
+def run_sft(args) -> int:
+    from lmforge.tune.lora import LoRAConfig
+    from lmforge.tune.sft import finetune
+
+    lora = None
+    if args.lora_rank:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        lora = LoRAConfig(
+            rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets
+        )
+    result = finetune(
+        args.base,
+        args.data,
+        out_dir=args.out,
+        overrides=args.overrides,
+        lora=lora,
+        pack=not args.no_pack,
+        val_fraction=args.val_fraction,
+        limit=args.limit,
+        resume=args.resume,
+        keep_sparsity=args.keep_sparsity,
+        export_hf=args.export_hf,
+        progress=False if args.no_progress else None,
+    )
+    print(
+        f"{result.train_examples} training / {result.val_examples} validation examples "
+        f"({result.skipped_examples} skipped: no response token fits the context)"
+    )
+    print(f"final loss {result.final_loss}, validation loss {result.val_loss}")
+    print(
+        f"fine-tuned model: {result.model_dir}"
+        + (f"; Hugging Face folder: {result.hf_dir}" if result.hf_dir else "")
+    )
+    return 0
+
+
+def add_prune(sub) -> None:
+    p = sub.add_parser("prune", help="magnitude or structured (heads, FFN channels) pruning")
+    p.add_argument("model", help="an lmforge run/checkpoint folder or a Hugging Face model folder")
+    p.add_argument("out", help="the pruned checkpoint folder to write")
+    p.add_argument("--sparsity", type=float, default=0.0, help="fraction of projection weights to zero")
+    p.add_argument("--scope", choices=["global", "layer"], default="global")
+    p.add_argument("--heads", type=float, default=0.0, help="fraction of attention heads to remove")
+    p.add_argument("--channels", type=float, default=0.0, help="fraction of feed-forward channels to remove")
+    p.add_argument("--eval-text", default=None, help="a text file for perplexity before and after")
+    p.add_argument("--eval-tokens", type=int, default=20000)
+    p.add_argument("--recover", default=None, help="SFT JSONL for a short recovery fine-tune (zeros kept)")
+    p.add_argument("--recover-steps", type=int, default=100)
+    p.add_argument("--device", default="auto")
+
+
+def run_prune(args) -> int:
+    from lmforge.tune.prune import prune_model
+
+    result = prune_model(
+        args.model,
+        args.out,
+        amount=args.sparsity,
+        scope=args.scope,
+        heads=args.heads,
+        channels=args.channels,
+        eval_text=args.eval_text,
+        eval_tokens=args.eval_tokens,
+        recover=args.recover,
+        recover_steps=args.recover_steps,
+        device=_device(args.device),
+    )
+    print(
+        f"parameters {result.parameters_before:,} -> {result.parameters_after:,}; sparsity of projection "
+        f"weights {result.sparsity:.4f} ({result.zeros:,} of {result.total:,})"
+    )
+    if result.perplexity_before is not None:
+        print(f"perplexity {result.perplexity_before:.3f} -> {result.perplexity_after:.3f}")
+    print(f"wrote {result.out}")
+    if result.recovered_dir is not None:
+        print(f"recovered model: {result.recovered_dir}")
+    if result.perplexity_recovered is not None:
+        print(f"perplexity after recovery {result.perplexity_recovered:.3f}")
+    return 0
