@@ -191,6 +191,45 @@ def materialise(cfg: Config, device: torch.device, *, initialise: bool) -> Trans
     return model
 
 
+def model_for_run(
+    cfg: Config, plan: Plan | None, world: World, fresh: bool, task: Task | None, log: RunLogger
+) -> tuple[nn.Module, Config, Plan | None]:
+    """The model on the device, initialised (a fresh run) or left for the checkpoint, adapted by the task;
+    and the plan made final with it (a trial step on a GPU) and applied to the config."""
+    adapt = task.adapt_model if task else None
+    torch.manual_seed(cfg.train.seed)  # dropout and anything else drawing from the global generators
+    random.seed(cfg.train.seed)
+    model = materialise(cfg, world.device, initialise=fresh or adapt is not None)
+    if adapt is not None:
+        model = adapt(model)
+    if plan is not None:
+        if world.device.type == "cuda" and plan.strategy != "fsdp" and task is None:
+            plan = refine_plan_by_trial(model, cfg, plan, world)  # the device's own answer
+        cfg = apply_plan(cfg, plan)
+        log.info(f"plan (parallel.strategy=auto): {plan.describe()}")
+    return model, cfg, plan
+
+
+def write_run_files(run_dir: Path, cfg: Config, plan: Plan | None, world: World) -> None:
+    """The resolved config (and the plan) in the run folder, as every checkpoint also records it."""
+    if not world.is_main:
+        return
+    save_config(cfg, run_dir / "config.yaml")
+    if plan is not None:
+        write_text_atomic(run_dir / "plan.json", json.dumps(dataclasses.asdict(plan), indent=2) + "\n")
+
+
+def start_line(run: Run) -> str:
+    tc, world = run.cfg.train, run.world
+    n_params = sum(p.numel() for p in run.model.parameters())
+    processes = f" x {world.world_size} processes" if world.distributed else ""
+    return (
+        f"training {n_params:,} parameters on {hardware_summary(world.device)} ({tc.precision}); "
+        f"{tc.steps} steps of {run.tokens_per_step:,} tokens ({run.grad_accum} x {tc.micro_batch} x "
+        f"{tc.seq_len}{processes}); run folder {run.run_dir}"
+    )
+
+
 def setup_run(
     cfg: Config,
     *,
@@ -219,18 +258,8 @@ def setup_run(
         log = RunLogger(run_dir, is_main=world.is_main, total_steps=cfg.train.steps, progress=progress)
         for problem in found.skipped if found else []:
             log.warning(f"skipping a damaged checkpoint: {problem}")
-        # 4. the model
-        adapt = task.adapt_model if task else None
-        torch.manual_seed(cfg.train.seed)  # dropout and anything else drawing from the global generators
-        random.seed(cfg.train.seed)
-        model = materialise(cfg, world.device, initialise=found is None or adapt is not None)
-        if adapt is not None:
-            model = adapt(model)
-        if plan is not None:
-            if world.device.type == "cuda" and plan.strategy != "fsdp" and task is None:
-                plan = refine_plan_by_trial(model, cfg, plan, world)  # the device's own answer
-            cfg = apply_plan(cfg, plan)
-            log.info(f"plan (parallel.strategy=auto): {plan.describe()}")
+        # 4. the model, and the plan made final (on a GPU by a trial step), then the config frozen with it
+        model, cfg, plan = model_for_run(cfg, plan, world, found is None, task, log)
         grad_accum = plan.grad_accum if plan is not None else accumulation_steps(cfg, world.dp_size)
         loader = task.loader if task else build_loader(data, cfg, world)
         if loader.batch_size != cfg.train.micro_batch:
@@ -251,12 +280,7 @@ def setup_run(
         optimizer = build_optimizer(model, cfg.train, world.device)
         scaler = torch.amp.GradScaler(world.device.type) if cfg.train.precision == "fp16" else None
         checkpoints = CheckpointManager(run_dir, config=cfg, world=world, tokenizer_file=data.tokenizer_path)
-        if world.is_main:
-            save_config(cfg, run_dir / "config.yaml")
-            if plan is not None:
-                write_text_atomic(
-                    run_dir / "plan.json", json.dumps(dataclasses.asdict(plan), indent=2) + "\n"
-                )
+        write_run_files(run_dir, cfg, plan, world)
         run = Run(
             cfg=cfg,
             plan=plan,
@@ -281,13 +305,7 @@ def setup_run(
             log.close()
         close_world(world)
         raise
-    n_params = sum(p.numel() for p in model.parameters())
-    tc = cfg.train
-    log.info(
-        f"training {n_params:,} parameters on {hardware_summary(world.device)} ({tc.precision}); "
-        f"{tc.steps} steps of {run.tokens_per_step:,} tokens ({grad_accum} x {tc.micro_batch} x {tc.seq_len}"
-        f"{f' x {world.world_size} processes' if world.distributed else ''}); run folder {run_dir}"
-    )
+    log.info(start_line(run))
     return run
 
 
