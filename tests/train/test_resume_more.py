@@ -6,12 +6,10 @@ import os
 import shutil
 import signal
 
-import pytest
 import torch
 from memory_loader import MemoryLoader, loaders, tiny_config
 from safetensors.torch import load_file
 
-from lmforge.train import metrics
 from lmforge.train.loop import train
 
 # fp16 overflow on chosen batches (by index): their logits are multiplied, so the scaled gradient of the
@@ -81,13 +79,6 @@ def fp16_resumed_run(run_dir):
         tiny_config(run_dir, *FP16), resume="auto", loader=loader, val_batches=val, adapt_model=hot_logits,
         progress=False,
     )  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def fixed_cpu_peak(monkeypatch):
-    """fp16 autocast runs on the CPU, but the fp16 matmul peak the loop measures for MFU at every start takes
-    minutes there (about 1 GFLOP/s; fp32 several seconds): a fixed peak. MFU is not under test here."""
-    monkeypatch.setattr(metrics, "measure_matmul_flops", lambda precision, **kwargs: 1e9)
 
 
 def test_fp16_resume_restores_the_grad_scaler_and_is_bitwise_exact(tmp_path, monkeypatch):

@@ -97,12 +97,11 @@ def test_finetune_classify_learns_a_separable_task(base_checkpoint, tmp_path, ca
     accuracy, n, neg, pos = float(found[1]), int(found[2]), float(found[3]), float(found[4])
     assert n == 20 and accuracy >= 0.9 and min(neg, pos) >= 0.8  # chance is 0.5
     model_dir = printed.split("classifier: ")[1].split()[0]
-    classifier, labels = load_classifier(model_dir)
+    classifier, labels, _ = load_classifier(model_dir)
     tokenizer = load_tokenizer(f"{model_dir}/tokenizer.json")
     with torch.no_grad():
         predicted = [
-            labels[classifier(torch.tensor([tokenizer.encode(r["text"])]))[0, 0].argmax().item()]
-            for r in test
+            labels[classifier(torch.tensor([tokenizer.encode(r["text"])]))[0].argmax().item()] for r in test
         ]
     hits = sum(p == r["label"] for p, r in zip(predicted, test))
     assert hits / len(test) == pytest.approx(accuracy)  # the printed figure is the saved model's

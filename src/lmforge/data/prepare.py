@@ -88,7 +88,8 @@ def is_prepared(out_dir: str | Path) -> bool:
 def prepare_data(
     cfg: DataConfig, sources: list[str], out_dir: str | Path, *, progress: bool = True, strict: bool = False
 ) -> dict:
-    """Prepare ``sources`` into ``out_dir`` and return its meta (see the module docstring)."""
+    """Prepare ``sources`` into ``out_dir`` and return its meta (see the module docstring). (Long by choice:
+    the stages run in the order the module docstring lists, each a few lines, with resumption checks.)"""
     out = Path(out_dir)
     sources = [str(s) for s in sources]
     recipe = {"sources": sources, **{name: getattr(cfg, name) for name in RECIPE_FIELDS}}

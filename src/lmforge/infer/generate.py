@@ -167,6 +167,7 @@ def generate_ids(
     on_token: Callable[[int, list[int]], bool] | None = None,
 ) -> IdsResult:
     """Continue each prompt (a list of token ids) by up to ``sampling.max_new_tokens`` tokens.
+    (Long by choice: the decoding loop reads best as one piece, prefill, step, sample, stop, in order.)
 
     ``on_token(row, generated_so_far)`` is called after every new token of an unfinished row; returning True
     ends that row (stop strings, streaming). ``use_cache=False`` recomputes the whole sequence every step (the

@@ -77,6 +77,7 @@ def plan_training(
     at most ``train.micro_batch``; when it must shrink, gradient accumulation grows so that the tokens per
     step stay those the config asks for. Activation checkpointing is kept if configured and switched on
     when the layout does not fit without it. ``device_memory_bytes=None`` means no memory limit.
+    (Long by choice: one pass over the candidate layouts, in the order of preference it documents.)
     """
     hw = hardware or _training_hardware(device_kind, device_memory_bytes)
     if device_memory_bytes is not None:
