@@ -147,7 +147,7 @@ def tokenize_pairs(records: Sequence[PairRecord], tokenizer, seq_len: int) -> tu
         sides = [tokenize_example(s, tokenizer, 1 << 30) for s in (rec.chosen, rec.rejected)]
         longest = max(len(inputs) for inputs, _ in sides)
         if longest > seq_len:
-            skipped.append(f"{rec.where}: {longest} tokens, longer than train.seq_len={seq_len}")
+            skipped.append(f"{rec.where}: {longest} tokens, more than train.seq_len={seq_len}")
             continue
         rows.append(PairRow(sides[0], sides[1]))
     return rows, skipped
