@@ -128,12 +128,22 @@ def run_eval(args) -> int:
 
 
 def add_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help="supervised fine-tuning (instructions, chat) or classification")
+    p = sub.add_parser(
+        "finetune", help="supervised fine-tuning (instructions, chat), preference tuning or classification"
+    )
     p.add_argument("base", help="an lmforge run/checkpoint folder or a Hugging Face model folder")
-    p.add_argument("data", help="JSONL: instruction/input/output, prompt/response or messages; or text/label")
+    p.add_argument(
+        "data",
+        help="JSONL: instruction/input/output, prompt/response or messages; text/label; prompt/chosen/rejected",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=500 train.lr=2e-5")
     p.add_argument("--out", required=True, help="the run folder to write")
-    p.add_argument("--task", choices=["sft", "classify"], default="sft")
+    p.add_argument(
+        "--task",
+        choices=["sft", "classify", "dpo", "simpo", "orpo"],
+        default="sft",
+        help="dpo/simpo/orpo: preference tuning on prompt/chosen/rejected records",
+    )
     p.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning; else LoRA with this rank")
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--lora-dropout", type=float, default=0.0)
@@ -145,12 +155,80 @@ def add_finetune(sub) -> None:
     p.add_argument("--export-hf", default=None, help="also write the merged model as a Hugging Face folder")
     p.add_argument("--test", default=None, help="classify: a labelled test file (default: a held-out split)")
     p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--beta", type=float, default=None, help="dpo/simpo: default 0.1 (DPO), 2.0 (SimPO)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="dpo: label-flip probability (cDPO)")
+    p.add_argument("--gamma", type=float, default=0.5, help="simpo: target reward margin")
+    p.add_argument("--orpo-lambda", type=float, default=0.1, help="orpo: weight of the odds-ratio term")
+    p.add_argument(
+        "--reference",
+        choices=["cached", "live"],
+        default="cached",
+        help="dpo: reference log-probs computed once before training (cached) or on every batch (live)",
+    )
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
     p.add_argument("--no-progress", action="store_true")
 
 
 def run_finetune(args) -> int:
+    if args.task in ("dpo", "simpo", "orpo"):
+        return run_preference(args)
     return run_classify(args) if args.task == "classify" else run_sft(args)
+
+
+def run_preference(args) -> int:
+    from lmforge.tune.preference import PreferenceConfig, tune_preferences
+
+    preference = PreferenceConfig(
+        method=args.task,
+        beta=args.beta,
+        label_smoothing=args.label_smoothing,
+        gamma=args.gamma,
+        lam=args.orpo_lambda,
+        reference=args.reference,
+    )
+    result = tune_preferences(
+        args.base,
+        args.data,
+        out_dir=args.out,
+        preference=preference,
+        overrides=args.overrides,
+        lora=_lora(args),
+        val_fraction=args.val_fraction,
+        limit=args.limit,
+        resume=args.resume,
+        export_hf=args.export_hf,
+        progress=False if args.no_progress else None,
+    )
+    print(
+        f"{result.method}: {result.train_pairs} training / {result.val_pairs} held-out pairs, "
+        f"{len(result.skipped)} skipped" + (f"; reference: {result.reference}" if result.reference else "")
+    )
+    for line in result.skipped[:20]:
+        print(f"  skipped {line}")
+    if len(result.skipped) > 20:
+        print(f"  ... and {len(result.skipped) - 20} more")
+    if result.val_after:
+        before, after = result.val_before, result.val_after
+        print(
+            f"held-out reward accuracy {before['reward_accuracy']:.3f} -> {after['reward_accuracy']:.3f}, "
+            f"margin {before['reward_margin']:.4f} -> {after['reward_margin']:.4f}, "
+            f"loss {before['loss']:.4f} -> {after['loss']:.4f}"
+        )
+    print(f"final loss {result.final_loss}")
+    print(
+        f"tuned model: {result.model_dir}"
+        + (f"; Hugging Face folder: {result.hf_dir}" if result.hf_dir else "")
+    )
+    return 0
+
+
+def _lora(args):
+    from lmforge.tune.lora import LoRAConfig
+
+    if not args.lora_rank:
+        return None
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
 
 
 def run_classify(args) -> int:
@@ -175,15 +253,9 @@ def run_classify(args) -> int:
 
 
 def run_sft(args) -> int:
-    from lmforge.tune.lora import LoRAConfig
     from lmforge.tune.sft import finetune
 
-    lora = None
-    if args.lora_rank:
-        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-        lora = LoRAConfig(
-            rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets
-        )
+    lora = _lora(args)
     result = finetune(
         args.base,
         args.data,

@@ -166,6 +166,28 @@ def evaluate(run: Run, batches: Iterable[Batch]) -> tuple[float, int]:
     return (total.item() / count if count else math.nan), count
 
 
+def objective_metrics(run: Run, batches: Iterable[Batch]) -> dict[str, float]:
+    """Means per unit of an objective's own figures over ``batches``, under the current weights and without
+    gradients: an objective may define ``metrics(model, batch) -> {name: sum over the batch's units}``
+    (preference tuning: rewards, reward accuracy and margin); {} for one that does not."""
+    metrics = getattr(run.objective, "metrics", None)
+    if metrics is None:
+        return {}
+    was_training = run.model.training
+    run.model.eval()
+    totals: dict[str, float] = {}
+    units = 0
+    with torch.no_grad():
+        for batch in batches:
+            batch = batch.to(run.device)
+            with autocast_for(run.device, run.cfg.train.precision):
+                for name, value in metrics(run.model, batch).items():
+                    totals[name] = totals.get(name, 0.0) + float(value)
+            units += run.objective.units(batch)
+    run.model.train(was_training)
+    return {name: total / max(units, 1) for name, total in totals.items()}
+
+
 def sample_texts(run: Run, step: int) -> list[str]:
     """One continuation per ``train.sample_prompts``, from a seeded sampler that leaves the RNGs alone."""
     from lmforge.infer.generate import SamplingConfig, generate
@@ -257,7 +279,8 @@ def validate(run: Run, state: LoopState, *, final: bool) -> None:
         state.val_loss, n_val = evaluate(run, run.val_batches())
         if n_val:
             ppl = math.exp(min(state.val_loss, 50.0))
-            run.log.log(step, {"val_loss": state.val_loss, "val_ppl": ppl, "tokens": state.tokens})
+            extra = {f"val_{k}": v for k, v in objective_metrics(run, run.val_batches()).items()}
+            run.log.log(step, {"val_loss": state.val_loss, "val_ppl": ppl, **extra, "tokens": state.tokens})
     if cfg.eval.every and cfg.eval.tasks and step % cfg.eval.every == 0 and run.writes_text:
         from lmforge.infer.evaluate import task_metrics
 
@@ -342,7 +365,8 @@ def run_loop(run: Run) -> TrainResult:
             over = time_limit > 0 and time.perf_counter() - run.started > time_limit
             out_of_time = state.step < tc.steps and agree(over, world)
             if state.step % tc.log_every == 0 or state.step == tc.steps or out_of_time:
-                log_step(run, state, {"loss": loss, "lr": lr, "grad_norm": grad_norm}, interval)
+                values = {"loss": loss, "lr": lr, "grad_norm": grad_norm, **objective_metrics(run, batches)}
+                log_step(run, state, values, interval)
                 interval = (time.perf_counter(), 0)
             log.advance(state.step)
             validate(run, state, final=state.step == tc.steps or out_of_time)

@@ -5,6 +5,9 @@ An objective returns the loss SUMMED over its units (target tokens, sequences, p
 the loop divides by the count over the whole accumulated batch and all processes, so k micro-batches on
 n processes give the gradient of one batch k x n times larger, however the units fall.
 
+An objective may also define ``metrics(model, batch) -> {name: tensor summed over the units}``: figures of its
+own (preference tuning: rewards, reward accuracy) that the loop logs per unit at log steps and validation.
+
 Shape legend: B micro-batch, T sequence length, V vocabulary.
 """
 
