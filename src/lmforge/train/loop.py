@@ -278,9 +278,11 @@ def validate(run: Run, state: LoopState, *, final: bool) -> None:
     if step % cfg.train.eval_every == 0 or final:
         state.val_loss, n_val = evaluate(run, run.val_batches())
         if n_val:
-            ppl = math.exp(min(state.val_loss, 50.0))
-            extra = {f"val_{k}": v for k, v in objective_metrics(run, run.val_batches()).items()}
-            run.log.log(step, {"val_loss": state.val_loss, "val_ppl": ppl, **extra, "tokens": state.tokens})
+            values = {"val_loss": state.val_loss}
+            if run.objective is LANGUAGE_MODELING:  # a perplexity only means something for next-token loss
+                values["val_ppl"] = math.exp(min(state.val_loss, 50.0))
+            values.update({f"val_{k}": v for k, v in objective_metrics(run, run.val_batches()).items()})
+            run.log.log(step, {**values, "tokens": state.tokens})
     if cfg.eval.every and cfg.eval.tasks and step % cfg.eval.every == 0 and run.writes_text:
         from lmforge.infer.evaluate import task_metrics
 
