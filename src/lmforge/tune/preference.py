@@ -432,6 +432,33 @@ class PreferenceResult:
     hf_dir: Path | None
 
 
+def read_pairs(
+    data_path: str | Path, tokenizer, cfg, val_fraction: float, limit: int | None
+) -> tuple[list[PairRow], list[PairRow], list[str]]:
+    """(train rows, held-out rows, skipped pairs as "file:line: why") of a preference file."""
+
+    records = load_pairs(data_path, limit)
+    rows, skipped = tokenize_pairs(records, tokenizer, cfg.train.seq_len)
+    if not rows:
+        raise DataError(
+            f"{data_path}: none of its {len(records)} pairs is usable ({skipped[0]}{' ...' if len(skipped) > 1 else ''})"
+        )
+    train_rows, val_rows = split_examples(rows, val_fraction, cfg.train.seed)
+    return train_rows, val_rows, skipped
+
+
+def score_saved(
+    model_dir: Path, cfg, objective, rows: list[PairRow], pad_id: int, device
+) -> dict[str, float]:
+    """The held-out preference figures of the model saved in ``model_dir``."""
+    from lmforge.checkpoint import load_model_state
+    from lmforge.model.transformer import build_model
+
+    tuned = build_model(cfg.model, device="cpu")
+    tuned.load_state_dict(load_model_state(model_dir, cfg), strict=True)
+    return score_pairs(tuned.to(device), objective, rows, pad_id=pad_id, device=device)
+
+
 def tune_preferences(
     base: str | Path,
     data_path: str | Path,
@@ -461,13 +488,7 @@ def tune_preferences(
     loaded = load_for_inference(base, device=torch.device("cpu"))
     tokenizer = loaded.require_tokenizer()
     cfg = finetune_config(loaded.config, out_dir, overrides)
-    records = load_pairs(data_path, limit)
-    rows, skipped = tokenize_pairs(records, tokenizer, cfg.train.seq_len)
-    if not rows:
-        raise DataError(
-            f"{data_path}: none of its {len(records)} pairs is usable ({skipped[0]}{' ...' if len(skipped) > 1 else ''})"
-        )
-    train_rows, val_rows = split_examples(rows, val_fraction, cfg.train.seed)
+    train_rows, val_rows, skipped = read_pairs(data_path, tokenizer, cfg, val_fraction, limit)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eot_id or 0)
     uses_reference = preference.method == "dpo"
     cached = uses_reference and preference.reference == "cached"
@@ -519,14 +540,7 @@ def tune_preferences(
     if live is not None:
         live.copy = None  # the frozen copy is no longer needed
     model_dir = save_final_model(result.checkpoint, cfg, lora, Path(out_dir) / "model", loaded.tokenizer_path)
-    val_after = {}
-    if val_rows:
-        from lmforge.checkpoint import load_model_state
-        from lmforge.model.transformer import build_model
-
-        tuned = build_model(cfg.model, device="cpu")
-        tuned.load_state_dict(load_model_state(model_dir, cfg), strict=True)
-        val_after = score_pairs(tuned.to(device), objective, held_out, pad_id=pad_id, device=device)
+    val_after = score_saved(model_dir, cfg, objective, held_out, pad_id, device) if val_rows else {}
     hf_dir = None
     if export_hf is not None:
         from lmforge.convert import export_model
