@@ -288,6 +288,11 @@ class TrainConfig:
             out.append(f"train.beta1={self.beta1} and train.beta2={self.beta2} must be in [0, 1)")
         if self.max_bad_steps < 1:
             out.append(f"train.max_bad_steps={self.max_bad_steps} must be >= 1")
+        if self.sample_prompts and self.sample_tokens < 1:
+            out.append(
+                f"train.sample_tokens={self.sample_tokens} must be >= 1 "
+                f"(for no samples set train.sample_prompts=[])"
+            )
         return out
 
 

@@ -1,6 +1,8 @@
 """The training loop (``lmforge.train.loop.train``) on a rank-aware in-memory loader; runs as one process
 or under torchrun. Each argument is one run ``OUT_DIR:STEPS:STRATEGY[:resume]``; rank 0 appends each run's
-result to ``OUT_DIR/result.json``. Options apply to the runs after them. ``--sleep S`` slows every batch (the fault tests need time to strike);
+result to ``OUT_DIR/result.json``. Options apply to the runs after them. ``--die-at STEP`` makes rank 1
+SIGKILL itself as it draws the batch of training step STEP, in the launcher's first attempt only (a fault at a
+step the run announces, not at a moment a watcher happens to look);
 ``--timeout S`` sets ``parallel.timeout_s``; ``--tp N`` sets ``parallel.tp`` (each tensor-parallel group of N
 consecutive ranks reads one data-parallel slice); ``--untied 1`` unties the output head; ``--offload 1`` sets
 ``parallel.cpu_offload=true``.
@@ -13,8 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,10 +29,10 @@ VOCAB = 64
 
 
 class SlicedLoader:
-    def __init__(self, *, rank: int, world_size: int, seed: int, sleep_s: float = 0.0):
+    def __init__(self, *, rank: int, world_size: int, seed: int, die_at: int = 0):
         period = torch.randint(0, VOCAB, (97,), generator=torch.Generator().manual_seed(0))
         self.tokens = period.repeat(60)  # a learnable stream
-        self.rank, self.world_size, self.seed, self.sleep_s = rank, world_size, seed, sleep_s
+        self.rank, self.world_size, self.seed, self.die_at = rank, world_size, seed, die_at
         self.vocab_size, self.tokenizer_path, self.batches = VOCAB, None, 0
         self.batch_size = GLOBAL_BATCH // world_size  # world_size: the data-parallel ranks
 
@@ -42,7 +44,8 @@ class SlicedLoader:
         return Batch(rows[:, :-1].clone(), rows[:, 1:].clone())
 
     def next_batch(self) -> Batch:
-        time.sleep(self.sleep_s)
+        if self.batches + 1 == self.die_at:  # one micro-batch per step: this is the batch of step die_at
+            os.kill(os.getpid(), signal.SIGKILL)
         self.batches += 1
         return self.batch(self.batches - 1)
 
@@ -82,16 +85,18 @@ def config(
 def main(argv: list[str]) -> None:
     from lmforge.train.loop import train
 
-    options = {"--sleep": 0.0, "--timeout": 60.0, "--tp": 1.0, "--untied": 0.0, "--offload": 0.0}
+    options = {"--die-at": 0.0, "--timeout": 60.0, "--tp": 1.0, "--untied": 0.0, "--offload": 0.0}
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     while argv:
         if argv[0] in options:  # an option applies to the runs after it
             options[argv[0]], argv = float(argv[1]), argv[2:]
             continue
         spec, argv = argv[0], argv[1:]
-        sleep_s, tp, untied = options["--sleep"], int(options["--tp"]), bool(options["--untied"])
+        tp, untied = int(options["--tp"]), bool(options["--untied"])
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        die_at = int(options["--die-at"]) if rank == 1 and first_attempt else 0
         out_dir, steps, strategy, *resume = spec.split(":")
-        loader = SlicedLoader(rank=rank // tp, world_size=world_size // tp, seed=0, sleep_s=sleep_s)
+        loader = SlicedLoader(rank=rank // tp, world_size=world_size // tp, seed=0, die_at=die_at)
         val = SlicedLoader(rank=0, world_size=1, seed=99)
         result = train(
             config(

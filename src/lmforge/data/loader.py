@@ -238,20 +238,27 @@ class TokenLoader:
 
 
 def eval_batches(
-    dataset_dir: str | Path, *, seq_len: int, batch_size: int, max_batches: int | None, split: str = "val"
+    dataset_dir: str | Path,
+    *,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int | None,
+    split: str = "val",
+    with_doc_ids: bool = False,
 ) -> Iterator[Batch]:
     """A deterministic pass over ``split``: non-overlapping windows, evenly spread when ``max_batches`` caps
     them, in order; the last batch may be smaller. The same batches on every call. A split shorter than one
-    window gives one shorter window; an empty split gives no batch."""
+    window gives one shorter window; an empty split gives no batch. ``with_doc_ids`` as in ``TokenLoader``:
+    validation masks documents only when training does, so it measures the model as it trained."""
     data = TokenSplit(dataset_dir, split)
     n_windows = data.n_windows(seq_len)
     if n_windows < 1:
         # a split shorter than one window (a tiny validation set): all of it as one shorter window, or nothing
         if data.n_tokens >= 2 and max_batches != 0:
-            yield _windows_to_batch(data.read(0, data.n_tokens)[None], data.eot_id, with_doc_ids=True)
+            yield _windows_to_batch(data.read(0, data.n_tokens)[None], data.eot_id, with_doc_ids)
         return
     wanted = n_windows if max_batches is None else min(n_windows, max_batches * batch_size)
     picks = (np.arange(wanted, dtype=np.int64) * n_windows) // wanted
     for lo in range(0, wanted, batch_size):
         windows = np.stack([data.read(int(k) * seq_len, seq_len + 1) for k in picks[lo : lo + batch_size]])
-        yield _windows_to_batch(windows, data.eot_id, with_doc_ids=True)
+        yield _windows_to_batch(windows, data.eot_id, with_doc_ids)

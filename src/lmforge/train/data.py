@@ -245,4 +245,5 @@ def validation_batches(data: RunData, cfg: Config):
             seq_len=cfg.train.seq_len,
             batch_size=cfg.train.micro_batch,
             max_batches=cfg.train.eval_batches,
+            with_doc_ids=cfg.data.document_mask,
         )
