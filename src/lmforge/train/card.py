@@ -70,7 +70,8 @@ def model_card(summary: dict[str, Any]) -> str:
 
 
 def _stage_data(lineage: dict) -> list[str]:
-    lines = [f"{lineage['stage'].capitalize()} of `{lineage['base']}` on:", ""]
+    stage = lineage["stage"]
+    lines = [f"{stage[:1].upper()}{stage[1:]} of `{lineage['base']}` on:", ""]
     for d in lineage["data"]:
         licence = d.get("licence") or "not stated (no README beside the data lists it)"
         lines.append(
