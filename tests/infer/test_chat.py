@@ -209,3 +209,31 @@ def test_chat_verb_reads_multiline_input_resets_and_exits(tmp_path, monkeypatch,
     session.reset()
     third = session.send("x").text
     assert out.split("\n")[:4] == [first, second, "(conversation reset)", third]
+
+
+def test_import_keeps_a_template_and_generate_chat_uses_it(tmp_path, capsys):
+    """An HF folder whose template lives in chat_template.jinja: `lmforge import` keeps it, and
+    `generate --chat` renders the prompt with it (the reply equals a session's on the same model)."""
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.convert import export_model, import_model
+
+    tokenizer = char_tok()
+    model = text_model(tokenizer, max_seq_len=128)
+    ckpt = save_checkpoint(
+        tmp_path / "m",
+        model_state=model.state_dict(),
+        config=Config(model=model.cfg),
+        tokenizer_file=tokenizer.save(tmp_path / "tok"),
+    )
+    hf = export_model(ckpt, tmp_path / "hf", verify=False).out_dir
+    assert read_chat_template(hf) is None  # a model never fine-tuned on a template gets none
+    (hf / "chat_template.jinja").write_text(CHATML)
+    imported = import_model(hf, tmp_path / "imported")
+    assert imported.chat_template and read_chat_template(imported.checkpoint).source == CHATML
+    argv = ["generate", str(imported.checkpoint), "--chat", "--prompt", "hi", "--temperature", "0"]
+    assert main([*argv, "--max-new-tokens", "6", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    session = ChatSession(
+        model, tokenizer, ChatTemplate(CHATML), SamplingConfig(max_new_tokens=6, temperature=0.0), CPU
+    )
+    assert printed["text"] == session.send("hi").text and printed["tokens"] == len(session.last.tokens)

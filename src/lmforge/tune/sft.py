@@ -356,6 +356,29 @@ def sft_lineage(
     }
 
 
+def sft_loaders(data: SFTData, cfg: Config, tokenizer: Tokenizer, tokenizer_path: str, pack: bool):
+    """The training loader (packed or padded rows) and the validation batches of a run."""
+    tc = cfg.train
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eot_id or 0)
+    collate = partial(rows_to_batch, with_doc_ids=pack)
+    loader = RowLoader(
+        build_rows(data.train, tc.seq_len, pad_id, pack),
+        collate=collate,
+        batch_size=tc.micro_batch,
+        seed=tc.seed,
+        vocab_size=cfg.model.vocab_size,
+        tokenizer_path=tokenizer_path,
+    )
+    val_rows = build_rows(data.val, tc.seq_len, pad_id, pack)
+    n_val = min(len(val_rows), tc.micro_batch * tc.eval_batches)
+
+    def val_batches():
+        for i in range(0, n_val, tc.micro_batch):
+            yield collate(val_rows[i : i + tc.micro_batch])
+
+    return loader, val_batches
+
+
 def finetune(
     base: str | Path,
     data_path: str | Path,
@@ -399,26 +422,9 @@ def finetune(
         seed=tc.seed,
         limit=limit,
     )
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eot_id or 0)
-    train_rows = build_rows(data.train, tc.seq_len, pad_id, pack)
-    val_rows = build_rows(data.val, tc.seq_len, pad_id, pack)
     tokenizer_file = write_run_tokenizer(out_dir, loaded.tokenizer_path, cfg, template)
-    collate = partial(rows_to_batch, with_doc_ids=pack)
-    loader = RowLoader(
-        train_rows,
-        collate=collate,
-        batch_size=tc.micro_batch,
-        seed=tc.seed,
-        vocab_size=cfg.model.vocab_size,
-        tokenizer_path=str(tokenizer_file),
-    )
+    loader, val_batches = sft_loaders(data, cfg, tokenizer, str(tokenizer_file), pack)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(tc, sample_prompts=[data.sample_prompt]))
-    n_val = min(len(val_rows), tc.micro_batch * tc.eval_batches)
-
-    def val_batches():
-        for i in range(0, n_val, tc.micro_batch):
-            yield collate(val_rows[i : i + tc.micro_batch])
-
     lineage = sft_lineage(base, loaded, data_path, data, template)
     task = Task(loader, val_batches, adapt_model=base_adapter(loaded, lora, keep_sparsity), lineage=lineage)
     result = train(cfg, resume=resume, task=task, progress=progress)
