@@ -292,9 +292,9 @@ class Reply:
 
 @dataclass
 class ChatSession:
-    """A conversation with a model through its chat template. ``send(text)`` yields the reply in pieces as it
-    is generated and then records it; the history is trimmed to the context (oldest turns first, the system
-    prompt kept), with a line in ``notices`` each time."""
+    """A conversation with a model through its chat template. ``send(text, on_text)`` streams the reply in
+    pieces as it is generated and records it; the history is trimmed to the context (oldest turns first, the
+    system prompt kept), with a line in ``notices`` each time."""
 
     model: torch.nn.Module
     tokenizer: Tokenizer
@@ -342,9 +342,10 @@ class ChatSession:
                     f"the message is {len(ids)} tokens with the system prompt; with {room} tokens kept for "
                     f"the reply it does not fit the model's context of {context} tokens: shorten it"
                 )
-            del messages[first]
-            while first < last_user - 1 and messages[first]["role"] != "user":
-                del messages[first]  # a turn is a user message and the replies that follow it
+            del messages[first]  # a turn is a user message and the replies that follow it
+            last_user -= 1
+            while first < last_user and messages[first]["role"] != "user":
+                del messages[first]
                 last_user -= 1
             dropped += 1
             ids = self.prompt_ids(messages)
