@@ -17,12 +17,15 @@ from pathlib import Path
 import torch
 
 from lmforge.checkpoint import TOKENIZER, load_model, save_checkpoint
-from lmforge.config import Config, ModelConfig, TrainConfig
+from lmforge.config import Config, TrainConfig
 from lmforge.errors import CheckpointError, ExportError
+from lmforge.files import write_text_atomic
+from lmforge.infer.chat import TOKENIZER_CONFIG, read_chat_template, read_tokenizer_config
 from lmforge.model.hf import (
     architecture_for,
     from_hf_state_dict,
     hf_config,
+    hf_tokenizer_config,
     model_config_from_hf,
     to_hf_state_dict,
     verify_with_transformers,
@@ -42,6 +45,7 @@ class ImportResult:
     checkpoint: Path  # the lmforge checkpoint folder written
     architecture: str  # what lmforge would export it as again
     tokenizer: bool  # whether the folder's tokenizer.json came along
+    chat_template: bool = False  # whether it carries a chat template (kept in tokenizer_config.json)
 
 
 # -- export ------------------------------------------------------------------------------------------------
@@ -67,16 +71,18 @@ def special_tokens(tokenizer_file: Path) -> dict[str, tuple[str, int] | None]:
     return {"bos": first(_BOS), "eos": eos, "pad": first(_PAD) or eos}
 
 
-def _write_tokenizer(tokenizer_file: Path, out: Path, cfg: ModelConfig) -> dict[str, int | None]:
+def write_tokenizer_files(
+    tokenizer_file: Path, out: Path, max_seq_len: int, chat_template: str | None
+) -> dict[str, int | None]:
+    """``tokenizer.json`` and ``tokenizer_config.json`` (special tokens, chat template) into ``out``; the ids
+    of the bos/eos/pad tokens for ``config.json``."""
     tokens = special_tokens(tokenizer_file)
-    shutil.copyfile(tokenizer_file, out / "tokenizer.json")
-    tok_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": cfg.max_seq_len,
-        "clean_up_tokenization_spaces": False,
-    }
-    tok_config.update({f"{k}_token": v[0] for k, v in tokens.items() if v is not None})
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2), encoding="utf-8")
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer_file.resolve() != (out / TOKENIZER).resolve():
+        shutil.copyfile(tokenizer_file, out / TOKENIZER)
+    texts = {k: (v[0] if v is not None else None) for k, v in tokens.items()}
+    tok_config = hf_tokenizer_config(texts, max_seq_len, chat_template)
+    write_text_atomic(out / TOKENIZER_CONFIG, json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
     return {k: (v[1] if v is not None else None) for k, v in tokens.items()}
 
 
@@ -105,13 +111,19 @@ def export_model(checkpoint_path: str | Path, out_dir: str | Path, *, verify: bo
     try:
         token_ids = {}
         if (ckpt_dir / TOKENIZER).is_file():
-            token_ids = _write_tokenizer(ckpt_dir / TOKENIZER, tmp, cfg)
+            template = read_chat_template(ckpt_dir)  # what the model was fine-tuned with, if it was
+            source = template.source if template is not None else None
+            token_ids = write_tokenizer_files(ckpt_dir / TOKENIZER, tmp, cfg.max_seq_len, source)
         config_json = hf_config(cfg, token_ids=token_ids, dtype=dtype)
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2), encoding="utf-8")
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         run_dir = ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else None
-        if run_dir is not None and (run_dir / "MODEL_CARD.md").is_file():
-            shutil.copyfile(run_dir / "MODEL_CARD.md", tmp / "README.md")
+        for card in ([run_dir / "MODEL_CARD.md"] if run_dir is not None else []) + [
+            ckpt_dir / "MODEL_CARD.md"
+        ]:
+            if card.is_file():
+                shutil.copyfile(card, tmp / "README.md")
+                break
         diff, note = verify_with_transformers(model, tmp) if verify else (None, "not verified (--no-verify)")
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -183,11 +195,14 @@ def import_model(hf_dir: str | Path, out_dir: str | Path) -> ImportResult:
     config, state = read_hf_folder(hf_dir)
     tokenizer = Path(hf_dir) / TOKENIZER
     tokenizer_file = tokenizer if tokenizer.is_file() else None
+    tok_config = read_tokenizer_config(hf_dir)  # with a chat_template.jinja folded in, so the template stays
+    extra = {TOKENIZER_CONFIG: json.dumps(tok_config, indent=2, ensure_ascii=False)} if tok_config else None
     checkpoint = save_checkpoint(
-        Path(out_dir), model_state=state, config=config, tokenizer_file=tokenizer_file
+        Path(out_dir), model_state=state, config=config, tokenizer_file=tokenizer_file, extra_files=extra
     )
     return ImportResult(
         checkpoint=checkpoint,
         architecture=architecture_for(config.model),
         tokenizer=tokenizer_file is not None,
+        chat_template=read_chat_template(checkpoint) is not None,
     )

@@ -16,7 +16,6 @@ from lmforge.tune.sft import (
     IGNORE,
     build_rows,
     finetune,
-    format_prompt,
     load_examples,
     record_examples,
     tokenize_example,
@@ -30,22 +29,35 @@ FAST = ["train.micro_batch=8", "train.seq_len=256", "train.sample_tokens=8", "tr
 
 
 def test_prompt_tokens_carry_no_loss(base_checkpoint):
+    """An Alpaca record is a user turn and an assistant turn of the chat template; only the assistant's text
+    and its end-of-turn token are learned."""
     tokenizer = load_tokenizer(base_checkpoint / "tokenizer.json")
     record = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
     (segments,) = record_examples(record, "x:1")
     inputs, targets = tokenize_example(segments, tokenizer, max_tokens=200)
-    prompt = format_prompt("Add the numbers.", "2 and 3")
-    n_prompt = len(tokenizer.encode(prompt))
+    prompt = "<|user|>\nAdd the numbers.\n\n2 and 3<|endoftext|><|assistant|>\n"
+    n_prompt = len(tokenizer.encode(prompt)) - len("<|endoftext|>") + 1  # end-of-text is one token
     assert tokenizer.decode(inputs) == prompt + "5"
-    # target j is token j+1: the first n_prompt - 1 targets are prompt tokens, then "5" and end-of-text
+    # target j is token j+1: the first n_prompt - 1 targets are prompt tokens, then "5" and end-of-turn
     assert targets[: n_prompt - 1] == [IGNORE] * (n_prompt - 1)
     assert targets[n_prompt - 1 :] == tokenizer.encode("5") + [tokenizer.eot_id]
-    # chat: only the assistant turn (and end-of-text) is learned
-    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    # chat: only the assistant turns (each with its end-of-turn token) are learned
+    chat = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "bye"},
+        ]
+    }
     (segments,) = record_examples(chat, "x:2")
     inputs, targets = tokenize_example(segments, tokenizer, max_tokens=200)
-    learned = tokenizer.decode([t for t in targets if t != IGNORE and t != tokenizer.eot_id])
-    assert learned == "hello\n" and "<|user|>" in tokenizer.decode(inputs)
+    learned = [t for t in targets if t != IGNORE]
+    assert learned == tokenizer.encode("hello") + [tokenizer.eot_id] + tokenizer.encode("bye") + [
+        tokenizer.eot_id
+    ]
+    assert "<|user|>" in tokenizer.decode(inputs)
 
 
 def test_packing_keeps_examples_whole_and_separated():

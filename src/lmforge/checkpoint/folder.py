@@ -6,6 +6,7 @@ Layout of one checkpoint (``RUN/checkpoints/step_00000100/``)::
     config.yaml          the resolved Config of the run
     train_state.pt       optimizer, scheduler, loader and RNG state, step (optional; torch.load weights_only)
     tokenizer.json       the run's tokenizer (optional)
+    tokenizer_config.json  its settings and chat template, copied when one lies beside the tokenizer (optional)
     manifest.json        size and sha256 of every file above; written last, so its presence marks completion
 
 A checkpoint is written into ``step_XXXXXXXX.tmp-<pid>`` and renamed into place, so an interrupted write never
@@ -31,6 +32,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 TRAIN_STATE = "train_state.pt"
 TOKENIZER = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"  # the tokenizer's settings and chat template, when it has them
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -39,6 +41,13 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def copy_tokenizer_config(tokenizer_file: str | Path, folder: Path) -> None:
+    """Copy the ``tokenizer_config.json`` beside ``tokenizer_file`` (its chat template) into ``folder``."""
+    config = Path(tokenizer_file).with_name(TOKENIZER_CONFIG)
+    if config.is_file():
+        shutil.copyfile(config, folder / TOKENIZER_CONFIG)
 
 
 def step_dir_name(step: int) -> str:
@@ -92,6 +101,7 @@ def save_checkpoint(
             torch.save(train_state, tmp / TRAIN_STATE)
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
+            copy_tokenizer_config(tokenizer_file, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}

@@ -45,6 +45,7 @@ from lmforge.checkpoint.folder import (
     TOKENIZER,
     TRAIN_STATE,
     check_model_matches,
+    copy_tokenizer_config,
     load_config_from,
     save_checkpoint,
     sha256_file,
@@ -127,6 +128,7 @@ def save_sharded(
         save_config(config, tmp / CONFIG)
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
+            copy_tokenizer_config(tokenizer_file, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
     _barrier(world)

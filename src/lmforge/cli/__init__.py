@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from lmforge.cli.chat import add_chat, run_chat
 from lmforge.cli.cluster import add_consolidate, add_launch, run_consolidate, run_launch
 from lmforge.cli.data import add_data, run_data
 from lmforge.cli.model import add_export, add_import, add_model, run_export, run_import, run_model
@@ -40,6 +41,7 @@ VERBS: dict[str, tuple[Callable, Callable]] = {
     "train": (add_train, run_train),
     "plot": (add_plot, run_plot),
     "generate": (add_generate, run_generate),
+    "chat": (add_chat, run_chat),
     "eval": (add_eval, run_eval),
     "finetune": (add_finetune, run_finetune),
     "prune": (add_prune, run_prune),

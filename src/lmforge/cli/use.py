@@ -33,6 +33,10 @@ def add_generate(sub) -> None:
     p.add_argument("--no-stream", action="store_true", help="print each result when it is complete")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print results as JSON lines")
+    p.add_argument(
+        "--chat", action="store_true", help="send each prompt as a user message through the chat template"
+    )
+    p.add_argument("--system", default=None, help="--chat: a system prompt")
 
 
 def run_generate(args) -> int:
@@ -51,6 +55,8 @@ def run_generate(args) -> int:
         stop=tuple(args.stop),
         seed=args.seed,
     )
+    if args.chat:
+        return _chat_generations(prompts, sampling, args)
     generator = open_generator(args.model, sampling, device=_device(args.device), use_cache=not args.no_cache)
     if prompts:
         _print_generations(generator, prompts, args)
@@ -65,6 +71,36 @@ def run_generate(args) -> int:
                 _print_generations(generator, [line.replace("\\n", "\n")], args)
             except DataError as exc:  # a prompt too long for the context: say so and keep the session
                 print(f"lmforge generate: {exc}", file=sys.stderr)
+    return 0
+
+
+def _chat_generations(prompts: list[str], sampling, args) -> int:
+    """``generate --chat``: each prompt is one user message (after ``--system``) rendered by the model's chat
+    template; the reply ends at the end of the assistant's turn."""
+    from lmforge.errors import DataError
+    from lmforge.infer.chat import open_chat
+
+    if args.interactive:
+        raise DataError(
+            "--chat answers --prompt/--prompts-file one by one; for a conversation use `lmforge chat`"
+        )
+    session, notice = open_chat(
+        args.model, sampling, device=_device(args.device), system=args.system, use_cache=not args.no_cache
+    )
+    if notice:
+        print(f"lmforge generate: {notice}", file=sys.stderr)
+    stream = not args.no_stream and not args.json
+    for prompt in prompts:
+        session.reset()
+        on_text = (lambda piece: print(piece, end="", flush=True)) if stream else None
+        reply = session.send(prompt, on_text=on_text)
+        if args.json:
+            record = {"prompt": prompt, "text": reply.text, "tokens": len(reply.tokens)}
+            print(json.dumps({**record, "finish_reason": reply.finish_reason}, ensure_ascii=False))
+        elif stream:
+            print()
+        else:
+            print(f"--- {reply.finish_reason}, {len(reply.tokens)} tokens ---\n{reply.text}")
     return 0
 
 
@@ -272,8 +308,10 @@ def run_sft(args) -> int:
     )
     print(
         f"{result.train_examples} training / {result.val_examples} validation examples "
-        f"({result.skipped_examples} skipped: no response token fits the context)"
+        f"({result.skipped_examples} skipped: no assistant turn fits the context; "
+        f"{result.cut_conversations} conversations cut at a turn boundary, {result.cut_turns} turns dropped)"
     )
+    print(f"chat template: {result.chat_template}")
     print(f"final loss {result.final_loss}, validation loss {result.val_loss}")
     print(
         f"fine-tuned model: {result.model_dir}"

@@ -10,6 +10,7 @@ import torch
 from lmforge.checkpoint import TOKENIZER, load_model
 from lmforge.config import Config
 from lmforge.errors import DataError
+from lmforge.infer.chat import ChatTemplate, read_chat_template
 from lmforge.model.transformer import Transformer, build_model
 
 
@@ -20,6 +21,7 @@ class LoadedModel:
     config: Config
     directory: Path  # the checkpoint (or Hugging Face) folder the weights came from
     tokenizer_path: Path | None
+    chat_template: ChatTemplate | None = None  # from tokenizer_config.json (or chat_template.jinja) beside it
 
     def require_tokenizer(self):
         if self.tokenizer is None:
@@ -45,7 +47,8 @@ def load_hf_folder(path: Path, *, device: torch.device) -> tuple[Transformer, Co
 
 
 def load_for_inference(path: str | Path, *, device: torch.device) -> LoadedModel:
-    """The model (in eval mode, on ``device``) and its tokenizer from a run, checkpoint or HF folder."""
+    """The model (in eval mode, on ``device``), its tokenizer and chat template from a run, checkpoint or HF
+    folder."""
     from lmforge.data.tokenizer import load_tokenizer
 
     path = Path(path)
@@ -58,4 +61,5 @@ def load_for_inference(path: str | Path, *, device: torch.device) -> LoadedModel
     tokenizer = (
         load_tokenizer(directory if is_hf_folder(directory) else tokenizer_path) if tokenizer_path else None
     )
-    return LoadedModel(model.eval(), tokenizer, config, directory, tokenizer_path)
+    template = read_chat_template(directory)
+    return LoadedModel(model.eval(), tokenizer, config, directory, tokenizer_path, template)

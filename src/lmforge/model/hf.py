@@ -187,6 +187,22 @@ def hf_config(
     }
 
 
+def hf_tokenizer_config(
+    special_tokens: dict[str, str | None], max_seq_len: int, chat_template: str | None
+) -> dict[str, Any]:
+    """``tokenizer_config.json`` for a ``tokenizer.json``: its class, context, special tokens ("bos", "eos",
+    "pad" -> text) and the chat template (the key transformers' ``apply_chat_template`` reads)."""
+    config: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_seq_len,
+        "clean_up_tokenization_spaces": False,
+    }
+    config.update({f"{k}_token": v for k, v in special_tokens.items() if v is not None})
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    return config
+
+
 def _require(hf: dict, keys: tuple[str, ...], where: str) -> None:
     missing = [k for k in keys if hf.get(k) is None]
     if missing:

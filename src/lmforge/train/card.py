@@ -1,8 +1,15 @@
-"""MODEL_CARD.md: what a run trained, on what, how, and how well, from the run's summary."""
+"""MODEL_CARD.md: what a run trained, on what, how, and how well, from the run's summary.
+
+A fine-tuned model's card records its lineage: this stage's data files (records, examples, licences where the
+data's README states them), then the base model's own card, which holds the base's data sources, cleaning
+report and tokens, or its own lineage for a model fine-tuned more than once.
+"""
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 from lmforge.train.metrics import format_duration
@@ -27,10 +34,14 @@ def model_card(summary: dict[str, Any]) -> str:
         "## Data",
         "",
     ]
-    for source in summary.get("sources") or ["(prepared data; sources not recorded)"]:
-        lines.append(f"- {source}")
+    lineage = summary.get("lineage")
+    if lineage:
+        lines += _stage_data(lineage)
+    else:
+        for source in summary.get("sources") or ["(prepared data; sources not recorded)"]:
+            lines.append(f"- {source}")
     report = summary.get("data_report")
-    if report:
+    if report and not lineage:
         lines += ["", "Cleaning report:", "", "```json", json.dumps(report, indent=2)[:4000], "```"]
     lines += [
         "",
@@ -49,12 +60,81 @@ def model_card(summary: dict[str, Any]) -> str:
         f"- hardware: {summary['hardware']}",
         f"- wall time: {format_duration(summary['wall_seconds'])}",
         "",
+        *(_lineage(lineage) if lineage else []),
         "## Limitations",
         "",
         "A small model trained briefly: it imitates the surface of its training text and knows nothing reliable.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _stage_data(lineage: dict) -> list[str]:
+    stage = lineage["stage"]
+    lines = [f"{stage[:1].upper()}{stage[1:]} of `{lineage['base']}` on:", ""]
+    for d in lineage["data"]:
+        licence = d.get("licence") or "not stated (no README beside the data lists it)"
+        lines.append(
+            f"- `{d['path']}`: {d['records']:,} records, {d['examples']:,} examples; licence: {licence}"
+        )
+    lines += ["", f"Chat template: {lineage['chat_template']}", ""]
+    lines += [f"- {name}: {n:,}" for name, n in lineage.get("counts", {}).items()]
+    return lines
+
+
+def _lineage(lineage: dict) -> list[str]:
+    """The base model's card under this one, its headings two levels down."""
+    base_card = lineage.get("base_card")
+    lines = [
+        "## Lineage",
+        "",
+        f"This model: {lineage['stage']} (above) of the base model `{lineage['base']}`.",
+        "",
+    ]
+    if base_card is None:
+        return lines + ["The base model has no model card, so its training data is not recorded here.", ""]
+    lines += ["### Base model card", ""]
+    for line in base_card.strip().splitlines():
+        lines.append("##" + line if line.startswith("#") else line)
+    return lines + [""]
+
+
+def find_card(model_dir: str | Path) -> str | None:
+    """The model card of a checkpoint folder (its own, else its run's) or of a Hugging Face folder (README.md)."""
+    model_dir = Path(model_dir)
+    candidates = [model_dir / "MODEL_CARD.md"]
+    if model_dir.parent.name == "checkpoints":
+        candidates.append(model_dir.parent.parent / "MODEL_CARD.md")
+    candidates.append(model_dir / "README.md")
+    for path in candidates:
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    return None
+
+
+def data_licence(data_file: str | Path) -> str | None:
+    """The licence a README.md in the data file's folder or a folder above states for it: a Markdown table
+    row naming the file (relative to the README) in its first column, in a table with a "License"/"Licence"
+    column. None when no README says."""
+    path = Path(data_file).resolve()
+    for folder in list(path.parents)[:4]:
+        readme = folder / "README.md"
+        if not readme.is_file():
+            continue
+        name = path.relative_to(folder).as_posix()
+        header: list[str] = []
+        for line in readme.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.startswith("|"):
+                header = []
+                continue
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not header:
+                header = [c.lower() for c in cells]
+                continue
+            column = next((i for i, h in enumerate(header) if h in ("license", "licence")), None)
+            if column is not None and column < len(cells) and cells[0].strip("`") == name:
+                return re.sub(r"\*\*(.+?)\*\*", r"\1", cells[column])
+    return None
 
 
 def _fmt(value: float | None) -> str:

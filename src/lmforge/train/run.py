@@ -59,6 +59,9 @@ class Task:
     val_batches: Callable[[], Iterable[Batch]]
     objective: Objective = LANGUAGE_MODELING
     adapt_model: Callable[[Transformer], nn.Module] | None = None  # load base weights, LoRA, add a head
+    lineage: dict | None = (
+        None  # for the model card: the base model's card, this stage's data (train/card.py)
+    )
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class Run:
     flops_per_token: float
     peak_flops: float | None
     started: float  # time.perf_counter() when the run was set up
+    lineage: dict | None = None  # a fine-tuning task's lineage, for the model card
 
     @property
     def device(self) -> torch.device:
@@ -299,6 +303,7 @@ def setup_run(
             flops_per_token=model_flops_per_token(cfg.model, cfg.train.seq_len),
             peak_flops=peak_flops(world.device, cfg.train.precision, cache_dir),
             started=started,
+            lineage=task.lineage if task else None,
         )
     except BaseException:
         if log is not None:
@@ -322,6 +327,7 @@ def describe(run: Run, state: Any) -> dict:
         "parameters": sum(p.numel() for p in run.model.parameters()),
         "sources": run.data.sources or list(run.data.datasets),
         "data_report": run.data.report,
+        "lineage": run.lineage,
         "tokenizer": run.data.tokenizer_path,
         "step": state.step,
         "tokens": state.tokens,

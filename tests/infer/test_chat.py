@@ -1,0 +1,239 @@
+"""Chat templates render as transformers renders them; a conversation's turns; the chat session and verb."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.config import Config
+from lmforge.errors import DataError
+from lmforge.infer.chat import (
+    DEFAULT_CHAT_TEMPLATE,
+    ChatSession,
+    ChatTemplate,
+    conversation_segments,
+    default_template,
+    encode_chat,
+    read_chat_template,
+    special_token_ids,
+)
+from lmforge.infer.generate import SamplingConfig
+from lmforge.tune.sft import load_examples
+from tests.conftest import require_transformers
+from tests.infer.conftest import tiny_model
+
+CPU = torch.device("cpu")
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Two\nlines"},
+]
+# A multi-line template with block tags, so trim_blocks/lstrip_blocks and raise_exception matter.
+CHATML = """{% for message in messages %}
+    {% if message['role'] == 'tool' %}
+        {{ raise_exception('no tools') }}
+    {% endif %}
+<|im_start|>{{ message['role'] }}
+{{ message['content'] }}<|im_end|>
+{% endfor %}
+{% if add_generation_prompt %}
+<|im_start|>assistant
+{% endif %}"""
+
+
+def text_model(tokenizer, **overrides):
+    """A random tiny model that never picks the char tokenizer's byte-fallback ids 2..257 (their logits are
+    0, below the best of the other ids), so every reply is whole characters."""
+    model = tiny_model(vocab_size=tokenizer.vocab_size, **overrides)
+    with torch.no_grad():
+        model.lm_head.weight[2:258] = 0.0
+    return model
+
+
+def char_tok():
+    from lmforge.data.tokenizer import char_tokenizer
+
+    return char_tokenizer([chr(c) for c in range(32, 127)] + ["\n"])
+
+
+def hf_tokenizer(tokenizer, template: str, tmp_path):
+    """A transformers tokenizer over the same tokenizer.json, with ``template`` as its chat template."""
+    transformers = require_transformers()
+    path = tokenizer.save(tmp_path / "tok" / "tokenizer.json")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(path), eos_token="<|endoftext|>", chat_template=template
+    )
+
+
+@pytest.mark.parametrize("template", [DEFAULT_CHAT_TEMPLATE, CHATML])
+def test_templates_render_byte_for_byte_as_transformers(template, tmp_path):
+    tokenizer = char_tok()
+    hf = hf_tokenizer(tokenizer, template, tmp_path)
+    ours = ChatTemplate(template, eos_token="<|endoftext|>")
+    for generation_prompt in (False, True):
+        expected = hf.apply_chat_template(
+            CONVERSATION, tokenize=False, add_generation_prompt=generation_prompt
+        )
+        assert ours.render(CONVERSATION, add_generation_prompt=generation_prompt) == expected
+    prompt = ours.render(CONVERSATION, add_generation_prompt=True)
+    ids = encode_chat(tokenizer, prompt, special_token_ids(tokenizer, ours))
+    assert ids == hf(prompt, add_special_tokens=False)["input_ids"]  # end-of-text is one special token
+    if template == DEFAULT_CHAT_TEMPLATE:
+        assert prompt == (
+            "<|system|>\nBe brief.<|endoftext|><|user|>\nHi there<|endoftext|><|assistant|>\nHello!"
+            "<|endoftext|><|user|>\nTwo\nlines<|endoftext|><|assistant|>\n"
+        )
+
+
+def test_segments_cover_the_conversation_and_train_each_assistant_turn():
+    template = ChatTemplate(CHATML)
+    messages = CONVERSATION + [{"role": "assistant", "content": "Ok."}]
+    segments = conversation_segments(template, messages, "x:1")
+    assert "".join(s.text for s in segments) == template.render(messages)
+    assert [s.text for s in segments if s.train] == ["Hello!<|im_end|>\n", "Ok.<|im_end|>\n"]
+    header = segments[[s.train for s in segments].index(True) - 1]
+    assert header.text == "<|im_start|>assistant\n" and not header.train
+
+
+def test_bad_messages_and_failing_templates_name_the_record(tmp_path):
+    data = tmp_path / "chat.jsonl"
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    bad_role = {"messages": [{"role": "robot", "content": "x"}]}
+    data.write_text(json.dumps(good) + "\n" + json.dumps(bad_role) + "\n")
+    with pytest.raises(DataError, match=r"chat.jsonl:2: messages\[0\] has role 'robot'"):
+        load_examples(data)
+    bad_content = {"messages": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "b"}]}
+    data.write_text(json.dumps(bad_content) + "\n")
+    with pytest.raises(DataError, match=r"chat.jsonl:1: messages\[0\] content must be a string, got list"):
+        load_examples(data)
+    strict = ChatTemplate(
+        "{% if messages[0]['role'] != 'system' %}{{ raise_exception('start with a system message') }}"
+        "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+        origin="my_template.jinja",
+    )
+    data.write_text(json.dumps(good) + "\n")
+    with pytest.raises(
+        DataError, match=r"chat.jsonl:1: the chat template \(my_template.jinja\) failed.*system"
+    ):
+        load_examples(data, template=strict)
+    with pytest.raises(DataError, match=r"broken.jinja: the chat template does not compile"):
+        ChatTemplate("{% for m in messages %}", origin="broken.jinja").check()
+
+
+def test_template_is_read_from_tokenizer_config_and_chat_template_jinja(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": CHATML, "eos_token": {"content": "</s>"}, "bos_token": "<s>"})
+    )
+    template = read_chat_template(tmp_path)
+    assert template.source == CHATML and template.eos_token == "</s>" and template.bos_token == "<s>"
+    (tmp_path / "chat_template.jinja").write_text(DEFAULT_CHAT_TEMPLATE)
+    assert read_chat_template(tmp_path).is_default
+    assert read_chat_template(tmp_path / "missing") is None
+
+
+def reference_greedy(model, ids: list[int], eos: int, max_new: int) -> list[int]:
+    """Greedy decoding by full recomputation, no cache: the reference for a session's reply."""
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new):
+            token = int(model(torch.tensor([ids + out]))[0, -1].argmax())
+            if token == eos:
+                break
+            out.append(token)
+    return out
+
+
+def test_session_replies_greedily_and_trims_the_oldest_turns_keeping_the_system_prompt():
+    tokenizer = char_tok()
+    model = text_model(tokenizer, max_seq_len=96)
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    template = default_template(tokenizer)
+    session = ChatSession(model, tokenizer, template, sampling, CPU, system="S")
+    specials = special_token_ids(tokenizer, template)
+    for turn in range(6):
+        history = list(session.messages)
+        prompt = template.render(
+            [*history, {"role": "user", "content": f"q{turn}"}], add_generation_prompt=True
+        )
+        pieces: list[str] = []
+        reply = session.send(f"q{turn}", on_text=pieces.append)
+        assert "".join(pieces) == reply.text
+        if not session.notices:  # nothing dropped: the reply answers the whole history
+            ids = encode_chat(tokenizer, prompt, specials)
+            assert reply.tokens == reference_greedy(model, ids, tokenizer.eot_id, 6)
+        assert reply.prompt_tokens + 6 <= 96
+    assert (
+        session.notices
+        and "dropped the oldest" in session.notices[0]
+        and "system prompt" in session.notices[0]
+    )
+    assert session.messages[0] == {"role": "system", "content": "S"}
+    assert session.messages[1]["role"] == "user" and session.messages[1]["content"] != "q0"
+    session.reset()
+    assert session.messages == [{"role": "system", "content": "S"}]
+    with pytest.raises(DataError, match="does not fit the model's context of 96 tokens"):
+        session.send("x" * 200)
+
+
+def test_chat_verb_reads_multiline_input_resets_and_exits(tmp_path, monkeypatch, capsys):
+    from lmforge.checkpoint import save_checkpoint
+
+    tokenizer = char_tok()
+    model = text_model(tokenizer, max_seq_len=128)
+    ckpt = save_checkpoint(
+        tmp_path / "m",
+        model_state=model.state_dict(),
+        config=Config(model=model.cfg),
+        tokenizer_file=tokenizer.save(tmp_path / "tok"),
+    )
+    stdin = 'hello \\\nworld\n"""\na\n\nb\n"""\n/reset\nx\n/exit\nnever sent\n'
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    argv = ["chat", str(ckpt), "--system", "S", "--temperature", "0", "--max-new-tokens", "5"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "has no chat template" in err and "using the default lmforge template" in err
+    session = ChatSession(
+        model,
+        tokenizer,
+        default_template(tokenizer),
+        SamplingConfig(max_new_tokens=5, temperature=0.0),
+        CPU,
+        system="S",
+    )
+    first, second = session.send("hello \nworld").text, session.send("a\n\nb").text
+    session.reset()
+    third = session.send("x").text
+    assert out.split("\n")[:4] == [first, second, "(conversation reset)", third]
+
+
+def test_import_keeps_a_template_and_generate_chat_uses_it(tmp_path, capsys):
+    """An HF folder whose template lives in chat_template.jinja: `lmforge import` keeps it, and
+    `generate --chat` renders the prompt with it (the reply equals a session's on the same model)."""
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.convert import export_model, import_model
+
+    tokenizer = char_tok()
+    model = text_model(tokenizer, max_seq_len=128)
+    ckpt = save_checkpoint(
+        tmp_path / "m",
+        model_state=model.state_dict(),
+        config=Config(model=model.cfg),
+        tokenizer_file=tokenizer.save(tmp_path / "tok"),
+    )
+    hf = export_model(ckpt, tmp_path / "hf", verify=False).out_dir
+    assert read_chat_template(hf) is None  # a model never fine-tuned on a template gets none
+    (hf / "chat_template.jinja").write_text(CHATML)
+    imported = import_model(hf, tmp_path / "imported")
+    assert imported.chat_template and read_chat_template(imported.checkpoint).source == CHATML
+    argv = ["generate", str(imported.checkpoint), "--chat", "--prompt", "hi", "--temperature", "0"]
+    assert main([*argv, "--max-new-tokens", "6", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    session = ChatSession(
+        model, tokenizer, ChatTemplate(CHATML), SamplingConfig(max_new_tokens=6, temperature=0.0), CPU
+    )
+    assert printed["text"] == session.send("hi").text and printed["tokens"] == len(session.last.tokens)
