@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from lmforge.plan.energy import IDLE_POWER_FRACTION, NODE_OVERHEAD_SOURCE, PUE_SOURCE
+from lmforge.plan.energy import (
+    DEFAULT_NODE_OVERHEAD,
+    DEFAULT_PUE,
+    IDLE_POWER_FRACTION,
+    NODE_OVERHEAD_SOURCE,
+    PUE_SOURCE,
+)
 from lmforge.plan.hardware import GIB
 from lmforge.plan.planner import Report
 
@@ -112,7 +118,12 @@ def _energy_lines(report: Report) -> list[str]:
         f"node overhead x PUE {s.pue:g} = {energy.facility_power_w / 1000:.3g} kW for the cluster",
         f"energy    {energy.kwh:,.0f} kWh at the data centre's meter ({energy.device_kwh:,.0f} kWh in the GPUs); "
         f"{energy.co2_kg / 1000:,.3g} t CO2eq at {s.grid_g_per_kwh:g} g/kWh ({s.grid_source})",
-        f"assumed   PUE {PUE_SOURCE}; node overhead {NODE_OVERHEAD_SOURCE}",
+        f"assumed   PUE {PUE_SOURCE if s.pue == DEFAULT_PUE else f'{s.pue:g} (given)'}; node overhead "
+        + (
+            NODE_OVERHEAD_SOURCE
+            if s.node_overhead == DEFAULT_NODE_OVERHEAD
+            else f"{s.node_overhead:g} (given)"
+        ),
     ]
 
 
