@@ -266,6 +266,11 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=lambda: ["\n"])
     sample_tokens: int = 200
     time_limit_minutes: float = 0.0  # 0: no limit; otherwise stop (with a checkpoint) after this long
+    # Emissions of the energy train.energy measures: the grid of a region in plan.energy.GRID_INTENSITY, or
+    # an intensity in g CO2eq/kWh (which wins), and the data centre's PUE (default: plan.energy.DEFAULT_PUE).
+    energy_region: str = "world"
+    grid_intensity: float | None = None
+    pue: float = 1.2
 
     def problems(self) -> list[str]:
         out = []
@@ -293,6 +298,10 @@ class TrainConfig:
                 f"train.sample_tokens={self.sample_tokens} must be >= 1 "
                 f"(for no samples set train.sample_prompts=[])"
             )
+        if self.pue < 1.0:
+            out.append(f"train.pue={self.pue} must be >= 1 (facility energy / IT energy)")
+        if self.grid_intensity is not None and self.grid_intensity < 0:
+            out.append(f"train.grid_intensity={self.grid_intensity} must be >= 0 (g CO2eq/kWh)")
         return out
 
 

@@ -1,4 +1,4 @@
-"""``lmforge plan``: memory, layout, time and cost of a run."""
+"""``lmforge plan``: memory, layout, time, cost, energy and emissions of a run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 
 
 def add_plan(sub) -> None:
-    p = sub.add_parser("plan", help="predict memory, time and cost of training a model on a cluster")
+    p = sub.add_parser("plan", help="predict memory, time, cost and energy of training a model on a cluster")
     p.add_argument("--model", required=True, help="a preset name (e.g. 7b) or a YAML config")
     p.add_argument("overrides", nargs="*", help="dotted model overrides, e.g. model.vocab_size=128256")
     p.add_argument("--gpu", default="H100-80GB", help="a device from the hardware table, or 'auto' to detect")
@@ -23,6 +23,19 @@ def add_plan(sub) -> None:
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--tp", default="", help="tensor-parallel degrees to compare, e.g. 2,4,8")
     p.add_argument("--price-per-gpu-hour", type=float, default=None, help="price of one GPU-hour")
+    p.add_argument(
+        "--region",
+        default=None,
+        help="grid carbon intensity of a region (world, us, eu, france, ...; default world)",
+    )
+    p.add_argument("--grid-intensity", type=float, default=None, help="grid carbon intensity, g CO2eq/kWh")
+    p.add_argument("--pue", type=float, default=None, help="data centre PUE (default 1.2)")
+    p.add_argument(
+        "--node-overhead",
+        type=float,
+        default=None,
+        help="node power beyond the GPUs, x GPU power (default 0.5)",
+    )
     p.add_argument("--hardware-file", default=None, help="a YAML file adding or changing hardware entries")
     p.add_argument(
         "--probe", action="store_true", help="check the plan with a few real steps on this machine"
@@ -56,6 +69,7 @@ def _tp_degrees(text: str) -> tuple[int, ...]:
 def run_plan(args) -> int:
     from lmforge.errors import ConfigError
     from lmforge.model.info import model_config_from_arg
+    from lmforge.plan.energy import DEFAULT_NODE_OVERHEAD, DEFAULT_PUE, energy_settings
     from lmforge.plan.hardware import lookup_interconnect, resolve_hardware
     from lmforge.plan.planner import Cluster, Workload, plan_cluster
     from lmforge.plan.report import render_probe, render_report
@@ -68,6 +82,12 @@ def run_plan(args) -> int:
         gpus_per_node=args.gpus_per_node,
         interconnect=lookup_interconnect(args.interconnect),
         price_per_gpu_hour=args.price_per_gpu_hour,
+        energy=energy_settings(
+            region=args.region,
+            grid_intensity=args.grid_intensity,
+            pue=DEFAULT_PUE if args.pue is None else args.pue,
+            node_overhead=DEFAULT_NODE_OVERHEAD if args.node_overhead is None else args.node_overhead,
+        ),
     )
     workload = Workload(
         seq_len=args.seq or cfg.max_seq_len,

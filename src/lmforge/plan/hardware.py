@@ -44,6 +44,7 @@ class Hardware:
     host_bandwidth_gbs: float = 100.0  # CPU memory bandwidth of one node (CPU optimizer steps)
     compute_efficiency: float = 0.6  # achieved / peak for large matmuls (corrected by --probe)
     overhead_gib: float = 1.5  # CUDA context, cuBLAS workspaces, NCCL buffers
+    power_watts: float = 0.0  # board power (TDP) of one device, or a CPU's package power; 0: unknown
 
     @property
     def peak_flops(self) -> float:
@@ -58,6 +59,8 @@ class Hardware:
         for name in ("peak_tflops", "memory_gib", "memory_bandwidth_gbs", "link_gbs", "pcie_gbs"):
             if getattr(self, name) <= 0:
                 out.append(f"{self.name}.{name}={getattr(self, name)} must be > 0")
+        if self.power_watts < 0:
+            out.append(f"{self.name}.power_watts={self.power_watts} must be >= 0 (0: unknown)")
         if not 0.0 < self.compute_efficiency <= 1.0:
             out.append(f"{self.name}.compute_efficiency={self.compute_efficiency} must be in (0, 1]")
         if self.kind not in ("cuda", "cpu"):
@@ -77,60 +80,74 @@ KNOWN_HARDWARE: dict[str, Hardware] = {
     "A100-40GB": Hardware(
         name="A100-40GB", peak_tflops=312.0, fp32_tflops=19.5, memory_gib=_mib(40960), memory_bandwidth_gbs=1555.0,
         link_gbs=300.0, pcie_gbs=25.0,
+        power_watts=400.0,  # A100 data sheet: SXM4 max TDP 400 W
     ),
     "A100-80GB": Hardware(
         name="A100-80GB", peak_tflops=312.0, fp32_tflops=19.5, memory_gib=_mib(81920), memory_bandwidth_gbs=2039.0,
         link_gbs=300.0, pcie_gbs=25.0,
+        power_watts=400.0,  # A100 data sheet: SXM4 max TDP 400 W
     ),
     "H100-80GB": Hardware(
         name="H100-80GB", peak_tflops=989.0, fp32_tflops=67.0, memory_gib=_mib(81559), memory_bandwidth_gbs=3350.0,
         link_gbs=450.0, pcie_gbs=50.0, host_memory_gib=2048.0, host_bandwidth_gbs=300.0,
+        power_watts=700.0,  # H100 data sheet: SXM5 max TDP up to 700 W
     ),
     "H200": Hardware(
         name="H200", peak_tflops=989.0, fp32_tflops=67.0, memory_gib=_mib(143771), memory_bandwidth_gbs=4800.0,
         link_gbs=450.0, pcie_gbs=50.0, host_memory_gib=2048.0, host_bandwidth_gbs=300.0,
+        power_watts=700.0,  # H200 data sheet: SXM max TDP up to 700 W
     ),
     "L4": Hardware(
         name="L4", peak_tflops=121.0, fp32_tflops=30.3, memory_gib=_mib(23034), memory_bandwidth_gbs=300.0,
         link_gbs=25.0, pcie_gbs=25.0, host_memory_gib=192.0, host_bandwidth_gbs=50.0, overhead_gib=1.0,
+        power_watts=72.0,  # L4 data sheet: max TDP 72 W
     ),
     "A10": Hardware(
         name="A10", peak_tflops=125.0, fp32_tflops=31.2, memory_gib=_mib(23028), memory_bandwidth_gbs=600.0,
         link_gbs=25.0, pcie_gbs=25.0, host_memory_gib=192.0, host_bandwidth_gbs=50.0, overhead_gib=1.0,
+        power_watts=150.0,  # A10 data sheet: max TDP 150 W
     ),
     "RTX-4090": Hardware(
         name="RTX-4090", peak_tflops=165.2, fp32_tflops=82.6, memory_gib=_mib(24564), memory_bandwidth_gbs=1008.0,
         link_gbs=25.0, pcie_gbs=25.0, host_memory_gib=128.0, host_bandwidth_gbs=50.0, overhead_gib=1.0,
+        power_watts=450.0,  # RTX 4090 spec page: total graphics power 450 W
     ),
     "H100-PCIe": Hardware(
         name="H100-PCIe", peak_tflops=756.0, fp32_tflops=51.0, memory_gib=_mib(81559),
         memory_bandwidth_gbs=2000.0, link_gbs=25.0, pcie_gbs=50.0, host_memory_gib=1024.0,
+        power_watts=350.0,  # H100 data sheet: PCIe max TDP 300-350 W
     ),
     "L40S": Hardware(
         name="L40S", peak_tflops=362.0, fp32_tflops=91.6, memory_gib=_mib(46068), memory_bandwidth_gbs=864.0,
         link_gbs=25.0, pcie_gbs=25.0, host_memory_gib=512.0, overhead_gib=1.0,
+        power_watts=350.0,  # L40S data sheet: max power 350 W
     ),
     "A10G": Hardware(
         name="A10G", peak_tflops=70.0, fp32_tflops=31.2, memory_gib=_mib(23028), memory_bandwidth_gbs=600.0,
         link_gbs=25.0, pcie_gbs=25.0, host_memory_gib=192.0, host_bandwidth_gbs=50.0, overhead_gib=1.0,
+        power_watts=300.0,  # AWS G5: nvidia-smi power limit 300 W (NVIDIA publishes no A10G sheet)
     ),
     "V100-32GB": Hardware(  # no bf16: the fp16 tensor-core peak
         name="V100-32GB", peak_tflops=125.0, fp32_tflops=15.7, memory_gib=_mib(32510),
         memory_bandwidth_gbs=900.0, link_gbs=150.0, pcie_gbs=12.0, host_memory_gib=512.0,
+        power_watts=300.0,  # V100 data sheet: SXM2 max power 300 W
     ),
     "T4": Hardware(  # no bf16: the fp16 tensor-core peak
         name="T4", peak_tflops=65.0, fp32_tflops=8.1, memory_gib=_mib(15095), memory_bandwidth_gbs=320.0,
         link_gbs=12.0, pcie_gbs=12.0, host_memory_gib=128.0, host_bandwidth_gbs=50.0, overhead_gib=1.0,
+        power_watts=70.0,  # T4 data sheet: 70 W
     ),
     "RTX-3090": Hardware(
         name="RTX-3090", peak_tflops=71.0, fp32_tflops=35.6, memory_gib=_mib(24576), memory_bandwidth_gbs=936.0,
         link_gbs=25.0, pcie_gbs=25.0, host_memory_gib=128.0, host_bandwidth_gbs=50.0, overhead_gib=1.0,
+        power_watts=350.0,  # RTX 3090 spec page: total graphics power 350 W
     ),
     # A nominal 16-core server CPU (AVX-512 bf16): detection replaces cores and memory with the real ones.
     "CPU": Hardware(
         name="CPU", kind="cpu", peak_tflops=1.6, memory_gib=64.0, memory_bandwidth_gbs=50.0,
         link_gbs=10.0, pcie_gbs=50.0, host_memory_gib=64.0, host_bandwidth_gbs=50.0,
         compute_efficiency=0.5, overhead_gib=0.0,
+        power_watts=16 * 12.5,  # CPU_WATTS_PER_CORE below, for 16 cores
     ),
 }  # fmt: skip
 
@@ -154,6 +171,8 @@ _DEVICE_NAME_HINTS: list[tuple[str, str]] = [
 _SHORT_NAMES = {"h100": "H100-80GB", "a100": "A100-80GB"}
 
 CPU_TFLOPS_PER_CORE = 0.1  # bf16, AVX-512 at ~2.5 GHz; --probe measures the real figure
+# Package power per core: AMD EPYC 9124 (16 cores, 200 W default TDP, AMD product page) = 12.5 W per core.
+CPU_WATTS_PER_CORE = 12.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -281,6 +300,7 @@ def cpu_hardware(cores: int, memory_bytes: int) -> Hardware:
         base,
         name=f"CPU ({cores} cores)",
         peak_tflops=cores * CPU_TFLOPS_PER_CORE,
+        power_watts=cores * CPU_WATTS_PER_CORE,
         memory_gib=memory_bytes / GIB,
         host_memory_gib=memory_bytes / GIB,
     )

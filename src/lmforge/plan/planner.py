@@ -10,6 +10,8 @@ predicts the step time from three parts:
                  interconnect between nodes) at 80% of its bandwidth plus a latency per collective; FSDP's
                  all-gathers and reduce-scatters overlap with compute, DDP's all-reduce with the backward
 The fastest layout that fits is the plan. ``plan.training`` applies the same model to ``lmforge train``.
+Each layout's run also gets its energy and emissions (``plan.energy``): board power at the step's busy
+fraction (compute and memory-bound time over the whole step), node overhead, PUE and grid intensity.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Literal
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
 from lmforge.model.info import count_params, model_flops_per_token
+from lmforge.plan.energy import EnergyEstimate, EnergySettings, run_energy
 from lmforge.plan.hardware import GIB, INTERCONNECTS, Hardware, Interconnect
 from lmforge.plan.memory import Layout, MemoryBreakdown, memory_breakdown, param_counts
 
@@ -40,6 +43,7 @@ class Cluster:
     gpus_per_node: int = 8
     interconnect: Interconnect = INTERCONNECTS["infiniband"]
     price_per_gpu_hour: float | None = None
+    energy: EnergySettings = EnergySettings()
 
     @property
     def nodes(self) -> int:
@@ -78,8 +82,14 @@ class Timing:
     tokens_per_s_per_gpu: float
     mfu: float
 
+    @property
+    def utilisation(self) -> float:
+        """The fraction of the step the device computes (matmuls and element-wise kernels): what its power
+        draw follows. Exposed communication, offload copies and the optimizer count as waiting."""
+        return (self.compute_s + self.memory_bound_s) / self.step_s if self.step_s > 0 else 0.0
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self) | {"utilisation": self.utilisation}
 
 
 @dataclass(frozen=True)
@@ -156,6 +166,26 @@ class Report:
             return None
         return self.gpu_hours * self.cluster.price_per_gpu_hour
 
+    def steps_of(self, candidate: Candidate) -> int:
+        """Optimizer steps to the run's tokens with ``candidate``'s global batch."""
+        lay = candidate.layout
+        return math.ceil(self.total_tokens / (lay.micro_batch * lay.grad_accum * lay.dp * lay.seq_len))
+
+    def energy_of(self, candidate: Candidate) -> EnergyEstimate | None:
+        """The run's energy and emissions with ``candidate``; None when it does not fit or the hardware
+        table has no power figure for the device."""
+        hw = self.cluster.hardware
+        if candidate.timing is None or hw.power_watts <= 0:
+            return None
+        seconds = self.steps_of(candidate) * candidate.timing.step_s
+        return run_energy(
+            hw.power_watts, candidate.timing.utilisation, self.cluster.gpus, seconds, self.cluster.energy
+        )
+
+    @property
+    def energy(self) -> EnergyEstimate | None:
+        return self.energy_of(self.chosen) if self.chosen is not None else None
+
     def shortfall(self) -> str:
         """Why nothing fits, and by how much the leanest layout is over."""
         leanest = min(self.candidates, key=lambda c: c.predicted_bytes)
@@ -192,17 +222,24 @@ class Report:
             "global_batch_tokens": self.sequences_per_step * self.workload.seq_len,
             "total_tokens": self.total_tokens,
             "chinchilla_tokens": self.chinchilla_tokens,
-            "candidates": [c.to_dict() for c in self.candidates],
+            "candidates": [
+                c.to_dict() | {"energy": _energy_dict(self.energy_of(c))} for c in self.candidates
+            ],
             "chosen": chosen,
             "steps": self.steps,
             "wall_seconds": self.wall_seconds,
             "gpu_hours": self.gpu_hours,
             "price_per_gpu_hour": self.cluster.price_per_gpu_hour,
             "cost": self.cost,
+            "energy": _energy_dict(self.energy),
             "fits": self.chosen is not None,
             "shortfall": None if self.chosen else self.shortfall(),
             "notes": self.notes,
         }
+
+
+def _energy_dict(energy: EnergyEstimate | None) -> dict | None:
+    return energy.to_dict() if energy is not None else None
 
 
 # -- time --------------------------------------------------------------------------------------------------
@@ -400,6 +437,7 @@ def check_inputs(cfg: ModelConfig, cluster: Cluster, workload: Workload, tp_degr
         problems.append(f"--tokens={workload.total_tokens} must be >= 1")
     if cluster.price_per_gpu_hour is not None and cluster.price_per_gpu_hour < 0:
         problems.append(f"--price-per-gpu-hour={cluster.price_per_gpu_hour} must be >= 0")
+    problems += cluster.energy.problems()
     for tp in tp_degrees:
         if tp < 1 or cluster.gpus % tp:
             problems.append(f"--tp {tp} must be >= 1 and divide --gpus={cluster.gpus}")
@@ -458,6 +496,10 @@ def plan_cluster(
     chinchilla = CHINCHILLA_TOKENS_PER_PARAM * params
     if workload.total_tokens is None:
         notes.append(f"--tokens not given: planning the compute-optimal {chinchilla:,} tokens")
+    if cluster.hardware.power_watts <= 0:
+        notes.append(
+            f"no power figure for {cluster.hardware.name}: set power_watts in --hardware-file for energy"
+        )
     return Report(
         model=cfg,
         cluster=cluster,

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from lmforge.plan.energy import (
+    DEFAULT_NODE_OVERHEAD,
+    DEFAULT_PUE,
+    IDLE_POWER_FRACTION,
+    NODE_OVERHEAD_SOURCE,
+    PUE_SOURCE,
+)
 from lmforge.plan.hardware import GIB
 from lmforge.plan.planner import Report
 
@@ -18,6 +25,10 @@ def _duration(seconds: float) -> str:
     if seconds < 3 * 86400:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} days"
+
+
+def _amount(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def _tokens(n: float) -> str:
@@ -41,10 +52,10 @@ def render_report(report: Report) -> str:
         "memory per GPU (GiB) at the largest micro-batch that fits (micro-batch 1 where none does):",
     ]
     header = ("layout", "mb", "accum", "weights", "grads", "optim", "activ", "temp", "overhead", "total",
-              "fits", "tokens/s/GPU", "MFU")  # fmt: skip
+              "fits", "tokens/s/GPU", "MFU", "run", "kWh", "kg CO2e")  # fmt: skip
     rows = [header]
     for c in report.candidates:
-        m = c.memory
+        m, energy = c.memory, report.energy_of(c)
         fits = "yes" if c.fits else f"no (+{_gib(c.over_bytes)})" if c.over_bytes else "no (host memory)"
         rows.append((
             c.name, str(c.layout.micro_batch), str(c.layout.grad_accum), _gib(m.weights), _gib(m.gradients),
@@ -52,6 +63,8 @@ def render_report(report: Report) -> str:
             _gib(c.predicted_bytes),
             fits, f"{c.timing.tokens_per_s_per_gpu:,.0f}" if c.timing else "-",
             f"{100 * c.timing.mfu:.1f}%" if c.timing else "-",
+            _duration(report.steps_of(c) * c.timing.step_s) if c.timing else "-",
+            _amount(energy.kwh) if energy else "-", _amount(energy.co2_kg) if energy else "-",
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
@@ -84,6 +97,7 @@ def render_report(report: Report) -> str:
                 else ""
             ),
         ]
+        lines += _energy_lines(report)
     lines.append(
         f"compute-optimal tokens for {_tokens(report.parameters)} parameters: "
         f"{_tokens(report.chinchilla_tokens)} "
@@ -91,6 +105,26 @@ def render_report(report: Report) -> str:
     )
     lines += [f"note      {n}" for n in report.notes]
     return "\n".join(lines)
+
+
+def _energy_lines(report: Report) -> list[str]:
+    energy, hw = report.energy, report.cluster.hardware
+    if energy is None:
+        return []
+    s = energy.settings
+    return [
+        f"power     {hw.power_watts:g} W board power x ({IDLE_POWER_FRACTION:g} + {1 - IDLE_POWER_FRACTION:g} x "
+        f"{100 * energy.utilisation:.0f}% busy) = {energy.device_power_w:.0f} W per GPU; x {1 + s.node_overhead:g} "
+        f"node overhead x PUE {s.pue:g} = {energy.facility_power_w / 1000:.3g} kW for the cluster",
+        f"energy    {energy.kwh:,.0f} kWh at the data centre's meter ({energy.device_kwh:,.0f} kWh in the GPUs); "
+        f"{energy.co2_kg / 1000:,.3g} t CO2eq at {s.grid_g_per_kwh:g} g/kWh ({s.grid_source})",
+        f"assumed   PUE {PUE_SOURCE if s.pue == DEFAULT_PUE else f'{s.pue:g} (given)'}; node overhead "
+        + (
+            NODE_OVERHEAD_SOURCE
+            if s.node_overhead == DEFAULT_NODE_OVERHEAD
+            else f"{s.node_overhead:g} (given)"
+        ),
+    ]
 
 
 def render_probe(probe) -> str:

@@ -35,6 +35,7 @@ class Plan:
     seq_len: int = 0
     predicted_peak_bytes: int
     predicted_step_seconds: float
+    predicted_utilisation: float = 1.0  # busy fraction of the step: the power draw an energy estimate uses
     reason: str = ""
 
     @property
@@ -136,6 +137,7 @@ def plan_training(
             seq_len=seq,
             predicted_peak_bytes=memory.total,
             predicted_step_seconds=timing.step_s,
+            predicted_utilisation=timing.utilisation,
             reason=reason,
         )
     name, memory = leanest

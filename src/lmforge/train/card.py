@@ -1,8 +1,12 @@
-"""MODEL_CARD.md: what a run trained, on what, how, and how well, from the run's summary.
+"""MODEL_CARD.md: what a run trained, on what, how, how well and what it emitted, from its summary.
 
 A fine-tuned model's card records its lineage: this stage's data files (records, examples, licences where the
 data's README states them), then the base model's own card, which holds the base's data sources, cleaning
 report and tokens, or its own lineage for a model fine-tuned more than once.
+
+The card is also the README.md of an exported Hugging Face folder, so the training emissions open it as
+Hugging Face's YAML metadata (``co2_eq_emissions``: grams, source, training type, location, hardware),
+and the Environmental impact section says the same in prose.
 """
 
 from __future__ import annotations
@@ -12,13 +16,16 @@ import re
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from lmforge.train.metrics import format_duration
 
 
 def model_card(summary: dict[str, Any]) -> str:
     """MODEL_CARD.md text from a run summary (see ``train.loop.train``)."""
     m = summary["model"]
-    lines = [
+    lines = [*_front_matter(summary.get("energy"))]
+    lines += [
         f"# {summary['name']}",
         "",
         "A decoder-only Transformer language model trained with lmforge.",
@@ -60,6 +67,7 @@ def model_card(summary: dict[str, Any]) -> str:
         f"- hardware: {summary['hardware']}",
         f"- wall time: {format_duration(summary['wall_seconds'])}",
         "",
+        *_environmental_impact(summary.get("energy")),
         *(_lineage(lineage) if lineage else []),
         "## Limitations",
         "",
@@ -135,6 +143,43 @@ def data_licence(data_file: str | Path) -> str | None:
             if column is not None and column < len(cells) and cells[0].strip("`") == name:
                 return re.sub(r"\*\*(.+?)\*\*", r"\1", cells[column])
     return None
+
+
+def co2_eq_emissions(energy: dict[str, Any]) -> dict[str, Any]:
+    """Hugging Face's model-card metadata for training emissions (grams of CO2eq)."""
+    return {
+        "emissions": float(f"{energy['co2_g']:.6g}"),  # grams, six significant figures
+        "source": f"lmforge; {energy['source']}",
+        "training_type": energy["training_type"],
+        "geographical_location": energy["region"],
+        "hardware_used": energy["hardware"],
+    }
+
+
+def _front_matter(energy: dict[str, Any] | None) -> list[str]:
+    if not energy:
+        return []
+    text = yaml.safe_dump({"co2_eq_emissions": co2_eq_emissions(energy)}, sort_keys=False, width=1000)
+    return ["---", *text.rstrip("\n").splitlines(), "---", ""]
+
+
+def _environmental_impact(energy: dict[str, Any] | None) -> list[str]:
+    if not energy:
+        return []
+    how = "estimated" if energy["estimate"] else "measured"
+    lines = [
+        "## Environmental impact",
+        "",
+        f"- energy ({how}, {energy['method']}): {energy['kwh']:.6g} kWh at the devices",
+        f"- emissions: {energy['co2_g']:.6g} g CO2eq ({energy['training_type']}; "
+        f"PUE {energy['pue']:g}, grid {energy['grid_g_per_kwh']:g} g CO2eq/kWh, {energy['region']})",
+        f"- source: {energy['source']}",
+    ]
+    if energy["estimate"]:
+        lines.append("- this is an estimate, not a measurement: no energy counter could be read")
+    if energy.get("note"):
+        lines.append(f"- note: {energy['note']}")
+    return [*lines, ""]
 
 
 def _fmt(value: float | None) -> str:

@@ -49,6 +49,8 @@ class TrainResult:
     samples: list[str]
     wall_seconds: float
     bad_steps: int
+    energy_kwh: float = 0.0  # the devices' energy over all attempts of the run (train.energy)
+    co2_g: float = 0.0
 
 
 @dataclass
@@ -64,6 +66,7 @@ class LoopState:
     val_loss: float | None = None
     last_checkpoint: Path | None = None
     samples: list[str] = field(default_factory=list)
+    energy_kwh: float = 0.0  # all attempts of this run: a resumed run adds to it
 
     def wall_seconds(self, run: Run) -> float:
         return self.wall_before + time.perf_counter() - run.started
@@ -76,6 +79,7 @@ class LoopState:
             "last_loss": self.last_loss,
             "val_loss": self.val_loss,
             "wall_seconds": self.wall_seconds(run),
+            "energy_kwh": self.energy_kwh,
         }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
@@ -83,6 +87,7 @@ class LoopState:
         self.bad.load_state_dict(saved["bad_steps"])
         self.spikes.load_state_dict(saved["spikes"])
         self.last_loss, self.val_loss = saved.get("last_loss"), saved.get("val_loss")
+        self.energy_kwh = saved.get("energy_kwh", 0.0)
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -243,15 +248,34 @@ def roll_back(run: Run, state: LoopState) -> None:
             f"{state.bad.consecutive} consecutive non-finite steps (train.max_bad_steps="
             f"{run.cfg.train.max_bad_steps}) and no checkpoint to roll back to; lower train.lr or check the data"
         )
-    position, total_bad = run.loader.state_dict(), state.bad.total
+    position, total_bad, energy = run.loader.state_dict(), state.bad.total, state.energy_kwh
     saved = restore(run, previous.path, state)
     set_rng_state(saved["rng"])
     run.loader.load_state_dict(position)
     state.bad.total, state.bad.consecutive = total_bad, 0
+    state.energy_kwh = energy  # the energy was drawn all the same
     run.log.warning(
         f"rolled back to {previous.path} (step {state.step}); the data stream continues past the bad batches"
     )
     run.log.truncate_after(state.step)
+
+
+def measure_energy(run: Run, state: LoopState) -> dict[str, Any]:
+    """The energy of all processes' devices since the last call, added to the run's total, as metrics."""
+    kwh = run.energy.interval_kwh()
+    if run.world.distributed:
+        total = torch.tensor([kwh], device=run.device, dtype=torch.float64)
+        dist.all_reduce(total)
+        kwh = total.item()
+    state.energy_kwh += kwh
+    return {
+        "energy_kwh": kwh,
+        "energy_kwh_total": state.energy_kwh,
+        "co2_g": run.energy.co2_g(kwh),
+        "co2_g_total": run.energy.co2_g(state.energy_kwh),
+        "energy_method": run.energy.method,
+        "energy_estimate": run.energy.estimate,
+    }
 
 
 def log_step(run: Run, state: LoopState, values: dict[str, float], interval: tuple[float, int]) -> None:
@@ -267,6 +291,7 @@ def log_step(run: Run, state: LoopState, values: dict[str, float], interval: tup
             "mfu": achieved / run.peak_flops if run.peak_flops else None,
             "memory_gb": memory_gb(run.device),
             "skipped_steps": state.bad.total,
+            **measure_energy(run, state),
         },
     )
 
@@ -298,6 +323,7 @@ def finish(run: Run, state: LoopState, stopped_by: str | None) -> None:
         state.samples = sample_texts(run, state.step)
         text = "\n\n".join(f"--- step {state.step} ---\n{s}" for s in state.samples) + "\n"
         write_text_atomic(run.run_dir / "samples.txt", text)
+    run.log.log(state.step, measure_energy(run, state), show=False)  # samples, last evaluation: the total
     card = model_card(describe(run, state))
     save(run, state, extra_files={"MODEL_CARD.md": card})
     if run.world.is_main:
@@ -339,6 +365,7 @@ def run_loop(run: Run) -> TrainResult:
             if agree(signals.received is not None, world):
                 stopped_by = signals.received or "SIGTERM"
                 break
+            run.energy.poll()  # a wrapping energy counter is read every step
             batches = [run.loader.next_batch() for _ in range(run.grad_accum)]
             loss_sum = forward_backward(
                 run.model,
@@ -393,6 +420,8 @@ def run_loop(run: Run) -> TrainResult:
         samples=state.samples,
         wall_seconds=state.wall_seconds(run),
         bad_steps=state.bad.total,
+        energy_kwh=state.energy_kwh,
+        co2_g=run.energy.co2_g(state.energy_kwh),
     )
 
 

@@ -46,6 +46,7 @@ from lmforge.plan.hardware import hardware_summary, peak_flops
 from lmforge.plan.training import Plan, apply_plan, plan_training
 from lmforge.train.autoplan import refine_plan_by_trial
 from lmforge.train.data import RunData, build_loader, resolve_data, validation_batches
+from lmforge.train.energy import EnergyMeter, meter_for_run
 from lmforge.train.metrics import RunLogger
 from lmforge.train.objectives import LANGUAGE_MODELING, Objective
 from lmforge.train.optim import build_optimizer
@@ -85,6 +86,7 @@ class Run:
     flops_per_token: float
     peak_flops: float | None
     started: float  # time.perf_counter() when the run was set up
+    energy: EnergyMeter  # this process's device energy (train.energy), read at every logging step
     lineage: dict | None = None  # a fine-tuning task's lineage, for the model card
 
     @property
@@ -304,6 +306,12 @@ def setup_run(
             peak_flops=peak_flops(world.device, cfg.train.precision, cache_dir),
             started=started,
             lineage=task.lineage if task else None,
+            energy=meter_for_run(
+                cfg.train,
+                world,
+                utilisation=plan.predicted_utilisation if plan is not None else 1.0,
+                fine_tuning=task is not None and task.adapt_model is not None,  # from base weights
+            ),
         )
     except BaseException:
         if log is not None:
@@ -343,4 +351,5 @@ def describe(run: Run, state: Any) -> dict:
         "bad_steps": state.bad.total,
         "hardware": hardware_summary(run.device),
         "wall_seconds": state.wall_seconds(run),
+        "energy": run.energy.summary(state.energy_kwh),
     }
