@@ -40,6 +40,7 @@ from torch import nn
 from lmforge.data.batch import IGNORE_INDEX, Batch
 from lmforge.errors import ConfigError, DataError
 from lmforge.files import jsonl_records
+from lmforge.infer.chat import default_template
 from lmforge.tune.lora import LoRAConfig, LoRALinear, apply_lora
 from lmforge.tune.rows import RowLoader
 from lmforge.tune.sft import Segment, record_examples, split_examples, tokenize_example
@@ -64,7 +65,7 @@ def _last_answer_only(segments: list[Segment]) -> list[Segment]:
     return [Segment(s.text, s.train and first <= i <= last) for i, s in enumerate(segments)]
 
 
-def _message_side(obj: dict, side: str, where: str) -> tuple[list, list[Segment]]:
+def _message_side(obj: dict, side: str, where: str, template=None) -> tuple[list, list[Segment]]:
     messages = obj[side]
     prompt = obj.get("prompt", [])
     if not isinstance(prompt, list):
@@ -72,13 +73,13 @@ def _message_side(obj: dict, side: str, where: str) -> tuple[list, list[Segment]
     if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
         raise DataError(f"{where}: the last message of {side!r} must be the assistant's answer")
     full = prompt + messages
-    (segments,) = record_examples({"messages": full}, f"{where} {side}")
+    (segments,) = record_examples({"messages": full}, f"{where} {side}", template)
     return full[:-1], _last_answer_only(segments)
 
 
-def record_pair(obj: dict, where: str) -> PairRecord:
-    """The chosen and rejected examples of one preference record; a record without pairs names the fields
-    it has."""
+def record_pair(obj: dict, where: str, template=None) -> PairRecord:
+    """The chosen and rejected examples of one preference record (message lists rendered through the model's
+    chat ``template``, default: lmforge's); a record without pairs names the fields it has."""
     if "chosen" not in obj or "rejected" not in obj:
         raise DataError(
             f"{where}: not a preference pair: needs 'chosen' and 'rejected' (strings with a 'prompt' string, "
@@ -97,8 +98,8 @@ def record_pair(obj: dict, where: str) -> PairRecord:
             where,
         )
     if isinstance(chosen, list) and isinstance(rejected, list):
-        chosen_prompt, chosen_segments = _message_side(obj, "chosen", where)
-        rejected_prompt, rejected_segments = _message_side(obj, "rejected", where)
+        chosen_prompt, chosen_segments = _message_side(obj, "chosen", where, template)
+        rejected_prompt, rejected_segments = _message_side(obj, "rejected", where, template)
         if chosen_prompt != rejected_prompt:
             raise DataError(f"{where}: 'chosen' and 'rejected' differ before their last message (the prompt)")
         return PairRecord(chosen_segments, rejected_segments, where)
@@ -108,12 +109,12 @@ def record_pair(obj: dict, where: str) -> PairRecord:
     )
 
 
-def load_pairs(path: str | Path, limit: int | None = None) -> list[PairRecord]:
+def load_pairs(path: str | Path, limit: int | None = None, template=None) -> list[PairRecord]:
     out = []
     for obj, where in jsonl_records(path, "preference data file"):
         if limit is not None and len(out) >= limit:
             break
-        out.append(record_pair(obj, where))
+        out.append(record_pair(obj, where, template))
     if not out:
         raise DataError(f"{path}: no preference pairs")
     return out
@@ -133,6 +134,16 @@ def _answer(segments: list[Segment]) -> str:
     return "".join(s.text for s in segments if s.train)
 
 
+def _ends_with_eot(example: tuple[list[int], list[int]], tokenizer) -> tuple[list[int], list[int]]:
+    """A text answer learns to end too: end-of-text is appended as its last target (a chat template's
+    turns end with it already)."""
+    inputs, targets = example
+    eot = tokenizer.eot_id
+    if eot is None or not targets or targets[-1] == eot:
+        return inputs, targets
+    return inputs + [targets[-1]], targets + [eot]
+
+
 def tokenize_pairs(records: Sequence[PairRecord], tokenizer, seq_len: int) -> tuple[list[PairRow], list[str]]:
     """Rows of the usable pairs and, for every skipped one, ``file:line: why``."""
     rows, skipped = [], []
@@ -144,7 +155,10 @@ def tokenize_pairs(records: Sequence[PairRecord], tokenizer, seq_len: int) -> tu
         if rec.chosen == rec.rejected:
             skipped.append(f"{rec.where}: chosen and rejected are identical")
             continue
-        sides = [tokenize_example(s, tokenizer, 1 << 30) for s in (rec.chosen, rec.rejected)]
+        sides = [
+            _ends_with_eot(tokenize_example(s, tokenizer, 1 << 30), tokenizer)
+            for s in (rec.chosen, rec.rejected)
+        ]
         longest = max(len(inputs) for inputs, _ in sides)
         if longest > seq_len:
             skipped.append(f"{rec.where}: {longest} tokens, more than train.seq_len={seq_len}")
@@ -433,11 +447,11 @@ class PreferenceResult:
 
 
 def read_pairs(
-    data_path: str | Path, tokenizer, cfg, val_fraction: float, limit: int | None
+    data_path: str | Path, tokenizer, cfg, val_fraction: float, limit: int | None, template=None
 ) -> tuple[list[PairRow], list[PairRow], list[str]]:
     """(train rows, held-out rows, skipped pairs as "file:line: why") of a preference file."""
 
-    records = load_pairs(data_path, limit)
+    records = load_pairs(data_path, limit, template)
     rows, skipped = tokenize_pairs(records, tokenizer, cfg.train.seq_len)
     if not rows:
         raise DataError(
@@ -457,6 +471,27 @@ def score_saved(
     tuned = build_model(cfg.model, device="cpu")
     tuned.load_state_dict(load_model_state(model_dir, cfg), strict=True)
     return score_pairs(tuned.to(device), objective, rows, pad_id=pad_id, device=device)
+
+
+def preference_lineage(base, loaded, data_path, method: str, template, split: tuple) -> dict:
+    """What the model card says of where this model comes from: this stage's data, then the base's card."""
+    from lmforge.train.card import data_licence, find_card
+
+    train_rows, val_rows, skipped = split
+    pairs = len(train_rows) + len(val_rows)
+    data = {"path": str(data_path), "records": pairs + len(skipped), "examples": pairs}
+    return {
+        "base": str(base),
+        "base_card": find_card(loaded.directory),
+        "stage": f"preference tuning ({method.upper()})",
+        "data": [{**data, "licence": data_licence(data_path)}],
+        "chat_template": template.origin,
+        "counts": {
+            "train pairs": len(train_rows),
+            "held-out pairs": len(val_rows),
+            "skipped pairs": len(skipped),
+        },
+    }
 
 
 def tune_preferences(
@@ -488,7 +523,8 @@ def tune_preferences(
     loaded = load_for_inference(base, device=torch.device("cpu"))
     tokenizer = loaded.require_tokenizer()
     cfg = finetune_config(loaded.config, out_dir, overrides)
-    train_rows, val_rows, skipped = read_pairs(data_path, tokenizer, cfg, val_fraction, limit)
+    template = loaded.chat_template or default_template(tokenizer)
+    train_rows, val_rows, skipped = read_pairs(data_path, tokenizer, cfg, val_fraction, limit, template)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eot_id or 0)
     uses_reference = preference.method == "dpo"
     cached = uses_reference and preference.reference == "cached"
@@ -535,7 +571,12 @@ def tune_preferences(
             live.copy = copy.deepcopy(model).requires_grad_(False).eval()
         return apply_lora(model, lora) if lora is not None else model
 
-    task = Task(loader=loader, val_batches=val_batches, objective=objective, adapt_model=adapt)
+    lineage = preference_lineage(
+        base, loaded, data_path, preference.method, template, (train_rows, val_rows, skipped)
+    )
+    task = Task(
+        loader=loader, val_batches=val_batches, objective=objective, adapt_model=adapt, lineage=lineage
+    )
     result = train(cfg, resume=resume, task=task, progress=progress)
     if live is not None:
         live.copy = None  # the frozen copy is no longer needed
