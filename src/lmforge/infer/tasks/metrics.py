@@ -4,7 +4,7 @@
   tokenizer keeps only ``[a-z0-9]`` and so scores any Chinese text as empty; ``CJKTokenizer`` gives every CJK
   character its own token and leaves the rest to the default tokenizer (identical on text without CJK).
 * BLEU and chrF through ``sacrebleu``, corpus-level, with its signature string; tokenizer ``zh`` for Chinese
-  targets, ``13a`` otherwise. Standard errors come from sacrebleu's own bootstrap resampling.
+  targets, ``13a`` otherwise. Standard errors by bootstrap over items (100 resamples, fixed seed).
 * Exact match and F1 with the SQuAD v1.1 evaluation script's answer normalisation (``qa_scores``), and for
   Chinese the CMRC 2018 script's: punctuation removed, CJK characters as tokens, F1 from the longest common
   substring of the token lists.
@@ -89,26 +89,35 @@ def rouge_item(scorer, prediction: str, references: Sequence[str]) -> dict[str, 
 
 # -- BLEU and chrF ----------------------------------------------------------------------------------------
 
-BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_RESAMPLES = 100  # as lm-evaluation-harness caps the bootstrap of corpus BLEU/chrF
+BOOTSTRAP_SEED = 12345
 
 
 def bleu_chrf(predictions: Sequence[str], references: Sequence[Sequence[str]], language: str) -> dict:
-    """Corpus BLEU and chrF (sacrebleu, 0..100) with their signatures and bootstrap standard errors.
+    """Corpus BLEU and chrF (sacrebleu, 0..100) with their signatures and bootstrap standard errors (items
+    resampled with replacement, the corpus score recomputed, the standard deviation of those scores).
     ``references[i]`` are the references of item i (items may have different counts: missing ones are None)."""
     sacrebleu = _require("sacrebleu.metrics", "sacrebleu")
+    import numpy as np
+
     tokenize = "zh" if language == "zh" else "13a"
     width = max(len(r) for r in references)
     streams = [[r[j] if j < len(r) else None for r in references] for j in range(width)]
     out: dict = {}
     for name, metric in (("bleu", sacrebleu.BLEU(tokenize=tokenize)), ("chrf", sacrebleu.CHRF())):
-        score = metric.corpus_score(list(predictions), streams)
-        out[name] = score.score
+        out[name] = metric.corpus_score(list(predictions), streams).score
         out[f"{name}_signature"] = metric.get_signature().format()
         if len(predictions) > 1:
-            # sacrebleu's bootstrap (seed 12345 unless SACREBLEU_SEED is set): its 95% half-width / 1.96
-            boot = type(metric)(tokenize=tokenize) if name == "bleu" else type(metric)()
-            resampled = boot.corpus_score(list(predictions), streams, n_bootstrap=BOOTSTRAP_RESAMPLES)
-            out[f"{name}_stderr"] = resampled._ci / 1.96
+            rng = np.random.default_rng(BOOTSTRAP_SEED)
+            scores = []
+            for _ in range(BOOTSTRAP_RESAMPLES):
+                pick = rng.integers(0, len(predictions), len(predictions))
+                scores.append(
+                    metric.corpus_score(
+                        [predictions[i] for i in pick], [[s[i] for i in pick] for s in streams]
+                    ).score
+                )
+            out[f"{name}_stderr"] = float(np.std(scores, ddof=1))
     return out
 
 

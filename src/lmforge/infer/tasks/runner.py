@@ -174,7 +174,7 @@ def score(
     n = len(preds)
     if spec.kind == "translation":
         items = [{"sentence_bleu": M.sentence_bleu(p, r, spec.language)} for p, r in zip(preds, references)]
-        return M.bleu_chrf(preds, references, spec.language), items
+        return {**M.bleu_chrf(preds, references, spec.language), "n": n}, items
     if spec.kind == "summarization":
         scorer = M.rouge_scorer()
         items = [M.rouge_item(scorer, p, r) for p, r in zip(preds, references)]
