@@ -168,8 +168,14 @@ def test_eval_verb_writes_metrics_config_fingerprint_and_samples(checkpoint, tmp
     printed = capsys.readouterr().out
     assert "exact_match" in printed and "f1" in printed
     report = json.loads(out.read_text(encoding="utf-8"))
-    manifest = json.loads((checkpoint / "manifest.json").read_text())
-    assert manifest and report["fingerprint"].startswith("sha256:") and len(report["fingerprint"]) == 71
+    from lmforge.infer.evaluate import model_fingerprint
+    from lmforge.infer.loading import load_for_inference
+
+    model = load_for_inference(checkpoint, device=CPU).model
+    assert report["fingerprint"] == model_fingerprint(model) and len(report["fingerprint"]) == 71
+    with torch.no_grad():
+        next(model.parameters())[0, 0] += 1e-3
+    assert model_fingerprint(model) != report["fingerprint"]  # any change to a weight shows
     assert report["results"]["task"]["n"] == 4
     task = report["tasks"]["task"]
     assert task["config"]["num_fewshot"] == 2 and len(task["samples"]) == 4

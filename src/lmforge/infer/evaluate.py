@@ -489,7 +489,7 @@ class EvalReport:
     model: str  # the folder the weights came from
     results: dict[str, dict]
     notes: list[str]
-    fingerprint: str = ""  # sha256 of the checkpoint manifest, or of the weights files
+    fingerprint: str = ""  # sha256 of the weights (model_fingerprint)
     tasks: dict[str, dict] = field(default_factory=dict)  # task name -> its config and per-item samples
     config: dict = field(default_factory=dict)  # how the evaluation was run
 
@@ -508,21 +508,16 @@ class EvalReport:
         return out
 
 
-def model_fingerprint(directory: str | Path) -> str:
-    """What identifies the weights: ``sha256:`` of an lmforge checkpoint's manifest.json (which holds every
-    file's sha256), else of the weights files' sha256 digests in name order (a Hugging Face folder)."""
+def model_fingerprint(model: Transformer) -> str:
+    """``sha256:`` over the weights themselves (each tensor's name, dtype, shape and bytes, in name order): the
+    same for a checkpoint and its Hugging Face export, different after any change to a weight."""
     import hashlib
 
-    from lmforge.checkpoint import sha256_file
-
-    directory = Path(directory)
-    manifest = directory / "manifest.json"
-    if manifest.is_file():
-        return "sha256:" + sha256_file(manifest)
-    weights = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
     digest = hashlib.sha256()
-    for path in weights:
-        digest.update(f"{path.name} {sha256_file(path)}\n".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name} {data.dtype} {tuple(data.shape)}\n".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
     return "sha256:" + digest.hexdigest()
 
 
@@ -603,7 +598,7 @@ def evaluate_model(
         model=str(loaded.directory),
         results=results,
         notes=notes,
-        fingerprint=model_fingerprint(loaded.directory),
+        fingerprint=model_fingerprint(loaded.model),
         tasks=ran,
         config=config,
     )
