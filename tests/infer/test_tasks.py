@@ -187,3 +187,10 @@ def test_eval_verb_names_the_known_tasks_for_an_unknown_one(checkpoint, tmp_path
         main(["eval", str(checkpoint), "--task", "nope", "--data-dir", str(tmp_path), "--device", "cpu"]) == 2
     )
     assert "known tasks are arc-challenge" in capsys.readouterr().err
+
+
+def test_eval_verb_names_a_record_without_a_field_before_loading(tmp_path, capsys):
+    spec = write_task(tmp_path, RECORDS[:2] + [{"q": "no answer", "id": "x"}], QA_SPEC)
+    code = main(["eval", str(tmp_path / "no_model_here"), "--task", str(spec), "--device", "cpu"])
+    assert code == 2
+    assert "task.jsonl:3: no field 'a' for task 'task' (found: id, q)" in capsys.readouterr().err

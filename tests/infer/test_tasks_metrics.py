@@ -185,3 +185,14 @@ def test_all_empty_predictions_score_zero_everywhere():
         assert all(v == 0 for k, v in metrics.items() if k not in ("n",) and not k.endswith("signature")), (
             metrics
         )
+
+
+def test_scores_are_also_reported_per_language():
+    predictions = ["猫坐在垫子上", "the cat sat", "北京"]
+    references = [["猫坐在地上"], ["the cat sat down"], ["北京"]]
+    metrics, items = score(spec("summarization"), predictions, references, ["zh", "en", "zh"])
+    assert metrics["n_zh"] == 2 and metrics["n_en"] == 1
+    assert metrics["rouge1_zh"] == pytest.approx((items[0]["rouge1"] + items[2]["rouge1"]) / 2)
+    assert metrics["rouge1_en"] == pytest.approx(items[1]["rouge1"])
+    qa, _ = score(spec("qa"), ["北京大学", "Paris"], [["北京"], ["Paris"]], ["zh", "en"])
+    assert qa["f1_zh"] == pytest.approx(100 * 2 / 3) and qa["f1_en"] == 100.0

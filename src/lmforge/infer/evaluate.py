@@ -547,6 +547,7 @@ def evaluate_model(
     when ``chat``. Every input is checked before the weights are loaded."""
     from lmforge.infer.loading import load_for_inference
     from lmforge.infer.tasks import TaskOptions, resolve_task, run_task
+    from lmforge.infer.tasks.spec import read_items
 
     if not texts and not tasks and not prepared:
         raise DataError(
@@ -556,6 +557,9 @@ def evaluate_model(
     specs = [resolve_task(t, data_dir) for t in tasks if not str(t).endswith(".jsonl")]
     missing = [p for p in [*texts, *choice_files, *(s.data for s in specs)] if not Path(p).is_file()]
     missing += [s.fewshot.data for s in specs if s.fewshot.data is not None and not s.fewshot.data.is_file()]
+    for spec in specs:  # a record without a field the spec reads is reported before the weights are read
+        if spec.kind != "multiple_choice":
+            read_items(spec, limit=limit)
     if missing:
         raise DataError(f"{missing[0]}: no such file")
     unprepared = [d for d in prepared if not (Path(d) / "meta.json").is_file()]

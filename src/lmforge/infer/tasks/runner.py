@@ -167,11 +167,16 @@ def generate_batched(
 
 
 def score(
-    spec: TaskSpec, predictions: Sequence[str], references: Sequence[list[str]]
+    spec: TaskSpec,
+    predictions: Sequence[str],
+    references: Sequence[list[str]],
+    languages: Sequence[str] | None = None,
 ) -> tuple[dict, list[dict]]:
-    """(task metrics, per-item scores) of stripped predictions against their references."""
+    """(task metrics, per-item scores) of stripped predictions against their references. With items in
+    several ``languages`` (summarization, qa) each mean is also given per language (``rouge1_zh``)."""
     preds = [p.strip() for p in predictions]
     n = len(preds)
+    languages = list(languages) if languages is not None else [spec.language] * n
     if spec.kind == "translation":
         items = [{"sentence_bleu": M.sentence_bleu(p, r, spec.language)} for p, r in zip(preds, references)]
         return {**M.bleu_chrf(preds, references, spec.language), "n": n}, items
@@ -180,7 +185,7 @@ def score(
         items = [M.rouge_item(scorer, p, r) for p, r in zip(preds, references)]
         names, scale = M.ROUGE_TYPES, 1.0  # rouge-score's scale, 0..1
     elif spec.kind == "qa":
-        items = [M.qa_item(p, r, spec.language) for p, r in zip(preds, references)]
+        items = [M.qa_item(p, r, lang) for p, r, lang in zip(preds, references, languages)]
         names, scale = ("exact_match", "f1"), 100.0  # the SQuAD and CMRC scripts' scale, 0..100
     elif spec.kind == "classification":
         words = sorted(set(spec.labels.values()))
@@ -196,6 +201,13 @@ def score(
         mean, stderr = M.mean_stderr([it[name] for it in items])
         out[name], out[f"{name}_stderr"] = mean * scale, stderr * scale
     out["n"] = n
+    if len(set(languages)) > 1:
+        for lang in sorted(set(languages)):
+            own = [it for it, item_lang in zip(items, languages) if item_lang == lang]
+            for name in names:
+                mean, stderr = M.mean_stderr([it[name] for it in own])
+                out[f"{name}_{lang}"], out[f"{name}_{lang}_stderr"] = mean * scale, stderr * scale
+            out[f"n_{lang}"] = len(own)
     return out, items
 
 
@@ -252,7 +264,10 @@ def run_task(
         model, tokenizer, ids, sampling, device=device, batch_size=options.batch_size
     )
     references = [item.references(spec) for item in items]
-    metrics, item_scores = score(spec, predictions, references)
+    languages = [item.language(spec) for item in items]
+    if spec.kind == "translation" and len(set(languages)) > 1:
+        raise ConfigError(f"task {spec.name!r}: a translation task has one target language (use language:)")
+    metrics, item_scores = score(spec, predictions, references, languages)
     metrics["truncated"] = truncated
     samples = [
         {

@@ -12,6 +12,7 @@ A spec, e.g. ``flores-zh-en.yaml``::
     references: en              # the field with the reference: a string or a list of strings
     document: zh                # the field cut from the left when a prompt is longer than the context
     language: en                # of the references: zh selects Chinese tokenisation in the metrics
+    # language_field: lang      # or each record's own language (summarization, qa: scores per language too)
     fewshot: {k: 0, data: null, seed: 1234}   # data: a separate file; null: the same file minus the item
     stop: ["\\n"]
     max_new_tokens: 128
@@ -34,7 +35,7 @@ GENERATIVE = ("summarization", "translation", "qa", "classification")
 KINDS = (*GENERATIVE, "multiple_choice", "completion")
 SPEC_KEYS = {
     "name", "kind", "data", "prompt", "answer", "references", "document", "language", "labels",
-    "fewshot", "stop", "max_new_tokens", "chat",
+    "fewshot", "stop", "max_new_tokens", "chat", "language_field",
 }  # fmt: skip
 FEWSHOT_KEYS = {"k", "data", "seed"}
 
@@ -59,6 +60,9 @@ class TaskSpec:
     references: str = ""
     document: str | None = None
     language: str = "en"
+    language_field: str | None = (
+        None  # a field naming each item's language (scores are also given per language)
+    )
     labels: dict[str, str] = field(default_factory=dict)  # classification: reference value -> label word
     fewshot: FewShot = FewShot()
     stop: tuple[str, ...] = ("\n",)
@@ -73,6 +77,8 @@ class TaskSpec:
             names.append(self.references)
         if self.document:
             names.append(self.document)
+        if self.language_field:
+            names.append(self.language_field)
         return list(dict.fromkeys(names))
 
     def to_dict(self) -> dict:
@@ -86,6 +92,7 @@ class TaskSpec:
             "references": self.references,
             "document": self.document,
             "language": self.language,
+            "language_field": self.language_field,
             "labels": dict(self.labels),
             "fewshot": {
                 "k": self.fewshot.k,
@@ -202,6 +209,7 @@ def load_spec(path: str | Path, *, data_root: Path | None = None) -> TaskSpec:
         references=raw.get("references", ""),
         document=raw.get("document"),
         language=str(raw.get("language", "en")),
+        language_field=raw.get("language_field"),
         labels=labels,
         fewshot=FewShot(
             k=k,
@@ -221,6 +229,9 @@ def load_spec(path: str | Path, *, data_root: Path | None = None) -> TaskSpec:
 class Item:
     record: dict
     where: str  # file:line
+
+    def language(self, spec: TaskSpec) -> str:
+        return str(self.record[spec.language_field]) if spec.language_field else spec.language
 
     def references(self, spec: TaskSpec) -> list[str]:
         value = self.record[spec.references]
