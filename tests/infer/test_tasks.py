@@ -194,3 +194,22 @@ def test_eval_verb_names_a_record_without_a_field_before_loading(tmp_path, capsy
     code = main(["eval", str(tmp_path / "no_model_here"), "--task", str(spec), "--device", "cpu"])
     assert code == 2
     assert "task.jsonl:3: no field 'a' for task 'task' (found: id, q)" in capsys.readouterr().err
+
+
+def test_multiple_choice_and_completion_specs_use_the_log_likelihood_scorer(tmp_path):
+    from lmforge.infer.evaluate import evaluate_choice_task
+
+    mc = [{"query": f"Question {i}?", "choices": ["yes", "no", "maybe"], "gold": i % 3} for i in range(5)]
+    spec = write_task(tmp_path, mc, "kind: multiple_choice\ndata: DATA\n", name="mc")
+    model, tok = tiny_model(seed=2, max_seq_len=64), ByteTokenizer()
+    result = run_task(model, tok, load_spec(spec), device=CPU)
+    assert result.metrics == evaluate_choice_task(model, tok, tmp_path / "mc.jsonl", device=CPU)
+    assert len(result.samples) == 5 and len(result.samples[0]["loglikelihoods"]) == 3
+    records = [{"context": "abc abc abc", "continuation": "abc"}, {"context": "xyz", "continuation": "q"}]
+    spec = write_task(
+        tmp_path, records, 'kind: completion\ndata: DATA\nprompt: "{context}"\nanswer: " {continuation}"\n'
+        "references: continuation\n", name="lambada_like",
+    )  # fmt: skip
+    result = run_task(model, tok, load_spec(spec), device=CPU)
+    assert result.metrics["n"] == 2 and result.metrics["tokens"] == 4 + 2  # " abc", " q" in bytes
+    assert result.metrics["perplexity"] > 1 and result.metrics["acc"] in (0.0, 0.5, 1.0)

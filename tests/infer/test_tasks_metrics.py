@@ -196,3 +196,13 @@ def test_scores_are_also_reported_per_language():
     assert metrics["rouge1_en"] == pytest.approx(items[1]["rouge1"])
     qa, _ = score(spec("qa"), ["北京大学", "Paris"], [["北京"], ["Paris"]], ["zh", "en"])
     assert qa["f1_zh"] == pytest.approx(100 * 2 / 3) and qa["f1_en"] == 100.0
+
+
+def test_a_missing_metric_package_names_the_extra(monkeypatch):
+    import sys
+
+    from lmforge.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "sacrebleu.metrics", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"needs the 'sacrebleu' package.*lmforge\[eval\]"):
+        score(spec("translation"), ["a"], [["a"]])
