@@ -213,3 +213,24 @@ def test_multiple_choice_and_completion_specs_use_the_log_likelihood_scorer(tmp_
     result = run_task(model, tok, load_spec(spec), device=CPU)
     assert result.metrics["n"] == 2 and result.metrics["tokens"] == 4 + 2  # " abc", " q" in bytes
     assert result.metrics["perplexity"] > 1 and result.metrics["acc"] in (0.0, 0.5, 1.0)
+
+
+def test_chat_prompts_go_through_the_given_template_and_encoder(tmp_path):
+    spec = load_spec(write_task(tmp_path, RECORDS, QA_SPEC))
+    tok, encoded = ByteTokenizer(), []
+
+    def render_chat(messages):
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    def encode_chat(text):
+        encoded.append(text)
+        return tok.encode(text)
+
+    options = TaskOptions(chat=True, num_fewshot=1, limit=2)
+    result = run_task(
+        tiny_model(seed=3), tok, spec, options, device=CPU, render_chat=render_chat, encode_chat=encode_chat
+    )
+    assert result.samples[0]["prompt"].startswith("<user>Q: ") and result.samples[0]["prompt"].endswith(
+        "<user>Q: question 0\nA:<assistant>"
+    )
+    assert encoded == [s["prompt"] for s in result.samples] and result.config["chat"] is True

@@ -536,6 +536,7 @@ def evaluate_model(
     num_fewshot: int | None = None,
     chat: bool | None = None,
     render_chat=None,
+    encode_chat=None,
     temperature: float = 0.0,
     seed: int = 0,
 ) -> EvalReport:
@@ -591,7 +592,15 @@ def evaluate_model(
     )
     ran: dict[str, dict] = {}
     for spec in specs:
-        done = run_task(loaded.model, tokenizer, spec, options, device=device, render_chat=render_chat)
+        done = run_task(
+            loaded.model,
+            tokenizer,
+            spec,
+            options,
+            device=device,
+            render_chat=render_chat,
+            encode_chat=encode_chat,
+        )
         results[spec.name] = done.metrics
         ran[spec.name] = {"kind": done.kind, "config": done.config, "samples": done.samples}
         if done.metrics.get("truncated"):

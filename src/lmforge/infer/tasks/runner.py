@@ -93,13 +93,19 @@ def build_prompt(
 
 
 def fit_prompt(
-    spec: TaskSpec, item: Item, build: Callable[[Item], str], tokenizer: Tokenizer, budget: int
+    spec: TaskSpec,
+    item: Item,
+    build: Callable[[Item], str],
+    tokenizer: Tokenizer,
+    budget: int,
+    encode: Callable[[str], list[int]] | None = None,
 ) -> tuple[str, list[int], bool]:
-    """The prompt, its ids and whether it was cut: a prompt over ``budget`` tokens loses the start of its
-    document field (the fewest characters that make it fit); without one, or if that is not enough, its
-    first tokens."""
+    """The prompt, its ids (by ``encode``, default ``tokenizer.encode``) and whether it was cut: a prompt
+    over ``budget`` tokens loses the start of its document field (the fewest characters that make it fit);
+    without one, or if that is not enough, its first tokens."""
+    encode = encode or tokenizer.encode
     prompt = build(item)
-    ids = tokenizer.encode(prompt)
+    ids = encode(prompt)
     if len(ids) <= budget:
         return prompt, ids, False
     document = item.record.get(spec.document) if spec.document else None
@@ -107,7 +113,7 @@ def fit_prompt(
 
         def with_cut(n: int) -> tuple[str, list[int]]:
             text = build(Item({**item.record, spec.document: document[n:]}, item.where))
-            return text, tokenizer.encode(text)
+            return text, encode(text)
 
         low, high = 1, len(document)
         text, cut_ids = with_cut(high)
@@ -222,9 +228,11 @@ def run_task(
     *,
     device: torch.device,
     render_chat: RenderChat | None = None,
+    encode_chat: Callable[[str], list[int]] | None = None,
 ) -> TaskResult:
     """Measure ``model`` on ``spec``. ``render_chat`` turns messages into a prompt with the model's chat
-    template; it is needed when the spec or ``options.chat`` asks for chat."""
+    template; it is needed when the spec or ``options.chat`` asks for chat. ``encode_chat`` encodes such a
+    prompt (special-token texts to their ids; default ``tokenizer.encode``)."""
     if spec.kind not in GENERATIVE:
         from lmforge.infer.tasks.choice import run_loglikelihood_task
 
@@ -256,7 +264,9 @@ def run_task(
 
     prompts, ids, truncated = [], [], 0
     for index, item in enumerate(items):
-        text, prompt_ids, cut = fit_prompt(spec, item, lambda it, i=index: build(it, i), tokenizer, budget)
+        text, prompt_ids, cut = fit_prompt(
+            spec, item, lambda it, i=index: build(it, i), tokenizer, budget, encode_chat if chat else None
+        )
         prompts.append(text)
         ids.append(prompt_ids)
         truncated += cut
