@@ -228,7 +228,13 @@ def test_chat_prompts_go_through_the_given_template_and_encoder(tmp_path):
 
     options = TaskOptions(chat=True, num_fewshot=1, limit=2)
     result = run_task(
-        tiny_model(seed=3), tok, spec, options, device=CPU, render_chat=render_chat, encode_chat=encode_chat
+        tiny_model(seed=3, max_seq_len=128),
+        tok,
+        spec,
+        options,
+        device=CPU,
+        render_chat=render_chat,
+        encode_chat=encode_chat,
     )
     assert result.samples[0]["prompt"].startswith("<user>Q: ") and result.samples[0]["prompt"].endswith(
         "<user>Q: question 0\nA:<assistant>"
