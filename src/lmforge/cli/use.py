@@ -121,7 +121,9 @@ def _print_generations(generator, prompts: list[str], args) -> None:
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity / bits per byte on text, accuracy on multiple-choice tasks")
+    p = sub.add_parser(
+        "eval", help="perplexity / bits per byte on text; multiple-choice, translation, summary and QA tasks"
+    )
     p.add_argument("model", help="an lmforge run/checkpoint folder or a Hugging Face model folder")
     p.add_argument("--text", action="append", default=[], help="a UTF-8 text file to score (repeatable)")
     p.add_argument(
@@ -131,17 +133,37 @@ def add_eval(sub) -> None:
         help="a folder written by `lmforge data prepare`: score its val split (repeatable)",
     )
     p.add_argument(
-        "--task", action="append", default=[], help="a multiple-choice JSONL file (HellaSwag format)"
+        "--task",
+        action="append",
+        default=[],
+        help="a task name (flores-zh-en, squad, hellaswag, ...), a task spec .yaml, or a multiple-choice "
+        "JSONL file (repeatable)",
     )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="the folder holding eval/ for named tasks (default: $LMFORGE_DATA)",
+    )
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the spec's)")
+    p.add_argument("--chat", action="store_true", help="give generative tasks through the chat template")
+    p.add_argument("--temperature", type=float, default=0.0, help="generative tasks: 0 is greedy")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0")
     p.add_argument("--limit", type=int, default=None, help="first N items of each task")
     p.add_argument("--max-tokens", type=int, default=None, help="first N tokens of each text")
     p.add_argument("--seq-len", type=int, default=None, help="window for perplexity (default: the context)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--out", default=None, help="write the results, config and fingerprint as JSON here")
+    p.add_argument(
+        "--no-log-samples",
+        action="store_true",
+        help="leave the per-item prompts, predictions and scores out of --out",
+    )
 
 
 def run_eval(args) -> int:
+    import os
+
     from lmforge.infer.evaluate import evaluate_model, format_table, write_results
 
     report = evaluate_model(
@@ -154,12 +176,22 @@ def run_eval(args) -> int:
         max_tokens=args.max_tokens,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
+        data_dir=args.data_dir or os.environ.get("LMFORGE_DATA") or None,
+        num_fewshot=args.num_fewshot,
+        chat=True if args.chat else None,
+        render_chat=None,  # --chat needs the model's template from lmforge.infer.chat (wired at merge)
+        temperature=args.temperature,
+        seed=args.seed,
     )
     for note in report.notes:
         print(note)
     print(format_table(report.results))
+    for name, metrics in report.results.items():
+        for key, value in metrics.items():
+            if key.endswith("_signature"):
+                print(f"{name} {key[: -len('_signature')]}: {value}")
     if args.out:
-        print(f"wrote {write_results(report.to_dict(), args.out)}")
+        print(f"wrote {write_results(report.to_dict(samples=not args.no_log_samples), args.out)}")
     return 0
 
 
