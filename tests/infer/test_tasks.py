@@ -240,3 +240,20 @@ def test_chat_prompts_go_through_the_given_template_and_encoder(tmp_path):
         "<user>Q: question 0\nA:<assistant>"
     )
     assert encoded == [s["prompt"] for s in result.samples] and result.config["chat"] is True
+
+
+def test_eval_verb_with_chat_renders_prompts_through_the_models_template(checkpoint, tmp_path):
+    """`--chat` gives the task to the model through its chat template (the default one here), exactly as
+    `lmforge chat` renders a conversation."""
+    from lmforge.infer.chat import default_template
+    from lmforge.infer.loading import load_for_inference
+
+    spec = write_task(tmp_path, RECORDS, QA_SPEC)
+    out = tmp_path / "results.json"
+    code = main(["eval", str(checkpoint), "--task", str(spec), "--chat", "--limit", "2", "--num-fewshot", "0",
+                 "--out", str(out), "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    samples = json.loads(out.read_text(encoding="utf-8"))["tasks"]["task"]["samples"]
+    template = default_template(load_for_inference(checkpoint, device=CPU).require_tokenizer())
+    expected = template.render([{"role": "user", "content": "Q: question 0\nA:"}], add_generation_prompt=True)
+    assert samples[0]["prompt"] == expected

@@ -521,6 +521,23 @@ def model_fingerprint(model: Transformer) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def chat_functions(loaded, tokenizer):
+    """(render messages -> prompt, encode prompt -> ids) through the model's chat template (the default one
+    when the model carries none), as ``lmforge chat`` renders them."""
+    from lmforge.infer import chat
+
+    template = loaded.chat_template or chat.default_template(tokenizer)
+    specials = chat.special_token_ids(tokenizer, template)
+
+    def render(messages):
+        return template.render(messages, add_generation_prompt=True)
+
+    def encode(text):
+        return chat.encode_chat(tokenizer, text, specials)
+
+    return render, encode
+
+
 def evaluate_model(
     model: str | Path,
     *,
@@ -568,6 +585,8 @@ def evaluate_model(
         raise DataError(f"{unprepared[0]}: not a prepared dataset (no meta.json); run `lmforge data prepare`")
     loaded = load_for_inference(model, device=device)
     tokenizer = loaded.require_tokenizer()
+    if render_chat is None and (chat or any(spec.chat for spec in specs)):
+        render_chat, encode_chat = chat_functions(loaded, tokenizer)
     window = {"device": device, "seq_len": seq_len, "batch_size": batch_size, "max_tokens": max_tokens}
     results: dict[str, dict] = {}
     notes: list[str] = []
