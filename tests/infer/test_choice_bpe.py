@@ -20,7 +20,8 @@ from lmforge.checkpoint import save_checkpoint
 from lmforge.config import Config
 from lmforge.convert import export_model
 from lmforge.data.tokenizer import load_tokenizer, train_bpe
-from lmforge.infer.evaluate import choice_loglikelihoods, evaluate_choice_task, load_choice_task, task_metrics
+from lmforge.infer.evaluate import choice_loglikelihoods, evaluate_choice_task, load_choice_task
+from lmforge.infer.suite import task_metrics
 from lmforge.model.transformer import build_model
 from tests.conftest import require_transformers
 

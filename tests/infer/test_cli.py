@@ -151,8 +151,8 @@ def test_eval_bad_input_writes_nothing(tmp_path, checkpoint, capsys):
 def test_evaluate_model_equals_a_direct_computation(checkpoint, tmp_path):
     import math
 
-    from lmforge.infer.evaluate import evaluate_model
     from lmforge.infer.loading import load_for_inference
+    from lmforge.infer.suite import evaluate_model
 
     text = tmp_path / "text.txt"
     text.write_text("to be or not to be", encoding="utf-8")  # 18 tokens: one window of the 32-token context
@@ -189,7 +189,7 @@ def test_evaluate_model_equals_a_direct_computation(checkpoint, tmp_path):
 
 
 def test_evaluate_model_checks_its_inputs_before_loading(tmp_path):
-    from lmforge.infer.evaluate import evaluate_model
+    from lmforge.infer.suite import evaluate_model
 
     no_model = str(tmp_path / "no-model")  # never opened: the inputs are refused first
     with pytest.raises(DataError, match="nothing to evaluate"):
@@ -200,8 +200,7 @@ def test_evaluate_model_checks_its_inputs_before_loading(tmp_path):
 
 def test_open_generator_continues_like_a_greedy_loop_and_checks_sampling_first(checkpoint, tmp_path):
     from lmforge.errors import ConfigError
-    from lmforge.infer.generate import open_generator
-    from lmforge.infer.loading import load_for_inference
+    from lmforge.infer.loading import load_for_inference, open_generator
 
     with pytest.raises(ConfigError):  # a bad sampling setup is refused before any weights are read
         open_generator(tmp_path / "no-model", SamplingConfig(top_p=0.0), device=torch.device("cpu"))

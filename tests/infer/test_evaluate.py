@@ -15,11 +15,10 @@ from lmforge.infer.evaluate import (
     accuracy,
     choice_loglikelihoods,
     evaluate_choice_task,
-    format_table,
     load_choice_task,
     score_text,
-    task_metrics,
 )
+from lmforge.infer.suite import format_table, task_metrics
 from tests.conftest import SHARED_DATA, require_shared_data, require_transformers
 
 from .conftest import ByteTokenizer, hf_llama, tiny_model

@@ -11,7 +11,7 @@ import torch
 
 from lmforge.cli import main
 from lmforge.errors import ConfigError, DataError
-from lmforge.infer.evaluate import task_metrics
+from lmforge.infer.suite import task_metrics
 from lmforge.infer.tasks import TaskOptions, load_spec, resolve_task, run_task, shipped_specs
 from lmforge.infer.tasks.runner import build_prompt, fewshot_examples, fit_prompt
 from lmforge.infer.tasks.spec import read_items
@@ -168,8 +168,8 @@ def test_eval_verb_writes_metrics_config_fingerprint_and_samples(checkpoint, tmp
     printed = capsys.readouterr().out
     assert "exact_match" in printed and "f1" in printed
     report = json.loads(out.read_text(encoding="utf-8"))
-    from lmforge.infer.evaluate import model_fingerprint
     from lmforge.infer.loading import load_for_inference
+    from lmforge.infer.suite import model_fingerprint
 
     model = load_for_inference(checkpoint, device=CPU).model
     assert report["fingerprint"] == model_fingerprint(model) and len(report["fingerprint"]) == 71

@@ -13,8 +13,9 @@ import torch
 
 from lmforge.cli import main
 from lmforge.data.tokenizer import load_tokenizer
-from lmforge.infer.chat import encode_chat, open_chat, read_chat_template, special_token_ids
+from lmforge.infer.chat import encode_chat, read_chat_template, special_token_ids
 from lmforge.infer.generate import SamplingConfig
+from lmforge.infer.loading import open_chat
 from lmforge.tune.sft import DEFAULT_TEMPLATE, finetune, record_examples, tokenize_conversation
 from tests.conftest import require_transformers
 

@@ -62,8 +62,8 @@ def read_message(read_line: Callable[[str], str]) -> str | None:
 
 def run_chat(args) -> int:
     from lmforge.errors import DataError
-    from lmforge.infer.chat import open_chat
     from lmforge.infer.generate import SamplingConfig
+    from lmforge.infer.loading import open_chat
     from lmforge.train.run import pick_device
 
     sampling = SamplingConfig(

@@ -41,7 +41,8 @@ def add_generate(sub) -> None:
 
 def run_generate(args) -> int:
     from lmforge.errors import DataError
-    from lmforge.infer.generate import SamplingConfig, open_generator, read_prompts
+    from lmforge.infer.generate import SamplingConfig, read_prompts
+    from lmforge.infer.loading import open_generator
 
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts and not args.interactive:
@@ -78,7 +79,7 @@ def _chat_generations(prompts: list[str], sampling, args) -> int:
     """``generate --chat``: each prompt is one user message (after ``--system``) rendered by the model's chat
     template; the reply ends at the end of the assistant's turn."""
     from lmforge.errors import DataError
-    from lmforge.infer.chat import open_chat
+    from lmforge.infer.loading import open_chat
 
     if args.interactive:
         raise DataError(
@@ -164,7 +165,7 @@ def add_eval(sub) -> None:
 def run_eval(args) -> int:
     import os
 
-    from lmforge.infer.evaluate import evaluate_model, format_table, write_results
+    from lmforge.infer.suite import evaluate_model, format_table, write_results
 
     report = evaluate_model(
         args.model,

@@ -386,31 +386,3 @@ class ChatSession:
         self.messages = [*messages, {"role": "assistant", "content": tracker.text}]
         self.last = Reply(tracker.text, result.tokens[0], result.finish_reasons[0], len(ids))
         return self.last
-
-
-def open_chat(
-    model: str | Path,
-    sampling: SamplingConfig,
-    *,
-    device: torch.device,
-    system: str | None = None,
-    use_cache: bool = True,
-) -> tuple[ChatSession, str | None]:
-    """A chat session with ``model`` (an lmforge run/checkpoint or a Hugging Face folder) and a notice when
-    the model carries no chat template (the default one is used then)."""
-    from lmforge.infer.loading import load_for_inference
-
-    check_sampling(sampling)  # before the weights are read
-    loaded = load_for_inference(model, device=device)
-    tokenizer = loaded.require_tokenizer()
-    template, notice = loaded.chat_template, None
-    if template is None:
-        template = default_template(tokenizer)
-        notice = (
-            f"{loaded.directory} has no chat template (no chat_template in {TOKENIZER_CONFIG}): using the "
-            "default lmforge template; a model not fine-tuned on it may not follow it"
-        )
-    session = ChatSession(
-        loaded.model, tokenizer, template, sampling, device, system=system, use_cache=use_cache
-    )
-    return session, notice

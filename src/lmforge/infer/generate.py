@@ -377,18 +377,6 @@ class TextGenerator:
         )
 
 
-def open_generator(
-    model: str | Path, sampling: SamplingConfig, *, device: torch.device, use_cache: bool = True
-) -> TextGenerator:
-    """Check ``sampling``, then open ``model`` (an lmforge run/checkpoint or a Hugging Face folder with a
-    tokenizer) on ``device``."""
-    from lmforge.infer.loading import load_for_inference
-
-    check_sampling(sampling)  # before the weights are read
-    loaded = load_for_inference(model, device=device)
-    return TextGenerator(loaded.model, loaded.require_tokenizer(), sampling, device, use_cache)
-
-
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a file: JSONL with a ``prompt`` field per line, or plain text with one prompt per line
     (``\\n`` inside a line stands for a newline)."""

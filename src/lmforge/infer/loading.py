@@ -10,7 +10,14 @@ import torch
 from lmforge.checkpoint import TOKENIZER, load_model
 from lmforge.config import Config
 from lmforge.errors import DataError
-from lmforge.infer.chat import ChatTemplate, read_chat_template
+from lmforge.infer.chat import (
+    TOKENIZER_CONFIG,
+    ChatSession,
+    ChatTemplate,
+    default_template,
+    read_chat_template,
+)
+from lmforge.infer.generate import SamplingConfig, TextGenerator, check_sampling
 from lmforge.model.transformer import Transformer, build_model
 
 
@@ -63,3 +70,42 @@ def load_for_inference(path: str | Path, *, device: torch.device) -> LoadedModel
     )
     template = read_chat_template(directory)
     return LoadedModel(model.eval(), tokenizer, config, directory, tokenizer_path, template)
+
+
+# -- opening a model for a use ----------------------------------------------------------------------------
+
+
+def open_generator(
+    model: str | Path, sampling: SamplingConfig, *, device: torch.device, use_cache: bool = True
+) -> TextGenerator:
+    """Check ``sampling``, then open ``model`` (an lmforge run/checkpoint or a Hugging Face folder with a
+    tokenizer) on ``device``."""
+    check_sampling(sampling)  # before the weights are read
+    loaded = load_for_inference(model, device=device)
+    return TextGenerator(loaded.model, loaded.require_tokenizer(), sampling, device, use_cache)
+
+
+def open_chat(
+    model: str | Path,
+    sampling: SamplingConfig,
+    *,
+    device: torch.device,
+    system: str | None = None,
+    use_cache: bool = True,
+) -> tuple[ChatSession, str | None]:
+    """A chat session with ``model`` (an lmforge run/checkpoint or a Hugging Face folder) and a notice when
+    the model carries no chat template (the default one is used then)."""
+    check_sampling(sampling)  # before the weights are read
+    loaded = load_for_inference(model, device=device)
+    tokenizer = loaded.require_tokenizer()
+    template, notice = loaded.chat_template, None
+    if template is None:
+        template = default_template(tokenizer)
+        notice = (
+            f"{loaded.directory} has no chat template (no chat_template in {TOKENIZER_CONFIG}): using the "
+            "default lmforge template; a model not fine-tuned on it may not follow it"
+        )
+    session = ChatSession(
+        loaded.model, tokenizer, template, sampling, device, system=system, use_cache=use_cache
+    )
+    return session, notice

@@ -309,7 +309,7 @@ def validate(run: Run, state: LoopState, *, final: bool) -> None:
             values.update({f"val_{k}": v for k, v in objective_metrics(run, run.val_batches()).items()})
             run.log.log(step, {**values, "tokens": state.tokens})
     if cfg.eval.every and cfg.eval.tasks and step % cfg.eval.every == 0 and run.writes_text:
-        from lmforge.infer.evaluate import task_metrics
+        from lmforge.infer.suite import task_metrics
 
         scores = task_metrics(
             unwrap(run.model), run.data.tokenizer, cfg.eval.tasks, device=run.device, limit=cfg.eval.limit

@@ -8,6 +8,7 @@ import math
 
 import torch
 
+import lmforge.infer.tasks.metrics as M
 from lmforge.infer.evaluate import (
     accuracy,
     choice_loglikelihoods,
@@ -16,9 +17,7 @@ from lmforge.infer.evaluate import (
     load_choice_task,
 )
 from lmforge.infer.generate import SamplingConfig, Tokenizer, generate_ids
-from lmforge.infer.tasks import metrics as M
-from lmforge.infer.tasks.runner import TaskOptions, TaskResult
-from lmforge.infer.tasks.spec import TaskSpec, read_items, render
+from lmforge.infer.tasks.spec import TaskOptions, TaskResult, TaskSpec, read_items, render
 from lmforge.model.transformer import Transformer
 
 

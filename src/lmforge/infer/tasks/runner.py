@@ -11,49 +11,17 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
+import lmforge.infer.tasks.metrics as M
 from lmforge.errors import ConfigError, DataError
 from lmforge.infer.generate import SamplingConfig, TextTracker, Tokenizer, check_sampling, generate_ids
-from lmforge.infer.tasks import metrics as M
-from lmforge.infer.tasks.spec import GENERATIVE, Item, TaskSpec, read_items, render
+from lmforge.infer.tasks.spec import GENERATIVE, Item, TaskOptions, TaskResult, TaskSpec, read_items, render
 from lmforge.model.transformer import Transformer
 
 FEWSHOT_DELIMITER = "\n\n"
 RenderChat = Callable[[list[dict]], str]  # messages [{"role", "content"}] -> the prompt string
-
-
-@dataclass(frozen=True, kw_only=True)
-class TaskOptions:
-    """How to run a task; None leaves the spec's value."""
-
-    num_fewshot: int | None = None
-    limit: int | None = None
-    chat: bool | None = None
-    batch_size: int = 16
-    temperature: float = 0.0  # greedy
-    seed: int = 0  # sampling seed (only used when temperature > 0)
-    max_new_tokens: int | None = None
-
-
-@dataclass
-class TaskResult:
-    name: str
-    kind: str
-    metrics: dict  # metric -> value, with <metric>_stderr where one exists, n, truncated
-    config: dict  # the spec and the options, as run
-    samples: list[dict] = field(default_factory=list)  # per item: prompt, prediction, references, scores
-
-    def to_dict(self, samples: bool = True) -> dict:
-        out = {"kind": self.kind, "metrics": self.metrics, "config": self.config}
-        if samples:
-            out["samples"] = self.samples
-        return out
-
-
-# -- prompts ---------------------------------------------------------------------------------------------
 
 
 def fewshot_examples(index: int, k: int, pool: Sequence[Item], same_file: bool, seed: int) -> list[Item]:
@@ -224,7 +192,7 @@ def run_task(
     model: Transformer,
     tokenizer: Tokenizer,
     spec: TaskSpec,
-    options: TaskOptions = TaskOptions(),
+    options: TaskOptions = TaskOptions(),  # noqa: B008 (frozen)
     *,
     device: torch.device,
     render_chat: RenderChat | None = None,

@@ -263,3 +263,31 @@ def read_items(spec: TaskSpec, path: Path | None = None, limit: int | None = Non
     if not items:
         raise DataError(f"{path}: no items")
     return items
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskOptions:
+    """How to run a task; None leaves the spec's value."""
+
+    num_fewshot: int | None = None
+    limit: int | None = None
+    chat: bool | None = None
+    batch_size: int = 16
+    temperature: float = 0.0  # greedy
+    seed: int = 0  # sampling seed (only used when temperature > 0)
+    max_new_tokens: int | None = None
+
+
+@dataclass
+class TaskResult:
+    name: str
+    kind: str
+    metrics: dict  # metric -> value, with <metric>_stderr where one exists, n, truncated
+    config: dict  # the spec and the options, as run
+    samples: list[dict] = field(default_factory=list)  # per item: prompt, prediction, references, scores
+
+    def to_dict(self, samples: bool = True) -> dict:
+        out = {"kind": self.kind, "metrics": self.metrics, "config": self.config}
+        if samples:
+            out["samples"] = self.samples
+        return out
