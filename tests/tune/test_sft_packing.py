@@ -24,7 +24,7 @@ from lmforge.tune.sft import IGNORE, Segment, build_rows, rows_to_batch, tokeniz
 CPU = torch.device("cpu")
 WORLD = World(rank=0, world_size=1, local_rank=0, device=CPU)
 EXAMPLES = [
-    [Segment("Q: add 2 and 3\nA: ", False), Segment("5", True)],
+    [Segment("Q: add 2 and 3\nA: ", False), Segment("five", True)],
     [Segment("Say hi.\n", False), Segment("Hello there!", True)],
     [Segment("Name a colour: ", False), Segment("blue", True), Segment(" (or red)", False)],
     [Segment("Count to six\n", False), Segment("1 2 3 4 5 6", True)],
