@@ -72,11 +72,7 @@ class RunningServer:
 
     @property
     def scheduler(self):
-        return (
-            self.server.config.loaded_app.app.state.scheduler
-            if False
-            else self.server.config.app.state.scheduler
-        )
+        return self.server.config.app.state.scheduler
 
     def close(self) -> None:
         self.server.should_exit = True
