@@ -170,8 +170,7 @@ class Scheduler:
             cache.values[layer][-1:, :, start:length] = own.values[layer]
         cache.key_mask[-1, start:length] = True
         cache.key_mask[:, length:] = True  # columns still to be written are real tokens of every row
-        cache.length, cache.padded = length, True
-        self.cache = cache
+        self._install(cache, length)
         self.rows.append(request)
         self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
 
@@ -232,8 +231,17 @@ class Scheduler:
             cache.keys[layer][:, :, :longest] = old.keys[layer][index, :, offset : old.length]
             cache.values[layer][:, :, :longest] = old.values[layer][index, :, offset : old.length]
         cache.key_mask[:, :longest] = old.key_mask[index, offset : old.length]
-        cache.length, cache.padded = longest, True
-        self.cache, self.rows, self.logits = cache, rows, self.logits[index]
+        self.rows, self.logits = rows, self.logits[index]
+        self._install(cache, longest)
+
+    def _install(self, cache: KVCache, length: int) -> None:
+        """Make ``cache`` (filled up to ``length``) the batch's cache: the padding mask is applied only when
+        some row has padding (membership changes are rare next to steps), and the RoPE table is reused."""
+        cache.length = length
+        cache.padded = not bool(cache.key_mask[:, :length].all())
+        if self.cache is not None:
+            cache.rope = self.cache.rope
+        self.cache = cache
 
     def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
         tail = request.tracker.flush() if request.tracker is not None and reason != "cancelled" else ""
