@@ -38,11 +38,20 @@ SHAPE = "llama 8 x 512, GQA 8/2, context 512"
 def make_checkpoint(folder: Path) -> Path:
     tokenizer = char_tokenizer([chr(c) for c in range(32, 127)] + ["\n"])
     tok_file = tokenizer.save(folder / "tok" / "tokenizer.json")
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, max_seq_len=512, n_layers=8, d_model=512, n_heads=8,
-                      n_kv_heads=2, ffn_hidden=1536, tie_embeddings=False)
+    cfg = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        max_seq_len=512,
+        n_layers=8,
+        d_model=512,
+        n_heads=8,
+        n_kv_heads=2,
+        ffn_hidden=1536,
+        tie_embeddings=False,
+    )
     model = build_model(cfg, seed=0)
-    return save_checkpoint(folder / "llama", model_state=model.state_dict(), config=Config(model=cfg),
-                           tokenizer_file=tok_file)
+    return save_checkpoint(
+        folder / "llama", model_state=model.state_dict(), config=Config(model=cfg), tokenizer_file=tok_file
+    )
 
 
 def workload(n: int, seed: int = 0) -> list[dict]:
@@ -54,8 +63,15 @@ def workload(n: int, seed: int = 0) -> list[dict]:
         text = ""
         while len(text) < length:
             text += rng.choice(words) + " "
-        out.append({"prompt": text[:length], "max_tokens": rng.choice([16, 32, 48, 64]), "temperature": 0,
-                    "stream": True, "stream_options": {"include_usage": True}})
+        out.append(
+            {
+                "prompt": text[:length],
+                "max_tokens": rng.choice([16, 32, 48, 64]),
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        )
     return out
 
 

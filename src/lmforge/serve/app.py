@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 
 from lmforge.errors import ConfigError
 from lmforge.infer.chat import ChatTemplate, special_token_ids
-from lmforge.serve.requests import ApiError, Parsed, parse_json, parse_request
+from lmforge.serve.protocol import ApiError, Parsed, parse_json, parse_request
 from lmforge.serve.scheduler import QueueFull, Request, Scheduler
 
 logger = logging.getLogger(__name__)
@@ -97,9 +97,8 @@ class Metrics:
         batch.set_function(lambda: len(scheduler.rows))
 
     def on_finish(self, request: Request, final: dict) -> None:  # on the scheduler thread
-        self.prompt_tokens.inc(
-            final["prompt_tokens"] if final["finish_reason"] != "cancelled" or request.generated else 0
-        )
+        if request.tracker is not None:  # it was prefilled
+            self.prompt_tokens.inc(final["prompt_tokens"])
         self.completion_tokens.inc(final["completion_tokens"])
         self.finished.labels(final["finish_reason"]).inc()
         self.latency.observe(final["latency"])
@@ -128,7 +127,7 @@ def build_app(
     """The FastAPI application serving ``model``; its scheduler starts and stops with the app."""
     scheduler = Scheduler(model, tokenizer, device=device, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
     metrics = Metrics(scheduler)
-    scheduler.stats.on_finish = metrics.on_finish
+    scheduler.on_finish = metrics.on_finish
     specials = special_token_ids(tokenizer, template)
     end = template.eos_token
     template_stops = (end,) if end and specials.get(end) != tokenizer.eot_id else ()
@@ -237,11 +236,12 @@ def build_app(
             return error(exc, route)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        request = Request(
-            parsed.prompt,
-            parsed.sampling,
-            lambda delta, final: loop.call_soon_threadsafe(events.put_nowait, (delta, final)),
-        )
+
+        def emit(delta: str | None, final: dict | None) -> None:  # on the scheduler thread
+            with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is listening
+                loop.call_soon_threadsafe(events.put_nowait, (delta, final))
+
+        request = Request(parsed.prompt, parsed.sampling, emit)
         try:
             scheduler.submit(request)
         except QueueFull as exc:

@@ -54,18 +54,6 @@ class Request:
     first_token_at: float | None = None
 
 
-@dataclass
-class Stats:
-    """What /metrics reports, updated by the scheduler thread (counters only grow)."""
-
-    batch_size: int = 0
-    queue_depth: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finished: collections.Counter = field(default_factory=collections.Counter)
-    on_finish: Callable[[Request, dict], None] | None = None
-
-
 class Scheduler:
     """Owns ``model`` on one thread; ``submit`` queues a request, the thread joins it into the batch."""
 
@@ -76,7 +64,7 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = model.cfg.max_seq_len
         self.dtype = next(model.parameters()).dtype
-        self.stats = Stats()
+        self.on_finish: Callable[[Request, dict], None] | None = None  # metrics, on this thread
         self.waiting: collections.deque[Request] = collections.deque()
         self.rows: list[Request] = []
         self.cache: KVCache | None = None
@@ -95,7 +83,6 @@ class Scheduler:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
             self.waiting.append(request)
-            self.stats.queue_depth = len(self.waiting)
             self.wake.notify()
 
     def stop(self, timeout: float) -> None:
@@ -124,7 +111,6 @@ class Scheduler:
                     joining = None
                     if self.waiting and len(self.rows) < self.max_batch:
                         joining = self.waiting.popleft()
-                        self.stats.queue_depth = len(self.waiting)
                 try:
                     if joining is not None:
                         if joining.cancelled:
@@ -151,7 +137,6 @@ class Scheduler:
         ids = torch.tensor([prompt], dtype=torch.long, device=self.device)  # (1, P)
         hidden = self.model.hidden_states(ids, cache=own)
         logits = self.model.lm_head(hidden[:, -1])  # (1, V)
-        self.stats.prompt_tokens += len(prompt)
         old_length = self.cache.length if self.cache is not None else 0
         length = max(old_length, len(prompt))
         cache = KVCache.empty(
@@ -195,7 +180,6 @@ class Scheduler:
         self.logits = self.model.lm_head(hidden[:, -1])  # (B, V)
         for request in self.rows:
             request.position += 1
-        self.stats.batch_size = len(self.rows)
 
     def _advance(self, request: Request, logits: torch.Tensor) -> str | None:
         """Sample one token for ``request`` and stream its text; the finish reason when it is done."""
@@ -207,7 +191,6 @@ class Scheduler:
         if token == self.tokenizer.eot_id:
             return "stop"
         request.generated.append(token)
-        self.stats.completion_tokens += 1
         assert request.tracker is not None
         delta = request.tracker.update(request.generated)
         if delta:
@@ -256,7 +239,6 @@ class Scheduler:
             "time_to_first_token": (request.first_token_at or time.perf_counter()) - request.submitted,
             "error": error,
         }
-        self.stats.finished[reason] += 1
-        if self.stats.on_finish is not None:
-            self.stats.on_finish(request, final)
+        if self.on_finish is not None:
+            self.on_finish(request, final)
         request.emit(None, final)
