@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from lmforge.infer.chat import open_chat
 from lmforge.infer.generate import SamplingConfig, generate
 from lmforge.infer.loading import load_for_inference
 
@@ -46,11 +47,15 @@ def test_streamed_completion_equals_whole(server):
     assert pieces[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
-def test_chat_and_stream(server):
+def test_chat_and_stream(server, checkpoint):
     c = client(server)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     whole = c.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
     assert whole.choices[0].message.role == "assistant"
+    # the same conversation through lmforge chat's session (the chat template, generate_ids) gives the same reply
+    sampling = SamplingConfig(max_new_tokens=16, temperature=0.0)
+    session, _ = open_chat(checkpoint, sampling, device=torch.device("cpu"), system="Be brief.")
+    assert session.send("Hi!").text == whole.choices[0].message.content
     stream = c.chat.completions.create(
         model="tiny",
         messages=messages,
