@@ -18,7 +18,8 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed: pip ins
 
 def ascii_tokenizer():
     """One token per printable ASCII character, with no byte fallback: every token decodes to the same text
-    alone or in a sequence, so streamed text equals the whole text exactly (a random model emits any token)."""
+    alone or in a sequence, so streamed text equals the whole text exactly (a random model emits any
+    token)."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models
 

@@ -52,7 +52,7 @@ def test_chat_and_stream(server, checkpoint):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     whole = c.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
     assert whole.choices[0].message.role == "assistant"
-    # the same conversation through lmforge chat's session (the chat template, generate_ids) gives the same reply
+    # the same conversation through lmforge chat's session (its template, generate_ids): the same reply
     sampling = SamplingConfig(max_new_tokens=16, temperature=0.0)
     session, _ = open_chat(checkpoint, sampling, device=torch.device("cpu"), system="Be brief.")
     assert session.send("Hi!").text == whole.choices[0].message.content
