@@ -31,6 +31,7 @@ from lmforge.serve.scheduler import QueueFull, Request, Scheduler
 
 logger = logging.getLogger(__name__)
 PAGE = Path(__file__).parent / "static" / "chat.html"
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics", "/")
 OPEN_ROUTES = ("/health", "/")  # the page is static (no model output); it sends the key it is given
 
 
@@ -144,7 +145,8 @@ def build_app(
     app.state.scheduler = scheduler
 
     def error(exc: ApiError, route: str) -> JSONResponse:
-        metrics.requests.labels(route, str(exc.status)).inc()
+        label = route if route in ROUTES else "other"  # a label per unknown path would grow without bound
+        metrics.requests.labels(label, str(exc.status)).inc()
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.middleware("http")
