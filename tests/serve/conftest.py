@@ -34,13 +34,13 @@ def ascii_tokenizer():
     return Tokenizer(hf)
 
 
-def tiny_checkpoint(folder: Path) -> Path:
+def tiny_checkpoint(folder: Path, max_seq_len: int = 256) -> Path:
     """A random 2-layer GQA model with an ASCII tokenizer, saved as a checkpoint."""
     tokenizer = ascii_tokenizer()
     tok_file = tokenizer.save(folder / "tok" / "tokenizer.json")
     cfg = ModelConfig(
         vocab_size=tokenizer.vocab_size,
-        max_seq_len=256,
+        max_seq_len=max_seq_len,
         n_layers=2,
         d_model=64,
         n_heads=4,

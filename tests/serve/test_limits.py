@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.serve.conftest import RunningServer
+from tests.serve.conftest import RunningServer, tiny_checkpoint
 
 openai = pytest.importorskip("openai", reason="the dev extra is not installed: pip install -e '.[dev]'")
 httpx = pytest.importorskip("httpx")
@@ -69,11 +69,12 @@ def test_api_key(checkpoint):
         running.close()
 
 
-def test_queue_full_and_disconnect(checkpoint):
+def test_queue_full_and_disconnect(tmp_path):
     """One running, one waiting, a third gets 429 with Retry-After; a client that leaves mid-stream frees
-    its slot and its queued follower runs."""
-    running = RunningServer(checkpoint, max_batch=1, max_queue=1)
-    body = {"model": "tiny", "prompt": "long one", "max_tokens": 240, "temperature": 0, "stream": True}
+    its slot and its queued follower runs. The first request asks for 4000 tokens (seconds of decoding even
+    for this tiny model), so it is still running while the others arrive and when its client leaves."""
+    running = RunningServer(tiny_checkpoint(tmp_path, max_seq_len=4096), max_batch=1, max_queue=1)
+    body = {"model": "tiny", "prompt": "long one", "max_tokens": 4000, "temperature": 0, "stream": True}
     try:
         with httpx.Client(timeout=60) as first:
             with first.stream("POST", running.url + "/v1/completions", json=body) as stream:
@@ -85,7 +86,7 @@ def test_queue_full_and_disconnect(checkpoint):
                 third = httpx.post(running.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
                 assert third.status_code == 429 and third.headers["retry-after"] == "1"
                 assert third.json()["error"]["code"] == "queue_full"
-            # the stream is closed here, long before its 240 tokens
+            # the stream is closed here, long before its 4000 tokens
         waiter.join(timeout=60)
         assert not waiter.is_alive()
         wait_until(lambda: not running.scheduler.rows)
