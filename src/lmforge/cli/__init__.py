@@ -18,6 +18,7 @@ from lmforge.cli.cluster import add_consolidate, add_launch, run_consolidate, ru
 from lmforge.cli.data import add_data, run_data
 from lmforge.cli.model import add_export, add_import, add_model, run_export, run_import, run_model
 from lmforge.cli.plan import add_plan, run_plan
+from lmforge.cli.serve import add_serve, run_serve
 from lmforge.cli.train import add_plot, add_train, run_plot, run_train
 from lmforge.cli.use import (
     add_eval,
@@ -42,6 +43,7 @@ VERBS: dict[str, tuple[Callable, Callable]] = {
     "plot": (add_plot, run_plot),
     "generate": (add_generate, run_generate),
     "chat": (add_chat, run_chat),
+    "serve": (add_serve, run_serve),
     "eval": (add_eval, run_eval),
     "finetune": (add_finetune, run_finetune),
     "prune": (add_prune, run_prune),

@@ -1,0 +1,422 @@
+"""``lmforge serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the batching scheduler.
+
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both stream server-sent events
+with ``stream: true``), GET /health, GET /metrics (Prometheus text), GET / (the chat page). One scheduler
+thread owns the model; HTTP handlers only parse, queue, and relay text deltas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+
+from lmforge.errors import ConfigError
+from lmforge.infer.chat import ChatTemplate, special_token_ids
+from lmforge.serve.protocol import ApiError, Parsed, parse_json, parse_request
+from lmforge.serve.scheduler import QueueFull, Request, Scheduler
+
+logger = logging.getLogger(__name__)
+PAGE = Path(__file__).parent / "static" / "chat.html"
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics", "/")
+OPEN_ROUTES = ("/health", "/")  # the page is static (no model output); it sends the key it is given
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """How the server runs; built once by the CLI."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (the one bound is reported)
+    max_batch: int = 8
+    max_queue: int = 64
+    api_key: str | None = None
+    max_body_bytes: int = 1_000_000
+    grace_seconds: float = 10.0  # on SIGTERM: how long running requests may finish before they are cancelled
+    model_name: str | None = None  # what /v1/models lists; default: the model folder's name
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 0 <= self.port <= 65535:
+            out.append(f"--port {self.port} must be in 0..65535 (0: any free port)")
+        if self.max_batch < 1:
+            out.append(f"--max-batch {self.max_batch} must be >= 1")
+        if self.max_queue < 1:
+            out.append(f"--max-queue {self.max_queue} must be >= 1")
+        if self.max_body_bytes < 1024:
+            out.append(f"--max-body-bytes {self.max_body_bytes} must be >= 1024")
+        if self.api_key is not None and not self.api_key:
+            out.append("--api-key must not be empty")
+        return out
+
+
+def check_serve_config(cfg: ServeConfig) -> None:
+    problems = cfg.problems()
+    if problems:
+        raise ConfigError("invalid serve settings:\n  " + "\n  ".join(problems))
+
+
+class Metrics:
+    """Prometheus metrics in a registry of their own (several servers may live in one test process)."""
+
+    def __init__(self, scheduler: Scheduler):
+        import prometheus_client as prom
+
+        self.registry = prom.CollectorRegistry()
+        r = self.registry
+        self.requests = prom.Counter(
+            "lmforge_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.prompt_tokens = prom.Counter("lmforge_prompt_tokens", "prompt tokens prefilled", registry=r)
+        self.completion_tokens = prom.Counter("lmforge_completion_tokens", "tokens generated", registry=r)
+        self.finished = prom.Counter(
+            "lmforge_finished_requests", "finished requests by reason", ["reason"], registry=r
+        )
+        buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+        self.latency = prom.Histogram(
+            "lmforge_request_latency_seconds", "queue to last token", buckets=buckets, registry=r
+        )
+        self.first_token = prom.Histogram(
+            "lmforge_time_to_first_token_seconds", "queue to first token", buckets=buckets, registry=r
+        )
+        queue = prom.Gauge("lmforge_queue_depth", "requests waiting to join the batch", registry=r)
+        queue.set_function(lambda: len(scheduler.waiting))
+        batch = prom.Gauge("lmforge_batch_size", "requests decoding in the batch", registry=r)
+        batch.set_function(lambda: len(scheduler.rows))
+
+    def on_finish(self, request: Request, final: dict) -> None:  # on the scheduler thread
+        if request.tracker is not None:  # it was prefilled
+            self.prompt_tokens.inc(final["prompt_tokens"])
+        self.completion_tokens.inc(final["completion_tokens"])
+        self.finished.labels(final["finish_reason"]).inc()
+        self.latency.observe(final["latency"])
+        if request.first_token_at is not None:
+            self.first_token.observe(final["time_to_first_token"])
+
+    def render(self) -> bytes:
+        import prometheus_client as prom
+
+        return prom.generate_latest(self.registry)
+
+
+def _finish_reason(reason: str) -> str:
+    return "length" if reason in ("length", "context") else "stop"
+
+
+def build_app(
+    model: torch.nn.Module,
+    tokenizer,
+    *,
+    template: ChatTemplate,
+    cfg: ServeConfig,
+    model_name: str,
+    device: torch.device,
+):
+    """The FastAPI application serving ``model``; its scheduler starts and stops with the app."""
+    scheduler = Scheduler(model, tokenizer, device=device, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
+    metrics = Metrics(scheduler)
+    scheduler.on_finish = metrics.on_finish
+    specials = special_token_ids(tokenizer, template)
+    end = template.eos_token
+    template_stops = (end,) if end and specials.get(end) != tokenizer.eot_id else ()
+    context = model.cfg.max_seq_len
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        yield
+        await asyncio.to_thread(scheduler.stop, cfg.grace_seconds)
+
+    app = FastAPI(title="lmforge serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.scheduler = scheduler
+
+    def error(exc: ApiError, route: str) -> JSONResponse:
+        label = route if route in ROUTES else "other"  # a label per unknown path would grow without bound
+        metrics.requests.labels(label, str(exc.status)).inc()
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.middleware("http")
+    async def guard(request: HttpRequest, call_next):
+        route = request.url.path
+        if cfg.api_key is not None and route not in OPEN_ROUTES:
+            header = request.headers.get("authorization", "")
+            given = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
+                return error(
+                    ApiError(
+                        401,
+                        "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                        kind="authentication_error",
+                        code="invalid_api_key",
+                    ),
+                    route,
+                )
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > cfg.max_body_bytes:
+            return error(
+                ApiError(
+                    413,
+                    f"the request body is {length} bytes; the limit is {cfg.max_body_bytes} "
+                    "bytes (lmforge serve --max-body-bytes)",
+                    code="request_too_large",
+                ),
+                route,
+            )
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "running": len(scheduler.rows), "waiting": len(scheduler.waiting)}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/v1/models")
+    async def models():
+        metrics.requests.labels("/v1/models", "200").inc()
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "lmforge",
+                    "context_length": context,
+                }
+            ],
+        }
+
+    @app.get("/v1/models/{name}")
+    async def one_model(name: str):
+        if name != model_name:
+            return error(
+                ApiError(
+                    404,
+                    f"the model '{name}' does not exist; this server serves '{model_name}'",
+                    param="model",
+                    code="model_not_found",
+                ),
+                "/v1/models",
+            )
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "lmforge"}
+
+    async def complete(http: HttpRequest, chat: bool):
+        route = http.url.path
+        try:
+            body = parse_json(await http.body(), cfg.max_body_bytes)
+            parsed = parse_request(
+                body,
+                chat=chat,
+                model_name=model_name,
+                tokenizer=tokenizer,
+                template=template,
+                specials=specials,
+                template_stops=template_stops,
+                context=context,
+            )
+        except ApiError as exc:
+            return error(exc, route)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(delta: str | None, final: dict | None) -> None:  # on the scheduler thread
+            with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is listening
+                loop.call_soon_threadsafe(events.put_nowait, (delta, final))
+
+        request = Request(parsed.prompt, parsed.sampling, emit)
+        try:
+            scheduler.submit(request)
+        except QueueFull as exc:
+            return error(
+                ApiError(
+                    429,
+                    f"the server is busy: {exc}; retry later",
+                    kind="rate_limit_error",
+                    code="queue_full",
+                    headers={"Retry-After": "1"},
+                ),
+                route,
+            )
+        metrics.requests.labels(route, "200").inc()
+        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        if parsed.stream:
+            return StreamingResponse(
+                stream(request, events, parsed, chat, ident),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        while True:
+            try:
+                delta, final = await asyncio.wait_for(events.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    request.cancelled = True
+                    return Response(status_code=499)
+                continue
+            if final is not None:
+                break
+        if final["finish_reason"] in ("error", "cancelled"):
+            status = 500 if final["finish_reason"] == "error" else 503
+            message = final["error"] or "the server is shutting down: the request was cancelled"
+            return JSONResponse(ApiError(status, message, kind="server_error").body(), status_code=status)
+        usage = _usage(final)
+        reason = _finish_reason(final["finish_reason"])
+        content = final["text"]  # the whole decode: a streamed delta can differ where bytes merge later
+        if chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "logprobs": None,
+                "finish_reason": reason,
+            }
+            return {
+                "id": ident,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": [choice],
+                "usage": usage,
+            }
+        choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": reason}
+        return {
+            "id": ident,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": [choice],
+            "usage": usage,
+        }
+
+    async def stream(request: Request, events: asyncio.Queue, parsed: Parsed, chat: bool, ident: str):
+        now = int(time.time())
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: str | None, reason: str | None, **extra) -> str:
+            if chat:
+                piece = {} if delta is None else {"content": delta}
+                if extra.pop("role", False):
+                    piece = {"role": "assistant", "content": ""}
+                choice = {"index": 0, "delta": piece, "logprobs": None, "finish_reason": reason}
+            else:
+                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": reason}
+            out = {"id": ident, "object": kind, "created": now, "model": model_name, "choices": [choice]}
+            out.update(extra)
+            return f"data: {json.dumps(out)}\n\n"
+
+        finished = False
+        try:
+            if chat:
+                yield chunk(None, None, role=True)
+            while True:
+                delta, final = await events.get()
+                if final is None:
+                    yield chunk(delta, None)
+                    continue
+                finished = True
+                if final["finish_reason"] in ("error", "cancelled"):
+                    message = final["error"] or "the server is shutting down: the request was cancelled"
+                    yield f"data: {json.dumps(ApiError(500, message, kind='server_error').body())}\n\n"
+                else:
+                    yield chunk(None, _finish_reason(final["finish_reason"]))
+                    if parsed.include_usage:
+                        out = {
+                            "id": ident,
+                            "object": kind,
+                            "created": now,
+                            "model": model_name,
+                            "choices": [],
+                            "usage": _usage(final),
+                        }
+                        yield f"data: {json.dumps(out)}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+        finally:
+            if not finished:  # the client went away: the scheduler drops the row at its next step
+                request.cancelled = True
+
+    @app.post("/v1/completions")
+    async def completions(http: HttpRequest):
+        return await complete(http, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: HttpRequest):
+        return await complete(http, chat=True)
+
+    return app
+
+
+def _usage(final: dict) -> dict:
+    p, c = final["prompt_tokens"], final["completion_tokens"]
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on (host, port); port 0 picks a free port (read it from ``getsockname``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port, or 0 for any free port"
+        ) from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def open_server(
+    model_path: str | Path,
+    cfg: ServeConfig,
+    *,
+    device: torch.device,
+    on_notice: Callable[[str], None] = logger.warning,
+):
+    """Load ``model_path``, build the app and bind the socket: returns (uvicorn.Server, socket, url)."""
+    import uvicorn
+
+    from lmforge.infer.chat import default_template
+    from lmforge.infer.loading import load_for_inference
+
+    check_serve_config(cfg)
+    sock = bind(cfg.host, cfg.port)  # before the weights are read: a busy port fails fast
+    loaded = load_for_inference(model_path, device=device)
+    tokenizer = loaded.require_tokenizer()
+    template = loaded.chat_template
+    if template is None:
+        template = default_template(tokenizer)
+        on_notice(
+            f"{loaded.directory} has no chat template: /v1/chat/completions uses the default lmforge "
+            "template; a model not fine-tuned on it may not follow it"
+        )
+    template.check()
+    name = cfg.model_name or Path(model_path).resolve().name
+    app = build_app(loaded.model, tokenizer, template=template, cfg=cfg, model_name=name, device=device)
+    config = uvicorn.Config(
+        app, log_level="info", timeout_graceful_shutdown=max(1, round(cfg.grace_seconds)), access_log=False
+    )
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return uvicorn.Server(config), sock, f"http://{shown}:{port}"

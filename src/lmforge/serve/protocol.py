@@ -1,0 +1,161 @@
+"""Parse and check OpenAI-style request bodies: every problem becomes an ``ApiError`` with the OpenAI error
+object (message, type, param, code) and an HTTP status, before anything reaches the scheduler."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from lmforge.errors import DataError
+from lmforge.infer.chat import ChatTemplate, check_messages, encode_chat
+from lmforge.infer.generate import SamplingConfig
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A checked request: prompt token ids, sampling settings, and how to answer."""
+
+    model: str
+    prompt: list[int]
+    sampling: SamplingConfig
+    stream: bool
+    include_usage: bool
+
+
+def parse_json(raw: bytes, max_body_bytes: int) -> dict:
+    if len(raw) > max_body_bytes:
+        raise ApiError(
+            413,
+            f"the request body is {len(raw)} bytes; the limit is {max_body_bytes} bytes "
+            "(lmforge serve --max-body-bytes)",
+            code="request_too_large",
+        )
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON ({exc})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _typed(body: dict, key: str, types: tuple, default, what: str):
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        raise ApiError(
+            400, f"'{key}' must be {what}, got {json.dumps(value)[:80]}", param=key, code="invalid_type"
+        )
+    return value
+
+
+def parse_request(
+    body: dict,
+    *,
+    chat: bool,
+    model_name: str,
+    tokenizer,
+    template: ChatTemplate | None,
+    specials: dict[str, int],
+    template_stops: tuple[str, ...],
+    context: int,
+) -> Parsed:
+    """The checked request of a /v1/completions (``chat=False``) or /v1/chat/completions body."""
+    model = _typed(body, "model", (str,), model_name, "a string")
+    if model != model_name:
+        raise ApiError(
+            404,
+            f"the model '{model}' does not exist; this server serves '{model_name}'",
+            param="model",
+            code="model_not_found",
+        )
+    n = _typed(body, "n", (int,), 1, "an integer")
+    if n != 1:
+        raise ApiError(400, f"'n'={n} is not supported: lmforge serve returns one choice (n=1)", param="n")
+    stream = _typed(body, "stream", (bool,), False, "a boolean")
+    options = _typed(body, "stream_options", (dict,), {}, "an object")
+    temperature = float(_typed(body, "temperature", (int, float), 1.0, "a number"))
+    top_p = float(_typed(body, "top_p", (int, float), 1.0, "a number"))
+    seed = _typed(body, "seed", (int,), None, "an integer")
+    stop = _typed(body, "stop", (str, list), [], "a string or a list of strings")
+    stop = [stop] if isinstance(stop, str) else stop
+    if not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them", param="stop")
+    if not 0.0 <= temperature <= 2.0:
+        raise ApiError(400, f"'temperature'={temperature} must be between 0 and 2", param="temperature")
+    if not 0.0 < top_p <= 1.0:
+        raise ApiError(400, f"'top_p'={top_p} must be in (0, 1]", param="top_p")
+
+    stops = tuple(stop)
+    if chat:
+        messages = body.get("messages")
+        try:
+            check_messages(messages, "request")
+        except DataError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+        assert template is not None
+        try:
+            text = template.render(messages, add_generation_prompt=True, where="request")
+        except DataError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+        ids = encode_chat(tokenizer, text, specials)
+        stops += template_stops
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ApiError(
+                400,
+                "'prompt' must be a string (or a list holding one string)",
+                param="prompt",
+                code="invalid_type",
+            )
+        ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ApiError(400, "the prompt is empty: give at least one token of text", param="prompt")
+    room = context - len(ids)
+    max_tokens = _typed(
+        body,
+        "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens",
+        (int,),
+        None,
+        "an integer",
+    )
+    if max_tokens is None:
+        max_tokens = max(1, min(16 if not chat else room, room))
+    if max_tokens < 1:
+        raise ApiError(400, f"'max_tokens'={max_tokens} must be >= 1", param="max_tokens")
+    if len(ids) + max_tokens > context:
+        raise ApiError(
+            400,
+            f"the prompt is {len(ids)} tokens and max_tokens={max_tokens}; together they exceed "
+            f"the model's context of {context} tokens: ask for at most {max(room, 0)} tokens or "
+            "shorten the prompt",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    sampling = SamplingConfig(
+        max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops, seed=seed
+    )
+    return Parsed(model, ids, sampling, stream, bool(options.get("include_usage")))

@@ -1,0 +1,244 @@
+"""Continuous batching: one thread owns the model and decodes every running request in one batch.
+
+Shape legend: B running requests, Hkv key/value heads, S cache length, hd head dim, P prompt length, V vocab.
+
+Design. The running requests share one ``KVCache`` whose rows are right-aligned: every row's last cached
+token sits at column ``length - 1`` and the columns before a row's first token are masked out as padding,
+so one decoding step feeds one token per row at column ``length``. A request that arrives is prefilled
+alone (its own batch-1 cache, exactly as if it ran by itself), then its keys and values are copied into
+the shared cache, right-aligned; when its prompt is longer than ``length``, the other rows shift right.
+A finished or cancelled request leaves at the next step, and the cache is compacted so ``length`` is the
+longest remaining row: ``length`` never exceeds the model's context. At most one prompt is prefilled per
+step, so a joining request stalls the others by at most one prefill.
+
+Each row carries its own position ids and sampling settings (temperature, top-p, seed), so a request's
+greedy output is the same whether it ran alone or in a batch: padding keys add exact zeros to attention.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.infer.generate import SamplingConfig, TextTracker, next_tokens
+from lmforge.model.transformer import KVCache, Transformer
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server's ``--max-queue`` allows."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One completion: prompt ids in, text deltas out through ``emit`` (called on the scheduler thread)."""
+
+    prompt: list[int]
+    sampling: SamplingConfig
+    emit: Callable[[str | None, dict | None], None]  # (text delta, None) while running; (None, final) once
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    # filled by the scheduler
+    generated: list[int] = field(default_factory=list)
+    tracker: TextTracker | None = None
+    generator: torch.Generator | None = None
+    position: int = 0  # position id of the next token fed
+    budget: int = 0
+    first_token_at: float | None = None
+
+
+class Scheduler:
+    """Owns ``model`` on one thread; ``submit`` queues a request, the thread joins it into the batch."""
+
+    def __init__(
+        self, model: Transformer, tokenizer, *, device: torch.device, max_batch: int, max_queue: int
+    ):
+        self.model, self.tokenizer, self.device = model.eval(), tokenizer, device
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.context = model.cfg.max_seq_len
+        self.dtype = next(model.parameters()).dtype
+        self.on_finish: Callable[[Request, dict], None] | None = None  # metrics, on this thread
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.rows: list[Request] = []
+        self.cache: KVCache | None = None
+        self.logits: torch.Tensor | None = None  # (B, V) next-token logits of each running row
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="lmforge-scheduler", daemon=True)
+
+    # -- called from the server -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, request: Request) -> None:
+        with self.wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
+            self.waiting.append(request)
+            self.wake.notify()
+
+    def stop(self, timeout: float) -> None:
+        """Cancel everything still queued or running and wait for the thread to end."""
+        with self.wake:
+            self.stopping = True
+            for request in list(self.waiting) + self.rows:
+                request.cancelled = True
+            self.wake.notify()
+        self.thread.join(timeout)
+
+    @property
+    def busy(self) -> int:
+        return len(self.waiting) + len(self.rows)
+
+    # -- the scheduler thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.wake:
+                    while not self.stopping and not self.waiting and not self.rows:
+                        self.wake.wait()
+                    if self.stopping and not self.rows and not self.waiting:
+                        return
+                    joining = None
+                    if self.waiting and len(self.rows) < self.max_batch:
+                        joining = self.waiting.popleft()
+                try:
+                    if joining is not None:
+                        if joining.cancelled:
+                            self._finish(joining, "cancelled")
+                        else:
+                            self._join(joining)
+                    if self.rows:
+                        self._step()
+                except Exception as exc:  # a failing step ends the batch's requests, never the server
+                    logger.exception("decoding step failed")
+                    for request in self.rows + ([joining] if joining and joining not in self.rows else []):
+                        self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
+                    self.rows, self.cache, self.logits = [], None, None
+
+    def _join(self, request: Request) -> None:
+        """Prefill ``request`` alone, then copy its cache into the batch, right-aligned."""
+        prompt = request.prompt
+        request.budget = min(request.sampling.max_new_tokens, self.context - len(prompt))
+        request.tracker = TextTracker(self.tokenizer, request.sampling.stop)
+        if request.sampling.seed is not None:
+            request.generator = torch.Generator(device=self.device).manual_seed(request.sampling.seed)
+        request.position = len(prompt)
+        own = KVCache.empty(self.model.cfg, 1, len(prompt), device=self.device, dtype=self.dtype)
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)  # (1, P)
+        hidden = self.model.hidden_states(ids, cache=own)
+        logits = self.model.lm_head(hidden[:, -1])  # (1, V)
+        old_length = self.cache.length if self.cache is not None else 0
+        length = max(old_length, len(prompt))
+        cache = KVCache.empty(
+            self.model.cfg, len(self.rows) + 1, self.context, device=self.device, dtype=self.dtype
+        )
+        cache.key_mask.zero_()
+        if self.cache is not None:
+            shift = length - old_length
+            for layer in range(self.model.cfg.n_layers):
+                cache.keys[layer][:-1, :, shift:length] = self.cache.keys[layer][:, :, :old_length]
+                cache.values[layer][:-1, :, shift:length] = self.cache.values[layer][:, :, :old_length]
+            cache.key_mask[:-1, shift:length] = self.cache.key_mask[:, :old_length]
+        start = length - len(prompt)
+        for layer in range(self.model.cfg.n_layers):
+            cache.keys[layer][-1:, :, start:length] = own.keys[layer]
+            cache.values[layer][-1:, :, start:length] = own.values[layer]
+        cache.key_mask[-1, start:length] = True
+        cache.key_mask[:, length:] = True  # columns still to be written are real tokens of every row
+        self._install(cache, length)
+        self.rows.append(request)
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+
+    def _step(self) -> None:
+        """Choose every row's next token, retire finished rows, then feed the others one token each."""
+        assert self.cache is not None and self.logits is not None
+        keep: list[int] = []
+        for i, request in enumerate(self.rows):
+            reason = self._advance(request, self.logits[i : i + 1])
+            if reason is None:
+                keep.append(i)
+            else:
+                self._finish(request, reason)
+        if not keep:
+            self.rows, self.cache, self.logits = [], None, None
+            return
+        if len(keep) < len(self.rows):
+            self._retire(keep)
+        ids = torch.tensor([[r.generated[-1]] for r in self.rows], device=self.device)  # (B, 1)
+        positions = torch.tensor([[r.position] for r in self.rows], device=self.device)  # (B, 1)
+        hidden = self.model.hidden_states(ids, position_ids=positions, cache=self.cache)
+        self.logits = self.model.lm_head(hidden[:, -1])  # (B, V)
+        for request in self.rows:
+            request.position += 1
+
+    def _advance(self, request: Request, logits: torch.Tensor) -> str | None:
+        """Sample one token for ``request`` and stream its text; the finish reason when it is done."""
+        if request.cancelled:
+            return "cancelled"
+        token = int(next_tokens(logits, None, request.sampling, request.generator)[0])
+        if request.first_token_at is None:
+            request.first_token_at = time.perf_counter()
+        if token == self.tokenizer.eot_id:
+            return "stop"
+        request.generated.append(token)
+        assert request.tracker is not None
+        delta = request.tracker.update(request.generated)
+        if delta:
+            request.emit(delta, None)
+        if request.tracker.stopped:
+            return "stop"
+        if len(request.generated) >= request.budget:
+            return "length"
+        return None
+
+    def _retire(self, keep: list[int]) -> None:
+        """Drop the rows not in ``keep`` and compact the cache so its length is the longest kept row."""
+        assert self.cache is not None and self.logits is not None
+        old = self.cache
+        rows = [self.rows[i] for i in keep]
+        longest = max(r.position for r in rows)
+        offset = old.length - longest
+        index = torch.tensor(keep, device=self.device)
+        cache = KVCache.empty(self.model.cfg, len(rows), self.context, device=self.device, dtype=self.dtype)
+        for layer in range(self.model.cfg.n_layers):
+            cache.keys[layer][:, :, :longest] = old.keys[layer][index, :, offset : old.length]
+            cache.values[layer][:, :, :longest] = old.values[layer][index, :, offset : old.length]
+        cache.key_mask[:, :longest] = old.key_mask[index, offset : old.length]
+        self.rows, self.logits = rows, self.logits[index]
+        self._install(cache, longest)
+
+    def _install(self, cache: KVCache, length: int) -> None:
+        """Make ``cache`` (filled up to ``length``) the batch's cache: the padding mask is applied only when
+        some row has padding (membership changes are rare next to steps), and the RoPE table is reused."""
+        cache.length = length
+        cache.padded = not bool(cache.key_mask[:, :length].all())
+        if self.cache is not None:
+            cache.rope = self.cache.rope
+        self.cache = cache
+
+    def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
+        tail = request.tracker.flush() if request.tracker is not None and reason != "cancelled" else ""
+        if tail:
+            request.emit(tail, None)
+        final = {
+            "finish_reason": reason,
+            "prompt_tokens": len(request.prompt),
+            "completion_tokens": len(request.generated),
+            "text": request.tracker.text if request.tracker is not None else "",
+            "latency": time.perf_counter() - request.submitted,
+            "time_to_first_token": (request.first_token_at or time.perf_counter()) - request.submitted,
+            "error": error,
+        }
+        if self.on_finish is not None:
+            self.on_finish(request, final)
+        request.emit(None, final)

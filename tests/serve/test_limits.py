@@ -1,0 +1,96 @@
+"""Batching through HTTP, and the limits: API key, bounded queue (429), a client that disconnects."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.serve.conftest import RunningServer, tiny_checkpoint
+
+openai = pytest.importorskip("openai", reason="the dev extra is not installed: pip install -e '.[dev]'")
+httpx = pytest.importorskip("httpx")
+
+PROMPTS = ["a", "hello there", "The quick brown fox jumps", "xy", "0123456789" * 4, "zz top", "q", "Mixed!"]
+BUDGETS = [30, 8, 25, 12, 40, 5, 33, 18]
+
+
+def complete(url: str, prompt: str, max_tokens: int) -> dict:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    response = httpx.post(url + "/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_until(condition, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_batched_greedy_equals_alone(server):
+    """8 concurrent mixed-length requests decode in one batch; each answer equals the one it gets alone."""
+    alone = [complete(server.url, p, n)["choices"][0]["text"] for p, n in zip(PROMPTS, BUDGETS)]
+    together: list[str | None] = [None] * len(PROMPTS)
+    sizes = []
+    start = threading.Barrier(len(PROMPTS) + 1)
+
+    def worker(i):
+        start.wait()
+        together[i] = complete(server.url, PROMPTS[i], BUDGETS[i])["choices"][0]["text"]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    start.wait()
+    while any(t.is_alive() for t in threads):
+        sizes.append(len(server.scheduler.rows))
+        time.sleep(0.005)
+    for t in threads:
+        t.join(timeout=120)
+    assert together == alone
+    assert max(sizes) > 1  # they really shared a batch
+
+
+def test_api_key(checkpoint):
+    running = RunningServer(checkpoint, api_key="s3cret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=running.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        assert httpx.get(running.url + "/v1/models").status_code == 401
+        assert httpx.get(running.url + "/metrics").status_code == 401
+        assert httpx.get(running.url + "/health").status_code == 200
+        good = openai.OpenAI(base_url=running.url + "/v1", api_key="s3cret", max_retries=0, timeout=60)
+        out = good.completions.create(model="tiny", prompt="hi", max_tokens=3, temperature=0)
+        assert out.usage.prompt_tokens == 2
+    finally:
+        running.close()
+
+
+def test_queue_full_and_disconnect(tmp_path):
+    """One running, one waiting, a third gets 429 with Retry-After; a client that leaves mid-stream frees
+    its slot and its queued follower runs. The first request asks for 4000 tokens (seconds of decoding even
+    for this tiny model), so it is still running while the others arrive and when its client leaves."""
+    running = RunningServer(tiny_checkpoint(tmp_path, max_seq_len=4096), max_batch=1, max_queue=1)
+    body = {"model": "tiny", "prompt": "long one", "max_tokens": 4000, "temperature": 0, "stream": True}
+    try:
+        with httpx.Client(timeout=60) as first:
+            with first.stream("POST", running.url + "/v1/completions", json=body) as stream:
+                lines = stream.iter_lines()
+                assert next(lines).startswith("data: ")  # it is decoding
+                waiter = threading.Thread(target=complete, args=(running.url, "second", 3))
+                waiter.start()
+                wait_until(lambda: len(running.scheduler.waiting) == 1)
+                third = httpx.post(running.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
+                assert third.status_code == 429 and third.headers["retry-after"] == "1"
+                assert third.json()["error"]["code"] == "queue_full"
+            # the stream is closed here, long before its 4000 tokens
+        waiter.join(timeout=60)
+        assert not waiter.is_alive()
+        wait_until(lambda: not running.scheduler.rows)
+        metrics = httpx.get(running.url + "/metrics").text
+        assert 'lmforge_finished_requests_total{reason="cancelled"} 1.0' in metrics
+    finally:
+        running.close()
