@@ -336,6 +336,9 @@ class TrainConfig:
     """The optimisation loop."""
 
     out_dir: str = "runs/demo"
+    # Continued pre-training: a fresh run starts from these weights (an lmforge run/checkpoint or a Hugging
+    # Face folder) and takes the model's shape from it (the model section then only sets model.dropout).
+    init_from: str | None = None
     steps: int = 1000
     seq_len: int = 128
     micro_batch: int = 8

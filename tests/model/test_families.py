@@ -164,3 +164,67 @@ def test_switches_no_family_expresses_are_refused():
         "model.sliding_window=0 must be >= 1 (or null for full attention)"
     ]
     assert any("rope_original_max_len" in p for p in tiny(rope_scaling="llama3").problems())
+
+
+def test_import_train_export_generate_eval_of_a_qwen2_folder_through_the_cli(tmp_path, capsys):
+    """A tiny Qwen2 folder made here: import -> train a few steps (continued pre-training, train.init_from)
+    -> export -> transformers loads it with lmforge's logits; generate and eval run on the trained model."""
+    from lmforge.cli import main
+    from lmforge.config import DataConfig
+    from lmforge.data.prepare import prepare_data
+
+    cfg = tiny(qkv_bias=True, vocab_size=283, tie_embeddings=False)
+    config_dict = hf.hf_config(cfg)
+    torch.manual_seed(8)
+    base = transformers.Qwen2ForCausalLM(
+        transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    ).eval()
+    base.save_pretrained(tmp_path / "qwen2")
+    words = ["the", "king", "shall", "speak", "and", "we", "will", "hear", "him", "now"]
+    for i in range(4):
+        lines = [" ".join(words[(i + j + k) % 10] for k in range(9)) for j in range(80)]
+        (tmp_path / f"doc{i}.txt").write_text("\n".join(lines), encoding="utf-8")
+    prepared = tmp_path / "prepared"
+    data_cfg = DataConfig(tokenizer="char", val_fraction=0.25, seed=1)
+    prepare_data(data_cfg, [str(tmp_path / "doc*.txt")], prepared, progress=False)
+
+    assert main(["import", str(tmp_path / "qwen2"), str(tmp_path / "imported")]) == 0
+    run = tmp_path / "run"
+    train_args = [
+        "train",
+        f"data.prepared={prepared}",
+        f"train.init_from={tmp_path / 'imported'}",
+        f"train.out_dir={run}",
+        "train.steps=4",
+        "train.seq_len=16",
+        "train.micro_batch=2",
+        "train.warmup_steps=1",
+        "train.eval_every=4",
+        "train.eval_batches=1",
+        "train.ckpt_every=4",
+        "train.sample_tokens=4",
+        "train.sample_prompts=[the]",
+        "train.device=cpu",
+        "--no-progress",
+    ]
+    assert main(train_args) == 0
+    trained, trained_config, _ = load_model(run)
+    assert trained_config.model.qkv_bias and trained_config.model.vocab_size == 283
+    with torch.no_grad():  # it trained (4 Adam steps of at most ~lr each), starting from the base's weights
+        moved = (
+            base.model.layers[0].self_attn.q_proj.weight - trained.layers[0].self_attn.q_proj.weight
+        ).abs()
+        assert 0 < float(moved.max()) < 0.01
+
+    assert main(["export", str(run), str(tmp_path / "exported")]) == 0
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32)
+    assert type(reloaded).__name__ == hf.QWEN2
+    assert max_diff(trained.eval(), reloaded.eval(), torch.randint(0, 283, (2, 21))) <= PARITY
+    capsys.readouterr()
+    assert (
+        main(["generate", str(run), "--prompt", "the king", "--max-new-tokens", "5", "--temperature", "0"])
+        == 0
+    )
+    assert "the king" in capsys.readouterr().out
+    (tmp_path / "score.txt").write_text("the king shall speak\n", encoding="utf-8")
+    assert main(["eval", str(run), "--text", str(tmp_path / "score.txt")]) == 0
