@@ -228,3 +228,22 @@ def test_import_train_export_generate_eval_of_a_qwen2_folder_through_the_cli(tmp
     assert "the king" in capsys.readouterr().out
     (tmp_path / "score.txt").write_text("the king shall speak\n", encoding="utf-8")
     assert main(["eval", str(run), "--text", str(tmp_path / "score.txt")]) == 0
+
+
+def test_the_fused_cpu_block_applies_only_where_its_math_holds():
+    """qk_norm and qkv_bias change the block's math, so those blocks stay plain; a sliding window is only a
+    mask, which the fused block takes: its loss and gradients equal the plain block's."""
+    from lmforge.model.fused import apply_fused_blocks
+
+    assert apply_fused_blocks(build_model(tiny(qk_norm=True))) == 0
+    assert apply_fused_blocks(build_model(tiny(qkv_bias=True))) == 0
+    cfg = tiny(sliding_window=5)
+    plain, fused = build_model(cfg, seed=3), build_model(cfg, seed=3)
+    assert apply_fused_blocks(fused) == cfg.n_layers
+    idx = torch.randint(0, VOCAB, (2, 23), generator=torch.Generator().manual_seed(0))
+    losses = [m(idx).logsumexp(-1).mean() for m in (plain, fused)]
+    for loss in losses:
+        loss.backward()
+    assert abs(float((losses[0] - losses[1]).detach())) <= 1e-5
+    grads = [m.layers[0].self_attn.q_proj.weight.grad for m in (plain, fused)]
+    assert float((grads[0] - grads[1]).abs().max()) <= 1e-5
