@@ -48,12 +48,16 @@ class ModelConfig:
     sliding_window: int | None = None  # a query at i attends keys j with i - W < j <= i (Mistral); None: all
     # RoPE frequency scaling for long contexts (Hugging Face ``rope_scaling`` / ``rope_parameters``):
     # "linear" divides every frequency by rope_factor; "llama3" divides the low frequencies by rope_factor,
-    # keeps the high ones and interpolates between, by wavelength against rope_original_max_len.
-    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    # keeps the high ones and interpolates between, by wavelength against rope_original_max_len; "yarn"
+    # (Peng et al. 2023) blends interpolated and original frequencies by dimension between the rope_beta_fast
+    # and rope_beta_slow rotation counts, and scales cos/sin by 0.1 ln(rope_factor) + 1.
+    rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
-    rope_original_max_len: int | None = None  # llama3 only: the context the model was pretrained with
+    rope_beta_fast: float = 32.0  # yarn only
+    rope_beta_slow: float = 1.0  # yarn only
+    rope_original_max_len: int | None = None  # llama3 and yarn: the context the model was pretrained with
 
     @property
     def kv_heads(self) -> int:
@@ -112,9 +116,12 @@ class ModelConfig:
                 out.append(f"model.rope_scaling={self.rope_scaling} needs model.position=rope")
             if self.rope_factor <= 0:
                 out.append(f"model.rope_factor={self.rope_factor} must be > 0")
-        if self.rope_scaling == "llama3":
+        if self.rope_scaling in ("llama3", "yarn"):
             if self.rope_original_max_len is None or self.rope_original_max_len < 1:
-                out.append("model.rope_scaling=llama3 needs model.rope_original_max_len >= 1 (e.g. 8192)")
+                out.append(
+                    f"model.rope_scaling={self.rope_scaling} needs model.rope_original_max_len >= 1 (e.g. 8192)"
+                )
+        if self.rope_scaling == "llama3":
             if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
                 out.append(
                     f"model.rope_low_freq_factor={self.rope_low_freq_factor} and model.rope_high_freq_factor="

@@ -39,6 +39,7 @@ LLAMA3_ROPE = dict(
     rope_high_freq_factor=4.0,
     rope_original_max_len=16,
 )
+YARN_ROPE = dict(rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=16, rope_theta=1000.0)
 CASES = {
     "qwen2-gqa-tied": (tiny(qkv_bias=True, tie_embeddings=True, norm_eps=1e-6), hf.QWEN2),
     "qwen2-mqa-untied": (tiny(qkv_bias=True, n_kv_heads=1, tie_embeddings=False), hf.QWEN2),
@@ -49,6 +50,11 @@ CASES = {
     "llama-rope-linear": (tiny(rope_scaling="linear", rope_factor=4.0, tie_embeddings=False), hf.LLAMA),
     "llama-rope-llama3": (tiny(**LLAMA3_ROPE), hf.LLAMA),
     "qwen2-rope-linear": (tiny(qkv_bias=True, rope_scaling="linear", rope_factor=2.0), hf.QWEN2),
+    "qwen2-rope-yarn": (tiny(qkv_bias=True, **YARN_ROPE), hf.QWEN2),
+    "mistral-rope-yarn": (
+        tiny(sliding_window=6, tie_embeddings=False, **YARN_ROPE, rope_beta_fast=16.0),
+        hf.MISTRAL,
+    ),
 }
 
 
@@ -132,9 +138,10 @@ def test_greedy_generation_with_the_kv_cache_matches_transformers_past_the_windo
     assert result.tokens[0] == expected
 
 
+@pytest.mark.parametrize("rope", [LLAMA3_ROPE, YARN_ROPE], ids=["llama3", "yarn"])
 @torch.no_grad()
-def test_kv_cache_decoding_equals_the_full_forward_with_a_window():
-    cfg = tiny(sliding_window=4, qk_norm=True, **LLAMA3_ROPE)
+def test_kv_cache_decoding_equals_the_full_forward_with_a_window(rope):
+    cfg = tiny(sliding_window=4, qk_norm=True, **rope)
     model = build_model(cfg, seed=6).eval()
     idx = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(3))
     full = model(idx)

@@ -257,8 +257,8 @@ BAD_FOLDERS = {
     "wrong type": (lambda f: _edit_config(f, num_hidden_layers="two"), "must be an integer"),
     "unsupported": (lambda f: _edit_config(f, model_type="gemma"), "unsupported architecture 'gemma'"),
     "rope scaling": (
-        lambda f: _edit_config(f, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0}),
-        "rope type 'yarn'",
+        lambda f: _edit_config(f, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 8.0}),
+        "rope type 'dynamic'",
     ),
     "shape mismatch": (
         lambda f: _edit_config(f, intermediate_size=128),

@@ -242,6 +242,14 @@ def rope_scaling_dict(cfg: ModelConfig) -> dict[str, Any] | None:
             "high_freq_factor": cfg.rope_high_freq_factor,
             "original_max_position_embeddings": cfg.rope_original_max_len,
         }
+    if cfg.rope_scaling == "yarn":
+        return {
+            "rope_type": "yarn",
+            "factor": cfg.rope_factor,
+            "beta_fast": cfg.rope_beta_fast,
+            "beta_slow": cfg.rope_beta_slow,
+            "original_max_position_embeddings": cfg.rope_original_max_len,
+        }
     return None
 
 
@@ -260,7 +268,22 @@ def _rope_scaling_fields(rope: dict, wrong: list[str]) -> dict[str, Any]:
             "rope_high_freq_factor": float(rope.get("high_freq_factor", 4.0)),
             "rope_original_max_len": rope.get("original_max_position_embeddings"),
         }
-    wrong.append(f"rope type {rope_type!r} (lmforge implements default, linear and llama3)")
+    if rope_type == "yarn":
+        unusual = [k for k in ("attention_factor", "mscale", "mscale_all_dim") if rope.get(k) is not None]
+        if rope.get("truncate", True) is not True:
+            unusual.append("truncate")
+        if unusual:
+            wrong.append(
+                f"yarn with {', '.join(unusual)} (lmforge implements YaRN's default attention factor)"
+            )
+        return {
+            "rope_scaling": "yarn",
+            "rope_factor": float(rope.get("factor", 1.0)),
+            "rope_beta_fast": float(rope.get("beta_fast") or 32.0),
+            "rope_beta_slow": float(rope.get("beta_slow") or 1.0),
+            "rope_original_max_len": rope.get("original_max_position_embeddings"),
+        }
+    wrong.append(f"rope type {rope_type!r} (lmforge implements default, linear, llama3 and yarn)")
     return {}
 
 

@@ -80,13 +80,40 @@ def scaled_rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= context / high) & (wavelen <= context / low)
         return torch.where(medium, smoothed, scaled)
+    if cfg.rope_scaling == "yarn":
+        dim, base = cfg.head_dim, cfg.rope_theta
+
+        def correction_dim(rotations: float) -> float:  # the dimension that turns ``rotations`` times
+            return (
+                dim * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+            )
+
+        low = max(math.floor(correction_dim(cfg.rope_beta_fast)), 0)
+        high = min(math.ceil(correction_dim(cfg.rope_beta_slow)), dim - 1)
+        high = high + 0.001 if low == high else high
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        keep = 1 - ramp  # 1: the original frequency (fast dimensions), 0: interpolated by rope_factor
+        pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        return (1.0 / (cfg.rope_factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
     return inv_freq
 
 
-def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for rotate-half RoPE (the Llama convention) at the given positions: each (B, T, hd)."""
+def rope_attention_scale(cfg: ModelConfig) -> float:
+    """The factor on cos/sin: YaRN's 0.1 ln(factor) + 1 (sharper attention at long range); 1 otherwise."""
+    if cfg.rope_scaling == "yarn" and cfg.rope_factor > 1:
+        return 0.1 * math.log(cfg.rope_factor) + 1.0
+    return 1.0
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for rotate-half RoPE (the Llama convention) at the given positions: each (B, T, hd), times
+    ``scale`` (``rope_attention_scale``)."""
     freqs = position_ids.float().unsqueeze(-1) * inv_freq.to(position_ids.device)  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+    if scale != 1.0:
+        return emb.cos() * scale, emb.sin() * scale
     return emb.cos(), emb.sin()
 
 
@@ -130,12 +157,13 @@ class KVCache:
         return self.keys[0].shape[2]
 
     def rope_at(
-        self, position_ids: torch.Tensor, inv_freq: torch.Tensor
+        self, position_ids: torch.Tensor, inv_freq: torch.Tensor, scale: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE cos/sin (B, T, hd) for ``position_ids`` (B, T), looked up in a table made once per cache
         (bit-identical to ``rope_cos_sin``: the same elementwise operations on the same values)."""
         if self.rope is None:
-            self.rope = rope_cos_sin(torch.arange(self.max_len, device=inv_freq.device)[None], inv_freq)
+            positions = torch.arange(self.max_len, device=inv_freq.device)[None]  # (1, max_len)
+            self.rope = rope_cos_sin(positions, inv_freq, scale)
         cos, sin = self.rope  # (1, max_len, hd) each
         return cos[0][position_ids], sin[0][position_ids]
 
@@ -284,6 +312,7 @@ class Transformer(nn.Module):
         # Derived tables are non-persistent buffers: never saved, recomputed by init_weights() after `meta`.
         self.register_buffer("rope_inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
         self.register_buffer("sinusoidal", torch.empty(0), persistent=False)
+        self.rope_scale = rope_attention_scale(cfg)
         self.init_buffers()
 
     # -- initialisation ----------------------------------------------------------------------------------
@@ -355,9 +384,9 @@ class Transformer(nn.Module):
         rope = None
         if self.cfg.position == "rope":
             rope = (
-                cache.rope_at(position_ids, self.rope_inv_freq)
+                cache.rope_at(position_ids, self.rope_inv_freq, self.rope_scale)
                 if cache is not None
-                else rope_cos_sin(position_ids, self.rope_inv_freq)
+                else rope_cos_sin(position_ids, self.rope_inv_freq, self.rope_scale)
             )
         elif self.cfg.position == "learned":
             x = x + self.embed_positions(position_ids)
