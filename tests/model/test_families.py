@@ -254,3 +254,21 @@ def test_the_fused_cpu_block_applies_only_where_its_math_holds():
     assert abs(float((losses[0] - losses[1]).detach())) <= 1e-5
     grads = [m.layers[0].self_attn.q_proj.weight.grad for m in (plain, fused)]
     assert float((grads[0] - grads[1]).abs().max()) <= 1e-5
+
+
+@torch.no_grad()
+def test_structured_pruning_keeps_qkv_biases_and_qk_norms():
+    """Removing heads and channels of a Qwen-style model equals zeroing their outputs in the full model."""
+    from lmforge.tune.prune import plan_structured, structured_prune
+
+    model = build_model(tiny(qkv_bias=True, qk_norm=True), seed=5).eval()
+    perturb(model)
+    plan = plan_structured(model, heads=0.5, channels=0.25)
+    small = structured_prune(model, heads=0.5, channels=0.25)
+    hd = model.cfg.head_dim
+    for layer, heads, channels in zip(model.layers, plan.heads, plan.channels):
+        for h in set(range(model.cfg.n_heads)) - set(heads):
+            layer.self_attn.o_proj.weight[:, h * hd : (h + 1) * hd] = 0
+        layer.mlp.down_proj.weight[:, [c for c in range(90) if c not in channels]] = 0
+    idx = probe()
+    torch.testing.assert_close(small(idx), model(idx), rtol=1e-5, atol=1e-5)

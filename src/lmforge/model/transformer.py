@@ -66,7 +66,9 @@ def scaled_rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
     "linear" divides every frequency by ``rope_factor``. "llama3" (Llama 3.1) keeps frequencies whose wavelength
     is below ``rope_original_max_len / rope_high_freq_factor``, divides those above
-    ``rope_original_max_len / rope_low_freq_factor`` by ``rope_factor``, and interpolates in between.
+    ``rope_original_max_len / rope_low_freq_factor`` by ``rope_factor``, and interpolates in between. "yarn"
+    keeps the dimensions that turn more than ``rope_beta_fast`` times over ``rope_original_max_len`` positions,
+    divides those turning fewer than ``rope_beta_slow`` times by ``rope_factor``, and ramps linearly between.
     """
     inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
     if cfg.rope_scaling == "linear":
