@@ -480,6 +480,11 @@ class Config:
                     f"parallel.tp={tp} must divide {', '.join(uneven)} (each rank holds whole heads and an "
                     "equal share of the feed-forward)"
                 )
+            if self.model.qk_norm:
+                out.append(
+                    f"parallel.tp={tp} with model.qk_norm=true is not supported: the q/k norm weights are shared "
+                    "by heads on every rank, so their gradients would need summing over ranks; use parallel.tp=1"
+                )
         if self.train.seq_len > self.model.max_seq_len and self.model.position != "rope":
             out.append(
                 f"train.seq_len={self.train.seq_len} is longer than model.max_seq_len={self.model.max_seq_len} "

@@ -272,3 +272,10 @@ def test_structured_pruning_keeps_qkv_biases_and_qk_norms():
         layer.mlp.down_proj.weight[:, [c for c in range(90) if c not in channels]] = 0
     idx = probe()
     torch.testing.assert_close(small(idx), model(idx), rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_parallelism_with_qk_norm_is_refused_before_training():
+    from lmforge.config import ParallelConfig
+
+    cfg = Config(model=tiny(qk_norm=True, n_heads=6, n_kv_heads=2), parallel=ParallelConfig(tp=2))
+    assert any("model.qk_norm=true is not supported" in p for p in cfg.problems())

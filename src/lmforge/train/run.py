@@ -28,7 +28,7 @@ from torch import nn
 
 from lmforge.checkpoint import FoundCheckpoint
 from lmforge.checkpoint.manager import CheckpointManager, find_resume
-from lmforge.config import Config, save_config
+from lmforge.config import Config, save_config, validate
 from lmforge.data.batch import Batch, BatchLoader
 from lmforge.distributed.parallelize import (
     World,
@@ -214,7 +214,9 @@ def base_model(cfg: Config) -> tuple[Config, Callable[[nn.Module], nn.Module] | 
         model.tie_weights()
         return model
 
-    return dataclasses.replace(cfg, model=shape), load_base
+    cfg = dataclasses.replace(cfg, model=shape)
+    validate(cfg)  # the base's shape against the rest of the config (tensor parallelism, seq_len, ...)
+    return cfg, load_base
 
 
 def model_for_run(
