@@ -31,8 +31,21 @@ SHAPES = {
     "tiny llama MQA + bias": ModelConfig(**TINY, n_kv_heads=1, bias=True, tie_embeddings=False),
     "tiny gpt2, tied": ModelConfig(**TINY, **GPT2),
     "tiny gpt2, untied": ModelConfig(**TINY, **GPT2, tie_embeddings=False),
+    "tiny qwen2 GQA 4/2 + qkv bias": ModelConfig(**TINY, n_kv_heads=2, qkv_bias=True),
+    "tiny qwen3 qk_norm, head 24": ModelConfig(**TINY, n_kv_heads=2, qk_norm=True, head_size=24),
+    "tiny mistral window 9, untied": ModelConfig(
+        **TINY, n_kv_heads=2, sliding_window=9, tie_embeddings=False
+    ),
+    "tiny llama3 rope scaling": ModelConfig(
+        **TINY, rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=16, rope_theta=500.0
+    ),
+    "tiny qwen2 yarn rope scaling": ModelConfig(
+        **TINY, qkv_bias=True, rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=16, rope_theta=1e3
+    ),
     "gpt2-124m preset": PRESETS["gpt2-124m"],
     "llama-160m preset": PRESETS["llama-160m"],
+    "qwen2.5-0.5b preset": PRESETS["qwen2.5-0.5b"],
+    "qwen3-0.6b preset": PRESETS["qwen3-0.6b"],
 }
 
 

@@ -43,6 +43,21 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     head_size: int | None = None  # None: d_model // n_heads; set when attention heads were pruned away
+    qkv_bias: bool = False  # biases on the q, k, v projections only (Qwen2); ``bias`` covers every projection
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
+    sliding_window: int | None = None  # a query at i attends keys j with i - W < j <= i (Mistral); None: all
+    # RoPE frequency scaling for long contexts (Hugging Face ``rope_scaling`` / ``rope_parameters``):
+    # "linear" divides every frequency by rope_factor; "llama3" divides the low frequencies by rope_factor,
+    # keeps the high ones and interpolates between, by wavelength against rope_original_max_len; "yarn"
+    # (Peng et al. 2023) blends interpolated and original frequencies by dimension between the rope_beta_fast
+    # and rope_beta_slow rotation counts, and scales cos/sin by 0.1 ln(rope_factor) + 1.
+    rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_beta_fast: float = 32.0  # yarn only
+    rope_beta_slow: float = 1.0  # yarn only
+    rope_original_max_len: int | None = None  # llama3 and yarn: the context the model was pretrained with
 
     @property
     def kv_heads(self) -> int:
@@ -90,6 +105,28 @@ class ModelConfig:
             out.append(f"model.norm_eps={self.norm_eps} must be > 0")
         if self.init_std <= 0:
             out.append(f"model.init_std={self.init_std} must be > 0")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            out.append(
+                f"model.sliding_window={self.sliding_window} must be >= 1 (or null for full attention)"
+            )
+        if self.qk_norm and self.norm != "rmsnorm":
+            out.append(f"model.qk_norm=true needs model.norm=rmsnorm, got {self.norm}")
+        if self.rope_scaling != "none":
+            if self.position != "rope":
+                out.append(f"model.rope_scaling={self.rope_scaling} needs model.position=rope")
+            if self.rope_factor <= 0:
+                out.append(f"model.rope_factor={self.rope_factor} must be > 0")
+        if self.rope_scaling in ("llama3", "yarn"):
+            if self.rope_original_max_len is None or self.rope_original_max_len < 1:
+                out.append(
+                    f"model.rope_scaling={self.rope_scaling} needs model.rope_original_max_len >= 1 (e.g. 8192)"
+                )
+        if self.rope_scaling == "llama3":
+            if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+                out.append(
+                    f"model.rope_low_freq_factor={self.rope_low_freq_factor} and model.rope_high_freq_factor="
+                    f"{self.rope_high_freq_factor} must satisfy 0 < low < high"
+                )
         return out
 
 
@@ -170,6 +207,72 @@ LLAMA_7B = ModelConfig(
     tie_embeddings=False,
 )
 
+# Qwen2.5-0.5B (Qwen team 2024; Qwen/Qwen2.5-0.5B config.json): biases on q/k/v, GQA 14/2, tied head.
+QWEN25_05B = ModelConfig(
+    preset="qwen2.5-0.5b",
+    vocab_size=151936,
+    max_seq_len=32768,
+    n_layers=24,
+    d_model=896,
+    n_heads=14,
+    n_kv_heads=2,
+    ffn_hidden=4864,
+    rope_theta=1000000.0,
+    norm_eps=1e-6,
+    qkv_bias=True,
+    tie_embeddings=True,
+)
+
+# Qwen3-0.6B (Qwen team 2025; Qwen/Qwen3-0.6B config.json): RMSNorm on q and k, head_dim 128 > d_model/heads.
+QWEN3_06B = ModelConfig(
+    preset="qwen3-0.6b",
+    vocab_size=151936,
+    max_seq_len=40960,
+    n_layers=28,
+    d_model=1024,
+    n_heads=16,
+    n_kv_heads=8,
+    head_size=128,
+    ffn_hidden=3072,
+    rope_theta=1000000.0,
+    norm_eps=1e-6,
+    qk_norm=True,
+    tie_embeddings=True,
+)
+
+# Mistral-7B-v0.1 (Jiang et al. 2023; mistralai/Mistral-7B-v0.1 config.json): sliding window 4096, GQA 32/8.
+MISTRAL_7B = ModelConfig(
+    preset="mistral-7b",
+    vocab_size=32000,
+    max_seq_len=32768,
+    n_layers=32,
+    d_model=4096,
+    n_heads=32,
+    n_kv_heads=8,
+    ffn_hidden=14336,
+    sliding_window=4096,
+    tie_embeddings=False,
+)
+
+# Llama-3.2-1B (Meta 2024; meta-llama/Llama-3.2-1B config.json): llama3 RoPE scaling x32 from 8192 positions.
+LLAMA32_1B = ModelConfig(
+    preset="llama3.2-1b",
+    vocab_size=128256,
+    max_seq_len=131072,
+    n_layers=16,
+    d_model=2048,
+    n_heads=32,
+    n_kv_heads=8,
+    ffn_hidden=8192,
+    rope_theta=500000.0,
+    rope_scaling="llama3",
+    rope_factor=32.0,
+    rope_low_freq_factor=1.0,
+    rope_high_freq_factor=4.0,
+    rope_original_max_len=8192,
+    tie_embeddings=True,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     "tiny": TINY,
     "gpt2-124m": GPT2_124M,
@@ -177,6 +280,10 @@ PRESETS: dict[str, ModelConfig] = {
     "1b": LLAMA_1B,
     "3b": LLAMA_3B,
     "7b": LLAMA_7B,
+    "qwen2.5-0.5b": QWEN25_05B,
+    "qwen3-0.6b": QWEN3_06B,
+    "mistral-7b": MISTRAL_7B,
+    "llama3.2-1b": LLAMA32_1B,
 }
 
 
@@ -236,6 +343,9 @@ class TrainConfig:
     """The optimisation loop."""
 
     out_dir: str = "runs/demo"
+    # Continued pre-training: a fresh run starts from these weights (an lmforge run/checkpoint or a Hugging
+    # Face folder) and takes the model's shape from it (the model section then only sets model.dropout).
+    init_from: str | None = None
     steps: int = 1000
     seq_len: int = 128
     micro_batch: int = 8
@@ -369,6 +479,11 @@ class Config:
                 out.append(
                     f"parallel.tp={tp} must divide {', '.join(uneven)} (each rank holds whole heads and an "
                     "equal share of the feed-forward)"
+                )
+            if self.model.qk_norm:
+                out.append(
+                    f"parallel.tp={tp} with model.qk_norm=true is not supported: the q/k norm weights are shared "
+                    "by heads on every rank, so their gradients would need summing over ranks; use parallel.tp=1"
                 )
         if self.train.seq_len > self.model.max_seq_len and self.model.position != "rope":
             out.append(

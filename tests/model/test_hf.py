@@ -255,10 +255,10 @@ BAD_FOLDERS = {
     "malformed config": (lambda f: (f / "config.json").write_text("{not json"), "malformed JSON"),
     "missing key": (lambda f: _edit_config(f, hidden_size=None), "missing hidden_size"),
     "wrong type": (lambda f: _edit_config(f, num_hidden_layers="two"), "must be an integer"),
-    "unsupported": (lambda f: _edit_config(f, model_type="mistral"), "unsupported architecture 'mistral'"),
+    "unsupported": (lambda f: _edit_config(f, model_type="gemma"), "unsupported architecture 'gemma'"),
     "rope scaling": (
-        lambda f: _edit_config(f, rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}),
-        "rope type 'llama3'",
+        lambda f: _edit_config(f, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 8.0}),
+        "rope type 'dynamic'",
     ),
     "shape mismatch": (
         lambda f: _edit_config(f, intermediate_size=128),

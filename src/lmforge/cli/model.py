@@ -42,8 +42,12 @@ def run_model(args) -> int:
         f"shape            {cfg.n_layers} layers x d_model {cfg.d_model}, {cfg.n_heads} heads "
         f"({cfg.kv_heads} kv), ffn {cfg.ffn} {cfg.hidden_dim}, vocab {cfg.vocab_size}"
     )
+    family = [f"{k}={getattr(cfg, k)}" for k in ("qkv_bias", "qk_norm") if getattr(cfg, k)]
+    family += [f"{k}={getattr(cfg, k)}" for k in ("sliding_window",) if getattr(cfg, k) is not None]
+    family += [f"rope_scaling={cfg.rope_scaling} x{cfg.rope_factor:g}"] if cfg.rope_scaling != "none" else []
     print(
         f"switches         position={cfg.position} norm={cfg.norm} bias={cfg.bias} tied={cfg.tie_embeddings}"
+        + "".join(f" {f}" for f in family)
     )
     print(f"parameters       {info['parameters']:,} ({human_count(info['parameters'])})")
     print(f"FLOPs per token  {info['flops_per_token']:.4g} (training, seq {info['seq_len']})")

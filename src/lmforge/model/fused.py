@@ -14,7 +14,7 @@ math, arranged so that little but the matmuls touches activations:
 - the residual add rides in the output projection (``addmm``); the backward works in place.
 
 The fused block is applied from outside the model, as ``torch.compile`` and FSDP are:
-``apply_fused_blocks(model)`` checks once which blocks qualify (RMSNorm, SwiGLU, RoPE, no bias, plain
+``apply_fused_blocks(model)`` checks once which blocks qualify (RMSNorm, SwiGLU, RoPE, no bias, no qk_norm, plain
 ``nn.Linear`` projections with fp32 ``nn.Parameter`` weights on the CPU, so neither LoRA's wrappers nor
 tensor-parallel DTensor shards, no dropout) and turns those into ``FusedBlock``s; the state_dict does not
 change. ``distributed.parallelize`` calls it for fp32 training on the CPU without ``torch.compile`` (inductor
@@ -53,6 +53,8 @@ class FusedBlock(Block):
 def fused_block_qualifies(block: nn.Module, cfg: ModelConfig) -> bool:
     """Whether ``block`` (of a model with ``cfg``) has exactly what ``fused_block`` computes."""
     if type(block) is not Block or cfg.position != "rope" or not block.mlp.swiglu:
+        return False
+    if cfg.qk_norm:  # the fused attention has no per-head norm of queries and keys
         return False
     attn, mlp = block.self_attn, block.mlp
     linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)

@@ -1,8 +1,11 @@
-"""Hugging Face conversion: lmforge models to and from ``LlamaForCausalLM`` and ``GPT2LMHeadModel``.
+"""Hugging Face conversion: lmforge models to and from ``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
+``Qwen3ForCausalLM``, ``MistralForCausalLM`` and ``GPT2LMHeadModel``.
 
-Everything goes through two explicit tables (``LLAMA_KEYS``, ``GPT2_KEYS``) that pair lmforge parameter names
-with Hugging Face ones, and two config translations (``hf_config`` and ``model_config_from_hf``). One table
-serves both directions. A model that neither architecture can express is refused, naming the switch.
+Everything goes through two explicit tables (``LLAMA_KEYS``, shared by the Llama-shaped families, and
+``GPT2_KEYS``) that pair lmforge parameter names with Hugging Face ones, and two config translations
+(``hf_config`` and ``model_config_from_hf``). One table serves both directions. The architecture follows from
+the model's switches (``qk_norm`` -> Qwen3, ``qkv_bias`` -> Qwen2, ``sliding_window`` -> Mistral, otherwise
+Llama); a model that no architecture can express is refused, naming the switch.
 Reading and writing whole folders (checkpoints, weight files, tokenizer) is ``lmforge.convert``'s job.
 
 Shape legend: C d_model, F feed-forward hidden, V vocabulary, H heads, Hkv key/value heads, hd head dimension.
@@ -21,6 +24,10 @@ from lmforge.errors import CheckpointError, ConfigError, ExportError
 from lmforge.model.transformer import Transformer
 
 LLAMA = "LlamaForCausalLM"
+QWEN2 = "Qwen2ForCausalLM"
+QWEN3 = "Qwen3ForCausalLM"
+MISTRAL = "MistralForCausalLM"
+MODEL_TYPES = {LLAMA: "llama", QWEN2: "qwen2", QWEN3: "qwen3", MISTRAL: "mistral", "GPT2LMHeadModel": "gpt2"}
 GPT2 = "GPT2LMHeadModel"
 VERIFY_TOLERANCE = 1e-3  # max |logits difference| accepted by export's self-check (fp32)
 
@@ -57,6 +64,8 @@ LLAMA_KEYS: tuple[KeyRow, ...] = (
         )
         for kind in ("weight", "bias")
     ),
+    _llama_row("layers.{i}.self_attn.q_norm.weight"),  # qk_norm (Qwen3)
+    _llama_row("layers.{i}.self_attn.k_norm.weight"),
     _llama_row("layers.{i}.input_layernorm.weight"),
     _llama_row("layers.{i}.post_attention_layernorm.weight"),
     _llama_row("norm.weight"),
@@ -84,7 +93,7 @@ GPT2_KEYS: tuple[KeyRow, ...] = (
     KeyRow("lm_head.weight", ("lm_head.weight",)),
 )
 
-KEY_TABLES = {LLAMA: LLAMA_KEYS, GPT2: GPT2_KEYS}
+KEY_TABLES = {LLAMA: LLAMA_KEYS, QWEN2: LLAMA_KEYS, QWEN3: LLAMA_KEYS, MISTRAL: LLAMA_KEYS, GPT2: GPT2_KEYS}
 
 # Tensors some Hugging Face folders carry that are not weights (causal-mask and RoPE buffers of old versions).
 _IGNORED_HF_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -105,20 +114,41 @@ def _expand(table: tuple[KeyRow, ...], n_layers: int) -> list[KeyRow]:
 # -- which architecture ------------------------------------------------------------------------------------
 
 
+def _rope_architecture(cfg: ModelConfig) -> str:
+    """The Llama-shaped family whose math matches the attention switches (each family adds one idea)."""
+    if cfg.qk_norm:
+        return QWEN3
+    if cfg.qkv_bias and not cfg.bias:
+        return QWEN2
+    if cfg.sliding_window is not None:
+        return MISTRAL
+    return LLAMA
+
+
 def architecture_for(cfg: ModelConfig) -> str:
-    """``LlamaForCausalLM`` or ``GPT2LMHeadModel`` for this model shape, or an ExportError naming the switch."""
+    """The Hugging Face architecture for this model shape, or an ExportError naming the switch."""
     if cfg.position == "rope":
-        needs = {"ffn": "swiglu", "norm": "rmsnorm"}
+        arch = _rope_architecture(cfg)
+        name = arch.removesuffix("ForCausalLM")
+        needs: dict[str, Any] = {"ffn": "swiglu", "norm": "rmsnorm"}
+        if arch != LLAMA:
+            needs["bias"] = False  # Qwen and Mistral have no biases on o_proj and the feed-forward
+        if arch in (QWEN2, QWEN3):
+            needs["sliding_window"] = None  # Qwen's per-layer windows are not expressed here
+        if arch == QWEN3:
+            needs["qkv_bias"] = False
         wrong = [
-            f"model.{k}={getattr(cfg, k)} (Llama needs {v})" for k, v in needs.items() if getattr(cfg, k) != v
+            f"model.{k}={getattr(cfg, k)} ({name} needs {v})"
+            for k, v in needs.items()
+            if getattr(cfg, k) != v
         ]
         if wrong:
             raise ExportError(
-                "cannot export: position=rope maps to Llama, which cannot express " + "; ".join(wrong)
+                f"cannot export: these switches map to {name}, which cannot express " + "; ".join(wrong)
             )
-        return LLAMA
+        return arch
     if cfg.position == "learned":
-        needs = {"ffn": "gelu", "norm": "layernorm", "bias": True}
+        needs = {"ffn": "gelu", "norm": "layernorm", "bias": True, "qkv_bias": False, "qk_norm": False}
         wrong = [
             f"model.{k}={getattr(cfg, k)} (GPT-2 needs {v})" for k, v in needs.items() if getattr(cfg, k) != v
         ]
@@ -126,6 +156,8 @@ def architecture_for(cfg: ModelConfig) -> str:
             wrong.append(f"model.n_kv_heads={cfg.kv_heads} (GPT-2 has no grouped-query attention)")
         if cfg.head_dim * cfg.n_heads != cfg.d_model:
             wrong.append(f"model.head_size={cfg.head_dim} (GPT-2 needs d_model / n_heads)")
+        if cfg.sliding_window is not None:
+            wrong.append(f"model.sliding_window={cfg.sliding_window} (GPT-2 attends to every position)")
         if wrong:
             raise ExportError(
                 "cannot export: position=learned maps to GPT-2, which cannot express " + "; ".join(wrong)
@@ -148,10 +180,21 @@ def hf_config(
     ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **ids}
     common = {"vocab_size": cfg.vocab_size, "initializer_range": cfg.init_std, "use_cache": True}
     common.update(tie_word_embeddings=cfg.tie_embeddings, torch_dtype=dtype, **ids)
-    if architecture_for(cfg) == LLAMA:
+    arch = architecture_for(cfg)
+    if arch != GPT2:
+        family: dict[str, Any] = {}
+        if arch == LLAMA:
+            family = {"attention_bias": cfg.bias, "mlp_bias": cfg.bias}
+        elif arch in (QWEN2, QWEN3):
+            family = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
+            if arch == QWEN3:
+                family["attention_bias"] = False
+        else:
+            family = {"sliding_window": cfg.sliding_window}
+        scaling = rope_scaling_dict(cfg)
         return {
-            "architectures": [LLAMA],
-            "model_type": "llama",
+            "architectures": [arch],
+            "model_type": MODEL_TYPES[arch],
             "hidden_size": cfg.d_model,
             "intermediate_size": cfg.hidden_dim,
             "num_hidden_layers": cfg.n_layers,
@@ -161,12 +204,12 @@ def hf_config(
             "hidden_act": "silu",
             "max_position_embeddings": cfg.max_seq_len,
             "rms_norm_eps": cfg.norm_eps,
-            # rope_theta for transformers 4.x, rope_parameters for 5.x; both say the same.
+            # rope_theta and rope_scaling for transformers 4.x, rope_parameters for 5.x; all say the same.
             "rope_theta": cfg.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-            "attention_bias": cfg.bias,
-            "mlp_bias": cfg.bias,
+            "rope_scaling": scaling,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(scaling or {})},
             "attention_dropout": cfg.dropout,
+            **family,
             **common,
         }
     return {
@@ -185,6 +228,63 @@ def hf_config(
         "scale_attn_weights": True,
         **common,
     }
+
+
+def rope_scaling_dict(cfg: ModelConfig) -> dict[str, Any] | None:
+    """Hugging Face's ``rope_scaling`` for ``cfg.rope_scaling`` (None for plain RoPE)."""
+    if cfg.rope_scaling == "linear":
+        return {"rope_type": "linear", "factor": cfg.rope_factor}
+    if cfg.rope_scaling == "llama3":
+        return {
+            "rope_type": "llama3",
+            "factor": cfg.rope_factor,
+            "low_freq_factor": cfg.rope_low_freq_factor,
+            "high_freq_factor": cfg.rope_high_freq_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_len,
+        }
+    if cfg.rope_scaling == "yarn":
+        return {
+            "rope_type": "yarn",
+            "factor": cfg.rope_factor,
+            "beta_fast": cfg.rope_beta_fast,
+            "beta_slow": cfg.rope_beta_slow,
+            "original_max_position_embeddings": cfg.rope_original_max_len,
+        }
+    return None
+
+
+def _rope_scaling_fields(rope: dict, wrong: list[str]) -> dict[str, Any]:
+    """lmforge's rope_scaling fields from Hugging Face's ``rope_parameters`` / ``rope_scaling``."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return {}
+    if rope_type == "linear":
+        return {"rope_scaling": "linear", "rope_factor": float(rope.get("factor", 1.0))}
+    if rope_type == "llama3":
+        return {
+            "rope_scaling": "llama3",
+            "rope_factor": float(rope.get("factor", 1.0)),
+            "rope_low_freq_factor": float(rope.get("low_freq_factor", 1.0)),
+            "rope_high_freq_factor": float(rope.get("high_freq_factor", 4.0)),
+            "rope_original_max_len": rope.get("original_max_position_embeddings"),
+        }
+    if rope_type == "yarn":
+        unusual = [k for k in ("attention_factor", "mscale", "mscale_all_dim") if rope.get(k) is not None]
+        if rope.get("truncate", True) is not True:
+            unusual.append("truncate")
+        if unusual:
+            wrong.append(
+                f"yarn with {', '.join(unusual)} (lmforge implements YaRN's default attention factor)"
+            )
+        return {
+            "rope_scaling": "yarn",
+            "rope_factor": float(rope.get("factor", 1.0)),
+            "rope_beta_fast": float(rope.get("beta_fast") or 32.0),
+            "rope_beta_slow": float(rope.get("beta_slow") or 1.0),
+            "rope_original_max_len": rope.get("original_max_position_embeddings"),
+        }
+    wrong.append(f"rope type {rope_type!r} (lmforge implements default, linear, llama3 and yarn)")
+    return {}
 
 
 def hf_tokenizer_config(
@@ -213,14 +313,33 @@ def _model_type(hf: dict) -> str:
     model_type = hf.get("model_type")
     if model_type is None:
         archs = hf.get("architectures") or []
-        model_type = {LLAMA: "llama", GPT2: "gpt2"}.get(archs[0] if archs else "", None)
+        model_type = MODEL_TYPES.get(archs[0] if archs else "", None)
     return str(model_type)
 
 
-def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
-    """The lmforge ``ModelConfig`` equivalent to a Hugging Face Llama or GPT-2 ``config.json``."""
-    model_type = _model_type(hf)
+def _family_fields(model_type: str, hf: dict, wrong: list[str]) -> dict[str, Any]:
+    """The attention switches each Llama-shaped family implies (appending to ``wrong`` what none expresses)."""
     if model_type == "llama":
+        if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
+            wrong.append("attention_bias != mlp_bias (lmforge has one bias switch)")
+        return {"bias": bool(hf.get("attention_bias", False))}
+    if model_type == "mistral":
+        return {"sliding_window": hf.get("sliding_window")}
+    # Qwen2 and Qwen3: sliding windows only on some layers, which lmforge does not express
+    if hf.get("use_sliding_window", False):
+        wrong.append("use_sliding_window=true (per-layer sliding windows; lmforge has one window for all)")
+    if model_type == "qwen2":
+        return {"qkv_bias": True}
+    if hf.get("attention_bias", False):
+        wrong.append("attention_bias=true on Qwen3 (biases on q, k, v and o)")
+    return {"qk_norm": True}
+
+
+def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+    """The lmforge ``ModelConfig`` equivalent to a Hugging Face Llama, Qwen2, Qwen3, Mistral or GPT-2
+    ``config.json``."""
+    model_type = _model_type(hf)
+    if model_type in ("llama", "qwen2", "qwen3", "mistral"):
         _require(
             hf,
             ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
@@ -228,18 +347,15 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         )
         d, heads = hf["hidden_size"], hf["num_attention_heads"]
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        wrong = []
+        wrong: list[str] = []
         if hf.get("hidden_act", "silu") != "silu":
             wrong.append(f"hidden_act={hf['hidden_act']} (lmforge's swiglu uses silu)")
-        if rope_type != "default":
-            wrong.append(f"rope type {rope_type!r} (lmforge implements plain RoPE)")
+        family = _family_fields(model_type, hf, wrong)
+        family.update(_rope_scaling_fields(rope, wrong))
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             wrong.append(f"partial_rotary_factor={rope['partial_rotary_factor']}")
-        if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
-            wrong.append("attention_bias != mlp_bias (lmforge has one bias switch)")
         if wrong:
-            raise ExportError(f"{where}: cannot import this Llama: " + "; ".join(wrong))
+            raise ExportError(f"{where}: cannot import this {model_type}: " + "; ".join(wrong))
         fields: dict[str, Any] = dict(
             vocab_size=hf["vocab_size"],
             max_seq_len=hf.get("max_position_embeddings", 2048),
@@ -254,8 +370,8 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
             ffn="swiglu",
             norm="rmsnorm",
             norm_eps=hf.get("rms_norm_eps", 1e-6),
-            bias=bool(hf.get("attention_bias", False)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            **family,
         )
     elif model_type == "gpt2":
         _require(hf, ("vocab_size", "n_embd", "n_layer", "n_head"), where)
@@ -284,7 +400,7 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         )
     else:
         raise ExportError(
-            f"{where}: unsupported architecture {model_type!r} (lmforge imports llama and gpt2)"
+            f"{where}: unsupported architecture {model_type!r} (lmforge imports llama, qwen2, qwen3, mistral and gpt2)"
         )
     fields["init_std"] = float(hf.get("initializer_range", 0.02))
     try:

@@ -37,7 +37,10 @@ def count_params(cfg: ModelConfig) -> int:
             + (2 if cfg.ffn == "swiglu" else 1) * cfg.hidden_dim
             + d
         )
-    per_layer = attn + ffn + 2 * norm + bias
+    if cfg.qkv_bias and not cfg.bias:
+        bias += (cfg.n_heads + 2 * cfg.kv_heads) * hd
+    qk_norm = 2 * hd if cfg.qk_norm else 0
+    per_layer = attn + ffn + 2 * norm + bias + qk_norm
     embeddings = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
     positions = cfg.max_seq_len * d if cfg.position == "learned" else 0
     return L * per_layer + embeddings + positions + norm

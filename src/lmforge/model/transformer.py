@@ -61,10 +61,61 @@ def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (hd/2,)
 
 
-def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for rotate-half RoPE (the Llama convention) at the given positions: each (B, T, hd)."""
+def scaled_rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """RoPE inverse frequencies (hd/2,) with ``cfg.rope_scaling`` applied, as Hugging Face computes them.
+
+    "linear" divides every frequency by ``rope_factor``. "llama3" (Llama 3.1) keeps frequencies whose wavelength
+    is below ``rope_original_max_len / rope_high_freq_factor``, divides those above
+    ``rope_original_max_len / rope_low_freq_factor`` by ``rope_factor``, and interpolates in between. "yarn"
+    keeps the dimensions that turn more than ``rope_beta_fast`` times over ``rope_original_max_len`` positions,
+    divides those turning fewer than ``rope_beta_slow`` times by ``rope_factor``, and ramps linearly between.
+    """
+    inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
+    if cfg.rope_scaling == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        context = cfg.rope_original_max_len
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+        smooth = (context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= context / high) & (wavelen <= context / low)
+        return torch.where(medium, smoothed, scaled)
+    if cfg.rope_scaling == "yarn":
+        dim, base = cfg.head_dim, cfg.rope_theta
+
+        def correction_dim(rotations: float) -> float:  # the dimension that turns ``rotations`` times
+            return (
+                dim * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+            )
+
+        low = max(math.floor(correction_dim(cfg.rope_beta_fast)), 0)
+        high = min(math.ceil(correction_dim(cfg.rope_beta_slow)), dim - 1)
+        high = high + 0.001 if low == high else high
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        keep = 1 - ramp  # 1: the original frequency (fast dimensions), 0: interpolated by rope_factor
+        pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        return (1.0 / (cfg.rope_factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return inv_freq
+
+
+def rope_attention_scale(cfg: ModelConfig) -> float:
+    """The factor on cos/sin: YaRN's 0.1 ln(factor) + 1 (sharper attention at long range); 1 otherwise."""
+    if cfg.rope_scaling == "yarn" and cfg.rope_factor > 1:
+        return 0.1 * math.log(cfg.rope_factor) + 1.0
+    return 1.0
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for rotate-half RoPE (the Llama convention) at the given positions: each (B, T, hd), times
+    ``scale`` (``rope_attention_scale``)."""
     freqs = position_ids.float().unsqueeze(-1) * inv_freq.to(position_ids.device)  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+    if scale != 1.0:
+        return emb.cos() * scale, emb.sin() * scale
     return emb.cos(), emb.sin()
 
 
@@ -108,12 +159,13 @@ class KVCache:
         return self.keys[0].shape[2]
 
     def rope_at(
-        self, position_ids: torch.Tensor, inv_freq: torch.Tensor
+        self, position_ids: torch.Tensor, inv_freq: torch.Tensor, scale: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE cos/sin (B, T, hd) for ``position_ids`` (B, T), looked up in a table made once per cache
         (bit-identical to ``rope_cos_sin``: the same elementwise operations on the same values)."""
         if self.rope is None:
-            self.rope = rope_cos_sin(torch.arange(self.max_len, device=inv_freq.device)[None], inv_freq)
+            positions = torch.arange(self.max_len, device=inv_freq.device)[None]  # (1, max_len)
+            self.rope = rope_cos_sin(positions, inv_freq, scale)
         cos, sin = self.rope  # (1, max_len, hd) each
         return cos[0][position_ids], sin[0][position_ids]
 
@@ -126,19 +178,25 @@ def attention_mask_for(
     device: torch.device,
     doc_ids: torch.Tensor | None,
     key_mask: torch.Tensor | None,
+    window: int | None = None,
 ) -> torch.Tensor | None:
     """Boolean (B, 1, T, S) mask, True where a query may attend; None means plain causal from position 0.
 
     ``start`` is the number of cached positions before the queries; ``doc_ids`` (B, S) stops attention
     across packed documents; ``key_mask`` (B, S) is False for padding keys. A query always sees itself, so
-    a fully padded row yields finite (ignored) outputs instead of NaN.
+    a fully padded row yields finite (ignored) outputs instead of NaN. ``window`` W (sliding-window attention)
+    keeps, for the query at cache index i, only keys j with i - W < j (Hugging Face's rule, on cache indices).
     """
-    if doc_ids is None and key_mask is None and start == 0:
+    windowed = window is not None and start + q_len > window
+    if doc_ids is None and key_mask is None and start == 0 and not windowed:
         return None
     k_len = start + q_len
     q_pos = torch.arange(start, k_len, device=device)  # (T,)
     k_pos = torch.arange(k_len, device=device)  # (S,)
-    mask = (k_pos[None, :] <= q_pos[:, None]).expand(batch, 1, q_len, k_len)  # (B, 1, T, S)
+    causal = k_pos[None, :] <= q_pos[:, None]  # (T, S)
+    if windowed:
+        causal = causal & (k_pos[None, :] > q_pos[:, None] - window)
+    mask = causal.expand(batch, 1, q_len, k_len)  # (B, 1, T, S)
     if doc_ids is not None:
         same_doc = doc_ids[:, None, start:, None] == doc_ids[:, None, None, :k_len]  # (B, 1, T, S)
         mask = mask & same_doc
@@ -162,10 +220,15 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        if cfg.qk_norm:  # one weight of size hd shared by every head
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
 
     def forward(
@@ -177,8 +240,11 @@ class Attention(nn.Module):
         layer: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -248,6 +314,7 @@ class Transformer(nn.Module):
         # Derived tables are non-persistent buffers: never saved, recomputed by init_weights() after `meta`.
         self.register_buffer("rope_inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
         self.register_buffer("sinusoidal", torch.empty(0), persistent=False)
+        self.rope_scale = rope_attention_scale(cfg)
         self.init_buffers()
 
     # -- initialisation ----------------------------------------------------------------------------------
@@ -263,7 +330,7 @@ class Transformer(nn.Module):
         if self.rope_inv_freq.is_meta:
             return
         with torch.no_grad():
-            self.rope_inv_freq.copy_(rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta))
+            self.rope_inv_freq.copy_(scaled_rope_inv_freq(self.cfg))
             if self.cfg.position == "sinusoidal":
                 self.sinusoidal = sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model).to(
                     self.rope_inv_freq.device
@@ -319,9 +386,9 @@ class Transformer(nn.Module):
         rope = None
         if self.cfg.position == "rope":
             rope = (
-                cache.rope_at(position_ids, self.rope_inv_freq)
+                cache.rope_at(position_ids, self.rope_inv_freq, self.rope_scale)
                 if cache is not None
-                else rope_cos_sin(position_ids, self.rope_inv_freq)
+                else rope_cos_sin(position_ids, self.rope_inv_freq, self.rope_scale)
             )
         elif self.cfg.position == "learned":
             x = x + self.embed_positions(position_ids)
@@ -339,14 +406,22 @@ class Transformer(nn.Module):
             key_mask = attention_mask.bool()
             if bool(key_mask.all()):
                 key_mask = None
-        if T == 1 and doc_ids is None and key_mask is None:
+        window = self.cfg.sliding_window
+        windowed = window is not None and start + T > window  # some key falls out of some query's window
+        if T == 1 and doc_ids is None and key_mask is None and not windowed:
             mask = None  # one new token sees every cached key: no mask needed
-        elif T == 1 and doc_ids is None and cache is not None and attention_mask is None:
+        elif T == 1 and doc_ids is None and cache is not None and attention_mask is None and not windowed:
             # a decoding step: the new key is real (the cache starts all True), so the padding mask is all
             mask = key_mask[:, None, None, :]  # (B, 1, 1, S), a view: nothing built per step
         else:
             mask = attention_mask_for(
-                batch=B, q_len=T, start=start, device=idx.device, doc_ids=doc_ids, key_mask=key_mask
+                batch=B,
+                q_len=T,
+                start=start,
+                device=idx.device,
+                doc_ids=doc_ids,
+                key_mask=key_mask,
+                window=window,
             )
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, cache, i)

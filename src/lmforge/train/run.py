@@ -6,7 +6,7 @@ The recipe (``setup_run``):
      config frozen with it and saved;
   3. the checkpoint to resume from, if any, and the run folder checked writable;
   4. the model: built on ``meta``, materialised on the device, initialised (or left for the checkpoint),
-     adapted (fine-tuning), then parallelized from outside (``distributed.parallelize``);
+     adapted (fine-tuning; or loaded from ``train.init_from``, continued pre-training), then parallelized from outside (``distributed.parallelize``);
   5. the optimizer and grad scaler, built after wrapping, and the checkpoint manager.
 """
 
@@ -28,7 +28,7 @@ from torch import nn
 
 from lmforge.checkpoint import FoundCheckpoint
 from lmforge.checkpoint.manager import CheckpointManager, find_resume
-from lmforge.config import Config, save_config
+from lmforge.config import Config, save_config, validate
 from lmforge.data.batch import Batch, BatchLoader
 from lmforge.distributed.parallelize import (
     World,
@@ -197,12 +197,41 @@ def materialise(cfg: Config, device: torch.device, *, initialise: bool) -> Trans
     return model
 
 
+def base_model(cfg: Config) -> tuple[Config, Callable[[nn.Module], nn.Module] | None]:
+    """With ``train.init_from`` (continued pre-training): the config with the base model's shape (keeping
+    ``model.dropout``) and an ``adapt_model`` that loads the base weights; else ``(cfg, None)``."""
+    if cfg.train.init_from is None:
+        return cfg, None
+    from lmforge.infer.loading import load_for_inference
+
+    loaded = load_for_inference(cfg.train.init_from, device=torch.device("cpu"))
+    shape = dataclasses.replace(loaded.config.model, dropout=cfg.model.dropout)
+    state = loaded.model.state_dict()
+
+    def load_base(model: nn.Module) -> nn.Module:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
+        model.tie_weights()
+        return model
+
+    cfg = dataclasses.replace(cfg, model=shape)
+    validate(cfg)  # the base's shape against the rest of the config (tensor parallelism, seq_len, ...)
+    return cfg, load_base
+
+
 def model_for_run(
-    cfg: Config, plan: Plan | None, world: World, fresh: bool, task: Task | None, log: RunLogger
+    cfg: Config,
+    plan: Plan | None,
+    world: World,
+    fresh: bool,
+    task: Task | None,
+    log: RunLogger,
+    base_weights: Callable[[nn.Module], nn.Module] | None = None,
 ) -> tuple[nn.Module, Config, Plan | None]:
-    """The model on the device, initialised (a fresh run) or left for the checkpoint, adapted by the task;
-    and the plan made final with it (a trial step on a GPU) and applied to the config."""
-    adapt = task.adapt_model if task else None
+    """The model on the device, initialised (a fresh run) or left for the checkpoint, adapted by the task
+    (or given the base weights of ``train.init_from``); and the plan made final with it (a trial step on a GPU)
+    and applied to the config."""
+    adapt = task.adapt_model if task else (base_weights if fresh else None)
     torch.manual_seed(cfg.train.seed)  # dropout and anything else drawing from the global generators
     random.seed(cfg.train.seed)
     model = materialise(cfg, world.device, initialise=fresh or adapt is not None)
@@ -246,6 +275,7 @@ def setup_run(
 ) -> Run:
     """Set up the run ``cfg`` describes (see the module docstring for the order)."""
     started = time.perf_counter()
+    cfg, base_weights = base_model(cfg)
     world = init_world(cfg.parallel, pick_device(cfg.train.device))
     log = None
     try:
@@ -265,7 +295,7 @@ def setup_run(
         for problem in found.skipped if found else []:
             log.warning(f"skipping a damaged checkpoint: {problem}")
         # 4. the model, and the plan made final (on a GPU by a trial step), then the config frozen with it
-        model, cfg, plan = model_for_run(cfg, plan, world, found is None, task, log)
+        model, cfg, plan = model_for_run(cfg, plan, world, found is None, task, log, base_weights)
         grad_accum = plan.grad_accum if plan is not None else accumulation_steps(cfg, world.dp_size)
         loader = task.loader if task else build_loader(data, cfg, world)
         if loader.batch_size != cfg.train.micro_batch:

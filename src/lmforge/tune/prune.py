@@ -171,7 +171,7 @@ def apply_structured(model: Transformer, plan: StructuredPlan) -> Transformer:
         state[prefix + "self_attn.k_proj.weight"] = _rows(attn.k_proj.weight, kv_heads, hd)
         state[prefix + "self_attn.v_proj.weight"] = _rows(attn.v_proj.weight, kv_heads, hd)
         state[prefix + "self_attn.o_proj.weight"] = _rows(attn.o_proj.weight.t(), heads, hd).t().contiguous()
-        if cfg.bias:
+        if cfg.bias or cfg.qkv_bias:
             state[prefix + "self_attn.q_proj.bias"] = _rows(attn.q_proj.bias.unsqueeze(1), heads, hd).squeeze(
                 1
             )
@@ -181,7 +181,11 @@ def apply_structured(model: Transformer, plan: StructuredPlan) -> Transformer:
             state[prefix + "self_attn.v_proj.bias"] = _rows(
                 attn.v_proj.bias.unsqueeze(1), kv_heads, hd
             ).squeeze(1)
+        if cfg.bias:
             state[prefix + "self_attn.o_proj.bias"] = attn.o_proj.bias
+        if cfg.qk_norm:  # one weight per head dimension, shared by every head: kept whole
+            state[prefix + "self_attn.q_norm.weight"] = attn.q_norm.weight
+            state[prefix + "self_attn.k_norm.weight"] = attn.k_norm.weight
         index = torch.tensor(channels, device=device)
         for proj in ("gate_proj", "up_proj"):
             if hasattr(mlp, proj):
