@@ -257,3 +257,93 @@ def test_cli_export_gguf(tmp_path, capsys):
     assert "gguf llama q8_0" in printed and "not verified (--no-verify)" in printed
     assert gguf.GGUFReader(out).get_field("general.architecture").contents() == "llama"
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]
+
+
+# -- llama.cpp itself (llama-cpp-python) -------------------------------------------------------------------
+
+
+def require_llama_cpp():
+    """The binding, or a skip with the reason, also under CI (it compiles C++ on install)."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        pytest.skip(f"llama-cpp-python is not installed ({exc}); pip install -e '.[gguf]'")
+    return llama_cpp
+
+
+def trained_model(tmp_path: Path, **overrides):
+    """A tiny Llama trained for a few seconds on SAMPLE, so its greedy choices are confident (few near-ties
+    for f16 rounding to flip), with its byte-level BPE tokenizer; (model, run folder, tokenizer)."""
+    from lmforge.data.tokenizer import load_tokenizer
+
+    tokenizer_path = bpe_tokenizer(tmp_path)
+    tokenizer = load_tokenizer(tokenizer_path)
+    cfg = tiny(tokenizer.vocab_size, **overrides)
+    model = build_model(cfg, seed=0)
+    ids = torch.tensor(tokenizer.encode("".join(SAMPLE) * 4))
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        starts = torch.randint(0, len(ids) - 33, (8,), generator=generator)
+        batch = torch.stack([ids[s : s + 33] for s in starts.tolist()])  # (B, 33)
+        logits = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), batch[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    run = tmp_path / "run"
+    save_checkpoint(
+        run / "checkpoints" / "step_00000060",
+        model_state=model.state_dict(),
+        config=Config(model=cfg, train=TrainConfig(seq_len=32)),
+        tokenizer_file=tokenizer_path,
+    )
+    return model, run, tokenizer
+
+
+def test_llama_cpp_tokenizes_like_lmforge(tmp_path):
+    llama_cpp = require_llama_cpp()
+    _, run, tokenizer = trained_model(tmp_path)
+    out = tmp_path / "model.gguf"
+    convert.export_model(run, out, format="gguf", verify=False)
+    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    for text in [MIXED, *SAMPLE, "<|endoftext|> is text here", "  leading spaces\n\n\nnewlines"]:
+        theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        assert theirs == tokenizer.encode(text), text
+        assert llm.detokenize(theirs).decode("utf-8") == text
+    llm.close()
+
+
+@pytest.mark.parametrize("shape", [{}, {"n_kv_heads": 2}], ids=["mha", "gqa"])
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_llama_cpp_greedy_equals_lmforge_generate(tmp_path, shape, dtype):
+    require_llama_cpp()
+    from lmforge.infer.generate import SamplingConfig, generate_ids
+
+    model, run, tokenizer = trained_model(tmp_path, **shape)
+    out = tmp_path / "model.gguf"
+    report = convert.export_model(run, out, format="gguf", dtype=dtype)  # verifies itself with llama.cpp
+    assert "llama.cpp" in report.verify_note and report.max_abs_diff is not None
+    if dtype == "f32":
+        assert report.max_abs_diff <= lmgguf.VERIFY_TOLERANCE
+    prompt = tokenizer.encode("def add(a, b):\n")
+    new_tokens = 24
+    ours = generate_ids(
+        model,
+        [prompt],
+        SamplingConfig(max_new_tokens=new_tokens, temperature=0.0),
+        device=torch.device("cpu"),
+    ).tokens[0]
+    llm = lmgguf.open_llama_cpp(out, len(prompt) + new_tokens)
+    _, theirs = lmgguf.llama_cpp_greedy(llm, prompt, new_tokens)
+    llm.close()
+    assert theirs == ours
+
+
+def test_gpt2_runs_in_llama_cpp(tmp_path):
+    require_llama_cpp()
+    model, run = make_run(tmp_path, tiny(300, **GPT2_SWITCHES, tie_embeddings=False), None)
+    report = convert.export_model(run, tmp_path / "gpt2.gguf", format="gguf")
+    assert report.architecture == "gguf gpt2 f32"
+    assert report.max_abs_diff is not None and report.max_abs_diff <= lmgguf.VERIFY_TOLERANCE

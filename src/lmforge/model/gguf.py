@@ -33,7 +33,7 @@ GPT2_PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for GPT-2's split regex (Huggin
 Q8_BLOCK = 32  # q8_0 quantises rows in blocks of 32 values
 
 # token types of tokenizer.ggml.token_type (llama.cpp's llama_token_type)
-NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
 # lmforge parameter -> GGUF tensor, per architecture; "{i}" stands for the layer index.
 LLAMA_TENSORS: dict[str, str] = {
@@ -198,7 +198,7 @@ def gguf_vocab(
             token_types.append(types[i])
         else:  # the model's embedding rows past the tokenizer: never produced by encoding
             tokens.append(f"[PAD{i}]")
-            token_types.append(USER_DEFINED)
+            token_types.append(UNUSED)  # not USER_DEFINED: llama.cpp would match those in any text
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     return GGUFVocab(tokens=tokens, token_types=token_types, merges=merges, special_ids=special_ids)
 
@@ -306,15 +306,16 @@ def greedy_ids(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> li
     return ids[len(prompt) :]
 
 
-def open_llama_cpp(path: Path, n_ctx: int):
-    """A llama.cpp model (``llama_cpp.Llama``) on the CPU that keeps the logits of every position."""
+def open_llama_cpp(path: Path, n_ctx: int, *, logits_all: bool = True, n_threads: int | None = None):
+    """A llama.cpp model (``llama_cpp.Llama``) on the CPU; ``logits_all`` keeps the logits of every position."""
     import llama_cpp
 
     return llama_cpp.Llama(
         model_path=str(path),
         n_ctx=n_ctx,
         n_batch=n_ctx,
-        logits_all=True,
+        logits_all=logits_all,
+        n_threads=n_threads,
         n_gpu_layers=0,
         seed=0,
         verbose=False,
