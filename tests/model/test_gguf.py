@@ -341,9 +341,19 @@ def test_llama_cpp_greedy_equals_lmforge_generate(tmp_path, shape, dtype):
     assert theirs == ours
 
 
-def test_gpt2_runs_in_llama_cpp(tmp_path):
+LLAMA_CPP_CASES = {
+    **CASES,
+    "llama-mqa-bias": dict(n_kv_heads=1, bias=True, tie_embeddings=False),
+    "gpt2-tied": dict(**GPT2_SWITCHES, tie_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("name", list(LLAMA_CPP_CASES))
+def test_every_exportable_shape_runs_in_llama_cpp(tmp_path, name):
+    """The export's own check (f32: same greedy tokens, logits within 1e-3) on random weights, every shape."""
     require_llama_cpp()
-    model, run = make_run(tmp_path, tiny(300, **GPT2_SWITCHES, tie_embeddings=False), None)
-    report = convert.export_model(run, tmp_path / "gpt2.gguf", format="gguf")
-    assert report.architecture == "gguf gpt2 f32"
+    cfg = tiny(300, **LLAMA_CPP_CASES[name])
+    _, run = make_run(tmp_path, cfg, None)
+    report = convert.export_model(run, tmp_path / "model.gguf", format="gguf")
+    assert report.architecture == f"gguf {'llama' if cfg.position == 'rope' else 'gpt2'} f32"
     assert report.max_abs_diff is not None and report.max_abs_diff <= lmgguf.VERIFY_TOLERANCE

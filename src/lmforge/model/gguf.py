@@ -246,7 +246,9 @@ def write_gguf(
             writer.add_value_length(cfg.head_dim)
     else:
         writer.add_layer_norm_eps(cfg.norm_eps)
-    if vocab is not None:
+    if vocab is None:  # a run without tokenizer.json: llama.cpp runs token ids, but cannot tokenize text
+        writer.add_tokenizer_model("none")
+    else:
         writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
         writer.add_tokenizer_pre(GPT2_PRE_TOKENIZER)
         writer.add_token_list(vocab.tokens)
@@ -306,11 +308,16 @@ def greedy_ids(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> li
     return ids[len(prompt) :]
 
 
-def open_llama_cpp(path: Path, n_ctx: int, *, logits_all: bool = True, n_threads: int | None = None):
-    """A llama.cpp model (``llama_cpp.Llama``) on the CPU; ``logits_all`` keeps the logits of every position."""
+def open_llama_cpp(
+    path: Path, n_ctx: int, *, logits_all: bool = True, n_threads: int | None = None, f32_cache: bool = True
+):
+    """A llama.cpp model (``llama_cpp.Llama``) on the CPU; ``logits_all`` keeps the logits of every position.
+    ``f32_cache``: keys and values cached in f32 (llama.cpp's default is f16, which alone moves logits ~1e-3)."""
     import llama_cpp
 
+    cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
     return llama_cpp.Llama(
+        **cache,
         model_path=str(path),
         n_ctx=n_ctx,
         n_batch=n_ctx,
