@@ -6,7 +6,7 @@ A B C A B C ... on the same prompt:
   lmforge        ``generate_ids(..., use_cache=True)`` (fp32, torch on the CPU)
   llama.cpp f32  the f32 file through llama-cpp-python (greedy: argmax of its logits, no sampler)
   llama.cpp q8_0 the q8_0 file
-Both engines get the same number of CPU threads. Reported: median generated tokens/s per contestant (with the
+Both engines get the same number of CPU threads; llama.cpp caches keys and values in f32 (as lmforge). Reported: median generated tokens/s per contestant (with the
 fastest and slowest round), the ratios to lmforge, and how many of the greedy tokens llama.cpp agrees on
 (until the first difference). Writes benchmarks/results/gguf_generate.json.
 Run: python benchmarks/gguf_generate.py [--small] [--rounds N]
@@ -65,10 +65,7 @@ def run_case(
     ).tolist()
     sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
     n_ctx = prompt_len + new_tokens
-    engines = {
-        dtype: open_llama_cpp(path, n_ctx, logits_all=False, n_threads=threads)
-        for dtype, path in files.items()
-    }
+    engines = {dtype: open_llama_cpp(path, n_ctx, n_threads=threads) for dtype, path in files.items()}
 
     def ours() -> list[int]:
         return generate_ids(model, [prompt], sampling, device=torch.device("cpu")).tokens[0]

@@ -83,7 +83,7 @@ def field(reader, key: str):
 
 
 def rope(x: torch.Tensor, interleaved: bool, theta: float = 10000.0) -> torch.Tensor:
-    """RoPE on (T, hd): Hugging Face's half-split pairs (i, i + hd/2) or llama.cpp's interleaved (2i, 2i+1)."""
+    """RoPE on (T, hd): Hugging Face's half-split pairs (i, i + hd/2) or llama.cpp's interleaved pairs."""
     T, hd = x.shape
     freq = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)  # (hd/2,)
     angle = torch.arange(T, dtype=torch.float64)[:, None] * freq  # (T, hd/2)

@@ -58,7 +58,7 @@ def run_model(args) -> int:
 def add_export(sub) -> None:
     p = sub.add_parser(
         "export",
-        help="write a Hugging Face folder (safetensors + config.json) or a llama.cpp GGUF file from a checkpoint",
+        help="write a Hugging Face folder (safetensors + config.json) or a llama.cpp GGUF file",
     )
     p.add_argument("checkpoint", help="an lmforge run folder or checkpoint folder")
     p.add_argument("out_dir", help="the Hugging Face folder to write (with --format gguf: the .gguf file)")

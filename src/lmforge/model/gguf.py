@@ -1,8 +1,9 @@
 """GGUF conversion: lmforge models as llama.cpp reads them (``llama`` and ``gpt2`` architectures).
 
-Pure conversion, like ``model/hf.py``: the tensors (names, layouts, dtypes) and the metadata (hyper-parameters,
-tokenizer) of a GGUF file, and the function that writes them with the ``gguf`` package. Reading checkpoints
-and writing files atomically is ``lmforge.convert``'s job; the check against llama.cpp lives there too.
+Pure conversion, like ``model/hf.py``: the tensors (names, layouts, dtypes) and the metadata
+(hyper-parameters, tokenizer) of a GGUF file, and the function that writes them with the ``gguf`` package;
+the check against llama.cpp (``verify_with_llama_cpp``). Reading checkpoints and writing files atomically is
+``lmforge.convert``'s job.
 
 Two layout facts decide the tensors:
 - llama.cpp's Llama rotates *interleaved* pairs of a head's dimensions (0,1), (2,3), ...; Hugging Face's and
@@ -17,6 +18,7 @@ Shape legend: C d_model, F feed-forward hidden, V vocabulary, H heads, Hkv key/v
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,8 +182,9 @@ def gguf_vocab(
     )
     if not byte_level_bpe:
         raise ExportError(
-            f"{where}: GGUF export needs a GPT-2 style byte-level BPE tokenizer (data.tokenizer=bpe); this one "
-            f"is {model.get('type')} with pre-tokenizer {pre.get('type')}, which llama.cpp would split differently"
+            f"{where}: GGUF export needs a GPT-2 style byte-level BPE tokenizer (data.tokenizer=bpe); "
+            f"this one is {model.get('type')} with pre-tokenizer {pre.get('type')}, "
+            "which llama.cpp would split differently"
         )
     id_to_token: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
     types = dict.fromkeys(id_to_token, NORMAL)
@@ -300,7 +303,8 @@ class LlamaCppCheck:
 
 @torch.no_grad()
 def greedy_ids(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> list[int]:
-    """lmforge's greedy continuation of ``prompt`` (full forward each step: the reference, not the fast path)."""
+    """lmforge's greedy continuation of ``prompt`` (a full forward each step: the reference, not the fast
+    path)."""
     ids = list(prompt)
     for _ in range(new_tokens):
         logits = model(torch.tensor([ids[-model.cfg.max_seq_len :]]))  # (1, T, V)
@@ -308,20 +312,22 @@ def greedy_ids(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> li
     return ids[len(prompt) :]
 
 
-def open_llama_cpp(
-    path: Path, n_ctx: int, *, logits_all: bool = True, n_threads: int | None = None, f32_cache: bool = True
-):
-    """A llama.cpp model (``llama_cpp.Llama``) on the CPU; ``logits_all`` keeps the logits of every position.
-    ``f32_cache``: keys and values cached in f32 (llama.cpp's default is f16, which alone moves logits ~1e-3)."""
+def open_llama_cpp(path: Path, n_ctx: int, *, n_threads: int | None = None, f32_cache: bool = True):
+    """A llama.cpp model (``llama_cpp.Llama``) on the CPU. It keeps the logits of every position
+    (``logits_all``: without it llama-cpp-python stores none, and ``llama_cpp_greedy`` reads them).
+    ``f32_cache``: keys and values cached in f32 (llama.cpp's default is f16, which alone moves logits
+    by ~1e-3)."""
     import llama_cpp
 
+    # Quiet its warnings (such as a context rounded up past a tiny model's max_seq_len) on stderr.
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
     return llama_cpp.Llama(
         **cache,
         model_path=str(path),
         n_ctx=n_ctx,
         n_batch=n_ctx,
-        logits_all=logits_all,
+        logits_all=True,
         n_threads=n_threads,
         n_gpu_layers=0,
         seed=0,
@@ -378,7 +384,8 @@ def verify_with_llama_cpp(model: torch.nn.Module, path: Path, dtype: str) -> tup
     check = check_with_llama_cpp(model, path, prompt)
     note = (
         f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) loads it; {dtype}: max |logits difference| = "
-        f"{check.max_abs_diff:.2e}, greedy continuation agrees on {check.agreement:.0%} of {len(check.ours)} tokens"
+        f"{check.max_abs_diff:.2e}, greedy continuation agrees on {check.agreement:.0%} "
+        f"of {len(check.ours)} tokens"
     )
     if dtype == "f32" and (check.agreement < 1.0 or not check.max_abs_diff <= VERIFY_TOLERANCE):
         raise ExportError(
