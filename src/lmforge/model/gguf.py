@@ -18,7 +18,6 @@ Shape legend: C d_model, F feed-forward hidden, V vocabulary, H heads, Hkv key/v
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -319,8 +318,6 @@ def open_llama_cpp(path: Path, n_ctx: int, *, n_threads: int | None = None, f32_
     by ~1e-3)."""
     import llama_cpp
 
-    # Quiet its warnings (such as a context rounded up past a tiny model's max_seq_len) on stderr.
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
     return llama_cpp.Llama(
         **cache,
