@@ -86,11 +86,23 @@ def write_tokenizer_files(
     return {k: (v[1] if v is not None else None) for k, v in tokens.items()}
 
 
-def export_model(checkpoint_path: str | Path, out_dir: str | Path, *, verify: bool = True) -> ExportResult:
+def export_model(
+    checkpoint_path: str | Path,
+    out_dir: str | Path,
+    *,
+    verify: bool = True,
+    format: str = "hf",
+    dtype: str = "f32",
+) -> ExportResult:
     """Write a Hugging Face folder (model.safetensors, config.json, tokenizer, README.md) for a checkpoint
     or a run's newest valid checkpoint; verify it against ``transformers`` when installed. Atomic: the folder
-    appears complete or not at all."""
+    appears complete or not at all. ``format="gguf"`` writes one llama.cpp file instead (``export_gguf``)."""
     from safetensors.torch import save_file
+
+    if format == "gguf":
+        return export_gguf(checkpoint_path, out_dir, verify=verify, dtype=dtype)
+    if format != "hf":
+        raise ExportError(f"format={format!r} is not one of hf, gguf")
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not (
@@ -132,6 +144,54 @@ def export_model(checkpoint_path: str | Path, out_dir: str | Path, *, verify: bo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(out_dir=out_dir, architecture=architecture, max_abs_diff=diff, verify_note=note)
+
+
+def export_gguf(
+    checkpoint_path: str | Path, out_file: str | Path, *, verify: bool = True, dtype: str = "f32"
+) -> ExportResult:
+    """Write one GGUF file (weights in ``dtype``, hyper-parameters, tokenizer, chat template) that llama.cpp
+    runs; verify it with llama.cpp when ``llama-cpp-python`` is installed. Atomic, like the folder export."""
+    from lmforge.model import gguf
+
+    out_file = Path(out_file)
+    if out_file.is_dir():
+        raise ExportError(
+            f"{out_file}: is a folder; GGUF export writes one file (e.g. {out_file / 'model.gguf'})"
+        )
+    if dtype not in gguf.DTYPES:
+        raise ExportError(f"--dtype {dtype} is not one of {', '.join(gguf.DTYPES)}")
+    model, config, ckpt_dir = load_model(checkpoint_path)
+    model.eval()
+    cfg = config.model
+    arch = gguf.gguf_architecture(cfg)  # refuses shapes llama.cpp cannot run, naming the switch
+    vocab, template = None, None
+    if (ckpt_dir / TOKENIZER).is_file():
+        tokenizer_json = gguf.read_tokenizer_json(ckpt_dir / TOKENIZER)
+        ids = {k: (v[1] if v is not None else None) for k, v in special_tokens(ckpt_dir / TOKENIZER).items()}
+        vocab = gguf.gguf_vocab(tokenizer_json, ids, cfg.vocab_size, str(ckpt_dir / TOKENIZER))
+        chat = read_chat_template(ckpt_dir)  # what the model was fine-tuned with, if it was
+        template = chat.source if chat is not None else None
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f"{out_file.name}.tmp-{os.getpid()}")
+    try:
+        gguf.write_gguf(
+            tmp,
+            cfg,
+            model.state_dict(),
+            dtype=dtype,
+            vocab=vocab,
+            chat_template=template,
+            name=ckpt_dir.name,
+        )
+        diff, note = (
+            gguf.verify_with_llama_cpp(model, tmp, dtype) if verify else (None, "not verified (--no-verify)")
+        )
+        os.replace(tmp, out_file)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportResult(
+        out_dir=out_file, architecture=f"gguf {arch} {dtype}", max_abs_diff=diff, verify_note=note
+    )
 
 
 # -- import ------------------------------------------------------------------------------------------------

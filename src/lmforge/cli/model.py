@@ -61,19 +61,30 @@ def run_model(args) -> int:
 
 def add_export(sub) -> None:
     p = sub.add_parser(
-        "export", help="write a Hugging Face folder (safetensors + config.json) from a checkpoint"
+        "export",
+        help="write a Hugging Face folder (safetensors + config.json) or a llama.cpp GGUF file",
     )
     p.add_argument("checkpoint", help="an lmforge run folder or checkpoint folder")
-    p.add_argument("out_dir", help="the Hugging Face folder to write")
-    p.add_argument("--no-verify", action="store_true", help="skip the logits check against transformers")
+    p.add_argument("out_dir", help="the Hugging Face folder to write (with --format gguf: the .gguf file)")
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf (default) or gguf (llama.cpp)")
+    p.add_argument(
+        "--dtype", choices=("f32", "f16", "q8_0"), default="f32", help="GGUF weight type (default f32)"
+    )
+    p.add_argument(
+        "--no-verify", action="store_true", help="skip the check against transformers (or llama.cpp for gguf)"
+    )
 
 
 def run_export(args) -> int:
     from lmforge.convert import export_model
 
-    report = export_model(args.checkpoint, args.out_dir, verify=not args.no_verify)
+    report = export_model(
+        args.checkpoint, args.out_dir, verify=not args.no_verify, format=args.format, dtype=args.dtype
+    )
     print(f"wrote {report.out_dir} ({report.architecture})")
-    if report.max_abs_diff is not None:
+    if args.format == "gguf":
+        print(report.verify_note)
+    elif report.max_abs_diff is not None:
         print(f"verified with transformers: max |logits difference| = {report.max_abs_diff:.2e}")
     elif report.verify_note:
         print(report.verify_note)

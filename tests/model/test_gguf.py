@@ -1,0 +1,359 @@
+"""GGUF export: the file read back with gguf's own reader equals the model (tensors after llama.cpp's rotary
+permutation, hyper-parameters, tokenizer), refusals, and, where ``llama-cpp-python`` is installed, llama.cpp
+tokenizes and generates exactly as lmforge does.
+
+The llama.cpp tests skip with the reason where the binding is absent, also under CI: it compiles C++ on
+install, and the issue allows CI to skip them.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge import convert
+from lmforge.checkpoint import save_checkpoint
+from lmforge.cli import main
+from lmforge.config import Config, ModelConfig, TrainConfig
+from lmforge.data.tokenizer import train_bpe, train_char
+from lmforge.errors import ExportError
+from lmforge.model import gguf as lmgguf
+from lmforge.model.transformer import build_model
+
+gguf = pytest.importorskip("gguf", reason="gguf is not installed; pip install -e '.[dev]'")
+
+SAMPLE = [
+    "The quick brown fox jumps over the lazy dog. It's 2024; we'll see!\n",
+    "机器学习是人工智能的一个分支。我们喜欢中文。\n",
+    "def add(a, b):\n    return a + b  # sum\n\nprint(add(1, 2))\n",
+    "Emoji: 🚀🔥 héllo wörld ✨ 👍🏽\n",
+]
+MIXED = "Hello wörld 你好世界 🚀 def f(x):\n    return x**2  # it's 3.14\n\n  spaces   and\ttabs"
+
+
+def bpe_tokenizer(tmp_path: Path, vocab_size: int = 320) -> Path:
+    tokenizer = train_bpe(SAMPLE * 20, vocab_size)
+    return tokenizer.save(tmp_path / "tok" / "tokenizer.json")
+
+
+def tiny(vocab_size: int, **overrides) -> ModelConfig:
+    base = dict(vocab_size=vocab_size, max_seq_len=64, n_layers=2, d_model=64, n_heads=4, ffn_hidden=96)
+    return ModelConfig(**{**base, **overrides})
+
+
+GPT2_SWITCHES = dict(position="learned", ffn="gelu", norm="layernorm", bias=True)
+
+
+def make_run(tmp_path: Path, cfg: ModelConfig, tokenizer: Path | None, **files: str):
+    model = build_model(cfg, seed=1).eval()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # non-trivial norms and biases (initialised at 1 and 0, they would hide mix-ups)
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=generator))
+    run = tmp_path / "run"
+    save_checkpoint(
+        run / "checkpoints" / "step_00000010",
+        model_state=model.state_dict(),
+        config=Config(model=cfg, train=TrainConfig(seq_len=32)),
+        tokenizer_file=tokenizer,
+        extra_files=files or None,
+    )
+    return model, run
+
+
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a GGUF file as float32 in numpy (C) order, dequantised where quantised."""
+    out = {}
+    for t in gguf.GGUFReader(path).tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type)
+        out[t.name] = np.array(data, dtype=np.float32).reshape(tuple(reversed([int(n) for n in t.shape])))
+    return out
+
+
+def field(reader, key: str):
+    f = reader.get_field(key)
+    assert f is not None, f"{key} missing"
+    return f.contents()
+
+
+# -- the rotary permutation against a closed form ----------------------------------------------------------
+
+
+def rope(x: torch.Tensor, interleaved: bool, theta: float = 10000.0) -> torch.Tensor:
+    """RoPE on (T, hd): Hugging Face's half-split pairs (i, i + hd/2) or llama.cpp's interleaved pairs."""
+    T, hd = x.shape
+    freq = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)  # (hd/2,)
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * freq  # (T, hd/2)
+    cos, sin = angle.cos(), angle.sin()
+    a, b = (x[:, 0::2], x[:, 1::2]) if interleaved else (x[:, : hd // 2], x[:, hd // 2 :])
+    ra, rb = a * cos - b * sin, a * sin + b * cos
+    return torch.stack([ra, rb], dim=-1).reshape(T, hd) if interleaved else torch.cat([ra, rb], dim=-1)
+
+
+def test_permute_rotary_turns_half_split_rope_into_interleaved_rope():
+    generator = torch.Generator().manual_seed(0)
+    heads, hd, C = 3, 8, 12
+    wq = torch.randn(heads * hd, C, generator=generator, dtype=torch.float64)
+    wk = torch.randn(heads * hd, C, generator=generator, dtype=torch.float64)
+    x = torch.randn(5, C, generator=generator, dtype=torch.float64)
+    pq, pk = lmgguf.permute_rotary(wq, heads), lmgguf.permute_rotary(wk, heads)
+    for h in range(heads):
+        rows = slice(h * hd, (h + 1) * hd)
+        ours = rope(x @ wq[rows].T, False) @ rope(x @ wk[rows].T, False).T  # (T, T) attention scores
+        theirs = rope(x @ pq[rows].T, True) @ rope(x @ pk[rows].T, True).T
+        torch.testing.assert_close(theirs, ours)
+    torch.testing.assert_close(lmgguf.unpermute_rotary(pq, heads), wq)
+
+
+# -- the file read back with gguf's reader -----------------------------------------------------------------
+
+CASES = {
+    "llama-mha-untied": dict(tie_embeddings=False, norm_eps=1e-6),
+    "llama-gqa-tied": dict(n_kv_heads=2, rope_theta=500.0),
+    "llama-head-size": dict(n_kv_heads=2, head_size=8),
+    "gpt2-untied": dict(**GPT2_SWITCHES, tie_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_tensors_read_back_equal_ours(tmp_path, name):
+    cfg = tiny(300, **CASES[name])
+    model, run = make_run(tmp_path, cfg, None)
+    out = tmp_path / "model.gguf"
+    convert.export_model(run, out, format="gguf", verify=False)
+    tensors = read_tensors(out)
+    ours = {k: v.detach() for k, v in model.state_dict().items()}
+    llama = cfg.position == "rope"
+    for i in range(cfg.n_layers):
+        if llama:
+            for proj, heads, short in (("q", cfg.n_heads, "q"), ("k", cfg.kv_heads, "k")):
+                back = lmgguf.unpermute_rotary(
+                    torch.from_numpy(tensors[f"blk.{i}.attn_{short}.weight"]), heads
+                )
+                torch.testing.assert_close(
+                    back, ours[f"layers.{i}.self_attn.{proj}_proj.weight"], rtol=0, atol=0
+                )
+            assert np.array_equal(
+                tensors[f"blk.{i}.attn_v.weight"], ours[f"layers.{i}.self_attn.v_proj.weight"]
+            )
+            assert np.array_equal(
+                tensors[f"blk.{i}.ffn_gate.weight"], ours[f"layers.{i}.mlp.gate_proj.weight"]
+            )
+        else:
+            qkv = torch.cat([ours[f"layers.{i}.self_attn.{m}_proj.weight"] for m in "qkv"])
+            assert np.array_equal(tensors[f"blk.{i}.attn_qkv.weight"], qkv.numpy())
+            assert np.array_equal(
+                tensors[f"blk.{i}.attn_norm.bias"], ours[f"layers.{i}.input_layernorm.bias"]
+            )
+        assert np.array_equal(
+            tensors[f"blk.{i}.attn_output.weight"], ours[f"layers.{i}.self_attn.o_proj.weight"]
+        )
+        assert np.array_equal(tensors[f"blk.{i}.ffn_down.weight"], ours[f"layers.{i}.mlp.down_proj.weight"])
+        assert np.array_equal(tensors[f"blk.{i}.ffn_up.weight"], ours[f"layers.{i}.mlp.up_proj.weight"])
+        assert np.array_equal(
+            tensors[f"blk.{i}.attn_norm.weight"], ours[f"layers.{i}.input_layernorm.weight"]
+        )
+        assert np.array_equal(
+            tensors[f"blk.{i}.ffn_norm.weight"], ours[f"layers.{i}.post_attention_layernorm.weight"]
+        )
+    assert np.array_equal(tensors["token_embd.weight"], ours["embed_tokens.weight"])
+    assert np.array_equal(tensors["output_norm.weight"], ours["norm.weight"])
+    assert ("output.weight" in tensors) == (not cfg.tie_embeddings)  # tied: llama.cpp reuses token_embd
+    if not cfg.tie_embeddings:
+        assert np.array_equal(tensors["output.weight"], ours["lm_head.weight"])
+    n_params = sum(v.numel() for k, v in ours.items() if not (cfg.tie_embeddings and k == "lm_head.weight"))
+    assert sum(t.size for t in tensors.values()) == n_params  # nothing lost, nothing invented
+
+
+@pytest.mark.parametrize("dtype, atol", [("f16", 1e-3), ("q8_0", 2e-3)])
+def test_f16_and_q8_0_round_to_ours(tmp_path, dtype, atol):
+    cfg = tiny(300, n_kv_heads=2)
+    model, run = make_run(tmp_path, cfg, None)
+    out = tmp_path / "model.gguf"
+    convert.export_model(run, out, format="gguf", dtype=dtype, verify=False)
+    reader = gguf.GGUFReader(out)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_norm.weight"] == "F32"  # 1-D tensors stay f32
+    assert types["blk.0.ffn_down.weight"] == dtype.upper()
+    assert field(reader, "general.file_type") == {"f16": 1, "q8_0": 7}[dtype]
+    tensors = read_tensors(out)
+    np.testing.assert_allclose(
+        tensors["blk.1.ffn_up.weight"], model.state_dict()["layers.1.mlp.up_proj.weight"].numpy(), atol=atol
+    )
+
+
+def test_metadata_and_tokenizer(tmp_path):
+    tokenizer = bpe_tokenizer(tmp_path)
+    template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|endoftext|>{% endfor %}"
+    config = json.dumps({"chat_template": template})
+    vocab = json.loads(tokenizer.read_text())["model"]["vocab"]
+    cfg = tiny(len(vocab) + 2 + 6, n_kv_heads=2, rope_theta=500.0, norm_eps=1e-6, max_seq_len=48)
+    _, run = make_run(tmp_path, cfg, tokenizer, **{"tokenizer_config.json": config})
+    out = tmp_path / "model.gguf"
+    convert.export_model(run, out, format="gguf", verify=False)
+    reader = gguf.GGUFReader(out)
+    expected = {
+        "general.architecture": "llama",
+        "llama.context_length": 48,
+        "llama.embedding_length": 64,
+        "llama.block_count": 2,
+        "llama.feed_forward_length": 96,
+        "llama.attention.head_count": 4,
+        "llama.attention.head_count_kv": 2,
+        "llama.rope.dimension_count": 16,
+        "llama.vocab_size": cfg.vocab_size,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.chat_template": template,
+    }
+    for key, value in expected.items():
+        assert field(reader, key) == value, key
+    assert field(reader, "llama.rope.freq_base") == pytest.approx(500.0)
+    assert field(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-6)
+    tok = json.loads(tokenizer.read_text())
+    ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == cfg.vocab_size  # padded to the model's embedding rows
+    assert all(tokens[i] == t for t, i in {**tok["model"]["vocab"], **ids}.items())
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    assert field(reader, "tokenizer.ggml.merges") == merges
+    types = field(reader, "tokenizer.ggml.token_type")
+    assert types[ids["<|endoftext|>"]] == lmgguf.CONTROL and types[ids["<|pad|>"]] == lmgguf.CONTROL
+    assert types[tok["model"]["vocab"]["a"]] == lmgguf.NORMAL
+    assert field(reader, "tokenizer.ggml.eos_token_id") == ids["<|endoftext|>"]
+    assert field(reader, "tokenizer.ggml.padding_token_id") == ids["<|pad|>"]
+
+
+# -- refusals and the command ------------------------------------------------------------------------------
+
+
+def test_refusals_name_the_switch(tmp_path):
+    _, run = make_run(tmp_path / "a", tiny(300, position="sinusoidal"), None)
+    with pytest.raises(ExportError, match="position=sinusoidal"):
+        convert.export_model(run, tmp_path / "a.gguf", format="gguf", verify=False)
+    _, run = make_run(tmp_path / "b", tiny(300, ffn="gelu"), None)
+    with pytest.raises(ExportError, match="model.ffn=gelu"):
+        convert.export_model(run, tmp_path / "b.gguf", format="gguf", verify=False)
+    char = train_char(SAMPLE, 300).save(tmp_path / "char" / "tokenizer.json")
+    _, run = make_run(tmp_path / "c", tiny(300), char)
+    with pytest.raises(ExportError, match="data.tokenizer=bpe"):
+        convert.export_model(run, tmp_path / "c.gguf", format="gguf", verify=False)
+    with pytest.raises(ExportError, match="q4"):
+        convert.export_model(run, tmp_path / "d.gguf", format="gguf", dtype="q4")
+    assert not list(tmp_path.glob("*.gguf*"))  # nothing half-written left behind
+
+
+def test_cli_export_gguf(tmp_path, capsys):
+    tokenizer = bpe_tokenizer(tmp_path)
+    _, run = make_run(tmp_path, tiny(330), tokenizer)
+    out = tmp_path / "out" / "model.gguf"
+    args = ["export", str(run), str(out), "--format", "gguf", "--dtype", "q8_0"]
+    assert main([*args, "--no-verify"]) == 0
+    printed = capsys.readouterr().out
+    assert "gguf llama q8_0" in printed and "not verified (--no-verify)" in printed
+    assert gguf.GGUFReader(out).get_field("general.architecture").contents() == "llama"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]
+
+
+# -- llama.cpp itself (llama-cpp-python) -------------------------------------------------------------------
+
+
+def require_llama_cpp():
+    """The binding, or a skip with the reason, also under CI (it compiles C++ on install)."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        pytest.skip(f"llama-cpp-python is not installed ({exc}); pip install -e '.[gguf]'")
+    return llama_cpp
+
+
+def trained_model(tmp_path: Path, **overrides):
+    """A tiny Llama trained for a few seconds on SAMPLE, so its greedy choices are confident (few near-ties
+    for f16 rounding to flip), with its byte-level BPE tokenizer; (model, run folder, tokenizer)."""
+    from lmforge.data.tokenizer import load_tokenizer
+
+    tokenizer_path = bpe_tokenizer(tmp_path)
+    tokenizer = load_tokenizer(tokenizer_path)
+    cfg = tiny(tokenizer.vocab_size, **overrides)
+    model = build_model(cfg, seed=0)
+    ids = torch.tensor(tokenizer.encode("".join(SAMPLE) * 4))
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        starts = torch.randint(0, len(ids) - 33, (8,), generator=generator)
+        batch = torch.stack([ids[s : s + 33] for s in starts.tolist()])  # (B, 33)
+        logits = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), batch[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    run = tmp_path / "run"
+    save_checkpoint(
+        run / "checkpoints" / "step_00000060",
+        model_state=model.state_dict(),
+        config=Config(model=cfg, train=TrainConfig(seq_len=32)),
+        tokenizer_file=tokenizer_path,
+    )
+    return model, run, tokenizer
+
+
+def test_llama_cpp_tokenizes_like_lmforge(tmp_path):
+    llama_cpp = require_llama_cpp()
+    _, run, tokenizer = trained_model(tmp_path)
+    out = tmp_path / "model.gguf"
+    convert.export_model(run, out, format="gguf", verify=False)
+    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    for text in [MIXED, *SAMPLE, "<|endoftext|> is text here", "  leading spaces\n\n\nnewlines"]:
+        theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        assert theirs == tokenizer.encode(text), text
+        assert llm.detokenize(theirs).decode("utf-8") == text
+    llm.close()
+
+
+@pytest.mark.parametrize("shape", [{}, {"n_kv_heads": 2}], ids=["mha", "gqa"])
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_llama_cpp_greedy_equals_lmforge_generate(tmp_path, shape, dtype):
+    require_llama_cpp()
+    from lmforge.infer.generate import SamplingConfig, generate_ids
+
+    model, run, tokenizer = trained_model(tmp_path, **shape)
+    out = tmp_path / "model.gguf"
+    report = convert.export_model(run, out, format="gguf", dtype=dtype)  # verifies itself with llama.cpp
+    assert "llama.cpp" in report.verify_note and report.max_abs_diff is not None
+    if dtype == "f32":
+        assert report.max_abs_diff <= lmgguf.VERIFY_TOLERANCE
+    prompt = tokenizer.encode("def add(a, b):\n")
+    new_tokens = 24
+    ours = generate_ids(
+        model,
+        [prompt],
+        SamplingConfig(max_new_tokens=new_tokens, temperature=0.0),
+        device=torch.device("cpu"),
+    ).tokens[0]
+    llm = lmgguf.open_llama_cpp(out, len(prompt) + new_tokens)
+    _, theirs = lmgguf.llama_cpp_greedy(llm, prompt, new_tokens)
+    llm.close()
+    assert theirs == ours
+
+
+LLAMA_CPP_CASES = {
+    **CASES,
+    "llama-mqa-bias": dict(n_kv_heads=1, bias=True, tie_embeddings=False),
+    "gpt2-tied": dict(**GPT2_SWITCHES, tie_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("name", list(LLAMA_CPP_CASES))
+def test_every_exportable_shape_runs_in_llama_cpp(tmp_path, name):
+    """The export's own check (f32: same greedy tokens, logits within 1e-3) on random weights, every shape."""
+    require_llama_cpp()
+    cfg = tiny(300, **LLAMA_CPP_CASES[name])
+    _, run = make_run(tmp_path, cfg, None)
+    report = convert.export_model(run, tmp_path / "model.gguf", format="gguf")
+    assert report.architecture == f"gguf {'llama' if cfg.position == 'rope' else 'gpt2'} f32"
+    assert report.max_abs_diff is not None and report.max_abs_diff <= lmgguf.VERIFY_TOLERANCE
