@@ -7,9 +7,8 @@ import json
 import pytest
 import torch
 
-from lmforge.infer.chat import open_chat
 from lmforge.infer.generate import SamplingConfig, generate
-from lmforge.infer.loading import load_for_inference
+from lmforge.infer.loading import load_for_inference, open_chat
 
 openai = pytest.importorskip("openai", reason="the dev extra is not installed: pip install -e '.[dev]'")
 httpx = pytest.importorskip("httpx")
