@@ -15,22 +15,15 @@ import json
 import os
 import statistics
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lmforge.config import load_config
+from lmforge.data.batch import Batch  # the one batch type the loop takes
 from lmforge.plan.hardware import detect_hardware
 from lmforge.plan.training import plan_training
 from lmforge.train.loop import train
-
-
-@dataclass
-class Batch:
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    doc_ids: torch.Tensor | None = None
 
 
 class RandomTokens:

@@ -13,22 +13,15 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lmforge.config import load_config
+from lmforge.data.batch import Batch  # the one batch type the loop takes
 from lmforge.train.loop import train
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
-
-
-@dataclass
-class Batch:
-    inputs: torch.Tensor  # (B, T)
-    targets: torch.Tensor  # (B, T)
-    doc_ids: None = None
 
 
 class WindowLoader:

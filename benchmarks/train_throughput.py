@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lmforge.config import ModelConfig, ParallelConfig, TrainConfig
+from lmforge.data.batch import Batch  # the one batch type the loop takes
 from lmforge.distributed.parallelize import World, parallelize
 from lmforge.model.hf import to_hf_model
 from lmforge.model.transformer import build_model
@@ -56,11 +57,6 @@ DEFINITIONS = (
     "could reach if norms, RoPE, SwiGLU, loss, AdamW and copies cost nothing. mfu: against matmul_peak_flops "
     "measured in the same run."
 )
-
-
-class Batch:
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor):
-        self.inputs, self.targets, self.doc_ids = inputs, targets, None
 
 
 def lmforge_stepper(cfg: ModelConfig, precision: str, compile: bool = False):
