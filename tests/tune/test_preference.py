@@ -13,16 +13,8 @@ from lmforge.data.batch import IGNORE_INDEX
 from lmforge.errors import DataError
 from lmforge.infer.loading import load_for_inference
 from lmforge.tune.lora import LoRAConfig, LoRALinear, apply_lora
-from lmforge.tune.preference import (
-    DPO,
-    ORPO,
-    LiveReference,
-    SimPO,
-    cache_reference,
-    collate_pairs,
-    load_pairs,
-    tokenize_pairs,
-)
+from lmforge.tune.pairs import collate_pairs, load_pairs, tokenize_pairs
+from lmforge.tune.preference import DPO, ORPO, LiveReference, SimPO, cache_reference
 
 CPU = torch.device("cpu")
 

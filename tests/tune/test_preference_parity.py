@@ -15,7 +15,8 @@ from lmforge.convert import export_model
 from lmforge.infer.loading import load_for_inference
 from lmforge.model.hf import to_hf_state_dict
 from lmforge.model.transformer import build_model
-from lmforge.tune.preference import DPO, PairRecord, cache_reference, collate_pairs, tokenize_pairs
+from lmforge.tune.pairs import PairRecord, collate_pairs, tokenize_pairs
+from lmforge.tune.preference import DPO, cache_reference
 from lmforge.tune.sft import Segment
 from tests.conftest import missing, require_transformers
 

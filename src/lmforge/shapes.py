@@ -1,0 +1,273 @@
+"""The model's shape: ``ModelConfig`` (the switches of the one Transformer) and the named presets, as plain
+data each citing where its shape comes from. ``lmforge.config`` builds on this module and re-exports both."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The shape of the one decoder-only Transformer. Every switch is named for the idea it turns on."""
+
+    preset: str | None = None  # the preset these values started from (informational once resolved)
+    vocab_size: int = 256
+    max_seq_len: int = 256
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (multi-head); 1: multi-query
+    ffn_hidden: int | None = None  # None: 4*d_model for gelu, Llama's 2/3*4*d_model rounded to 256 for swiglu
+    position: Literal["rope", "learned", "sinusoidal"] = "rope"
+    rope_theta: float = 10000.0
+    ffn: Literal["swiglu", "gelu"] = "swiglu"
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    bias: bool = False  # biases on attention and feed-forward projections (GPT-2 has them, Llama not)
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    head_size: int | None = None  # None: d_model // n_heads; set when attention heads were pruned away
+    qkv_bias: bool = False  # biases on the q, k, v projections only (Qwen2); ``bias`` covers every projection
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
+    sliding_window: int | None = None  # a query at i attends keys j with i - W < j <= i (Mistral); None: all
+    # RoPE frequency scaling for long contexts (Hugging Face ``rope_scaling`` / ``rope_parameters``):
+    # "linear" divides every frequency by rope_factor; "llama3" divides the low frequencies by rope_factor,
+    # keeps the high ones and interpolates between, by wavelength against rope_original_max_len; "yarn"
+    # (Peng et al. 2023) blends interpolated and original frequencies by dimension between the rope_beta_fast
+    # and rope_beta_slow rotation counts, and scales cos/sin by 0.1 ln(rope_factor) + 1.
+    rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_beta_fast: float = 32.0  # yarn only
+    rope_beta_slow: float = 1.0  # yarn only
+    rope_original_max_len: int | None = None  # llama3 and yarn: the context the model was pretrained with
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.head_size if self.head_size is not None else self.d_model // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        if self.ffn == "gelu":
+            return 4 * self.d_model
+        hidden = int(2 * (4 * self.d_model) / 3)
+        return 256 * ((hidden + 255) // 256)
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("vocab_size", "max_seq_len", "n_layers", "d_model", "n_heads"):
+            if getattr(self, name) < 1:
+                out.append(f"model.{name}={getattr(self, name)} must be >= 1")
+        if self.head_size is not None and self.head_size < 1:
+            out.append(f"model.head_size={self.head_size} must be >= 1 (or null for d_model // n_heads)")
+        if self.head_size is None and self.n_heads >= 1 and self.d_model % self.n_heads:
+            out.append(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if self.n_kv_heads is not None and self.n_kv_heads < 1:
+            out.append(f"model.n_kv_heads={self.n_kv_heads} must be >= 1 (or null for n_heads)")
+        elif self.n_heads >= 1 and self.n_heads % self.kv_heads:
+            out.append(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.kv_heads}")
+        exact_heads = self.head_size is not None or (self.n_heads >= 1 and self.d_model % self.n_heads == 0)
+        if self.position == "rope" and exact_heads and self.head_dim >= 1:
+            if self.head_dim % 2:
+                out.append(f"model.position=rope needs an even head dimension, got {self.head_dim}")
+        if self.position == "sinusoidal" and self.d_model % 2:
+            out.append(f"model.position=sinusoidal needs an even model.d_model, got {self.d_model}")
+        if self.ffn_hidden is not None and self.ffn_hidden < 1:
+            out.append(f"model.ffn_hidden={self.ffn_hidden} must be >= 1 (or null for the default)")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.rope_theta <= 0:
+            out.append(f"model.rope_theta={self.rope_theta} must be > 0")
+        if self.norm_eps <= 0:
+            out.append(f"model.norm_eps={self.norm_eps} must be > 0")
+        if self.init_std <= 0:
+            out.append(f"model.init_std={self.init_std} must be > 0")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            out.append(
+                f"model.sliding_window={self.sliding_window} must be >= 1 (or null for full attention)"
+            )
+        if self.qk_norm and self.norm != "rmsnorm":
+            out.append(f"model.qk_norm=true needs model.norm=rmsnorm, got {self.norm}")
+        if self.rope_scaling != "none":
+            if self.position != "rope":
+                out.append(f"model.rope_scaling={self.rope_scaling} needs model.position=rope")
+            if self.rope_factor <= 0:
+                out.append(f"model.rope_factor={self.rope_factor} must be > 0")
+        if self.rope_scaling in ("llama3", "yarn"):
+            if self.rope_original_max_len is None or self.rope_original_max_len < 1:
+                out.append(
+                    f"model.rope_scaling={self.rope_scaling} needs model.rope_original_max_len >= 1 (e.g. 8192)"
+                )
+        if self.rope_scaling == "llama3":
+            if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+                out.append(
+                    f"model.rope_low_freq_factor={self.rope_low_freq_factor} and model.rope_high_freq_factor="
+                    f"{self.rope_high_freq_factor} must satisfy 0 < low < high"
+                )
+        return out
+
+
+# -- presets: named model shapes as plain data, each citing where its shape comes from ---------------------
+# ``vocab_size`` is the preset's own; a run that trains its own tokenizer takes the tokenizer's size unless
+# ``model.vocab_size`` is set explicitly. They live here, beside ModelConfig, because ``model.preset`` is
+# resolved while a config is built (``resolve_model_dict``).
+
+# A ~1M-parameter Llama-style model that trains on a laptop CPU in minutes (our own choice).
+TINY = ModelConfig(
+    preset="tiny", vocab_size=2048, max_seq_len=256, n_layers=4, d_model=128, n_heads=4, ffn_hidden=384
+)
+
+# GPT-2 small (Radford et al. 2019; Hugging Face `gpt2` config.json): 124,439,808 parameters.
+GPT2_124M = ModelConfig(
+    preset="gpt2-124m",
+    vocab_size=50257,
+    max_seq_len=1024,
+    n_layers=12,
+    d_model=768,
+    n_heads=12,
+    ffn_hidden=3072,
+    position="learned",
+    ffn="gelu",
+    norm="layernorm",
+    bias=True,
+    tie_embeddings=True,
+)
+
+# JackFram/llama-160m (the small Llama used for speculative decoding research): 12 x 768, 3072 SwiGLU.
+LLAMA_160M = ModelConfig(
+    preset="llama-160m",
+    vocab_size=32000,
+    max_seq_len=2048,
+    n_layers=12,
+    d_model=768,
+    n_heads=12,
+    ffn_hidden=3072,
+    norm_eps=1e-6,
+    tie_embeddings=False,
+)
+
+# TinyLlama-1.1B (Zhang et al. 2024): 22 layers, 2048 wide, 32 heads with 4 key/value heads (GQA).
+LLAMA_1B = ModelConfig(
+    preset="1b",
+    vocab_size=32000,
+    max_seq_len=2048,
+    n_layers=22,
+    d_model=2048,
+    n_heads=32,
+    n_kv_heads=4,
+    ffn_hidden=5632,
+    tie_embeddings=False,
+)
+
+# OpenLLaMA 3B (Geng & Liu 2023, the Llama architecture at 3B): 26 layers, 3200 wide, 32 heads.
+LLAMA_3B = ModelConfig(
+    preset="3b",
+    vocab_size=32000,
+    max_seq_len=2048,
+    n_layers=26,
+    d_model=3200,
+    n_heads=32,
+    ffn_hidden=8640,
+    norm_eps=1e-6,
+    tie_embeddings=False,
+)
+
+# Llama-2-7B (Touvron et al. 2023; meta-llama/Llama-2-7b-hf config.json): 6,738,415,616 parameters.
+LLAMA_7B = ModelConfig(
+    preset="7b",
+    vocab_size=32000,
+    max_seq_len=4096,
+    n_layers=32,
+    d_model=4096,
+    n_heads=32,
+    ffn_hidden=11008,
+    tie_embeddings=False,
+)
+
+# Qwen2.5-0.5B (Qwen team 2024; Qwen/Qwen2.5-0.5B config.json): biases on q/k/v, GQA 14/2, tied head.
+QWEN25_05B = ModelConfig(
+    preset="qwen2.5-0.5b",
+    vocab_size=151936,
+    max_seq_len=32768,
+    n_layers=24,
+    d_model=896,
+    n_heads=14,
+    n_kv_heads=2,
+    ffn_hidden=4864,
+    rope_theta=1000000.0,
+    norm_eps=1e-6,
+    qkv_bias=True,
+    tie_embeddings=True,
+)
+
+# Qwen3-0.6B (Qwen team 2025; Qwen/Qwen3-0.6B config.json): RMSNorm on q and k, head_dim 128 > d_model/heads.
+QWEN3_06B = ModelConfig(
+    preset="qwen3-0.6b",
+    vocab_size=151936,
+    max_seq_len=40960,
+    n_layers=28,
+    d_model=1024,
+    n_heads=16,
+    n_kv_heads=8,
+    head_size=128,
+    ffn_hidden=3072,
+    rope_theta=1000000.0,
+    norm_eps=1e-6,
+    qk_norm=True,
+    tie_embeddings=True,
+)
+
+# Mistral-7B-v0.1 (Jiang et al. 2023; mistralai/Mistral-7B-v0.1 config.json): sliding window 4096, GQA 32/8.
+MISTRAL_7B = ModelConfig(
+    preset="mistral-7b",
+    vocab_size=32000,
+    max_seq_len=32768,
+    n_layers=32,
+    d_model=4096,
+    n_heads=32,
+    n_kv_heads=8,
+    ffn_hidden=14336,
+    sliding_window=4096,
+    tie_embeddings=False,
+)
+
+# Llama-3.2-1B (Meta 2024; meta-llama/Llama-3.2-1B config.json): llama3 RoPE scaling x32 from 8192 positions.
+LLAMA32_1B = ModelConfig(
+    preset="llama3.2-1b",
+    vocab_size=128256,
+    max_seq_len=131072,
+    n_layers=16,
+    d_model=2048,
+    n_heads=32,
+    n_kv_heads=8,
+    ffn_hidden=8192,
+    rope_theta=500000.0,
+    rope_scaling="llama3",
+    rope_factor=32.0,
+    rope_low_freq_factor=1.0,
+    rope_high_freq_factor=4.0,
+    rope_original_max_len=8192,
+    tie_embeddings=True,
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": TINY,
+    "gpt2-124m": GPT2_124M,
+    "llama-160m": LLAMA_160M,
+    "1b": LLAMA_1B,
+    "3b": LLAMA_3B,
+    "7b": LLAMA_7B,
+    "qwen2.5-0.5b": QWEN25_05B,
+    "qwen3-0.6b": QWEN3_06B,
+    "mistral-7b": MISTRAL_7B,
+    "llama3.2-1b": LLAMA32_1B,
+}
