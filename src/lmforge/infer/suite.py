@@ -143,7 +143,8 @@ def evaluate_model(
     task (first ``limit`` items). A task is a multiple-choice JSONL file, the name of a shipped task spec
     (its data under ``data_dir``) or the path of a spec (``lmforge.infer.tasks``): generative tasks are scored
     with their reference metrics, ``num_fewshot`` examples each, through ``render_chat`` (messages -> prompt)
-    when ``chat``. Every input is checked before the weights are loaded."""
+    when ``chat``. Every input is checked before the weights are loaded. (Long by choice: one pass over
+    each kind of input, in the order the report lists them.)"""
     from lmforge.infer.loading import load_for_inference
     from lmforge.infer.tasks import TaskOptions, resolve_task, run_task
     from lmforge.infer.tasks.spec import read_items

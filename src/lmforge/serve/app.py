@@ -125,7 +125,8 @@ def build_app(
     model_name: str,
     device: torch.device,
 ):
-    """The FastAPI application serving ``model``; its scheduler starts and stops with the app."""
+    """The FastAPI application serving ``model``; its scheduler starts and stops with the app. (Long by choice:
+    the routes are closures over one scheduler and its settings, declared together as the API they form.)"""
     scheduler = Scheduler(model, tokenizer, device=device, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
     metrics = Metrics(scheduler)
     scheduler.on_finish = metrics.on_finish

@@ -80,7 +80,8 @@ def parse_request(
     template_stops: tuple[str, ...],
     context: int,
 ) -> Parsed:
-    """The checked request of a /v1/completions (``chat=False``) or /v1/chat/completions body."""
+    """The checked request of a /v1/completions (``chat=False``) or /v1/chat/completions body. (Long by
+    choice: one field checked after another, in the order of the OpenAI reference, each with its error.)"""
     model = _typed(body, "model", (str,), model_name, "a string")
     if model != model_name:
         raise ApiError(

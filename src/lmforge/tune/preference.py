@@ -349,6 +349,34 @@ def preference_lineage(base, loaded, data_path, method: str, template, split: tu
     }
 
 
+def pair_loaders(train_rows, val_rows, cfg, pad_id: int, loaded, base_state: dict, live, lora):
+    """The training loader, the validation batches and the model adaptation (base weights, the frozen
+    reference copy where one is needed, LoRA) of a preference run."""
+    loader = RowLoader(
+        train_rows,
+        collate=partial(collate_pairs, pad_id=pad_id),
+        batch_size=cfg.train.micro_batch,
+        seed=cfg.train.seed,
+        vocab_size=cfg.model.vocab_size,
+        tokenizer_path=str(loaded.tokenizer_path),
+        what="preference data",
+    )
+
+    def val_batches():
+        mb = cfg.train.micro_batch
+        for i in range(0, min(len(val_rows), mb * cfg.train.eval_batches), mb):
+            yield collate_pairs(val_rows[i : i + mb], pad_id)
+
+    def adapt(model):
+        missing, unexpected = model.load_state_dict(base_state, strict=False)
+        assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
+        if live is not None and lora is None:
+            live.copy = copy.deepcopy(model).requires_grad_(False).eval()
+        return apply_lora(model, lora) if lora is not None else model
+
+    return loader, val_batches, adapt
+
+
 def tune_preferences(
     base: str | Path,
     data_path: str | Path,
@@ -404,28 +432,9 @@ def tune_preferences(
     base_state = {k: v.cpu() for k, v in base_model.state_dict().items()}
     base_model.cpu()  # the loop builds its own model; this one only lends its weights from here on
 
-    loader = RowLoader(
-        train_rows,
-        collate=partial(collate_pairs, pad_id=pad_id),
-        batch_size=cfg.train.micro_batch,
-        seed=cfg.train.seed,
-        vocab_size=cfg.model.vocab_size,
-        tokenizer_path=str(loaded.tokenizer_path),
-        what="preference data",
+    loader, val_batches, adapt = pair_loaders(
+        train_rows, val_rows, cfg, pad_id, loaded, base_state, live, lora
     )
-
-    def val_batches():
-        mb = cfg.train.micro_batch
-        for i in range(0, min(len(val_rows), mb * cfg.train.eval_batches), mb):
-            yield collate_pairs(val_rows[i : i + mb], pad_id)
-
-    def adapt(model):
-        missing, unexpected = model.load_state_dict(base_state, strict=False)
-        assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
-        if live is not None and lora is None:
-            live.copy = copy.deepcopy(model).requires_grad_(False).eval()
-        return apply_lora(model, lora) if lora is not None else model
-
     lineage = preference_lineage(
         base, loaded, data_path, preference.method, template, (train_rows, val_rows, skipped)
     )
