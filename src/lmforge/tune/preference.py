@@ -394,7 +394,8 @@ def tune_preferences(
     """Tune ``base`` (an lmforge run/checkpoint or a Hugging Face folder) on the pairs of ``data_path``.
 
     Every input is read and checked before any run folder is written; ``OUT/model`` holds the final model
-    (LoRA merged). ``val_before``/``val_after`` score the held-out pairs with the base and the tuned model."""
+    (LoRA merged). ``val_before``/``val_after`` score the held-out pairs with the base and the tuned model.
+    (Long by choice: the recipe in order - read the pairs, score the reference, train, score, export.)"""
     from lmforge.infer.loading import load_for_inference
     from lmforge.train.loop import train
     from lmforge.train.run import Task, pick_device
