@@ -22,6 +22,8 @@ from lmforge.errors import ConfigError
 from lmforge.files import write_text_atomic
 from lmforge.shapes import PRESETS, ModelConfig  # the model section; re-exported for callers
 
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # train.trackers (train/trackers.py)
+
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
@@ -117,9 +119,18 @@ class TrainConfig:
     energy_region: str = "world"
     grid_intensity: float | None = None
     pue: float = 1.2
+    # Experiment trackers the run reports to (train/trackers.py): tensorboard, mlflow, wandb.
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    mlflow_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a file store in RUN/mlruns
 
     def problems(self) -> list[str]:
         out = []
+        for name in self.trackers:
+            if name not in TRACKERS:
+                out.append(
+                    f"train.trackers: unknown tracker '{name}'{suggest(name, TRACKERS)}; "
+                    f"choose from {', '.join(TRACKERS)}"
+                )
         for name in ("steps", "seq_len", "micro_batch", "log_every", "eval_every", "ckpt_every", "keep_last"):
             if getattr(self, name) < 1:
                 out.append(f"train.{name}={getattr(self, name)} must be >= 1")

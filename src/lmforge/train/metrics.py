@@ -1,4 +1,6 @@
-"""What a run reports as it goes: the rank-0 logger, ``metrics.jsonl``, TensorBoard, the progress bar.
+"""What a run reports as it goes: the rank-0 logger, ``metrics.jsonl``, the trackers, the progress bar.
+
+The trackers (TensorBoard, MLflow, W&B) are in ``train.trackers``.
 
 The loss plot is in ``train.plots``, the model card in ``train.card``, the hardware's peak FLOP/s (for
 MFU) in ``plan.hardware``.
@@ -11,13 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from lmforge.files import write_text_atomic
+from lmforge.train.trackers import Tracker, Trackers
 
 LOGGER_NAME = "lmforge"
 
@@ -73,7 +76,14 @@ class RunLogger:
         progress: bool | None = None,
         tensorboard: bool = True,
         stream: TextIO | None = None,
+        trackers: Sequence[str | Tracker] | None = None,
+        config: dict | None = None,
+        resume: bool = False,
+        mlflow_uri: str | None = None,
     ):
+        """``trackers``: names in ``trackers.TRACKERS`` or tracker objects (default: TensorBoard unless
+        ``tensorboard=False``); ``config`` is logged to them as parameters; ``resume`` continues the tracker
+        runs whose ids ``RUN/trackers.json`` holds."""
         self.run_dir = Path(run_dir)
         self.is_main = is_main
         self.total_steps = total_steps
@@ -81,7 +91,7 @@ class RunLogger:
         self.stream = stream or sys.stderr
         self.logger = get_logger()
         self._handler: logging.Handler | None = None
-        self._writer = None
+        self._trackers: Trackers | None = None
         self._bar = None
         self._metrics = None
         self._started = time.perf_counter()
@@ -94,13 +104,17 @@ class RunLogger:
         self.logger.propagate = False
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=start_step)
-            except ImportError:  # tensorboard is a dependency, but a broken install must not stop training
-                self.logger.warning("tensorboard is not importable; no event files will be written")
+        if trackers is None:
+            trackers = ["tensorboard"] if tensorboard else []
+        self._trackers = Trackers.open(
+            trackers,
+            self.run_dir,
+            warn=self.warning,
+            config=config,
+            resume=resume,
+            start_step=start_step,
+            mlflow_uri=mlflow_uri,
+        )
         if progress is None:
             progress = bool(getattr(self.stream, "isatty", lambda: False)())
         if progress:
@@ -123,10 +137,8 @@ class RunLogger:
         record = {"step": step, **values}
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
-        if self._writer is not None:
-            for key, value in values.items():
-                if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-                    self._writer.add_scalar(key, value, step)
+        if self._trackers is not None:
+            self._trackers.log(step, values)
         if not show:
             return
         if self._bar is not None and "loss" in values:
@@ -177,9 +189,9 @@ class RunLogger:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._trackers is not None:  # the loss plot and model card, if the run wrote them, as artifacts
+            self._trackers.finish(self.run_dir)
+            self._trackers = None
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None

@@ -28,7 +28,7 @@ from torch import nn
 
 from lmforge.checkpoint import FoundCheckpoint
 from lmforge.checkpoint.manager import CheckpointManager, find_resume
-from lmforge.config import Config, save_config, validate
+from lmforge.config import Config, config_to_dict, save_config, validate
 from lmforge.data.batch import Batch, BatchLoader
 from lmforge.distributed.parallelize import (
     World,
@@ -291,7 +291,16 @@ def setup_run(
         check_writable(run_dir, needed_bytes=int(data.parameters * 4 * 3 * 1.1) + (1 << 20))
         # 3. where the run starts
         found = find_resume(run_dir, resume)
-        log = RunLogger(run_dir, is_main=world.is_main, total_steps=cfg.train.steps, progress=progress)
+        log = RunLogger(
+            run_dir,
+            is_main=world.is_main,
+            total_steps=cfg.train.steps,
+            progress=progress,
+            trackers=cfg.train.trackers,
+            config=config_to_dict(cfg),
+            resume=found is not None,
+            mlflow_uri=cfg.train.mlflow_uri,
+        )
         for problem in found.skipped if found else []:
             log.warning(f"skipping a damaged checkpoint: {problem}")
         # 4. the model, and the plan made final (on a GPU by a trial step), then the config frozen with it
