@@ -3,7 +3,8 @@
 ``train.trackers`` names them. Each gets the config (as parameters), every scalar ``RunLogger`` logs (with
 the same step numbers) and, when the run closes, the loss plot and the model card as artifacts.
 
-- MLflow logs to ``train.mlflow_uri``, else ``$MLFLOW_TRACKING_URI``, else a local file store ``RUN/mlruns``.
+- MLflow logs to ``train.mlflow_uri``, else ``$MLFLOW_TRACKING_URI``, else a local store in ``RUN/mlruns``
+  (``sqlite:///RUN/mlruns/mlflow.db`` and the artifacts in ``RUN/mlruns/artifacts``).
 - W&B runs offline (files under ``RUN/wandb``; ``wandb sync`` uploads them later) unless ``$WANDB_MODE`` is
   set or the user has logged in (``$WANDB_API_KEY`` or a ``~/.netrc`` entry for api.wandb.ai).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -88,10 +90,17 @@ class TensorBoardTracker:
         self.writer.close()
 
 
-def mlflow_uri(run_dir: Path, configured: str | None = None) -> str:
-    """Where MLflow logs: the config's URI, else ``$MLFLOW_TRACKING_URI``, else ``RUN/mlruns``."""
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or (run_dir / "mlruns").resolve().as_uri()
+def mlflow_uri(run_dir: Path, configured: str | None = None) -> str | None:
+    """Where MLflow logs: the config's URI, else ``$MLFLOW_TRACKING_URI``, else None (``RUN/mlruns``)."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def local_store(run_dir: Path) -> tuple[str, str]:
+    """The default store in the run folder: an SQLite database (MLflow 3 keeps its plain-file store only
+    behind an opt-out) and the artifacts beside it, both in ``RUN/mlruns``."""
+    folder = (run_dir / "mlruns").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri()
 
 
 class MlflowTracker:
@@ -102,14 +111,20 @@ class MlflowTracker:
     ):
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=mlflow_uri(run_dir, mlflow_uri_))
+        uri, artifacts = mlflow_uri(run_dir, mlflow_uri_), None
+        if uri is None:
+            uri, artifacts = local_store(run_dir)
+        self.client = MlflowClient(tracking_uri=uri)
+        self.uri = uri
         run_id = read_ids(run_dir).get(self.name) if resume else None
         if run_id:
             self.client.update_run(run_id, status="RUNNING")
         else:
             experiment = self.client.get_experiment_by_name("lmforge")
             experiment_id = (
-                experiment.experiment_id if experiment else self.client.create_experiment("lmforge")
+                experiment.experiment_id
+                if experiment
+                else self.client.create_experiment("lmforge", artifact_location=artifacts)
             )
             run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
             _save_id(run_dir, self.name, run_id)
@@ -163,7 +178,7 @@ class WandbTracker:
             name=run_dir.name,
             dir=str(run_dir),
             mode=wandb_mode(),
-            id=run_id or wandb.util.generate_id(),
+            id=run_id or uuid.uuid4().hex[:8],
             resume="allow" if run_id else None,
             config=config or {},
             reinit="create_new",
