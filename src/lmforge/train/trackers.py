@@ -182,6 +182,7 @@ class WandbTracker:
             resume="allow" if run_id else None,
             config=config or {},
             reinit="create_new",
+            settings=wandb.Settings(silent=True, console="off"),  # lmforge prints its own log lines
         )
         if not run_id:
             _save_id(run_dir, self.name, self.run.id)
