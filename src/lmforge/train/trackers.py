@@ -28,7 +28,7 @@ from lmforge.files import write_text_atomic
 
 __all__ = ["TRACKERS", "Tracker", "Trackers"]
 IDS_FILE = "trackers.json"
-ARTIFACTS = ("loss.png", "MODEL_CARD.md")
+ARTIFACTS = ("loss.png", "MODEL_CARD.md", "samples.txt")  # whichever the run wrote
 
 
 class Tracker(Protocol):
