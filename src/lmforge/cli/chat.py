@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from lmforge.cli.use import add_sampling_options, sampling_from_args
+
 BLOCK = '"""'
 HELP = (
     'end a line with \\ to continue it, or put lines between two lines holding only """; '
@@ -21,12 +23,7 @@ def add_chat(sub) -> None:
     p = sub.add_parser("chat", help="talk to a model in the terminal, through its chat template")
     p.add_argument("model", help="an lmforge run/checkpoint folder or a Hugging Face model folder")
     p.add_argument("--system", default=None, help="a system prompt, kept when the history is trimmed")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0: off")
-    p.add_argument("--top-p", type=float, default=0.9, help="1: off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
-    p.add_argument("--seed", type=int, default=None)
+    add_sampling_options(p, max_new_tokens=256, temperature=0.7, top_p=0.9)
     p.add_argument("--device", default="auto")
 
 
@@ -62,18 +59,10 @@ def read_message(read_line: Callable[[str], str]) -> str | None:
 
 def run_chat(args) -> int:
     from lmforge.errors import DataError
-    from lmforge.infer.generate import SamplingConfig
     from lmforge.infer.loading import open_chat
     from lmforge.train.run import pick_device
 
-    sampling = SamplingConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
+    sampling = sampling_from_args(args)
     session, notice = open_chat(args.model, sampling, device=pick_device(args.device), system=args.system)
     if notice:
         print(f"lmforge chat: {notice}", file=sys.stderr)

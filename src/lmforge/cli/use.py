@@ -14,6 +14,30 @@ def _device(name: str):
     return pick_device(name)
 
 
+def add_sampling_options(p, *, max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """The sampling options `generate` and `chat` share (their defaults differ)."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=top_p, help="1: off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def sampling_from_args(args, stop: tuple[str, ...] = ()):
+    from lmforge.infer.generate import SamplingConfig
+
+    return SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop=stop,
+        seed=args.seed,
+    )
+
+
 def add_generate(sub) -> None:
     p = sub.add_parser(
         "generate", help="continue prompts with a trained model (KV cache, sampling, streaming)"
@@ -22,13 +46,8 @@ def add_generate(sub) -> None:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     p.add_argument("--prompts-file", default=None, help="one prompt per line, or JSONL with a 'prompt' field")
     p.add_argument("--interactive", action="store_true", help="read prompts from the terminal until EOF")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0: off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1: off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
+    add_sampling_options(p, max_new_tokens=200, temperature=0.8, top_p=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     p.add_argument("--no-stream", action="store_true", help="print each result when it is complete")
     p.add_argument("--device", default="auto")
@@ -41,21 +60,13 @@ def add_generate(sub) -> None:
 
 def run_generate(args) -> int:
     from lmforge.errors import DataError
-    from lmforge.infer.generate import SamplingConfig, read_prompts
+    from lmforge.infer.generate import read_prompts
     from lmforge.infer.loading import open_generator
 
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts and not args.interactive:
         raise DataError("no prompt: give --prompt TEXT, --prompts-file FILE or --interactive")
-    sampling = SamplingConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        stop=tuple(args.stop),
-        seed=args.seed,
-    )
+    sampling = sampling_from_args(args, stop=tuple(args.stop))
     if args.chat:
         return _chat_generations(prompts, sampling, args)
     generator = open_generator(args.model, sampling, device=_device(args.device), use_cache=not args.no_cache)

@@ -265,6 +265,23 @@ def start_line(run: Run) -> str:
     )
 
 
+def open_log(run_dir: Path, cfg: Config, world: World, found, progress: bool | None) -> RunLogger:
+    """The run's logger and trackers, told whether the run resumes; damaged checkpoints it skipped are named."""
+    log = RunLogger(
+        run_dir,
+        is_main=world.is_main,
+        total_steps=cfg.train.steps,
+        progress=progress,
+        trackers=cfg.train.trackers,
+        config=config_to_dict(cfg),
+        resume=found is not None,
+        mlflow_uri=cfg.train.mlflow_uri,
+    )
+    for problem in found.skipped if found else []:
+        log.warning(f"skipping a damaged checkpoint: {problem}")
+    return log
+
+
 def setup_run(
     cfg: Config,
     *,
@@ -291,18 +308,7 @@ def setup_run(
         check_writable(run_dir, needed_bytes=int(data.parameters * 4 * 3 * 1.1) + (1 << 20))
         # 3. where the run starts
         found = find_resume(run_dir, resume)
-        log = RunLogger(
-            run_dir,
-            is_main=world.is_main,
-            total_steps=cfg.train.steps,
-            progress=progress,
-            trackers=cfg.train.trackers,
-            config=config_to_dict(cfg),
-            resume=found is not None,
-            mlflow_uri=cfg.train.mlflow_uri,
-        )
-        for problem in found.skipped if found else []:
-            log.warning(f"skipping a damaged checkpoint: {problem}")
+        log = open_log(run_dir, cfg, world, found, progress)
         # 4. the model, and the plan made final (on a GPU by a trial step), then the config frozen with it
         model, cfg, plan = model_for_run(cfg, plan, world, found is None, task, log, base_weights)
         grad_accum = plan.grad_accum if plan is not None else accumulation_steps(cfg, world.dp_size)
