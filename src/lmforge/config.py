@@ -20,7 +20,7 @@ import yaml
 
 from lmforge.errors import ConfigError
 from lmforge.files import write_text_atomic
-from lmforge.shapes import PRESETS, ModelConfig  # the model section; re-exported for callers
+from lmforge.shapes import PRESETS, ModelConfig, MoEConfig  # noqa: F401  the model section; re-exported for callers
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")  # train.trackers (train/trackers.py)
 
@@ -371,7 +371,11 @@ def resolve_model_dict(model: dict) -> dict:
             f"unknown preset model.preset={name!r}{suggest(str(name), PRESETS)}; known: {', '.join(PRESETS)}"
         )
     merged = dataclasses.asdict(PRESETS[name])
-    merged.update(model)
+    for key, value in model.items():  # nested sections (model.moe) merge key by key
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
     return merged
 
 
@@ -425,9 +429,9 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        if len(parts) != 2 or not all(parts):
+        if len(parts) < 2 or not all(parts):
             raise ConfigError(f"override key {key!r} must be section.key (e.g. model.n_layers=8)")
-        section, name = parts
+        section, *inner, name = parts
         if section not in sections:
             raise ConfigError(
                 f"unknown config section '{section}' in override {item!r}{suggest(section, sections)}"
@@ -439,6 +443,15 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
         target = data.setdefault(section, {})
         if not isinstance(target, dict):
             raise ConfigError(f"config section '{section}' must be a mapping")
+        for depth, part in enumerate(inner):  # nested sections, e.g. model.moe.n_experts
+            child = target.get(part)
+            child = dict(child) if isinstance(child, dict) else ({} if child is None else child)
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"config key '{'.'.join([section, *inner[: depth + 1]])}' must be a mapping"
+                )
+            target[part] = child
+            target = child
         target[name] = value
     return data
 

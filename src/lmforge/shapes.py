@@ -3,8 +3,54 @@ data each citing where its shape comes from. ``lmforge.config`` builds on this m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """Mixture-of-Experts feed-forward (``model.moe.*``); ``n_experts=0`` keeps every layer dense."""
+
+    n_experts: int = 0  # routed experts per MoE layer; 0: dense feed-forward everywhere
+    top_k: int = 2  # experts each token is sent to
+    n_shared_experts: int = 0  # experts every token passes through (Qwen2-MoE, DeepSeek)
+    expert_hidden: int | None = None  # hidden size of one routed expert; None: model.hidden_dim
+    shared_expert_hidden: int | None = None  # hidden size of the shared block; None: n_shared * expert_hidden
+    shared_expert_gate: bool = False  # a sigmoid gate scales the shared experts' output (Qwen2-MoE)
+    first_dense_layers: int = 0  # the first k layers keep a dense feed-forward (DeepSeek's first_k_dense)
+    # "topk_softmax": softmax over the top-k logits (Mixtral); "softmax_topk": softmax over all experts,
+    # then the top-k probabilities (Qwen-MoE, DeepSeek), renormalised to sum 1 when norm_topk_prob.
+    router: Literal["topk_softmax", "softmax_topk"] = "topk_softmax"
+    norm_topk_prob: bool = False
+    aux_loss_coef: float = 0.0  # Switch/Mixtral load-balancing loss coefficient (0: off)
+    bias_update_rate: float = 0.0  # DeepSeek-V3 auxiliary-loss-free balancing: per-expert bias step (0: off)
+    z_loss_coef: float = 0.0  # router z-loss coefficient (ST-MoE; 0: off)
+    capacity_factor: float | None = None  # None: dropless; else tokens per expert capped, drops counted
+
+    @property
+    def enabled(self) -> bool:
+        return self.n_experts > 0
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.n_experts < 0:
+            out.append(f"model.moe.n_experts={self.n_experts} must be >= 0")
+        if self.n_experts > 0 and not 1 <= self.top_k <= self.n_experts:
+            out.append(
+                f"model.moe.top_k={self.top_k} must be between 1 and model.moe.n_experts={self.n_experts}"
+            )
+        for name in ("n_shared_experts", "first_dense_layers"):
+            if getattr(self, name) < 0:
+                out.append(f"model.moe.{name}={getattr(self, name)} must be >= 0")
+        for name in ("expert_hidden", "shared_expert_hidden"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                out.append(f"model.moe.{name}={getattr(self, name)} must be >= 1 (or null for the default)")
+        for name in ("aux_loss_coef", "bias_update_rate", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                out.append(f"model.moe.{name}={getattr(self, name)} must be >= 0")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            out.append(f"model.moe.capacity_factor={self.capacity_factor} must be > 0 (or null for dropless)")
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +90,7 @@ class ModelConfig:
     rope_beta_fast: float = 32.0  # yarn only
     rope_beta_slow: float = 1.0  # yarn only
     rope_original_max_len: int | None = None  # llama3 and yarn: the context the model was pretrained with
+    moe: MoEConfig = field(default_factory=MoEConfig)  # Mixture-of-Experts feed-forward (off by default)
 
     @property
     def kv_heads(self) -> int:
@@ -113,6 +160,11 @@ class ModelConfig:
                     f"model.rope_low_freq_factor={self.rope_low_freq_factor} and model.rope_high_freq_factor="
                     f"{self.rope_high_freq_factor} must satisfy 0 < low < high"
                 )
+        out.extend(self.moe.problems())
+        if self.moe.enabled and self.moe.first_dense_layers > self.n_layers:
+            out.append(
+                f"model.moe.first_dense_layers={self.moe.first_dense_layers} exceeds model.n_layers={self.n_layers}"
+            )
         return out
 
 
