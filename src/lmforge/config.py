@@ -169,6 +169,7 @@ class ParallelConfig:
     strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto"
     cpu_offload: bool = False
     tp: int = 1  # tensor-parallel degree (second mesh dimension)
+    ep: int = 1  # expert-parallel degree: the routed experts of each MoE layer spread over this many ranks
     backend: str = "auto"  # auto: nccl on CUDA, gloo otherwise
     world_size: int | None = None  # when set, must match the launcher's WORLD_SIZE
     timeout_s: float = 600.0  # a collective waiting longer than this on a lost peer ends the job
@@ -178,6 +179,8 @@ class ParallelConfig:
         out = []
         if self.tp < 1:
             out.append(f"parallel.tp={self.tp} must be >= 1")
+        if self.ep < 1:
+            out.append(f"parallel.ep={self.ep} must be >= 1")
         if self.timeout_s <= 0:
             out.append(f"parallel.timeout_s={self.timeout_s} must be > 0")
         if self.world_size is not None and self.world_size < 1:

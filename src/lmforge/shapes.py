@@ -91,6 +91,11 @@ class ModelConfig:
     rope_beta_slow: float = 1.0  # yarn only
     rope_original_max_len: int | None = None  # llama3 and yarn: the context the model was pretrained with
     moe: MoEConfig = field(default_factory=MoEConfig)  # Mixture-of-Experts feed-forward (off by default)
+    # Maximal-update parametrisation (muP, Yang et al. 2022, Tensor Programs V): initialisation, per-layer
+    # learning rates, 1/d attention scale and output multiplier set relative to ``mup_base_width`` so that
+    # hyperparameters tuned at the base width transfer to wider models. None: the base is d_model itself.
+    mup: bool = False
+    mup_base_width: int | None = None
 
     @property
     def kv_heads(self) -> int:
@@ -160,6 +165,8 @@ class ModelConfig:
                     f"model.rope_low_freq_factor={self.rope_low_freq_factor} and model.rope_high_freq_factor="
                     f"{self.rope_high_freq_factor} must satisfy 0 < low < high"
                 )
+        if self.mup_base_width is not None and self.mup_base_width < 1:
+            out.append(f"model.mup_base_width={self.mup_base_width} must be >= 1 (or null for d_model)")
         out.extend(self.moe.problems())
         if self.moe.enabled and self.moe.first_dense_layers > self.n_layers:
             out.append(
