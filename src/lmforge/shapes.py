@@ -318,6 +318,110 @@ LLAMA32_1B = ModelConfig(
     tie_embeddings=True,
 )
 
+# Mixtral-8x7B-v0.1 (Jiang et al. 2024; mistralai/Mixtral-8x7B-v0.1 config.json): Mistral-7B's attention with
+# 8 SwiGLU experts of 14336 per layer, top-2, softmax over the two chosen logits; no sliding window;
+# 46,702,792,704 parameters (as MixtralForCausalLM on meta), 12,879,925,248 active per token.
+MIXTRAL_8X7B = ModelConfig(
+    preset="mixtral-8x7b",
+    vocab_size=32000,
+    max_seq_len=32768,
+    n_layers=32,
+    d_model=4096,
+    n_heads=32,
+    n_kv_heads=8,
+    ffn_hidden=14336,
+    rope_theta=1000000.0,
+    tie_embeddings=False,
+    moe=MoEConfig(n_experts=8, top_k=2, router="topk_softmax", aux_loss_coef=0.02),
+)
+
+# Qwen1.5-MoE-A2.7B (Qwen team 2024; Qwen/Qwen1.5-MoE-A2.7B config.json): 60 experts of 1408, top-4 of a
+# softmax over all 60 (not renormalised), 4 shared experts as one SwiGLU of 5632 behind a sigmoid gate, q/k/v
+# biases; 14,315,784,192 parameters (as Qwen2MoeForCausalLM on meta).
+QWEN15_MOE_A27B = ModelConfig(
+    preset="qwen1.5-moe-a2.7b",
+    vocab_size=151936,
+    max_seq_len=8192,
+    n_layers=24,
+    d_model=2048,
+    n_heads=16,
+    n_kv_heads=16,
+    ffn_hidden=5632,
+    rope_theta=1000000.0,
+    norm_eps=1e-6,
+    qkv_bias=True,
+    tie_embeddings=False,
+    moe=MoEConfig(
+        n_experts=60,
+        top_k=4,
+        n_shared_experts=4,
+        expert_hidden=1408,
+        shared_expert_hidden=5632,
+        shared_expert_gate=True,
+        router="softmax_topk",
+        norm_topk_prob=False,
+        aux_loss_coef=0.001,
+    ),
+)
+
+# Qwen3-30B-A3B (Qwen team 2025; Qwen/Qwen3-30B-A3B config.json): 48 layers, 128 experts of 768, top-8 of a
+# softmax over all, renormalised; RMSNorm on q and k; 30,532,122,624 parameters (as Qwen3MoeForCausalLM on meta).
+QWEN3_30B_A3B = ModelConfig(
+    preset="qwen3-30b-a3b",
+    vocab_size=151936,
+    max_seq_len=40960,
+    n_layers=48,
+    d_model=2048,
+    n_heads=32,
+    n_kv_heads=4,
+    head_size=128,
+    ffn_hidden=6144,  # config.json's intermediate_size: unused, every layer is MoE
+    rope_theta=1000000.0,
+    norm_eps=1e-6,
+    qk_norm=True,
+    tie_embeddings=False,
+    moe=MoEConfig(
+        n_experts=128,
+        top_k=8,
+        expert_hidden=768,
+        router="softmax_topk",
+        norm_topk_prob=True,
+        aux_loss_coef=0.001,
+    ),
+)
+
+# A ~1T-parameter sparse shape of the Kimi K2 / DeepSeek-V3 class, our own: Kimi K2's sizes
+# (moonshotai/Kimi-K2-Base config.json: 61 layers, d 7168, 384 experts of 2048 top-8, 1 shared expert, the
+# first layer dense with 18432, vocab 163840, 64 heads) with lmforge's GQA attention (64 heads of 128, 8
+# key/value heads) in place of K2's multi-head latent attention, and a softmax router with DeepSeek-V3's
+# bias balancing in place of K2's sigmoid scores. 1,028,298,994,688 parameters, 34,752,263,168 active per
+# token (Kimi K2 itself: 1,026,408,209,408 as DeepseekV3ForCausalLM on meta; MLA is 0.2% smaller). Context
+# 4096: K2's pre-training length before its long-context stage.
+MOE_1T = ModelConfig(
+    preset="moe-1t",
+    vocab_size=163840,
+    max_seq_len=4096,
+    n_layers=61,
+    d_model=7168,
+    n_heads=64,
+    n_kv_heads=8,
+    head_size=128,
+    ffn_hidden=18432,
+    rope_theta=50000.0,
+    norm_eps=1e-6,
+    tie_embeddings=False,
+    moe=MoEConfig(
+        n_experts=384,
+        top_k=8,
+        n_shared_experts=1,
+        expert_hidden=2048,
+        first_dense_layers=1,
+        router="softmax_topk",
+        norm_topk_prob=True,
+        bias_update_rate=0.001,
+    ),
+)
+
 PRESETS: dict[str, ModelConfig] = {
     "tiny": TINY,
     "gpt2-124m": GPT2_124M,
@@ -329,4 +433,8 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen3-0.6b": QWEN3_06B,
     "mistral-7b": MISTRAL_7B,
     "llama3.2-1b": LLAMA32_1B,
+    "mixtral-8x7b": MIXTRAL_8X7B,
+    "qwen1.5-moe-a2.7b": QWEN15_MOE_A27B,
+    "qwen3-30b-a3b": QWEN3_30B_A3B,
+    "moe-1t": MOE_1T,
 }

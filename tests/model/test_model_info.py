@@ -23,8 +23,9 @@ def test_7b_on_meta_has_the_llama2_parameter_count():
     assert count_params(PRESETS["7b"]) == LLAMA2_7B_PARAMS
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", [name for name, cfg in PRESETS.items() if not cfg.moe.enabled])
 def test_count_params_agrees_with_the_built_model(name):
+    # MoE presets are counted against transformers' MoE models in test_moe_info.py.
     cfg = PRESETS[name]
     model = build_model(cfg, device="meta")
     assert count_params(cfg) == sum(p.numel() for p in model.parameters())

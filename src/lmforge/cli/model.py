@@ -20,7 +20,7 @@ def add_model(sub) -> None:
     msub = p.add_subparsers(dest="model_cmd", required=True)
     info = msub.add_parser("info", help="parameters, FLOPs per token and weight sizes of a preset or config")
     info.add_argument(
-        "model", help="a preset name (tiny, gpt2-124m, llama-160m, 1b, 3b, 7b) or a YAML config"
+        "model", help="a preset name (tiny, 7b, mixtral-8x7b, ...; see docs/models.md) or a YAML config"
     )
     info.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layers=8")
     info.add_argument(
@@ -30,7 +30,7 @@ def add_model(sub) -> None:
 
 
 def run_model(args) -> int:
-    from lmforge.model.info import describe, model_config_from_arg
+    from lmforge.model.info import describe, expert_hidden, model_config_from_arg, shared_expert_hidden
 
     cfg = model_config_from_arg(args.model, args.overrides)
     info = describe(cfg, seq_len=args.seq)
@@ -49,7 +49,22 @@ def run_model(args) -> int:
         f"switches         position={cfg.position} norm={cfg.norm} bias={cfg.bias} tied={cfg.tie_embeddings}"
         + "".join(f" {f}" for f in family)
     )
+    if cfg.moe.enabled:
+        moe = cfg.moe
+        print(
+            f"experts          {moe.n_experts} routed, top-{moe.top_k}, hidden {expert_hidden(cfg)}"
+            + (f"; shared hidden {shared_expert_hidden(cfg)}" if shared_expert_hidden(cfg) else "")
+            + (f"; first {moe.first_dense_layers} layer(s) dense" if moe.first_dense_layers else "")
+        )
     print(f"parameters       {info['parameters']:,} ({human_count(info['parameters'])})")
+    if cfg.moe.enabled:
+        print(
+            f"active/token     {info['active_parameters']:,} ({human_count(info['active_parameters'])}, "
+            f"{100 * info['active_parameters'] / info['parameters']:.1f}% of the total)"
+        )
+        print(
+            f"routed experts   {info['expert_parameters']:,} ({100 * info['expert_share']:.1f}% of the total)"
+        )
     print(f"FLOPs per token  {info['flops_per_token']:.4g} (training, seq {info['seq_len']})")
     print(f"weights fp32     {info['bytes_fp32'] / 2**30:.2f} GiB")
     print(f"weights bf16     {info['bytes_bf16'] / 2**30:.2f} GiB")

@@ -6,6 +6,7 @@ against a model built on the ``meta`` device.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.config import (
@@ -22,46 +23,121 @@ from lmforge.config import (
 from lmforge.errors import ConfigError
 
 
-def count_params(cfg: ModelConfig) -> int:
-    """The parameter count of ``Transformer(cfg)``, by arithmetic (no tensors)."""
-    d, hd, L = cfg.d_model, cfg.head_dim, cfg.n_layers
+def _block_base_params(cfg: ModelConfig) -> int:
+    """One block without its feed-forward: attention (with its biases), q/k norms and the two norms."""
+    d, hd = cfg.d_model, cfg.head_dim
     attn = d * cfg.n_heads * hd * 2 + d * cfg.kv_heads * hd * 2
-    ffn = (3 if cfg.ffn == "swiglu" else 2) * d * cfg.hidden_dim
     norm = d if cfg.norm == "rmsnorm" else 2 * d
     bias = 0
     if cfg.bias:
-        bias = (
-            cfg.n_heads * hd
-            + 2 * cfg.kv_heads * hd
-            + d
-            + (2 if cfg.ffn == "swiglu" else 1) * cfg.hidden_dim
-            + d
-        )
-    if cfg.qkv_bias and not cfg.bias:
-        bias += (cfg.n_heads + 2 * cfg.kv_heads) * hd
+        bias = cfg.n_heads * hd + 2 * cfg.kv_heads * hd + d
+    elif cfg.qkv_bias:
+        bias = (cfg.n_heads + 2 * cfg.kv_heads) * hd
     qk_norm = 2 * hd if cfg.qk_norm else 0
-    per_layer = attn + ffn + 2 * norm + bias + qk_norm
+    return attn + 2 * norm + bias + qk_norm
+
+
+def _dense_ffn_params(cfg: ModelConfig) -> int:
+    """The dense feed-forward of ``model.hidden_dim`` (SwiGLU: three matrices; GELU: two), with its biases."""
+    d, F = cfg.d_model, cfg.hidden_dim
+    weights = (3 if cfg.ffn == "swiglu" else 2) * d * F
+    bias = (2 if cfg.ffn == "swiglu" else 1) * F + d if cfg.bias else 0
+    return weights + bias
+
+
+def expert_hidden(cfg: ModelConfig) -> int:
+    """Hidden size of one routed expert (``model.moe.expert_hidden``, else ``model.hidden_dim``)."""
+    return cfg.moe.expert_hidden if cfg.moe.expert_hidden is not None else cfg.hidden_dim
+
+
+def shared_expert_hidden(cfg: ModelConfig) -> int:
+    """Hidden size of the shared-expert SwiGLU (0: none): ``shared_expert_hidden``, else
+    ``n_shared_experts x expert_hidden``; no shared experts means no shared block."""
+    moe = cfg.moe
+    if moe.n_shared_experts == 0:
+        return 0
+    return (
+        moe.shared_expert_hidden
+        if moe.shared_expert_hidden is not None
+        else moe.n_shared_experts * expert_hidden(cfg)
+    )
+
+
+def moe_layers(cfg: ModelConfig) -> int:
+    """How many blocks have a Mixture-of-Experts feed-forward (the first ``first_dense_layers`` stay dense)."""
+    return cfg.n_layers - cfg.moe.first_dense_layers if cfg.moe.enabled else 0
+
+
+@dataclass(frozen=True)
+class MoEParams:
+    """The parameters of one MoE feed-forward: the routed experts (what expert parallelism divides) and
+    the rest that every token passes through (router, shared experts, shared gate). No biases (as Mixtral,
+    Qwen-MoE and DeepSeek)."""
+
+    one_expert: int  # one SwiGLU(d, expert_hidden): w_gate and w_up [d, h], w_down [h, d]
+    routed: int  # n_experts of them, stacked: w_gate, w_up [E, d, h], w_down [E, h, d]
+    router: int  # [E, d]
+    shared: int  # one SwiGLU(d, shared_expert_hidden), plus the [1, d] sigmoid gate when enabled
+
+
+def moe_params(cfg: ModelConfig) -> MoEParams:
+    d, moe = cfg.d_model, cfg.moe
+    one = 3 * d * expert_hidden(cfg)
+    shared_hidden = shared_expert_hidden(cfg)
+    shared = 3 * d * shared_hidden + (d if moe.shared_expert_gate and shared_hidden else 0)
+    return MoEParams(one_expert=one, routed=moe.n_experts * one, router=moe.n_experts * d, shared=shared)
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """The parameter count of ``Transformer(cfg)``, by arithmetic (no tensors); MoE blocks count every
+    routed expert (the total, not the active parameters: see ``count_active_params``)."""
+    d, L = cfg.d_model, cfg.n_layers
+    n_moe = moe_layers(cfg)
+    blocks = L * _block_base_params(cfg) + (L - n_moe) * _dense_ffn_params(cfg)
+    if n_moe:
+        moe = moe_params(cfg)
+        blocks += n_moe * (moe.routed + moe.router + moe.shared)
+    norm = d if cfg.norm == "rmsnorm" else 2 * d
     embeddings = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
     positions = cfg.max_seq_len * d if cfg.position == "learned" else 0
-    return L * per_layer + embeddings + positions + norm
+    return blocks + embeddings + positions + norm
+
+
+def count_expert_params(cfg: ModelConfig) -> int:
+    """The routed experts of every MoE block: the parameters expert parallelism spreads over ranks."""
+    return moe_layers(cfg) * moe_params(cfg).routed
+
+
+def count_active_params(cfg: ModelConfig) -> int:
+    """Parameters one token uses: everything but the routed experts, plus ``top_k`` routed experts per MoE
+    block (embeddings included, as Mixtral's "12.9B active" counts them). Equals ``count_params`` if dense."""
+    if not cfg.moe.enabled:
+        return count_params(cfg)
+    active_experts = moe_layers(cfg) * cfg.moe.top_k * moe_params(cfg).one_expert
+    return count_params(cfg) - count_expert_params(cfg) + active_experts
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """6N + 12 L d_attn T, with N the parameters that take part in matmuls (not the embedding lookups)."""
+    """6N + 12 L d_attn T, with N the parameters that take part in one token's matmuls: the active ones (a
+    token meets only ``top_k`` routed experts), without the embedding lookups."""
     lookup = cfg.vocab_size * cfg.d_model * (0 if cfg.tie_embeddings else 1)
     if cfg.position == "learned":
         lookup += cfg.max_seq_len * cfg.d_model
-    matmul_params = count_params(cfg) - lookup
+    matmul_params = count_active_params(cfg) - lookup
     return 6.0 * matmul_params + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
 
 def describe(cfg: ModelConfig, seq_len: int | None = None) -> dict:
-    """Parameters, training FLOPs per token and weight sizes of a model shape."""
+    """Parameters (total and active per token), training FLOPs per token and weight sizes of a shape."""
     seq_len = seq_len or cfg.max_seq_len
     n = count_params(cfg)
+    experts = count_expert_params(cfg)
     return {
         "preset": cfg.preset,
         "parameters": n,
+        "active_parameters": count_active_params(cfg),
+        "expert_parameters": experts,  # the routed experts (0 for a dense model)
+        "expert_share": experts / n,
         "seq_len": seq_len,
         "flops_per_token": model_flops_per_token(cfg, seq_len),
         "bytes_fp32": 4 * n,
