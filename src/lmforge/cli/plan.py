@@ -22,6 +22,11 @@ def add_plan(sub) -> None:
     p.add_argument("--tokens", default=None, help="tokens to train on (default: ~20 per parameter)")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--tp", default="", help="tensor-parallel degrees to compare, e.g. 2,4,8")
+    p.add_argument(
+        "--ep",
+        default="",
+        help="expert-parallel degrees to compare for a MoE model, e.g. 8,64 (default: every valid one)",
+    )
     p.add_argument("--price-per-gpu-hour", type=float, default=None, help="price of one GPU-hour")
     p.add_argument(
         "--region",
@@ -57,13 +62,13 @@ def _count(flag: str, text: str | None) -> int | None:
         raise ConfigError(f"{flag}={text!r} is not a number (examples: 4M, 1T, 2e12)") from None
 
 
-def _tp_degrees(text: str) -> tuple[int, ...]:
+def _degrees(flag: str, text: str) -> tuple[int, ...]:
     from lmforge.errors import ConfigError
 
     try:
         return tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
-        raise ConfigError(f"--tp={text!r} must be a comma-separated list of integers, e.g. 2,4") from None
+        raise ConfigError(f"{flag}={text!r} must be a comma-separated list of integers, e.g. 2,4") from None
 
 
 def run_plan(args) -> int:
@@ -74,7 +79,8 @@ def run_plan(args) -> int:
     from lmforge.plan.planner import Cluster, Workload, plan_cluster
     from lmforge.plan.report import render_probe, render_report
 
-    tp_degrees = _tp_degrees(args.tp)
+    tp_degrees = _degrees("--tp", args.tp)
+    ep_degrees = _degrees("--ep", args.ep) or None  # None: every degree the model allows
     cfg = model_config_from_arg(args.model, args.overrides)
     cluster = Cluster(
         hardware=resolve_hardware(args.gpu, args.hardware_file),
@@ -95,7 +101,7 @@ def run_plan(args) -> int:
         total_tokens=_count("--tokens", args.tokens),
         precision=args.precision,
     )
-    report = plan_cluster(cfg, cluster, workload, tp_degrees=tp_degrees)
+    report = plan_cluster(cfg, cluster, workload, tp_degrees=tp_degrees, ep_degrees=ep_degrees)
     probe = corrected = None
     if args.probe:  # a few real steps on this machine correct the plan's assumptions
         from lmforge.plan.probe import probe_report

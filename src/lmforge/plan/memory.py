@@ -16,11 +16,20 @@ The peak is the largest of three moments of a step:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 from lmforge.config import ModelConfig
-from lmforge.model.info import count_params
+from lmforge.model.info import (
+    count_active_params,
+    count_expert_params,
+    count_params,
+    expert_hidden,
+    moe_layers,
+    moe_params,
+    shared_expert_hidden,
+)
 
 Strategy = Literal["single", "ddp", "fsdp"]
 
@@ -32,6 +41,7 @@ class Layout:
     strategy: Strategy = "single"
     world_size: int = 1  # processes (one per GPU)
     tp: int = 1  # tensor-parallel degree (inside the FSDP layout)
+    ep: int = 1  # expert-parallel degree: each rank of an EP group holds n_experts / ep routed experts
     micro_batch: int = 1
     seq_len: int = 2048
     grad_accum: int = 1
@@ -51,6 +61,13 @@ class Layout:
         return self.world_size if self.strategy == "fsdp" else 1
 
     @property
+    def expert_shards(self) -> int:
+        """How many ways the routed experts' training state is split. Expert parallelism gives each rank
+        ``n_experts / ep`` experts; under FSDP the ``dp / ep`` ranks that hold the same experts shard them
+        further (torchtitan's layout), so the experts end up split over every process like the rest."""
+        return self.world_size if self.strategy == "fsdp" else self.tp * self.ep
+
+    @property
     def tokens_per_micro_batch(self) -> int:
         return self.micro_batch * self.seq_len
 
@@ -58,10 +75,26 @@ class Layout:
 @dataclass(frozen=True)
 class ParamCounts:
     total: int
-    per_block: int  # one Transformer block
+    per_block: int  # one Transformer block (the average block when some are MoE and some dense)
     embedding: int  # token (and learned position) embeddings
     head: int  # the output projection when not tied to the embedding (else 0) plus the final norm
     largest: int  # the largest single tensor (the optimizer's per-tensor temporaries)
+    experts: int = 0  # the routed experts of every MoE block (what expert parallelism divides)
+    active: int = 0  # parameters one token uses (= total for a dense model)
+    dense_block: int = 0  # one block with the dense feed-forward (0 when every block is MoE)
+    moe_block_shared: int = 0  # one MoE block without its routed experts: attention, router, shared experts
+    moe_block_experts: int = 0  # the routed experts of one MoE block
+
+    def per_rank(self, layout: Layout) -> float:
+        """Parameters whose training state one process holds: the dense part split by FSDP (or TP), the
+        routed experts by ``Layout.expert_shards``."""
+        shard = layout.shards if layout.strategy == "fsdp" else layout.tp
+        return (self.total - self.experts) / shard + self.experts / layout.expert_shards
+
+    def gathered_block(self, ep: int) -> int:
+        """The largest block one process gathers under FSDP: its dense part and its ``1/ep`` of the experts."""
+        moe = self.moe_block_shared + self.moe_block_experts // ep if self.moe_block_experts else 0
+        return max(self.dense_block, moe) if self.experts else self.per_block
 
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:
@@ -73,7 +106,27 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     head = (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model) + norm
     per_block = (total - embedding - head) // cfg.n_layers
     largest = max(cfg.vocab_size * cfg.d_model, cfg.d_model * cfg.hidden_dim, cfg.d_model * cfg.d_model)
-    return ParamCounts(total=total, per_block=per_block, embedding=embedding, head=head, largest=largest)
+    n_moe = moe_layers(cfg)
+    if not n_moe:
+        return ParamCounts(
+            total=total, per_block=per_block, embedding=embedding, head=head, largest=largest, active=total
+        )
+    moe = moe_params(cfg)
+    dense = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, n_experts=0))
+    dense_block = (count_params(dense) - embedding - head) // cfg.n_layers
+    moe_block = (total - embedding - head - (cfg.n_layers - n_moe) * dense_block) // n_moe
+    return ParamCounts(
+        total=total,
+        per_block=per_block,
+        embedding=embedding,
+        head=head,
+        largest=max(largest, moe.routed // 3),  # the stacked w_gate [E, d, h]
+        experts=count_expert_params(cfg),
+        active=count_active_params(cfg),
+        dense_block=dense_block if n_moe < cfg.n_layers else 0,
+        moe_block_shared=moe_block - moe.routed,
+        moe_block_experts=moe.routed,
+    )
 
 
 @dataclass(frozen=True)
@@ -139,6 +192,18 @@ def activation_bytes(cfg: ModelConfig, layout: Layout) -> Activations:
         residual = half
     dropout = 2 * C if cfg.dropout > 0 else 0  # one bool mask per residual dropout
     layer_per_token = norm_attn + attn + norm_mlp + mlp + rope + dropout
+    backward_per_token = (3 * F + 2 * C) * (4 if fp32 else half) + C * residual
+    n_moe = moe_layers(cfg)
+    stored_per_token = layer_per_token  # averaged over the blocks when MoE and dense blocks mix
+    if n_moe:
+        moe_norm, moe_mlp, moe_backward = _moe_bytes_per_token(
+            cfg, layout, norm_mlp, 4 if fp32 else half, autocast
+        )
+        moe_layer = norm_attn + attn + moe_norm + moe_mlp + rope + dropout
+        n_dense = cfg.n_layers - n_moe
+        stored_per_token = (n_dense * layer_per_token + n_moe * moe_layer) / cfg.n_layers
+        layer_per_token = max(layer_per_token if n_dense else 0, moe_layer)
+        backward_per_token = max(backward_per_token if n_dense else 0, moe_backward + C * residual)
 
     act = 4 if fp32 else half
     # Outside the blocks: token ids (int64), fp32 RoPE tables, the final norm, the fp32 log-softmax output.
@@ -153,14 +218,15 @@ def activation_bytes(cfg: ModelConfig, layout: Layout) -> Activations:
     # Logits stay referenced by the loop; the loss backward makes the fp32 gradient of the log-probabilities
     # and of the logits before casting back: logits + 2 fp32 vocabulary-wide buffers at once.
     head_per_token = act * V + 2 * 4 * V
-    backward_per_token = (3 * F + 2 * C) * act + C * residual
 
     tp = layout.tp
     per_layer = tokens * layer_per_token // tp
-    stored = tokens * C * residual // tp if layout.activation_checkpointing else per_layer
+    stored = int(tokens * stored_per_token) // tp
+    if layout.activation_checkpointing:
+        stored = tokens * C * residual // tp
     weight_copies = 0
     if autocast:  # autocast's half-precision copies of the weights stay saved until each layer's backward
-        weight_copies = 2 * param_counts(cfg).per_block // tp
+        weight_copies = 2 * param_counts(cfg).gathered_block(layout.ep) // tp
     return Activations(
         per_layer=per_layer + weight_copies,
         per_layer_stored=stored + (0 if layout.activation_checkpointing else weight_copies),
@@ -169,6 +235,34 @@ def activation_bytes(cfg: ModelConfig, layout: Layout) -> Activations:
         head_transient=tokens * head_per_token // tp,
         backward_transient=tokens * backward_per_token // tp,
     )
+
+
+def _moe_bytes_per_token(
+    cfg: ModelConfig, layout: Layout, norm_mlp: int, mm: int, autocast: bool
+) -> tuple[int, int, int]:
+    """Bytes per token of one MoE feed-forward: (its norm, what it saves for backward, its backward buffers).
+
+    Not yet checked against a measured peak (no MoE layer was on main when this was written). Counted as
+    a dropless, balanced token-choice layer: the router's fp32 probabilities and its top-k indices and
+    weights; per chosen expert the token's gathered input, SwiGLU's gate, up, activation and product, and
+    the expert's output (kept for the weighted combine); the shared SwiGLU and its gate. A capacity factor
+    pads each expert's buffer to ``capacity_factor x`` its fair share. Expert parallelism moves tokens but
+    not how many each rank holds on average; its all-to-all send/receive buffers count as backward buffers.
+    """
+    C, moe = cfg.d_model, cfg.moe
+    h_e, h_s = expert_hidden(cfg), shared_expert_hidden(cfg)
+    routed = moe.top_k * (moe.capacity_factor or 1.0)
+    norm = norm_mlp
+    if autocast:  # the norm output is cast once for the router and once per shared projection, not twice
+        norm += (1 + (2 if h_s else 0) - (2 if cfg.ffn == "swiglu" else 1)) * C * mm
+    saved = moe.n_experts * 4 + moe.top_k * (8 + 4)  # router probabilities; top-k indices and weights
+    saved += routed * (2 * C + 4 * h_e) * mm
+    if h_s:
+        saved += 4 * h_s * mm + ((C * mm + 4) if moe.shared_expert_gate else 0)
+    backward = (routed * (3 * h_e + 2 * C) + (3 * h_s + 2 * C if h_s else 0)) * mm
+    if layout.ep > 1:
+        backward += 2 * moe.top_k * C * mm  # all-to-all send and receive buffers of the routed gradients
+    return int(norm), int(saved), int(backward)
 
 
 @dataclass(frozen=True)
@@ -227,7 +321,7 @@ def memory_breakdown(
     shard = layout.shards  # FSDP splits the state over every process (TP included), DDP/single not at all
     if layout.strategy != "fsdp":
         shard = tp  # TP alone still splits the matmul weights
-    state_params = params.total / shard
+    state_params = params.per_rank(layout)
     weights, gradients, optimizer = 4 * state_params, 4 * state_params, 8 * state_params
     host = 0
     if layout.cpu_offload:
@@ -236,6 +330,8 @@ def memory_breakdown(
 
     # Gradients appear layer by layer during backward: the head's first, then each block's.
     block_grad = 4 * params.per_block / shard
+    if params.experts:  # the average block's share on this process (MoE and dense blocks mixed)
+        block_grad = 4 * (state_params - (params.embedding + params.head) / shard) / L
     head_grad = 4 * (params.head + (params.embedding if cfg.tie_embeddings else 0)) / shard
     if layout.cpu_offload:
         block_grad = head_grad = 0
@@ -248,7 +344,8 @@ def memory_breakdown(
         # The root (embeddings, final norm, head) stays gathered; two blocks are gathered at a time (the
         # current one and the prefetched next), plus an unsharded gradient and its fp32 reduce-scatter input.
         root = (params.embedding + params.head) / tp
-        comm = root * compute_bytes + params.per_block / tp * (3 * compute_bytes + compute_bytes + 4)
+        block = params.gathered_block(layout.ep) / tp  # with EP a process gathers only its own experts
+        comm = root * compute_bytes + block * (3 * compute_bytes + compute_bytes + 4)
     elif layout.strategy == "ddp" and layout.world_size > 1:
         comm = gradients  # DDP's gradient buckets: a second copy of the gradients
     if layout.device_kind == "cuda":

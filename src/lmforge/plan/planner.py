@@ -23,7 +23,13 @@ from typing import Literal
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
-from lmforge.model.info import count_params, model_flops_per_token
+from lmforge.model.info import (
+    count_active_params,
+    count_params,
+    model_flops_per_token,
+    moe_layers,
+    moe_params,
+)
 from lmforge.plan.energy import EnergyEstimate, EnergySettings, run_energy
 from lmforge.plan.hardware import GIB, INTERCONNECTS, Hardware, Interconnect
 from lmforge.plan.memory import Layout, MemoryBreakdown, memory_breakdown, param_counts
@@ -81,6 +87,7 @@ class Timing:
     tokens_per_s: float
     tokens_per_s_per_gpu: float
     mfu: float
+    all_to_all_s: float = 0.0  # MoE dispatch and combine under expert parallelism (in communication_s)
 
     @property
     def utilisation(self) -> float:
@@ -120,6 +127,7 @@ class Candidate:
             "name": self.name,
             "strategy": self.layout.strategy,
             "tp": self.layout.tp,
+            "ep": self.layout.ep,
             "activation_checkpointing": self.layout.activation_checkpointing,
             "cpu_offload": self.layout.cpu_offload,
             "micro_batch": self.layout.micro_batch,
@@ -206,11 +214,17 @@ class Report:
             )
         return text + "; use more GPUs, a shorter sequence or a larger device"
 
+    @property
+    def active_parameters(self) -> int:
+        """Parameters one token uses (the total for a dense model; what FLOPs and MFU count)."""
+        return count_active_params(self.model)
+
     def to_dict(self) -> dict:
         chosen = self.chosen.to_dict() if self.chosen else None
         return {
             "model": self.model.preset,
             "parameters": self.parameters,
+            "active_parameters": self.active_parameters,
             "flops_per_token": self.flops_per_token,
             "hardware": dataclasses.asdict(self.cluster.hardware),
             "gpus": self.cluster.gpus,
@@ -252,6 +266,47 @@ def _ring_seconds(nbytes: float, ranks: int, bandwidth_gbs: float, latency_us: f
     return factor * (ranks - 1) / ranks * nbytes / (bandwidth_gbs * 1e9 * LINK_EFFICIENCY) + latency_us * 1e-6
 
 
+def all_to_all_bytes(tokens: float, top_k: int, d_model: int, dtype_bytes: int, ep: int) -> float:
+    """Bytes one process sends in one MoE all-to-all (the dispatch, or the combine): each of its tokens goes
+    to ``top_k`` experts, and with balanced routing a copy leaves for another rank of the EP group with
+    probability ``(ep - 1) / ep``."""
+    return tokens * top_k * d_model * dtype_bytes * (ep - 1) / ep
+
+
+def all_to_all_seconds(nbytes: float, ep: int, local: int, cluster: Cluster) -> float:
+    """One all-to-all of ``nbytes`` per process over an EP group with ``local`` of its ``ep`` ranks in each
+    node: the share for the node's own ranks crosses NVLink, the rest the interconnect, at the same time."""
+    if ep <= 1:
+        return 0.0
+    hw = cluster.hardware
+    local = max(1, min(local, ep))
+    if local == ep:
+        return nbytes / (hw.link_gbs * 1e9 * LINK_EFFICIENCY) + 10e-6
+    between = min(hw.link_gbs, cluster.interconnect.gbs_per_gpu)
+    inside = nbytes * (local - 1) / (ep - 1) / (hw.link_gbs * 1e9 * LINK_EFFICIENCY)
+    across = nbytes * (ep - local) / (ep - 1) / (between * 1e9 * LINK_EFFICIENCY)
+    return max(inside, across) + cluster.interconnect.latency_us * 1e-6
+
+
+def _compute_seconds(cfg: ModelConfig, layout: Layout, hw: Hardware, hardware_flops: float) -> float:
+    """Matmul time of one micro-batch on one process. Small GEMMs under-fill the device: efficiency falls
+    as rows / (rows + 256); a routed expert's GEMM has ``tokens x top_k x ep / n_experts`` rows (balanced
+    routing), so its FLOPs run at their own efficiency."""
+    rows = layout.tokens_per_micro_batch / layout.tp
+    efficiency = hw.compute_efficiency * rows / (rows + 256)
+    n_moe = moe_layers(cfg)
+    if not n_moe:
+        return hardware_flops * rows / (hw.peak_flops * efficiency)
+    moe = cfg.moe
+    expert_flops = 6.0 * n_moe * moe.top_k * moe_params(cfg).one_expert
+    if layout.activation_checkpointing:
+        expert_flops *= 4 / 3  # the recomputed forward
+    expert_rows = layout.tokens_per_micro_batch * moe.top_k * layout.ep / moe.n_experts
+    expert_efficiency = hw.compute_efficiency * expert_rows / (expert_rows + 256)
+    padded = expert_flops * (moe.capacity_factor or 1.0)  # a capacity factor pads every expert's buffer
+    return rows * ((hardware_flops - expert_flops) / efficiency + padded / expert_efficiency) / hw.peak_flops
+
+
 def step_timing(
     cfg: ModelConfig, layout: Layout, cluster: Cluster, corrections: Corrections | None = None
 ) -> Timing:
@@ -260,11 +315,12 @@ def step_timing(
     hw = cluster.hardware
     params = param_counts(cfg)
     flops_per_token = model_flops_per_token(cfg, layout.seq_len)
-    block_forward = (2 * params.per_block + 4 * cfg.d_model * layout.seq_len) * cfg.n_layers
+    block = params.per_block
+    if params.experts:  # a token meets only the active part of each block
+        block = (params.active - params.embedding - params.head) / cfg.n_layers
+    block_forward = (2 * block + 4 * cfg.d_model * layout.seq_len) * cfg.n_layers
     hardware_flops = flops_per_token + (block_forward if layout.activation_checkpointing else 0)
-    rows = layout.tokens_per_micro_batch / layout.tp
-    efficiency = hw.compute_efficiency * rows / (rows + 256)  # small micro-batches under-fill the device
-    compute = hardware_flops * rows / (hw.peak_flops * efficiency)
+    compute = _compute_seconds(cfg, layout, hw, hardware_flops)
     no_ckpt = dataclasses.replace(layout, activation_checkpointing=False)
     memory_bound = (
         3 * memory_breakdown(cfg, no_ckpt).activations_per_micro_batch / (hw.memory_bandwidth_gbs * 1e9)
@@ -275,25 +331,42 @@ def step_timing(
     bandwidth = hw.link_gbs if one_node else min(hw.link_gbs, cluster.interconnect.gbs_per_gpu)
     latency = 10.0 if one_node else cluster.interconnect.latency_us
     compute_bytes = 4 if layout.precision == "fp32" else 2
-    dp, shard_params = layout.dp, params.total / layout.tp
+    dp, shard_params = layout.dp, (params.total - params.experts) / layout.tp
+    # The routed experts are gathered / reduced only among the dp / ep ranks that hold the same ones.
+    expert_params, expert_dp = params.experts / (layout.tp * layout.ep), dp // layout.ep
     exposed = 0.0
     step_comm = 0.0
     if layout.strategy == "fsdp":
         # Per micro-batch: all-gather in forward and again in backward, reduce-scatter of fp32 gradients.
-        collectives = 3 * (cfg.n_layers + 1)
+        collectives = 3 * (cfg.n_layers + 1) + (3 * moe_layers(cfg) if layout.ep > 1 else 0)
         gather = _ring_seconds(shard_params * compute_bytes, dp, bandwidth, 0.0, 1.0)
+        gather += _ring_seconds(expert_params * compute_bytes, expert_dp, bandwidth, 0.0, 1.0)
         scatter = _ring_seconds(shard_params * 4, dp, bandwidth, 0.0, 1.0)
+        scatter += _ring_seconds(expert_params * 4, expert_dp, bandwidth, 0.0, 1.0)
         comm = 2 * gather + scatter + collectives * latency * 1e-6 * (dp > 1)
         exposed = max(0.0, comm - local) + comm / (cfg.n_layers + 1)  # the first gather is never hidden
     elif layout.strategy == "ddp":
         allreduce = _ring_seconds(shard_params * 4, dp, bandwidth, latency, 2.0)
+        if params.experts:
+            allreduce += _ring_seconds(expert_params * 4, expert_dp, bandwidth, latency, 2.0)
         step_comm = max(0.0, allreduce - 2 / 3 * local) + _ring_seconds(25e6, dp, bandwidth, latency, 2.0)
     if layout.tp > 1:  # sequence-parallel all-gathers / reduce-scatters of activations inside each block
         per_layer = 8 + (4 if layout.activation_checkpointing else 0)
         nbytes = layout.tokens_per_micro_batch * cfg.d_model * compute_bytes
         exposed += per_layer * cfg.n_layers * _ring_seconds(nbytes, layout.tp, hw.link_gbs, 10.0, 1.0)
+    all_to_all = 0.0
+    if layout.ep > 1:
+        # Dispatch and combine in forward, both again in backward (and the recomputed forward under AC), in
+        # every MoE block, on the critical path: nothing here overlaps them with compute.
+        per_layer = 4 + (2 if layout.activation_checkpointing else 0)
+        nbytes = all_to_all_bytes(
+            layout.tokens_per_micro_batch / layout.tp, cfg.moe.top_k, cfg.d_model, compute_bytes, layout.ep
+        )
+        ep_per_node = max(1, cluster.gpus_per_node // layout.tp)  # EP ranks stride TP ranks (TP in a node)
+        all_to_all = per_layer * moe_layers(cfg) * all_to_all_seconds(nbytes, layout.ep, ep_per_node, cluster)
+        exposed += all_to_all
 
-    state_per_gpu = params.total / (layout.shards if layout.strategy == "fsdp" else layout.tp)
+    state_per_gpu = params.per_rank(layout)
     offload = 0.0
     if layout.cpu_offload:
         # fp32 shards copied up for both all-gathers, fp32 gradients copied down; AdamW on the node's CPUs.
@@ -315,6 +388,7 @@ def step_timing(
         tokens_per_s=tokens / step,
         tokens_per_s_per_gpu=per_gpu,
         mfu=flops_per_token * per_gpu / hw.peak_flops,
+        all_to_all_s=layout.grad_accum * all_to_all,
     )
 
 
@@ -366,10 +440,25 @@ def exact_split(per_rank_sequences: int, micro_batch_limit: int) -> tuple[int, i
 # -- candidates --------------------------------------------------------------------------------------------
 
 
+def expert_parallel_degrees(cfg: ModelConfig, gpus: int) -> tuple[int, ...]:
+    """The expert-parallel degrees a model allows on ``gpus``: divisors of both ``gpus`` and
+    ``model.moe.n_experts`` (only 1 for a dense model)."""
+    if not cfg.moe.enabled:
+        return (1,)
+    return tuple(ep for ep in range(1, gpus + 1) if gpus % ep == 0 and cfg.moe.n_experts % ep == 0)
+
+
 def candidate_layouts(
-    world_size: int, tp_degrees: tuple[int, ...] = (), *, offload: bool = True
+    world_size: int,
+    tp_degrees: tuple[int, ...] = (),
+    *,
+    offload: bool = True,
+    ep_degrees: tuple[int, ...] = (1,),
 ) -> list[tuple[str, dict]]:
-    """The layouts ``lmforge plan`` compares, in the order of preference when they are equally fast."""
+    """The layouts ``lmforge plan`` compares, in the order of preference when they are equally fast.
+
+    Each expert-parallel degree > 1 adds DDP and FSDP, with and without checkpointing (not CPU offload), and
+    joins each tensor-parallel degree whose data-parallel ranks it divides."""
     base = "single" if world_size == 1 else "ddp"
     label = "single GPU" if world_size == 1 else "DDP"
     out = [
@@ -384,10 +473,21 @@ def candidate_layouts(
         out = [o for o in out if not (o[0].startswith("FSDP") and not o[1].get("cpu_offload"))]
     if not offload:
         out = [o for o in out if not o[1].get("cpu_offload")]
+    if 1 not in ep_degrees:
+        out = []
+    for ep in (ep for ep in ep_degrees if ep > 1 and world_size % ep == 0):
+        for name, strategy in ((label, base), ("FSDP", "fsdp")):
+            out.append((f"{name} + EP{ep}", dict(strategy=strategy, ep=ep)))
+            out.append(
+                (f"{name} + EP{ep} + AC", dict(strategy=strategy, ep=ep, activation_checkpointing=True))
+            )
     for tp in tp_degrees:
-        if tp > 1:
-            out.append((f"FSDP + TP{tp}", dict(strategy="fsdp", tp=tp)))
-            out.append((f"FSDP + TP{tp} + AC", dict(strategy="fsdp", tp=tp, activation_checkpointing=True)))
+        if tp <= 1:
+            continue
+        for ep in (ep for ep in ep_degrees if (world_size // tp) % ep == 0):
+            name = f"FSDP + TP{tp}" + (f" + EP{ep}" if ep > 1 else "")
+            out.append((name, dict(strategy="fsdp", tp=tp, ep=ep)))
+            out.append((f"{name} + AC", dict(strategy="fsdp", tp=tp, ep=ep, activation_checkpointing=True)))
     return out
 
 
@@ -418,7 +518,13 @@ def evaluate(
     return Candidate(name, chosen, memory, capacity, corrections.memory_scale, timing)
 
 
-def check_inputs(cfg: ModelConfig, cluster: Cluster, workload: Workload, tp_degrees: tuple[int, ...]) -> None:
+def check_inputs(
+    cfg: ModelConfig,
+    cluster: Cluster,
+    workload: Workload,
+    tp_degrees: tuple[int, ...],
+    ep_degrees: tuple[int, ...] = (1,),
+) -> None:
     problems = []
     if cluster.gpus < 1:
         problems.append(f"--gpus={cluster.gpus} must be >= 1")
@@ -447,6 +553,17 @@ def check_inputs(cfg: ModelConfig, cluster: Cluster, workload: Workload, tp_degr
             problems.append(
                 f"--tp {tp} must divide the model's heads (n_heads={cfg.n_heads}, n_kv_heads={cfg.kv_heads})"
             )
+    for ep in ep_degrees:
+        if ep < 1 or cluster.gpus % ep:
+            problems.append(f"--ep {ep} must be >= 1 and divide --gpus={cluster.gpus}")
+        if ep > 1 and not cfg.moe.enabled:
+            problems.append(f"--ep {ep} needs a Mixture-of-Experts model (model.moe.n_experts is 0)")
+        elif ep >= 1 and cfg.moe.enabled and cfg.moe.n_experts % ep:
+            problems.append(
+                f"--ep {ep} must divide model.moe.n_experts={cfg.moe.n_experts} (every rank of an "
+                f"expert-parallel group holds the same number of experts); valid here: "
+                f"{', '.join(map(str, expert_parallel_degrees(cfg, cluster.gpus)))}"
+            )
     if problems:
         raise ConfigError("cannot plan:\n  " + "\n  ".join(problems))
 
@@ -457,17 +574,21 @@ def plan_cluster(
     workload: Workload,
     *,
     tp_degrees: tuple[int, ...] = (),
+    ep_degrees: tuple[int, ...] | None = None,
     corrections: Corrections | None = None,
 ) -> Report:
-    """Compare the candidate layouts for training ``cfg`` on ``cluster`` and choose the fastest that fits."""
-    check_inputs(cfg, cluster, workload, tp_degrees)
+    """Compare the candidate layouts for training ``cfg`` on ``cluster`` and choose the fastest that fits.
+    ``ep_degrees=None`` compares every expert-parallel degree the model allows (just 1 when dense)."""
+    if ep_degrees is None:
+        ep_degrees = expert_parallel_degrees(cfg, cluster.gpus)
+    check_inputs(cfg, cluster, workload, tp_degrees, ep_degrees)
     corrections = corrections or Corrections()
     notes = []
     requested_sequences = max(1, round(workload.global_batch_tokens / workload.seq_len))
     candidates = []
     sequences_per_step = requested_sequences
     offload = cluster.hardware.kind == "cuda"  # a CPU has nowhere to offload to
-    for name, switches in candidate_layouts(cluster.gpus, tp_degrees, offload=offload):
+    for name, switches in candidate_layouts(cluster.gpus, tp_degrees, offload=offload, ep_degrees=ep_degrees):
         layout = Layout(
             world_size=cluster.gpus,
             seq_len=workload.seq_len,
@@ -494,6 +615,13 @@ def plan_cluster(
             )
     params = count_params(cfg)
     chinchilla = CHINCHILLA_TOKENS_PER_PARAM * params
+    if cfg.moe.enabled:
+        # No agreed compute-optimal rule for sparse models: 20 tokens per *active* parameter as a floor.
+        chinchilla = CHINCHILLA_TOKENS_PER_PARAM * count_active_params(cfg)
+        notes.append(
+            f"expert-parallel degrees compared: {', '.join(map(str, ep_degrees))}; routing assumed balanced, "
+            f"all-to-all not overlapped with compute"
+        )
     if workload.total_tokens is None:
         notes.append(f"--tokens not given: planning the compute-optimal {chinchilla:,} tokens")
     if cluster.hardware.power_watts <= 0:

@@ -243,8 +243,14 @@ def probe_report(
         steps=steps,
     )
     tp_degrees = tuple(sorted({c.layout.tp for c in report.candidates if c.layout.tp > 1}))
+    ep_degrees = tuple(sorted({c.layout.ep for c in report.candidates}))
     corrected = plan_cluster(
-        report.model, report.cluster, report.workload, tp_degrees=tp_degrees, corrections=result.corrections()
+        report.model,
+        report.cluster,
+        report.workload,
+        tp_degrees=tp_degrees,
+        ep_degrees=ep_degrees,
+        corrections=result.corrections(),
     )
     if local.name != report.cluster.hardware.name:
         corrected.notes.append(

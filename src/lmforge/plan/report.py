@@ -41,8 +41,14 @@ def _tokens(n: float) -> str:
 def render_report(report: Report) -> str:
     """A readable table: one row per layout (GiB per GPU), then the chosen plan."""
     hw, cluster, wl = report.cluster.hardware, report.cluster, report.workload
+    moe = report.model.moe
+    active = (
+        f" ({report.active_parameters:,} active per token: {moe.n_experts} experts, top-{moe.top_k})"
+        if moe.enabled
+        else ""
+    )
     lines = [
-        f"model     {report.model.preset or 'custom'}: {report.parameters:,} parameters, "
+        f"model     {report.model.preset or 'custom'}: {report.parameters:,} parameters{active}, "
         f"{report.flops_per_token:.3g} training FLOPs/token at seq {wl.seq_len}",
         f"cluster   {cluster.gpus} x {hw.name} ({hw.memory_gib:.1f} GiB, {hw.peak_tflops:g} TFLOP/s bf16)"
         + ("" if cluster.gpus == 1 else f" in {cluster.nodes} node(s) of {cluster.gpus_per_node}, ")
@@ -76,16 +82,22 @@ def render_report(report: Report) -> str:
         lines.append(f"no plan: {report.shortfall()}")
     else:
         t, lay = chosen.timing, chosen.layout
+        expert_parallel = ""
+        if moe.enabled:
+            expert_parallel = (
+                f", expert-parallel {lay.ep} ({moe.n_experts // lay.ep} of {moe.n_experts} experts per GPU)"
+            )
         lines += [
             f"plan      {chosen.name}: micro-batch {lay.micro_batch} x {lay.grad_accum} accumulation x "
             f"{lay.dp} data-parallel = {report.sequences_per_step * wl.seq_len:,} tokens/step, "
-            f"activation checkpointing {'on' if lay.activation_checkpointing else 'off'}",
+            f"activation checkpointing {'on' if lay.activation_checkpointing else 'off'}{expert_parallel}",
             f"memory    {_gib(chosen.predicted_bytes)} of {_gib(chosen.capacity_bytes)} GiB per GPU "
             f"(peak during {chosen.memory.peak_phase})"
             + (f"; {_gib(chosen.memory.host_bytes)} GiB per GPU on the CPU" if lay.cpu_offload else ""),
             f"step      {t.step_s:.3g} s = compute {t.compute_s:.3g} + memory-bound {t.memory_bound_s:.3g} + "
-            f"exposed communication {t.communication_s:.3g} + offload {t.offload_s:.3g} + optimizer "
-            f"{t.optimizer_s:.3g}",
+            f"exposed communication {t.communication_s:.3g}"
+            + (f" (all-to-all {t.all_to_all_s:.3g})" if lay.ep > 1 else "")
+            + f" + offload {t.offload_s:.3g} + optimizer {t.optimizer_s:.3g}",
             f"speed     {t.tokens_per_s:,.0f} tokens/s ({t.tokens_per_s_per_gpu:,.0f} per GPU), "
             f"MFU {100 * t.mfu:.1f}%",
             f"run       {_tokens(report.total_tokens)} tokens = {report.steps:,} steps: "
@@ -98,9 +110,9 @@ def render_report(report: Report) -> str:
             ),
         ]
         lines += _energy_lines(report)
+    counted = f"{_tokens(report.active_parameters)} active" if moe.enabled else _tokens(report.parameters)
     lines.append(
-        f"compute-optimal tokens for {_tokens(report.parameters)} parameters: "
-        f"{_tokens(report.chinchilla_tokens)} "
+        f"compute-optimal tokens for {counted} parameters: {_tokens(report.chinchilla_tokens)} "
         f"(~20 per parameter, Hoffmann et al. 2022)"
     )
     lines += [f"note      {n}" for n in report.notes]

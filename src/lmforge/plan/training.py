@@ -33,6 +33,7 @@ class Plan:
     precision: Literal["fp32", "bf16", "fp16"]
     world_size: int = 1
     seq_len: int = 0
+    ep: int = 1  # expert-parallel degree (``parallel.ep``; 1 for a dense model)
     predicted_peak_bytes: int
     predicted_step_seconds: float
     predicted_utilisation: float = 1.0  # busy fraction of the step: the power draw an energy estimate uses
@@ -44,6 +45,8 @@ class Plan:
 
     def describe(self) -> str:
         switches = [f"AC={'on' if self.activation_checkpointing else 'off'}"]
+        if self.ep > 1:
+            switches.append(f"EP={self.ep}")
         if self.cpu_offload:
             switches.append("CPU offload")
         return (
@@ -63,6 +66,28 @@ def _training_hardware(device_kind: str, device_memory_bytes: int | None) -> Har
     return cpu_hardware(1, device_memory_bytes if device_memory_bytes is not None else 2**60)
 
 
+def expert_parallel_problems(cfg: Config, world_size: int) -> list[str]:
+    """What is wrong with ``parallel.ep`` for this model and process count (empty when it is usable)."""
+    ep, moe = cfg.parallel.ep, cfg.model.moe
+    if ep == 1:
+        return []
+    problems = []
+    if not moe.enabled:
+        problems.append(f"parallel.ep={ep} needs a Mixture-of-Experts model (model.moe.n_experts is 0)")
+    elif moe.n_experts % ep:
+        valid = [e for e in range(1, moe.n_experts + 1) if moe.n_experts % e == 0 and world_size % e == 0]
+        problems.append(
+            f"parallel.ep={ep} must divide model.moe.n_experts={moe.n_experts} (each rank holds "
+            f"n_experts / ep experts); valid with {world_size} processes: {', '.join(map(str, valid))}"
+        )
+    if (world_size // cfg.parallel.tp) % ep:
+        problems.append(
+            f"parallel.ep={ep} must divide the data-parallel processes ({world_size} processes / "
+            f"parallel.tp={cfg.parallel.tp})"
+        )
+    return problems
+
+
 def plan_training(
     cfg: Config,
     *,
@@ -77,9 +102,13 @@ def plan_training(
     micro-batch fit one device, else FSDP (then with CPU offload if nothing else fits). The micro-batch is
     at most ``train.micro_batch``; when it must shrink, gradient accumulation grows so that the tokens per
     step stay those the config asks for. Activation checkpointing is kept if configured and switched on
-    when the layout does not fit without it. ``device_memory_bytes=None`` means no memory limit.
+    when the layout does not fit without it. ``device_memory_bytes=None`` means no memory limit. The
+    expert-parallel degree is ``parallel.ep`` as configured (checked here); ``lmforge plan`` compares degrees.
     (Long by choice: one pass over the candidate layouts, in the order of preference it documents.)
     """
+    problems = expert_parallel_problems(cfg, world_size)
+    if problems:
+        raise ConfigError("invalid parallel layout:\n  " + "\n  ".join(problems))
     hw = hardware or _training_hardware(device_kind, device_memory_bytes)
     if device_memory_bytes is not None:
         hw = dataclasses.replace(hw, memory_gib=device_memory_bytes / GIB)
@@ -106,6 +135,7 @@ def plan_training(
         layout = Layout(
             strategy=strategy,
             world_size=world_size,
+            ep=parallel.ep,
             seq_len=seq,
             precision=train.precision,
             activation_checkpointing=ac,
@@ -135,6 +165,7 @@ def plan_training(
             precision=train.precision,
             world_size=world_size,
             seq_len=seq,
+            ep=parallel.ep,
             predicted_peak_bytes=memory.total,
             predicted_step_seconds=timing.step_s,
             predicted_utilisation=timing.utilisation,
