@@ -199,6 +199,23 @@ class Report:
         leanest = min(self.candidates, key=lambda c: c.predicted_bytes)
         hw = self.cluster.hardware
         over = leanest.over_bytes
+        if over == 0:  # the GPUs would hold it, the CPUs cannot hold the offloaded state
+            host_need = leanest.memory.host_bytes * min(self.cluster.gpus, self.cluster.gpus_per_node)
+            on_gpu = [c for c in self.candidates if not c.layout.cpu_offload]
+            text = (
+                f"{self.model.preset or 'this model'} ({self.parameters / 1e9:.2f}B parameters, seq "
+                f"{self.workload.seq_len}) does not fit {self.cluster.gpus} x {hw.name}: {leanest.name} fits "
+                f"the GPU ({leanest.predicted_bytes / GIB:.1f} of {leanest.capacity_bytes / GIB:.1f} GiB at "
+                f"micro-batch 1) but its offloaded state needs {host_need / GIB:.0f} GiB of CPU memory per node "
+                f"(have {hw.host_memory_gib:.0f} GiB)"
+            )
+            if on_gpu:
+                best = min(on_gpu, key=lambda c: c.predicted_bytes)
+                text += (
+                    f"; without offload the leanest, {best.name}, needs {best.predicted_bytes / GIB:.1f} GiB "
+                    f"per GPU (over by {best.over_bytes / GIB:.1f} GiB)"
+                )
+            return text + "; use more GPUs, a shorter sequence or a larger device"
         text = (
             f"{self.model.preset or 'this model'} ({self.parameters / 1e9:.2f}B parameters, seq "
             f"{self.workload.seq_len}) does not fit {self.cluster.gpus} x {hw.name} even with {leanest.name} "
@@ -457,8 +474,8 @@ def candidate_layouts(
 ) -> list[tuple[str, dict]]:
     """The layouts ``lmforge plan`` compares, in the order of preference when they are equally fast.
 
-    Each expert-parallel degree > 1 adds DDP and FSDP, with and without checkpointing (not CPU offload), and
-    joins each tensor-parallel degree whose data-parallel ranks it divides."""
+    Each expert-parallel degree > 1 adds DDP and FSDP, with and without checkpointing, FSDP with checkpointing
+    and CPU offload, and joins each tensor-parallel degree whose data-parallel ranks it divides."""
     base = "single" if world_size == 1 else "ddp"
     label = "single GPU" if world_size == 1 else "DDP"
     out = [
@@ -481,6 +498,9 @@ def candidate_layouts(
             out.append(
                 (f"{name} + EP{ep} + AC", dict(strategy=strategy, ep=ep, activation_checkpointing=True))
             )
+        if offload:
+            switches = dict(strategy="fsdp", ep=ep, activation_checkpointing=True, cpu_offload=True)
+            out.append((f"FSDP + EP{ep} + AC + offload", switches))
     for tp in tp_degrees:
         if tp <= 1:
             continue
