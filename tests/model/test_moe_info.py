@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from lmforge.cli import main
-from lmforge.config import PRESETS, MoEConfig
+from lmforge.config import PRESETS, ModelConfig, MoEConfig
 from lmforge.model.info import (
     count_active_params,
     count_expert_params,
@@ -133,3 +133,20 @@ def test_model_info_shows_total_active_and_expert_share(capsys):
     assert main(["model", "info", "moe-1t"]) == 0
     text = capsys.readouterr().out
     assert "1,028,298,994,688" in text and "34,752,263,168" in text and "98.7% of the total" in text
+
+
+def test_the_shared_block_follows_the_models_feed_forward_kind_by_hand():
+    # GPT-2-style switches: the routed experts stay SwiGLU without biases; the shared block is the model's
+    # own feed-forward (GELU, with biases), as model/transformer.py builds it.
+    cfg = ModelConfig(
+        vocab_size=512, max_seq_len=64, n_layers=3, d_model=64, n_heads=4, ffn_hidden=160,
+        tie_embeddings=False, ffn="gelu", norm="layernorm", bias=True,
+        moe=MoEConfig(n_experts=4, top_k=2, n_shared_experts=1, expert_hidden=24),
+    )  # fmt: skip
+    attention = 4 * 64 * 64 + 4 * 64  # q, k, v, o and their biases
+    norms = 2 * 2 * 64  # two LayerNorms (weight and bias)
+    router, routed = 4 * 64, 4 * 3 * 64 * 24
+    shared = 2 * 64 * 24 + 24 + 64  # GELU up and down with biases
+    block = attention + norms + router + routed + shared
+    assert count_params(cfg) == 3 * block + 2 * 512 * 64 + 2 * 64 == 181_896
+    assert count_params(cfg) - count_active_params(cfg) == 3 * 2 * 3 * 64 * 24

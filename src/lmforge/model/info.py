@@ -37,9 +37,10 @@ def _block_base_params(cfg: ModelConfig) -> int:
     return attn + 2 * norm + bias + qk_norm
 
 
-def _dense_ffn_params(cfg: ModelConfig) -> int:
-    """The dense feed-forward of ``model.hidden_dim`` (SwiGLU: three matrices; GELU: two), with its biases."""
-    d, F = cfg.d_model, cfg.hidden_dim
+def _dense_ffn_params(cfg: ModelConfig, hidden: int | None = None) -> int:
+    """A dense feed-forward of ``hidden`` (default ``model.hidden_dim``; SwiGLU: three matrices, GELU: two),
+    with its biases when ``model.bias``."""
+    d, F = cfg.d_model, hidden or cfg.hidden_dim
     weights = (3 if cfg.ffn == "swiglu" else 2) * d * F
     bias = (2 if cfg.ffn == "swiglu" else 1) * F + d if cfg.bias else 0
     return weights + bias
@@ -71,20 +72,23 @@ def moe_layers(cfg: ModelConfig) -> int:
 @dataclass(frozen=True)
 class MoEParams:
     """The parameters of one MoE feed-forward: the routed experts (what expert parallelism divides) and
-    the rest that every token passes through (router, shared experts, shared gate). No biases (as Mixtral,
-    Qwen-MoE and DeepSeek)."""
+    the rest that every token passes through (router, shared experts, shared gate). The routed experts are
+    SwiGLU without biases (as Mixtral, Qwen-MoE and DeepSeek); the shared block is the model's own
+    feed-forward kind (``model.ffn``, ``model.bias``) at ``shared_expert_hidden``."""
 
     one_expert: int  # one SwiGLU(d, expert_hidden): w_gate and w_up [d, h], w_down [h, d]
     routed: int  # n_experts of them, stacked: w_gate, w_up [E, d, h], w_down [E, h, d]
     router: int  # [E, d]
-    shared: int  # one SwiGLU(d, shared_expert_hidden), plus the [1, d] sigmoid gate when enabled
+    shared: int  # one feed-forward of shared_expert_hidden, plus the [1, d] sigmoid gate when enabled
 
 
 def moe_params(cfg: ModelConfig) -> MoEParams:
     d, moe = cfg.d_model, cfg.moe
     one = 3 * d * expert_hidden(cfg)
     shared_hidden = shared_expert_hidden(cfg)
-    shared = 3 * d * shared_hidden + (d if moe.shared_expert_gate and shared_hidden else 0)
+    shared = (
+        _dense_ffn_params(cfg, shared_hidden) + (d if moe.shared_expert_gate else 0) if shared_hidden else 0
+    )
     return MoEParams(one_expert=one, routed=moe.n_experts * one, router=moe.n_experts * d, shared=shared)
 
 

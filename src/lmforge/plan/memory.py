@@ -245,7 +245,7 @@ def _moe_bytes_per_token(
     Not yet checked against a measured peak (no MoE layer was on main when this was written). Counted as
     a dropless, balanced token-choice layer: the router's fp32 probabilities and its top-k indices and
     weights; per chosen expert the token's gathered input, SwiGLU's gate, up, activation and product, and
-    the expert's output (kept for the weighted combine); the shared SwiGLU and its gate. A capacity factor
+    the expert's output (kept for the weighted combine); the shared feed-forward and its gate. A capacity factor
     pads each expert's buffer to ``capacity_factor x`` its fair share. Expert parallelism moves tokens but
     not how many each rank holds on average; its all-to-all send/receive buffers count as backward buffers.
     """
@@ -258,7 +258,9 @@ def _moe_bytes_per_token(
     saved = moe.n_experts * 4 + moe.top_k * (8 + 4)  # router probabilities; top-k indices and weights
     saved += routed * (2 * C + 4 * h_e) * mm
     if h_s:
-        saved += 4 * h_s * mm + ((C * mm + 4) if moe.shared_expert_gate else 0)
+        saved += (4 if cfg.ffn == "swiglu" else 2) * h_s * mm + (
+            (C * mm + 4) if moe.shared_expert_gate else 0
+        )
     backward = (routed * (3 * h_e + 2 * C) + (3 * h_s + 2 * C if h_s else 0)) * mm
     if layout.ep > 1:
         backward += 2 * moe.top_k * C * mm  # all-to-all send and receive buffers of the routed gradients
