@@ -19,7 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, MoEConfig
 from lmforge.distributed.parallelize import apply_activation_checkpointing
 from lmforge.model.transformer import build_model
 
@@ -49,11 +49,16 @@ def train_steps(cfg: ModelConfig, micro_batch: int, seq_len: int, checkpointing:
         del logits, loss
 
 
+def model_config(values: dict) -> ModelConfig:
+    """A ModelConfig from plain values, the ``moe`` section included."""
+    return ModelConfig(**{**values, "moe": MoEConfig(**values.get("moe", {}))})
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(1)
-    cfg = ModelConfig(**spec["model"])
-    warm = ModelConfig(**{**spec["model"], "n_layers": 1, "d_model": 32, "n_heads": 2, "vocab_size": 64})
+    cfg = model_config(spec["model"])
+    warm = model_config({**spec["model"], "n_layers": 1, "d_model": 32, "n_heads": 2, "vocab_size": 64})
     train_steps(warm, 2, 16, spec["checkpointing"], 2)
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
