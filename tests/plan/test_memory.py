@@ -37,18 +37,13 @@ CONFIGS = {
         micro_batch=4, seq_len=256, checkpointing=True,
     ),
     # Mixture of Experts: 16 experts of 128, top-4 of a renormalised softmax, a gated shared expert, the
-    # first layer dense; and 8 experts of 256, top-2, with checkpointing.
+    # first layer dense (checkpointing keeps a MoE block's input only, as for a dense one).
     "moe": dict(
         model=dict(vocab_size=512, n_layers=4, d_model=256, n_heads=8, max_seq_len=256, ffn_hidden=512,
                    moe=dict(n_experts=16, top_k=4, expert_hidden=128, n_shared_experts=1,
                             shared_expert_gate=True, first_dense_layers=1, router="softmax_topk",
                             norm_topk_prob=True)),
         micro_batch=8, seq_len=128, checkpointing=False,
-    ),
-    "moe-ac": dict(
-        model=dict(vocab_size=512, n_layers=4, d_model=256, n_heads=8, max_seq_len=256, ffn_hidden=512,
-                   moe=dict(n_experts=8, top_k=2, expert_hidden=256)),
-        micro_batch=8, seq_len=128, checkpointing=True,
     ),
 }  # fmt: skip
 MOE_LAYER = importlib.util.find_spec("lmforge.model.moe") is not None  # the MoE layer is built separately
