@@ -1,6 +1,7 @@
 """Parameter counts by arithmetic against models built on the meta device, and what keeps `model info` instant."""
 
 import dataclasses
+import importlib.util
 import json
 import subprocess
 import sys
@@ -23,10 +24,13 @@ def test_7b_on_meta_has_the_llama2_parameter_count():
     assert count_params(PRESETS["7b"]) == LLAMA2_7B_PARAMS
 
 
-@pytest.mark.parametrize("name", [name for name, cfg in PRESETS.items() if not cfg.moe.enabled])
+@pytest.mark.parametrize("name", list(PRESETS))
 def test_count_params_agrees_with_the_built_model(name):
-    # MoE presets are counted against transformers' MoE models in test_moe_info.py.
     cfg = PRESETS[name]
+    if cfg.moe.enabled and importlib.util.find_spec("lmforge.model.moe") is None:
+        pytest.skip(
+            "no MoE layer (model/moe.py) on this branch; test_moe_info.py counts against transformers"
+        )
     model = build_model(cfg, device="meta")
     assert count_params(cfg) == sum(p.numel() for p in model.parameters())
     if name == "gpt2-124m":
