@@ -324,6 +324,21 @@ def _compute_seconds(cfg: ModelConfig, layout: Layout, hw: Hardware, hardware_fl
     return rows * ((hardware_flops - expert_flops) / efficiency + padded / expert_efficiency) / hw.peak_flops
 
 
+def _all_to_all_per_micro_batch(cfg: ModelConfig, layout: Layout, cluster: Cluster) -> float:
+    """Seconds of MoE all-to-all in one micro-batch: dispatch and combine in forward, both again in
+    backward (and in the recomputed forward under AC), in every MoE block, on the critical path (nothing
+    here overlaps them with compute)."""
+    if layout.ep <= 1:
+        return 0.0
+    per_layer = 4 + (2 if layout.activation_checkpointing else 0)
+    compute_bytes = 4 if layout.precision == "fp32" else 2
+    nbytes = all_to_all_bytes(
+        layout.tokens_per_micro_batch / layout.tp, cfg.moe.top_k, cfg.d_model, compute_bytes, layout.ep
+    )
+    ep_per_node = max(1, cluster.gpus_per_node // layout.tp)  # EP ranks stride TP ranks (TP in a node)
+    return per_layer * moe_layers(cfg) * all_to_all_seconds(nbytes, layout.ep, ep_per_node, cluster)
+
+
 def step_timing(
     cfg: ModelConfig, layout: Layout, cluster: Cluster, corrections: Corrections | None = None
 ) -> Timing:
@@ -371,17 +386,8 @@ def step_timing(
         per_layer = 8 + (4 if layout.activation_checkpointing else 0)
         nbytes = layout.tokens_per_micro_batch * cfg.d_model * compute_bytes
         exposed += per_layer * cfg.n_layers * _ring_seconds(nbytes, layout.tp, hw.link_gbs, 10.0, 1.0)
-    all_to_all = 0.0
-    if layout.ep > 1:
-        # Dispatch and combine in forward, both again in backward (and the recomputed forward under AC), in
-        # every MoE block, on the critical path: nothing here overlaps them with compute.
-        per_layer = 4 + (2 if layout.activation_checkpointing else 0)
-        nbytes = all_to_all_bytes(
-            layout.tokens_per_micro_batch / layout.tp, cfg.moe.top_k, cfg.d_model, compute_bytes, layout.ep
-        )
-        ep_per_node = max(1, cluster.gpus_per_node // layout.tp)  # EP ranks stride TP ranks (TP in a node)
-        all_to_all = per_layer * moe_layers(cfg) * all_to_all_seconds(nbytes, layout.ep, ep_per_node, cluster)
-        exposed += all_to_all
+    all_to_all = _all_to_all_per_micro_batch(cfg, layout, cluster)
+    exposed += all_to_all
 
     state_per_gpu = params.per_rank(layout)
     offload = 0.0
