@@ -99,10 +99,14 @@ def test_mup_forward_matches_a_hand_written_reference(kv_heads, tied):
 def test_mup_initialisation_scales_hidden_matrices_only():
     n_layers, std = 2, 0.02
     standard = build_model(tiny(d_model=256, n_layers=n_layers, ffn_hidden=512), seed=0)
-    mup = build_model(tiny(d_model=256, n_layers=n_layers, ffn_hidden=512, mup=True, mup_base_width=64), seed=0)
+    mup = build_model(
+        tiny(d_model=256, n_layers=n_layers, ffn_hidden=512, mup=True, mup_base_width=64), seed=0
+    )
     for name, p in mup.named_parameters():
         if name.endswith("proj.weight"):
-            wanted = std / math.sqrt(4) / (math.sqrt(2 * n_layers) if ("o_proj" in name or "down" in name) else 1)
+            wanted = (
+                std / math.sqrt(4) / (math.sqrt(2 * n_layers) if ("o_proj" in name or "down" in name) else 1)
+            )
         elif p.dim() == 2:  # embedding and head keep init_std
             wanted = std
         else:
