@@ -5,6 +5,7 @@ base width being exactly the standard model, the fused CPU block, and exports th
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -183,3 +184,30 @@ def test_export_of_a_mup_checkpoint_loads_in_transformers_with_the_same_logits(t
     assert loaded.config.tie_word_embeddings is False  # the head carries the 1/m the embedding must not
     with torch.no_grad():
         assert (loaded(input_ids=tokens()).logits - model(tokens())).abs().max() <= 1e-4
+
+
+def test_gguf_export_of_a_mup_model_holds_the_folded_weights(tmp_path):
+    pytest.importorskip("gguf")
+    from lmforge.model.gguf import unpermute_rotary
+    from tests.model.test_gguf import read_tensors
+
+    cfg = EXPORT_CASES["llama-gqa-tied"]  # m = 4: queries x 1/2, head = embedding / 4 (untied in the file)
+    model = perturb(build_model(cfg, seed=1)).eval()
+    run = tmp_path / "run"
+    save_checkpoint(
+        run / "checkpoints" / "step_00000010",
+        model_state=model.state_dict(),
+        config=Config(model=cfg, train=TrainConfig(seq_len=32)),
+    )
+    convert.export_model(run, tmp_path / "model.gguf", format="gguf", verify=False)
+    tensors = read_tensors(tmp_path / "model.gguf")
+    ours = {k: v.detach() for k, v in model.state_dict().items()}
+    for i in range(cfg.n_layers):
+        q = unpermute_rotary(torch.from_numpy(tensors[f"blk.{i}.attn_q.weight"]), cfg.n_heads)
+        torch.testing.assert_close(q, ours[f"layers.{i}.self_attn.q_proj.weight"] / 2, rtol=1e-6, atol=0)
+        k = unpermute_rotary(torch.from_numpy(tensors[f"blk.{i}.attn_k.weight"]), cfg.kv_heads)
+        assert torch.equal(k, ours[f"layers.{i}.self_attn.k_proj.weight"])
+    assert np.array_equal(tensors["token_embd.weight"], ours["embed_tokens.weight"].numpy())
+    torch.testing.assert_close(
+        torch.from_numpy(tensors["output.weight"]), ours["embed_tokens.weight"] / 4, rtol=1e-6, atol=0
+    )
