@@ -127,6 +127,10 @@ def summarise(rows: list[dict], widths: list[int]) -> dict:
         small, large = entry[f"width_{widths[0]}"], entry[f"width_{widths[-1]}"]
         if len(widths) > 1 and small["best_log2_lr"] is not None and large["best_log2_lr"] is not None:
             entry["grid_steps_moved"] = large["best_log2_lr"] - small["best_log2_lr"]
+            entry["best_lr_within_one_grid_step"] = abs(entry["grid_steps_moved"]) <= 1
+            entry["narrow_best_lr_within_1pct_at_wide"] = (
+                small["best_log2_lr"] in large["log2_lrs_within_1pct"]
+            )
             transferred = [
                 r
                 for r in rows
