@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from memory_loader import loaders, tiny_config
+from safetensors.torch import load_file
 
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.model.transformer import build_model
-from lmforge.train.loop import run_loop
+from lmforge.train.loop import run_loop, train
 from lmforge.train.optim import build_optimizer, lr_at, param_groups, set_lr
 from lmforge.train.run import Task, setup_run
 
@@ -103,6 +104,34 @@ def test_the_training_loop_gives_each_group_its_scaled_learning_rate(tmp_path):
         assert [g["lr"] for g in run.optimizer.param_groups] == [last / 2, last, last]
     finally:
         run.close()
+
+
+def test_a_mup_run_resumes_exactly(tmp_path):
+    """The groups' lr_scale travels in the optimizer's state: stopped after step 1 and resumed, a muP run
+    ends bit for bit where an uninterrupted one does."""
+    mup = ("model.mup=true", "model.mup_base_width=16", "train.steps=6", "train.ckpt_every=3")
+    train_loader, val = loaders()
+    whole = train(tiny_config(tmp_path / "whole", *mup), loader=train_loader, val_batches=val, progress=False)
+    train_loader, val = loaders()
+    first = train(
+        tiny_config(tmp_path / "split", *mup, "train.time_limit_minutes=1e-9"),
+        loader=train_loader,
+        val_batches=val,
+        progress=False,
+    )
+    assert first.stopped_by == "time limit" and first.step == 1
+    train_loader, val = loaders()
+    rest = train(
+        tiny_config(tmp_path / "split", *mup),
+        resume="auto",
+        loader=train_loader,
+        val_batches=val,
+        progress=False,
+    )
+    assert rest.step == whole.step == 6 and rest.final_loss == whole.final_loss
+    a = load_file(whole.checkpoint / "model.safetensors")
+    b = load_file(rest.checkpoint / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # -- the coordinate check ----------------------------------------------------------------------------------
