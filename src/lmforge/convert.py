@@ -30,6 +30,7 @@ from lmforge.model.hf import (
     to_hf_state_dict,
     verify_with_transformers,
 )
+from lmforge.model.mup import fold_mup
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,8 @@ def export_model(
     ):
         raise ExportError(f"{out_dir}: exists and is not an exported model folder; choose another OUT_DIR")
     model, config, ckpt_dir = load_model(checkpoint_path)
-    model.eval()
-    cfg = config.model
+    model = fold_mup(model.eval())  # muP's multipliers into the weights: a standard model, the same logits
+    cfg = model.cfg
     architecture = architecture_for(cfg)
     state = to_hf_state_dict(model)
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
@@ -161,8 +162,8 @@ def export_gguf(
     if dtype not in gguf.DTYPES:
         raise ExportError(f"--dtype {dtype} is not one of {', '.join(gguf.DTYPES)}")
     model, config, ckpt_dir = load_model(checkpoint_path)
-    model.eval()
-    cfg = config.model
+    model = fold_mup(model.eval())  # muP's multipliers into the weights: a standard model, the same logits
+    cfg = model.cfg
     arch = gguf.gguf_architecture(cfg)  # refuses shapes llama.cpp cannot run, naming the switch
     vocab, template = None, None
     if (ckpt_dir / TOKENIZER).is_file():

@@ -106,6 +106,13 @@ class ModelConfig:
         return self.head_size if self.head_size is not None else self.d_model // self.n_heads
 
     @property
+    def mup_width_mult(self) -> float:
+        """muP's width multiplier m = d_model / mup_base_width: 1.0 without muP or at the base width."""
+        if not self.mup or self.mup_base_width is None:
+            return 1.0
+        return self.d_model / self.mup_base_width
+
+    @property
     def hidden_dim(self) -> int:
         if self.ffn_hidden is not None:
             return self.ffn_hidden

@@ -108,6 +108,7 @@ def fused_block(
         block.input_layernorm.eps,
         attn.n_heads,
         attn.n_kv_heads,
+        attn.scale,
     )
     return _MLPSublayer.apply(
         x,
@@ -182,6 +183,7 @@ class _AttentionSublayer(torch.autograd.Function):
         eps: float,
         n_heads: int,
         n_kv_heads: int,
+        scale: float | None,
     ):
         B, T, C = x.shape
         H, qk_heads, hd = n_heads, n_heads + n_kv_heads, wq.shape[0] // n_heads
@@ -194,13 +196,15 @@ class _AttentionSublayer(torch.autograd.Function):
         q = rotated[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
         k = rotated[:, :, H:].transpose(1, 2)  # (B, Hkv, T, hd)
         v = qkv[:, :, qk_heads:].transpose(1, 2)  # (B, Hkv, T, hd)
-        out, logsumexp = _flash(q, k, v, 0.0, mask is None, attn_mask=mask)  # (B, H, T, hd) as (B, T, H, hd)
+        # (B, H, T, hd) laid out as (B, T, H, hd); scale None: 1/sqrt(hd), else muP's (``Attention.scale``)
+        out, logsumexp = _flash(q, k, v, 0.0, mask is None, attn_mask=mask, scale=scale)
         heads = out.transpose(1, 2).reshape(B * T, H * hd)  # (N, H hd)
         y = torch.empty(B, T, C, dtype=x.dtype, device=x.device)  # not a view: see _MLPSublayer
         torch.addmm(x2, heads, wo.t(), out=y.view(B * T, C))  # the residual add inside the output projection
         ctx.save_for_backward(
             xhat, rstd, norm_w, stacked, folded, wo, q, k, v, out, logsumexp, heads, cos, swapped_sin, mask
         )
+        ctx.scale = scale
         return y
 
     @staticmethod
@@ -213,7 +217,9 @@ class _AttentionSublayer(torch.autograd.Function):
         dy2 = dy.reshape(B * T, -1)  # (N, C)
         dwo = dy2.t() @ heads if ctx.needs_input_grad[5] else None  # (C, H hd)
         dout = (dy2 @ wo).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-        dq, dk, dv = _flash_backward(dout, q, k, v, out, logsumexp, 0.0, mask is None, attn_mask=mask)
+        dq, dk, dv = _flash_backward(
+            dout, q, k, v, out, logsumexp, 0.0, mask is None, attn_mask=mask, scale=ctx.scale
+        )
         dqkv = torch.empty(
             B, T, qk_heads + k.shape[1], hd, dtype=dy.dtype, device=dy.device
         )  # (B, T, H + 2Hkv, hd)
@@ -224,7 +230,7 @@ class _AttentionSublayer(torch.autograd.Function):
         dstacked, dnorm_w = _folded_grads(dqkv, xhat, stacked, norm_w)
         dx = _normalise_backward(dqkv @ folded, xhat, rstd, dy2)  # (N, C)
         dwq, dwk, dwv = dstacked.split((H * hd, k.shape[1] * hd, k.shape[1] * hd))
-        return dx.view(B, T, -1), dnorm_w, dwq, dwk, dwv, dwo, None, None, None, None, None, None, None
+        return dx.view(B, T, -1), dnorm_w, dwq, dwk, dwv, dwo, None, None, None, None, None, None, None, None
 
 
 class _MLPSublayer(torch.autograd.Function):

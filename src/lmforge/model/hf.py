@@ -21,6 +21,7 @@ import torch
 
 from lmforge.config import ModelConfig, build
 from lmforge.errors import CheckpointError, ConfigError, ExportError
+from lmforge.model.mup import fold_mup
 from lmforge.model.transformer import Transformer
 
 LLAMA = "LlamaForCausalLM"
@@ -127,6 +128,11 @@ def _rope_architecture(cfg: ModelConfig) -> str:
 
 def architecture_for(cfg: ModelConfig) -> str:
     """The Hugging Face architecture for this model shape, or an ExportError naming the switch."""
+    if cfg.mup_width_mult != 1.0:
+        raise ExportError(
+            f"model.mup=true at d_model={cfg.d_model}, mup_base_width={cfg.mup_base_width}: fold muP's "
+            "multipliers into the weights first (lmforge.model.mup.fold_mup; lmforge export does it)"
+        )
     if cfg.position == "rope":
         arch = _rope_architecture(cfg)
         name = arch.removesuffix("ForCausalLM")
@@ -488,6 +494,7 @@ def to_hf_model(model: Transformer):
     """The equivalent ``transformers`` model in memory (same weights, eval mode), e.g. to compare generation."""
     import transformers
 
+    model = fold_mup(model)  # muP's attention and logit multipliers, folded into the weights
     config_dict = hf_config(model.cfg)
     arch = config_dict["architectures"][0]
     hf_cfg = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)

@@ -216,9 +216,21 @@ def positions_within_documents(doc_ids: torch.Tensor) -> torch.Tensor:
     return index - first
 
 
+def attention_scale(cfg: ModelConfig) -> float | None:
+    """The factor on q.k before the softmax: None (SDPA's 1/sqrt(hd)) in the standard parametrisation.
+
+    muP scales attention by 1/hd instead, times sqrt(base hd) so that it equals 1/sqrt(hd) at the base width.
+    muP widens a model at a fixed head count, so the base head dimension is hd / m and the scale is
+    sqrt(hd / m) / hd = 1 / sqrt(hd * m), m = ``cfg.mup_width_mult``.
+    """
+    m = cfg.mup_width_mult
+    return None if m == 1.0 else 1.0 / math.sqrt(cfg.head_dim * m)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.scale = attention_scale(cfg)  # muP's 1/d attention; None: 1/sqrt(hd)
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         qkv_bias = cfg.bias or cfg.qkv_bias
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=qkv_bias)
@@ -261,6 +273,7 @@ class Attention(nn.Module):
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=mask is None and T > 1,
+            scale=self.scale,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, H, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
@@ -299,6 +312,23 @@ class Block(nn.Module):
         return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
+class Readout(nn.Linear):
+    """The output layer (lm_head): logits = multiplier * (x @ W.T), with no bias.
+
+    The multiplier is muP's 1/m on the logits (``MuReadout`` in Yang et al.'s ``mup`` package); it is 1 in
+    the standard parametrisation, where this is a plain ``nn.Linear``. Generation and evaluation call
+    ``model.lm_head(hidden)`` directly, so the multiplier lives here rather than in ``forward``."""
+
+    def __init__(self, in_features: int, out_features: int, *, multiplier: float = 1.0):
+        super().__init__(in_features, out_features, bias=False)
+        self.multiplier = multiplier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.multiplier == 1.0:
+            return super().forward(x)
+        return super().forward(x * self.multiplier)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -309,7 +339,7 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Readout(cfg.d_model, cfg.vocab_size, multiplier=1.0 / cfg.mup_width_mult)
         self.tie_weights()
         # Derived tables are non-persistent buffers: never saved, recomputed by init_weights() after `meta`.
         self.register_buffer("rope_inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
@@ -340,14 +370,22 @@ class Transformer(nn.Module):
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """GPT-2/Llama initialisation: N(0, init_std) for weights, zero biases, unit norms, and the residual
         output projections (``o_proj``, ``down_proj``) scaled by 1/sqrt(2 * n_layers) so the residual stream
-        keeps unit scale at any depth. Call after moving off ``meta`` (``model.to_empty(device=...)``)."""
+        keeps unit scale at any depth. Call after moving off ``meta`` (``model.to_empty(device=...)``).
+
+        muP (``cfg.mup``) divides the std of the hidden matrices (every ``nn.Linear`` but the head) by
+        sqrt(m): variance ~ 1/fan_in relative to the base width. Embeddings and the head keep ``init_std``;
+        the head's 1/m multiplier (``Readout``) makes its effective init variance ~ 1/fan_in^2."""
         self.tie_weights()
         std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        hidden_std = std / math.sqrt(self.cfg.mup_width_mult)
+        residual_std = hidden_std / math.sqrt(2 * self.cfg.n_layers)
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, Readout):  # a tied head draws the embedding again, at the same std
+                nn.init.normal_(module.weight, 0.0, std, generator=generator)
+            elif isinstance(module, nn.Linear):
                 is_residual = name.endswith("o_proj") or name.endswith("down_proj")
-                nn.init.normal_(module.weight, 0.0, residual_std if is_residual else std, generator=generator)
+                wanted = residual_std if is_residual else hidden_std
+                nn.init.normal_(module.weight, 0.0, wanted, generator=generator)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):

@@ -328,7 +328,7 @@ def setup_run(
             strategy=strategy_of(cfg, plan, world),
         )
         # 5. optimizer, scaler, checkpoints; the frozen config is written
-        optimizer = build_optimizer(model, cfg.train, world.device)
+        optimizer = build_optimizer(model, cfg.train, world.device, width_mult=cfg.model.mup_width_mult)
         scaler = torch.amp.GradScaler(world.device.type) if cfg.train.precision == "fp16" else None
         checkpoints = CheckpointManager(run_dir, config=cfg, world=world, tokenizer_file=data.tokenizer_path)
         write_run_files(run_dir, cfg, plan, world)
