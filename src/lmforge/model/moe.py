@@ -73,9 +73,11 @@ def route(
 
 
 def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` takes (M, C) x (G, C, F) here: fp32 or bf16 on the CPU; bf16 on a
-    CUDA device of compute capability 9.0 or newer with 16-byte aligned rows."""
+    """Whether ``torch._grouped_mm`` takes (M, C) x (G, C, F) here: fp32 or bf16 on the CPU (bf16 only under
+    ``torch.compile``); bf16 on a CUDA device of compute capability 9.0 or newer with 16-byte aligned rows."""
     if not hasattr(torch, "_grouped_mm") or x.dtype != weight.dtype:
+        return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:  # its shape function takes bf16 only
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16)
@@ -151,12 +153,13 @@ class LocalDispatcher:
 class MoEFeedForward(nn.Module):
     """The Mixture-of-Experts feed-forward of one block: route, permute, dispatch, experts, combine.
 
-    ``shared_expert`` (a dense SwiGLU ``FeedForward`` the block builds, or None) runs on every token."""
+    ``shared_expert`` (a dense SwiGLU ``FeedForward`` the block builds, or None) runs on every token;
+    ``layer`` is the block's index (for the logged load)."""
 
-    def __init__(self, cfg: ModelConfig, shared_expert: nn.Module | None = None):
+    def __init__(self, cfg: ModelConfig, shared_expert: nn.Module | None = None, layer: int = 0):
         super().__init__()
         moe = cfg.moe
-        self.moe = moe
+        self.moe, self.layer = moe, layer
         self.gate = nn.Linear(cfg.d_model, moe.n_experts, bias=False)
         self.experts = GroupedExperts(moe.n_experts, cfg.d_model, moe.expert_hidden or cfg.hidden_dim)
         self.shared_expert = shared_expert
@@ -255,6 +258,11 @@ def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
 
 
 def router_loss(layers: list[MoEFeedForward]) -> torch.Tensor | None:
-    """The sum of the layers' balancing terms from their last training forward (None: nothing to add)."""
-    losses = [layer.last_stats.loss for layer in layers if layer.last_stats is not None]
+    """The sum of the layers' balancing terms from their last training forward (None: nothing to add, as
+    without MoE layers or with both coefficients 0)."""
+    losses = [
+        layer.last_stats.loss
+        for layer in layers
+        if layer.last_stats is not None and (layer.moe.aux_loss_coef > 0 or layer.moe.z_loss_coef > 0)
+    ]
     return torch.stack(losses).sum() if losses else None

@@ -294,7 +294,7 @@ def make_feed_forward(cfg: ModelConfig, layer: int) -> nn.Module:
     if moe.n_shared_experts > 0:
         hidden = moe.shared_expert_hidden or moe.n_shared_experts * (moe.expert_hidden or cfg.hidden_dim)
         shared = FeedForward(cfg, hidden)
-    return MoEFeedForward(cfg, shared)
+    return MoEFeedForward(cfg, shared, layer)
 
 
 class Block(nn.Module):
