@@ -168,14 +168,14 @@ def test_balancing_losses_match_their_formulas_and_reach_the_router():
     logits = x.reshape(-1, cfg.d_model).double() @ layer.gate.weight.detach().double().T  # (N, E)
     probs = torch.softmax(logits, -1)
     _, choices, _ = reference(layer, x)
-    N, E, K = logits.shape[0], cfg.moe.n_experts, cfg.moe.top_k
+    N, E = logits.shape[0], cfg.moe.n_experts
     counts = torch.zeros(E, dtype=torch.float64)
     for chosen in choices:
         counts[chosen] += 1
     aux = E * ((counts / N) * probs.mean(0)).sum()
     z = (torch.logsumexp(logits, -1) ** 2).mean()
     assert torch.equal(stats.tokens_per_expert, counts.long())
-    assert abs(float(stats.aux_loss) - float(aux)) < 1e-5 and float(aux) >= K - 1e-9
+    assert abs(float(stats.aux_loss) - float(aux)) < 1e-5
     assert abs(float(stats.z_loss) - float(z)) < 1e-4 * float(z)
     assert abs(float(stats.loss.detach()) - (0.01 * float(aux) + 0.001 * float(z))) < 1e-5
     stats.loss.backward()

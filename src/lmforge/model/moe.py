@@ -49,7 +49,7 @@ class RouterStats:
     the rest are detached."""
 
     loss: torch.Tensor  # aux_loss_coef * aux_loss + z_loss_coef * z_loss, the term training adds
-    aux_loss: torch.Tensor  # Switch/Mixtral load balance E * sum_i f_i P_i (its minimum, K, when balanced)
+    aux_loss: torch.Tensor  # Switch/Mixtral load balance E * sum_i f_i P_i (K when balanced)
     z_loss: torch.Tensor  # mean over tokens of logsumexp(router logits)^2
     tokens_per_expert: torch.Tensor  # (E,) assignments routed to each expert, before any capacity cut
     dropped: torch.Tensor  # () assignments dropped by the capacity limit

@@ -34,7 +34,7 @@ from lmforge.train.guards import BadStepGuard, SpikeDetector, StopSignals
 from lmforge.train.metrics import format_duration
 from lmforge.train.objectives import LANGUAGE_MODELING, Objective
 from lmforge.train.optim import lr_at, set_lr
-from lmforge.train.plots import plot_runs
+from lmforge.train.plots import plot_expert_load, plot_runs
 from lmforge.train.run import Run, Task, describe, setup_run
 
 __all__ = ["IGNORE_INDEX", "LoopState", "TrainResult", "forward_backward", "train"]
@@ -330,7 +330,7 @@ def validate(run: Run, state: LoopState, *, final: bool) -> None:
 
 
 def finish(run: Run, state: LoopState, stopped_by: str | None) -> None:
-    """Samples (unless preempted), the final checkpoint with the model card, the loss plot."""
+    """Samples (unless preempted), the final checkpoint with the model card, the loss (and expert load) plot."""
     if stopped_by not in ("SIGTERM", "SIGINT") and run.world.is_main and run.writes_text:
         state.samples = sample_texts(run, state.step)
         text = "\n\n".join(f"--- step {state.step} ---\n{s}" for s in state.samples) + "\n"
@@ -341,6 +341,7 @@ def finish(run: Run, state: LoopState, stopped_by: str | None) -> None:
     if run.world.is_main:
         write_text_atomic(run.run_dir / "MODEL_CARD.md", card)
         plot_runs([run.run_dir], run.run_dir / "loss.png")
+        plot_expert_load(run.run_dir)  # Mixture-of-Experts runs only
     if stopped_by is not None:
         run.log.info(
             f"stopped by {stopped_by} at step {state.step}; checkpoint {state.last_checkpoint}; "
