@@ -73,21 +73,18 @@ def route(
 
 
 def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` takes (M, C) x (G, C, F) here: fp32 or bf16 on the CPU (bf16 only under
-    ``torch.compile``); bf16 on a CUDA device of compute capability 9.0 or newer with 16-byte aligned rows."""
+    """Whether ``torch._grouped_mm`` takes (M, C) x (G, C, F) here: rows of 16-byte multiples, and fp32 or
+    bf16 on the CPU (bf16 only under ``torch.compile``), bf16 on a CUDA device of compute capability 9.0+."""
     if not hasattr(torch, "_grouped_mm") or x.dtype != weight.dtype:
         return False
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:  # its shape function takes bf16 only
         return False
+    if any(n * x.element_size() % 16 for n in (x.shape[-1], *weight.shape[-2:])):  # rows 16-byte aligned
+        return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16)
     if x.device.type == "cuda":
-        return (
-            x.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device) >= (9, 0)
-            and x.shape[-1] % 8 == 0
-            and weight.shape[-1] % 8 == 0
-        )
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
     return False
 
 

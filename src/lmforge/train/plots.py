@@ -68,7 +68,8 @@ def plot_expert_load(run_dir: str | Path, out_path: str | Path | None = None) ->
 
     out_path = Path(out_path) if out_path is not None else Path(run_dir) / "expert_load.png"
     layers = sorted(
-        {k for r in records for k in r if k.startswith("moe_load_max_mean/")}, key=lambda k: int(k.rsplit("layer", 1)[1])
+        {k for r in records for k in r if k.startswith("moe_load_max_mean/")},
+        key=lambda k: int(k.rsplit("layer", 1)[1]),
     )
     fig, (load_ax, drop_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     for key in layers:
