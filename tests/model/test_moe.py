@@ -134,6 +134,8 @@ def test_capacity_drops_the_same_assignments_as_the_reference():
     assert dropped > 0
     assert int(layer.last_stats.dropped) == dropped
     assert (out.reshape(-1, x.shape[-1]).double() - expected).abs().max() < 2e-5
+    dropless, _, _ = reference(layer_of(tiny()), x)  # the same weights without the limit
+    assert (layer.eval()(x).reshape(-1, x.shape[-1]).double() - dropless).abs().max() < 2e-5  # eval: dropless
 
 
 def test_expert_bias_steers_the_choice_but_not_the_weights():

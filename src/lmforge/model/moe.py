@@ -9,8 +9,9 @@ A block whose index is at least ``model.moe.first_dense_layers`` replaces its de
    (DeepSeek-V3's auxiliary-loss-free balancing) is added to the scores for the choice only, never to the
    weights;
 2. **permute**: the (token, expert) assignments are sorted by expert, so each expert's tokens are one
-   contiguous slice; with ``capacity_factor`` each expert keeps at most ceil(cf * N * K / E) of them (a
-   token's first choice before anyone's second) and the rest are dropped and counted;
+   contiguous slice; with ``capacity_factor`` each expert keeps at most ceil(cf * N * K / E) of them in
+   training (a token's first choice before anyone's second) and the rest are dropped and counted; evaluation
+   and generation stay dropless, so they match the exported model;
 3. **dispatch, expert compute, combine**: ``dispatcher.dispatch`` hands the grouped tokens and per-expert
    counts to wherever the experts live and ``combine`` brings the results back in the same order. The
    default ``LocalDispatcher`` does nothing; expert parallelism swaps in an all-to-all dispatcher from
@@ -204,7 +205,7 @@ class MoEFeedForward(nn.Module):
         order = torch.argsort(flat_experts, stable=True)  # (K*N,) assignments grouped by expert
         counts = tokens_per_expert
         dropped = torch.zeros((), dtype=torch.long, device=tokens.device)
-        if self.moe.capacity_factor is not None:
+        if self.moe.capacity_factor is not None and self.training:  # evaluation and generation: dropless
             capacity = math.ceil(self.moe.capacity_factor * N * K / n_experts)
             starts = torch.cumsum(counts, 0) - counts  # (E,) first sorted position of each expert
             rank = torch.arange(N * K, device=tokens.device) - starts[flat_experts[order]]  # (K*N,)
