@@ -42,15 +42,16 @@ BALANCING = {
 }
 
 
-def run(root: Path, name: str, overrides: tuple[str, ...], cache: Path) -> dict:
+def run(root: Path, name: str, overrides: tuple[str, ...], cache: Path, batch: tuple[str, ...]) -> dict:
     out = root / name
     shutil.rmtree(out, ignore_errors=True)
     cfg = demo_config(
         (
             f"train.out_dir={out}",
             "train.sample_prompts=[]",
-            "train.eval_batches=20",
-            "train.log_every=10",
+            "train.eval_batches=10",
+            "train.log_every=5",
+            *batch,
             "train.ckpt_every=100000",
             "train.seed=0",
             *overrides,
@@ -84,15 +85,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--minutes", type=float, default=3.0)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--micro-batch", type=int, default=16)
     parser.add_argument("--root", default="runs/moe_experiments")
     parser.add_argument("--out", default="benchmarks/results/moe_experiments.json")
     args = parser.parse_args()
     root, cache = Path(args.root), Path(args.root) / "cache"
+    batch = (f"train.seq_len={args.seq_len}", f"train.micro_batch={args.micro_batch}")
     fixed = (f"train.steps={args.steps}", "train.time_limit_minutes=0", f"train.eval_every={args.steps}")
     balance = {
         name: run(root, f"balance_{name}", (*MOE, *extra, *fixed), cache) for name, extra in BALANCING.items()
     }
-    same_tokens = {"moe_aux_loss": balance["aux_loss"], "dense": run(root, "tokens_dense", fixed, cache)}
+    same_tokens = {
+        "moe_aux_loss": balance["aux_loss"],
+        "dense": run(root, "tokens_dense", fixed, cache, batch),
+    }
     timed = (
         "train.steps=100000",
         f"train.time_limit_minutes={args.minutes}",
@@ -100,20 +107,22 @@ def main() -> None:
         "train.eval_every=100000",
     )
     same_time = {
-        "moe_aux_loss": run(root, "time_moe", (*MOE, *BALANCING["aux_loss"], *timed), cache),
-        "dense": run(root, "time_dense", timed, cache),
+        "moe_aux_loss": run(root, "time_moe", (*MOE, *BALANCING["aux_loss"], *timed), cache, batch),
+        "dense": run(root, "time_dense", timed, cache, batch),
     }
     report = {
         "claim": "(a) expert load under three balancing methods; (b) a tiny MoE vs the dense tiny of equal active "
         "parameters at equal tokens and equal wall-clock (validation loss)",
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}; SHARED with up to 8 other jobs on 2 cores: wall-clock figures (and so b2) are noisy",
-        "data": "the demo corpus: Python stdlib *.py, BPE vocabulary 2048, seq_len 128, micro-batch 16",
+        f"{torch.__version__}; SHARED with up to 8 other jobs on 2 cores (load average about 20 during the runs): "
+        "wall-clock figures (and so b2) are noisy",
+        "data": f"the demo corpus: Python stdlib *.py, BPE vocabulary 2048, seq_len {args.seq_len}, micro-batch "
+        f"{args.micro_batch}",
         "models": "dense: the tiny preset (4 layers, d_model 128, SwiGLU 384); moe: the same with 8 experts of "
         "hidden 192, top-2, Mixtral router, in every layer (active feed-forward parameters equal to dense)",
         "definitions": "load_max_over_mean: tokens routed to the most loaded expert over the mean, worst layer, "
         "per optimizer step (1 is balanced, 4 = every token's two choices on 2 of 8 experts); val_loss: "
-        "nats/token on 20 validation batches at the end",
+        "nats/token on 10 validation batches at the end",
         "steps_fixed": args.steps,
         "minutes_timed": args.minutes,
         "a_balance": balance,

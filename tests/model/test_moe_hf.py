@@ -226,3 +226,7 @@ def test_refusals_name_what_no_family_expresses(tmp_path):
         hf.architecture_for(
             ModelConfig(**ATTENTION, n_layers=1, moe=MoEConfig(n_experts=4, n_shared_experts=1))
         )
+    from lmforge.model.gguf import gguf_architecture
+
+    with pytest.raises(ExportError, match="GGUF"):  # a clear refusal, not a KeyError
+        gguf_architecture(CASES["mixtral"])
