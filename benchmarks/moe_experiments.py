@@ -94,7 +94,8 @@ def main() -> None:
     batch = (f"train.seq_len={args.seq_len}", f"train.micro_batch={args.micro_batch}")
     fixed = (f"train.steps={args.steps}", "train.time_limit_minutes=0", f"train.eval_every={args.steps}")
     balance = {
-        name: run(root, f"balance_{name}", (*MOE, *extra, *fixed), cache) for name, extra in BALANCING.items()
+        name: run(root, f"balance_{name}", (*MOE, *extra, *fixed), cache, batch)
+        for name, extra in BALANCING.items()
     }
     same_tokens = {
         "moe_aux_loss": balance["aux_loss"],

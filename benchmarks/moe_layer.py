@@ -8,7 +8,9 @@ Three layers on the same tokens, forward + backward (tokens/s, fp32, CPU):
 - ``dense``: one SwiGLU of hidden K x F (the parameters a token actually passes through, router aside).
 
 A fourth pair times the expert compute alone on tokens already grouped, ``torch._grouped_mm`` against a loop
-of matmuls over each expert's contiguous slice: the measurement behind the layer's choice of kernel.
+of matmuls over each expert's contiguous slice (the layer's fallback): the measurement behind its choice.
+On the CPU ``_grouped_mm`` is itself a loop of matmuls in C++, so the gain there is the autograd and Python
+overhead per expert; on a GPU it is one kernel instead of E launches.
 Rounds alternate the implementations; medians and ratios go to benchmarks/results/moe_layer.json.
 Run: PYTHONPATH=src python benchmarks/moe_layer.py [--rounds N]
 """
@@ -117,7 +119,7 @@ def kernel_seconds(
         if grouped:
             y = torch._grouped_mm(x, w, offs=offsets)
         else:
-            y = torch.cat([block @ w[e] for e, block in enumerate(x.split(sizes))])
+            y = torch.cat([block @ we for block, we in zip(x.split(sizes), w.unbind(0))])
         y.backward(torch.ones_like(y))
     return (time.perf_counter() - start) / repeats
 

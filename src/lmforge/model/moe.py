@@ -95,9 +95,9 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> t
     if grouped_mm_supported(x, weight):
         offsets = torch.cumsum(counts, dim=0).to(torch.int32)  # (G,) end row of each group
         return torch._grouped_mm(x, weight, offs=offsets)
-    blocks = x.split(counts.tolist())
+    blocks = x.split(counts.tolist())  # unbind, not weight[g]: one gradient for the stack, not one per group
     return torch.cat(
-        [block @ weight[g] for g, block in enumerate(blocks)] + [x.new_zeros(0, weight.shape[-1])]
+        [block @ w for block, w in zip(blocks, weight.unbind(0))] + [x.new_zeros(0, weight.shape[-1])]
     )
 
 
