@@ -4,7 +4,7 @@ BPE 2048, as ``lmforge train`` without a config uses), each run a few minutes on
 (a) balance: the ``tiny`` preset with every feed-forward replaced by 8 experts of hidden 192, top-2 (the same
     active parameters as tiny's dense 384), trained for the same steps three ways: with the Switch/Mixtral
     auxiliary loss (``aux_loss_coef=0.01``), with DeepSeek-V3's auxiliary-loss-free bias update
-    (``bias_update_rate=0.001``), and with neither. Reported: tokens per expert max/mean (worst layer) over
+    (``bias_update_rate=0.001``, DeepSeek-V3's, and 0.01), and with neither. Reported: tokens per expert max/mean (worst layer) over
     training, from metrics.jsonl, and the validation loss.
 (b) MoE vs dense: that MoE (with the auxiliary loss) against the dense ``tiny`` of equal active parameters,
     (b1) on the same tokens (same steps; wall-clock reported) and (b2) on the same wall-clock budget (a
@@ -37,7 +37,8 @@ MOE = (
 )
 BALANCING = {
     "aux_loss": ("model.moe.aux_loss_coef=0.01",),
-    "bias_update": ("model.moe.bias_update_rate=0.001",),
+    "bias_update": ("model.moe.bias_update_rate=0.001",),  # DeepSeek-V3's rate (for long runs)
+    "bias_update_0.01": ("model.moe.bias_update_rate=0.01",),  # ten times faster, for a run this short
     "neither": (),
 }
 
