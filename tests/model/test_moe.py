@@ -235,3 +235,18 @@ def test_the_model_switch_first_dense_layers_and_fused_blocks():
     experts = model.layers[2].mlp.experts
     assert experts.gate_up_proj.grad.abs().amax(dim=(1, 2)).gt(0).sum() >= 2
     assert model.layers[2].mlp.experts.down_proj.std() < model.layers[2].mlp.experts.gate_up_proj.std()
+
+
+def test_decoding_with_a_kv_cache_matches_the_full_forward():
+    from lmforge.model.transformer import KVCache
+
+    cfg = tiny(router="softmax_topk", n_shared_experts=1, capacity_factor=0.5)  # eval: no capacity limit
+    model = build_model(cfg, seed=3).eval()
+    idx = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(idx)  # (B, T, V)
+        cache = KVCache.empty(cfg, 2, 16, device=torch.device("cpu"), dtype=torch.float32)
+        steps = [model(idx[:, :6], cache=cache)] + [
+            model(idx[:, t : t + 1], cache=cache) for t in range(6, 10)
+        ]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
