@@ -250,3 +250,11 @@ def test_decoding_with_a_kv_cache_matches_the_full_forward():
             model(idx[:, t : t + 1], cache=cache) for t in range(6, 10)
         ]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_moe_needs_swiglu_experts():
+    gelu = ModelConfig(
+        vocab_size=VOCAB, n_layers=1, d_model=36, n_heads=3, ffn="gelu", moe=MoEConfig(n_experts=4)
+    )
+    assert any("needs model.ffn=swiglu" in p for p in gelu.problems())
+    assert not tiny().problems()
