@@ -217,10 +217,9 @@ class MoEFeedForward(nn.Module):
         local, local_counts, handle = self.dispatcher.dispatch(grouped, counts)
         expert_out = self.dispatcher.combine(self.experts(local, local_counts), handle)  # (A, C)
         expert_out = expert_out * weights.t().reshape(-1)[order].unsqueeze(-1).to(expert_out.dtype)
-        out = torch.zeros_like(tokens, dtype=expert_out.dtype).index_add_(
-            0, token_index, expert_out
-        )  # (N, C)
-        return out.to(tokens.dtype), tokens_per_expert, dropped
+        # summed in the tokens' dtype (fp32 under autocast), as the top-k results of a token add up
+        out = torch.zeros_like(tokens).index_add_(0, token_index, expert_out.to(tokens.dtype))  # (N, C)
+        return out, tokens_per_expert, dropped
 
     def measure(
         self, logits: torch.Tensor, tokens_per_expert: torch.Tensor, dropped: torch.Tensor
