@@ -20,9 +20,10 @@ A block whose index is at least ``model.moe.first_dense_layers`` replaces its de
 4. **unpermute**: each result is scaled by its routing weight and added back to its token.
 
 Shared experts (every token passes through them, Qwen2-MoE and DeepSeek) add a dense SwiGLU, optionally
-scaled by a sigmoid gate (Qwen2-MoE). In training mode a forward leaves its ``RouterStats`` (the load-balancing
-and z-losses, tokens per expert, dropped assignments) on the layer; ``train/`` reads them with
-``router_loss`` and ``router_stats`` and calls ``update_expert_bias`` after each optimizer step.
+scaled by a sigmoid gate (Qwen2-MoE). A training-mode forward with gradients leaves its ``RouterStats``
+(the load-balancing and z-losses, tokens per expert, dropped assignments) in ``last_stats``; ``train/`` adds
+``router_loss`` to the objective's loss, sums the load per step (``train/experts.py``) and calls
+``update_expert_bias`` after each optimizer step.
 
 Parameter names follow Hugging Face transformers 5 (``mlp.gate.weight``, ``mlp.experts.gate_up_proj``
 (E, 2F, C), ``mlp.experts.down_proj`` (E, C, F), ``mlp.shared_expert.*``, ``mlp.shared_expert_gate.weight``).
@@ -189,7 +190,7 @@ class MoEFeedForward(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
             out = out + shared
-        if self.training:
+        if self.training and torch.is_grad_enabled():  # not a no-grad pass (a frozen reference, a probe)
             self.last_stats = self.measure(logits, tokens_per_expert, dropped)
         return out.view(B, T, C)
 
