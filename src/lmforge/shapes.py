@@ -175,6 +175,10 @@ class ModelConfig:
         if self.mup_base_width is not None and self.mup_base_width < 1:
             out.append(f"model.mup_base_width={self.mup_base_width} must be >= 1 (or null for d_model)")
         out.extend(self.moe.problems())
+        if self.moe.enabled and self.ffn != "swiglu":
+            out.append(
+                f"model.moe.n_experts={self.moe.n_experts} needs model.ffn=swiglu (experts are SwiGLU)"
+            )
         if self.moe.enabled and self.moe.first_dense_layers > self.n_layers:
             out.append(
                 f"model.moe.first_dense_layers={self.moe.first_dense_layers} exceeds model.n_layers={self.n_layers}"

@@ -14,9 +14,9 @@ math, arranged so that little but the matmuls touches activations:
 - the residual add rides in the output projection (``addmm``); the backward works in place.
 
 The fused block is applied from outside the model, as ``torch.compile`` and FSDP are:
-``apply_fused_blocks(model)`` checks once which blocks qualify (RMSNorm, SwiGLU, RoPE, no bias, no qk_norm, plain
-``nn.Linear`` projections with fp32 ``nn.Parameter`` weights on the CPU, so neither LoRA's wrappers nor
-tensor-parallel DTensor shards, no dropout) and turns those into ``FusedBlock``s; the state_dict does not
+``apply_fused_blocks(model)`` checks once which blocks qualify (RMSNorm, a dense SwiGLU feed-forward (a
+Mixture-of-Experts block stays plain), RoPE, no bias, no qk_norm, plain ``nn.Linear`` projections with fp32
+``nn.Parameter`` weights on the CPU, so neither LoRA's wrappers nor tensor-parallel DTensor shards, no dropout) and turns those into ``FusedBlock``s; the state_dict does not
 change. ``distributed.parallelize`` calls it for fp32 training on the CPU without ``torch.compile`` (inductor
 fuses the plain modules itself) and without tensor parallelism. The one decision left for each call is the
 one that must be made there: the fused path needs gradients, no KV cache and a causal or (B, 1, T, T) mask;
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
-from lmforge.model.transformer import Block, KVCache, RMSNorm
+from lmforge.model.transformer import Block, FeedForward, KVCache, RMSNorm
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -52,7 +52,9 @@ class FusedBlock(Block):
 
 def fused_block_qualifies(block: nn.Module, cfg: ModelConfig) -> bool:
     """Whether ``block`` (of a model with ``cfg``) has exactly what ``fused_block`` computes."""
-    if type(block) is not Block or cfg.position != "rope" or not block.mlp.swiglu:
+    if type(block) is not Block or cfg.position != "rope":
+        return False
+    if type(block.mlp) is not FeedForward or not block.mlp.swiglu:  # a Mixture-of-Experts block stays plain
         return False
     if cfg.qk_norm:  # the fused attention has no per-head norm of queries and keys
         return False

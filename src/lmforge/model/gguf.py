@@ -87,7 +87,13 @@ TENSOR_TABLES = {LLAMA: LLAMA_TENSORS, GPT2: GPT2_TENSORS}
 
 def gguf_architecture(cfg: ModelConfig) -> str:
     """llama.cpp's architecture name (``llama`` or ``gpt2``), or an ExportError naming the switch."""
-    return GGUF_ARCH[architecture_for(cfg)]
+    arch = architecture_for(cfg)
+    if arch not in GGUF_ARCH:  # e.g. the Mixture-of-Experts families: their expert tensors have no table here
+        raise ExportError(
+            f"cannot export to GGUF: {arch} is not supported (GGUF export writes llama and gpt2); "
+            "export to a Hugging Face folder instead (--format hf)"
+        )
+    return GGUF_ARCH[arch]
 
 
 def permute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:

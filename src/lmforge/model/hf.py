@@ -1,11 +1,15 @@
 """Hugging Face conversion: lmforge models to and from ``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
-``Qwen3ForCausalLM``, ``MistralForCausalLM`` and ``GPT2LMHeadModel``.
+``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``GPT2LMHeadModel`` and the Mixture-of-Experts
+``MixtralForCausalLM``, ``Qwen2MoeForCausalLM`` and ``Qwen3MoeForCausalLM``.
 
 Everything goes through two explicit tables (``LLAMA_KEYS``, shared by the Llama-shaped families, and
 ``GPT2_KEYS``) that pair lmforge parameter names with Hugging Face ones, and two config translations
 (``hf_config`` and ``model_config_from_hf``). One table serves both directions. The architecture follows from
 the model's switches (``qk_norm`` -> Qwen3, ``qkv_bias`` -> Qwen2, ``sliding_window`` -> Mistral, otherwise
-Llama); a model that no architecture can express is refused, naming the switch.
+Llama; with ``model.moe``: shared experts -> Qwen2-MoE, qk_norm -> Qwen3-MoE, otherwise Mixtral); a model
+that no architecture can express is refused, naming the switch. MoE experts are stacked (E, 2F, C) and
+(E, C, F) tensors in lmforge and in transformers 5's modules, one tensor per expert in Hub checkpoints
+(and transformers 4): export writes the Hub's layout, import reads either.
 Reading and writing whole folders (checkpoints, weight files, tokenizer) is ``lmforge.convert``'s job.
 
 Shape legend: C d_model, F feed-forward hidden, V vocabulary, H heads, Hkv key/value heads, hd head dimension.
@@ -28,7 +32,20 @@ LLAMA = "LlamaForCausalLM"
 QWEN2 = "Qwen2ForCausalLM"
 QWEN3 = "Qwen3ForCausalLM"
 MISTRAL = "MistralForCausalLM"
-MODEL_TYPES = {LLAMA: "llama", QWEN2: "qwen2", QWEN3: "qwen3", MISTRAL: "mistral", "GPT2LMHeadModel": "gpt2"}
+MIXTRAL = "MixtralForCausalLM"
+QWEN2_MOE = "Qwen2MoeForCausalLM"
+QWEN3_MOE = "Qwen3MoeForCausalLM"
+MODEL_TYPES = {
+    LLAMA: "llama",
+    QWEN2: "qwen2",
+    QWEN3: "qwen3",
+    MISTRAL: "mistral",
+    MIXTRAL: "mixtral",
+    QWEN2_MOE: "qwen2_moe",
+    QWEN3_MOE: "qwen3_moe",
+    "GPT2LMHeadModel": "gpt2",
+}
+MOE_ARCHITECTURES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE)
 GPT2 = "GPT2LMHeadModel"
 VERIFY_TOLERANCE = 1e-3  # max |logits difference| accepted by export's self-check (fp32)
 
@@ -94,7 +111,42 @@ GPT2_KEYS: tuple[KeyRow, ...] = (
     KeyRow("lm_head.weight", ("lm_head.weight",)),
 )
 
-KEY_TABLES = {LLAMA: LLAMA_KEYS, QWEN2: LLAMA_KEYS, QWEN3: LLAMA_KEYS, MISTRAL: LLAMA_KEYS, GPT2: GPT2_KEYS}
+# Mixture-of-Experts layers under transformers 5's module names (the dense layers keep the Llama rows).
+MOE_KEYS: tuple[KeyRow, ...] = (
+    *LLAMA_KEYS,
+    _llama_row("layers.{i}.mlp.gate.weight"),  # the router
+    _llama_row("layers.{i}.mlp.experts.gate_up_proj"),  # (E, 2F, C): each expert's gate rows, then up rows
+    _llama_row("layers.{i}.mlp.experts.down_proj"),  # (E, C, F)
+    *(
+        _llama_row(f"layers.{{i}}.mlp.shared_expert.{m}.weight")
+        for m in ("gate_proj", "up_proj", "down_proj")
+    ),
+    _llama_row("layers.{i}.mlp.shared_expert_gate.weight"),
+)
+
+KEY_TABLES = {
+    LLAMA: LLAMA_KEYS,
+    QWEN2: LLAMA_KEYS,
+    QWEN3: LLAMA_KEYS,
+    MISTRAL: LLAMA_KEYS,
+    MIXTRAL: MOE_KEYS,
+    QWEN2_MOE: MOE_KEYS,
+    QWEN3_MOE: MOE_KEYS,
+    GPT2: GPT2_KEYS,
+}
+
+# The Hub's checkpoints (and transformers 4) hold one tensor per expert: (gate, up, down) names per family,
+# and the router's name, relative to ``model.layers.{i}.``.
+HUB_EXPERTS = {
+    MIXTRAL: tuple(f"block_sparse_moe.experts.{{e}}.{w}.weight" for w in ("w1", "w3", "w2")),
+    QWEN2_MOE: tuple(f"mlp.experts.{{e}}.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")),
+    QWEN3_MOE: tuple(f"mlp.experts.{{e}}.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")),
+}
+HUB_ROUTER = {
+    MIXTRAL: "block_sparse_moe.gate.weight",
+    QWEN2_MOE: "mlp.gate.weight",
+    QWEN3_MOE: "mlp.gate.weight",
+}
 
 # Tensors some Hugging Face folders carry that are not weights (causal-mask and RoPE buffers of old versions).
 _IGNORED_HF_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -126,6 +178,35 @@ def _rope_architecture(cfg: ModelConfig) -> str:
     return LLAMA
 
 
+def _moe_architecture(cfg: ModelConfig) -> str:
+    """The Mixture-of-Experts family: shared experts -> Qwen2-MoE, qk_norm -> Qwen3-MoE, else Mixtral."""
+    if cfg.moe.n_shared_experts > 0:
+        return QWEN2_MOE
+    return QWEN3_MOE if cfg.qk_norm else MIXTRAL
+
+
+def _normalised_topk(cfg: ModelConfig) -> bool:
+    """Whether the routing weights sum to 1 (Mixtral's router, or Qwen's with norm_topk_prob): the same
+    weights either way, as the softmax over the top-k logits equals the renormalised top-k probabilities."""
+    return cfg.moe.router == "topk_softmax" or cfg.moe.norm_topk_prob
+
+
+def _moe_problems(cfg: ModelConfig, arch: str) -> list[str]:
+    """What an MoE family cannot express of ``cfg.moe`` (nothing for a dense architecture)."""
+    if arch not in MOE_ARCHITECTURES:
+        return []
+    moe, wrong = cfg.moe, []
+    if arch == MIXTRAL and not _normalised_topk(cfg):
+        wrong.append(
+            f"model.moe.norm_topk_prob={moe.norm_topk_prob} with router={moe.router} (Mixtral needs weights summing to 1)"
+        )
+    if arch == MIXTRAL and moe.first_dense_layers:
+        wrong.append(f"model.moe.first_dense_layers={moe.first_dense_layers} (Mixtral: every layer is MoE)")
+    if arch == QWEN2_MOE and not moe.shared_expert_gate:
+        wrong.append("model.moe.shared_expert_gate=false (Qwen2-MoE gates its shared expert)")
+    return wrong
+
+
 def architecture_for(cfg: ModelConfig) -> str:
     """The Hugging Face architecture for this model shape, or an ExportError naming the switch."""
     if cfg.mup_width_mult != 1.0:
@@ -134,20 +215,23 @@ def architecture_for(cfg: ModelConfig) -> str:
             "multipliers into the weights first (lmforge.model.mup.fold_mup; lmforge export does it)"
         )
     if cfg.position == "rope":
-        arch = _rope_architecture(cfg)
+        arch = _moe_architecture(cfg) if cfg.moe.enabled else _rope_architecture(cfg)
         name = arch.removesuffix("ForCausalLM")
         needs: dict[str, Any] = {"ffn": "swiglu", "norm": "rmsnorm"}
         if arch != LLAMA:
             needs["bias"] = False  # Qwen and Mistral have no biases on o_proj and the feed-forward
-        if arch in (QWEN2, QWEN3):
+        if arch in (QWEN2, QWEN3, QWEN2_MOE, QWEN3_MOE):
             needs["sliding_window"] = None  # Qwen's per-layer windows are not expressed here
-        if arch == QWEN3:
+        if arch in (QWEN3, QWEN3_MOE, MIXTRAL):
             needs["qkv_bias"] = False
+        if arch == QWEN2_MOE:
+            needs["qk_norm"] = False
         wrong = [
             f"model.{k}={getattr(cfg, k)} ({name} needs {v})"
             for k, v in needs.items()
             if getattr(cfg, k) != v
         ]
+        wrong += _moe_problems(cfg, arch)
         if wrong:
             raise ExportError(
                 f"cannot export: these switches map to {name}, which cannot express " + "; ".join(wrong)
@@ -195,8 +279,10 @@ def hf_config(
             family = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers}
             if arch == QWEN3:
                 family["attention_bias"] = False
-        else:
+        elif arch == MISTRAL:
             family = {"sliding_window": cfg.sliding_window}
+        else:
+            family = _moe_config(cfg, arch)
         scaling = rope_scaling_dict(cfg)
         return {
             "architectures": [arch],
@@ -234,6 +320,39 @@ def hf_config(
         "scale_attn_weights": True,
         **common,
     }
+
+
+def _moe_config(cfg: ModelConfig, arch: str) -> dict[str, Any]:
+    """The ``config.json`` fields of a Mixtral, Qwen2-MoE or Qwen3-MoE model."""
+    moe = cfg.moe
+    expert_hidden = moe.expert_hidden or cfg.hidden_dim
+    if arch == MIXTRAL:  # every layer is MoE: intermediate_size is the experts'
+        return {
+            "num_local_experts": moe.n_experts,
+            "num_experts_per_tok": moe.top_k,
+            "intermediate_size": expert_hidden,
+            "sliding_window": cfg.sliding_window,
+            "router_aux_loss_coef": moe.aux_loss_coef,
+            "router_jitter_noise": 0.0,
+        }
+    family: dict[str, Any] = {
+        "num_experts": moe.n_experts,
+        "num_experts_per_tok": moe.top_k,
+        "moe_intermediate_size": expert_hidden,
+        "norm_topk_prob": _normalised_topk(cfg),
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": list(range(moe.first_dense_layers)),
+        "router_aux_loss_coef": moe.aux_loss_coef,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": cfg.n_layers,
+    }
+    if arch == QWEN2_MOE:
+        shared = moe.shared_expert_hidden or moe.n_shared_experts * expert_hidden
+        family.update(shared_expert_intermediate_size=shared, qkv_bias=cfg.qkv_bias)
+    else:
+        family["attention_bias"] = False
+    return family
 
 
 def rope_scaling_dict(cfg: ModelConfig) -> dict[str, Any] | None:
@@ -329,23 +448,58 @@ def _family_fields(model_type: str, hf: dict, wrong: list[str]) -> dict[str, Any
         if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
             wrong.append("attention_bias != mlp_bias (lmforge has one bias switch)")
         return {"bias": bool(hf.get("attention_bias", False))}
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         return {"sliding_window": hf.get("sliding_window")}
     # Qwen2 and Qwen3: sliding windows only on some layers, which lmforge does not express
     if hf.get("use_sliding_window", False):
         wrong.append("use_sliding_window=true (per-layer sliding windows; lmforge has one window for all)")
     if model_type == "qwen2":
         return {"qkv_bias": True}
+    if model_type == "qwen2_moe":
+        return {"qkv_bias": bool(hf.get("qkv_bias", True))}
     if hf.get("attention_bias", False):
-        wrong.append("attention_bias=true on Qwen3 (biases on q, k, v and o)")
+        wrong.append(f"attention_bias=true on {model_type} (biases on q, k, v and o)")
     return {"qk_norm": True}
 
 
+def _moe_fields(model_type: str, hf: dict, wrong: list[str]) -> dict[str, Any]:
+    """``model.moe`` (and, for Mixtral, the sliding window) of a Mixtral, Qwen2-MoE or Qwen3-MoE config."""
+    n_experts = hf.get("num_local_experts") or hf.get("num_experts")  # transformers 5 saves either name
+    if not n_experts or not hf.get("num_experts_per_tok"):
+        wrong.append("no num_local_experts/num_experts or num_experts_per_tok")
+    if model_type == "mixtral":
+        moe = {"n_experts": n_experts, "router": "topk_softmax"}
+        moe.update(top_k=hf.get("num_experts_per_tok", 2), aux_loss_coef=hf.get("router_aux_loss_coef", 0.0))
+        return {"sliding_window": hf.get("sliding_window"), "moe": moe}
+    dense = sorted(hf.get("mlp_only_layers") or [])
+    if dense != list(range(len(dense))):
+        wrong.append(f"mlp_only_layers={dense} (lmforge keeps only the first k layers dense)")
+    if hf.get("decoder_sparse_step", 1) != 1:
+        wrong.append(
+            f"decoder_sparse_step={hf['decoder_sparse_step']} (lmforge: every layer after the dense ones is MoE)"
+        )
+    moe = {
+        "n_experts": n_experts,
+        "top_k": hf.get("num_experts_per_tok"),
+        "expert_hidden": hf.get("moe_intermediate_size"),
+        "first_dense_layers": len(dense),
+        "router": "softmax_topk",
+        "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+        "aux_loss_coef": hf.get("router_aux_loss_coef", 0.0),
+    }
+    if model_type == "qwen2_moe":
+        shared = hf.get("shared_expert_intermediate_size") or 0
+        if shared < 1:
+            wrong.append(f"shared_expert_intermediate_size={shared} (Qwen2-MoE always has a shared expert)")
+        moe.update(n_shared_experts=1, shared_expert_hidden=shared, shared_expert_gate=True)
+    return {"moe": moe}
+
+
 def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
-    """The lmforge ``ModelConfig`` equivalent to a Hugging Face Llama, Qwen2, Qwen3, Mistral or GPT-2
-    ``config.json``."""
+    """The lmforge ``ModelConfig`` equivalent to a Hugging Face Llama, Qwen2, Qwen3, Mistral, Mixtral,
+    Qwen2-MoE, Qwen3-MoE or GPT-2 ``config.json``."""
     model_type = _model_type(hf)
-    if model_type in ("llama", "qwen2", "qwen3", "mistral"):
+    if model_type in ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe"):
         _require(
             hf,
             ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"),
@@ -357,6 +511,8 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         if hf.get("hidden_act", "silu") != "silu":
             wrong.append(f"hidden_act={hf['hidden_act']} (lmforge's swiglu uses silu)")
         family = _family_fields(model_type, hf, wrong)
+        if model_type in ("mixtral", "qwen2_moe", "qwen3_moe"):
+            family.update(_moe_fields(model_type, hf, wrong))
         family.update(_rope_scaling_fields(rope, wrong))
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             wrong.append(f"partial_rotary_factor={rope['partial_rotary_factor']}")
@@ -406,7 +562,8 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         )
     else:
         raise ExportError(
-            f"{where}: unsupported architecture {model_type!r} (lmforge imports llama, qwen2, qwen3, mistral and gpt2)"
+            f"{where}: unsupported architecture {model_type!r} (lmforge imports llama, qwen2, qwen3, mistral, "
+            "mixtral, qwen2_moe, qwen3_moe and gpt2)"
         )
     fields["init_std"] = float(hf.get("initializer_range", 0.02))
     try:
@@ -424,12 +581,70 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
 # -- weights -----------------------------------------------------------------------------------------------
 
 
-def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's weights under Hugging Face names and layouts (a tied head is left out, as HF saves it)."""
+def _moe_layer_indices(cfg: ModelConfig) -> range:
+    return range(cfg.moe.first_dense_layers, cfg.n_layers) if cfg.moe.enabled else range(0)
+
+
+def to_hub_experts(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
+    """Stacked expert tensors (transformers 5's modules) -> one tensor per expert under the Hub's names."""
+    state = dict(state)
+    gate_name, up_name, down_name = HUB_EXPERTS[arch]
+    for i in _moe_layer_indices(cfg):
+        prefix = f"model.layers.{i}."
+        gate_up = state.pop(f"{prefix}mlp.experts.gate_up_proj")  # (E, 2F, C)
+        down = state.pop(f"{prefix}mlp.experts.down_proj")  # (E, C, F)
+        hidden = down.shape[-1]
+        for e in range(gate_up.shape[0]):
+            state[prefix + gate_name.format(e=e)] = gate_up[e, :hidden].contiguous()  # (F, C)
+            state[prefix + up_name.format(e=e)] = gate_up[e, hidden:].contiguous()  # (F, C)
+            state[prefix + down_name.format(e=e)] = down[e].contiguous()  # (C, F)
+        state[prefix + HUB_ROUTER[arch]] = state.pop(f"{prefix}mlp.gate.weight")
+    return state
+
+
+def from_hub_experts(
+    hf_state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str, where: str
+) -> dict[str, torch.Tensor]:
+    """One tensor per expert under the Hub's names -> the stacked tensors of transformers 5's modules (a
+    folder already holding stacked tensors passes through)."""
+    hf_state = dict(hf_state)
+    gate_name, up_name, down_name = HUB_EXPERTS[arch]
+    for i in _moe_layer_indices(cfg):
+        prefix = f"model.layers.{i}."
+        if prefix + HUB_ROUTER[arch] in hf_state:
+            hf_state[f"{prefix}mlp.gate.weight"] = hf_state.pop(prefix + HUB_ROUTER[arch])
+        if f"{prefix}mlp.experts.gate_up_proj" in hf_state:
+            continue
+        names = [
+            [prefix + n.format(e=e) for n in (gate_name, up_name, down_name)]
+            for e in range(cfg.moe.n_experts)
+        ]
+        missing = [n for row in names for n in row if n not in hf_state]
+        if missing:
+            raise CheckpointError(
+                f"{where}: no tensor {missing[0]!r} (the config implies {cfg.moe.n_experts} experts)"
+            )
+        hf_state[f"{prefix}mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([hf_state.pop(gate), hf_state.pop(up)]) for gate, up, _ in names]
+        )  # (E, 2F, C)
+        hf_state[f"{prefix}mlp.experts.down_proj"] = torch.stack([hf_state.pop(down) for *_, down in names])
+    return hf_state
+
+
+def to_hf_state_dict(model: Transformer, *, stacked_experts: bool = False) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face names and layouts (a tied head is left out, as HF saves it).
+    MoE experts as the Hub stores them, one tensor per expert, unless ``stacked_experts`` (transformers 5's
+    modules). A trained ``expert_bias`` (DeepSeek-V3 balancing) has no place in these families: refused."""
     cfg = model.cfg
     ours = dict(model.state_dict())
     if cfg.tie_embeddings:
         ours.pop("lm_head.weight")
+    for key in [k for k in ours if k.endswith(".mlp.expert_bias")]:
+        if ours.pop(key).abs().max() > 0:
+            raise ExportError(
+                f"cannot export: {key} is not zero (trained with model.moe.bias_update_rate > 0), and "
+                "Mixtral and Qwen-MoE route without a bias; the exported model would choose other experts"
+            )
     out, used = {}, set()
     for row in _expand(KEY_TABLES[architecture_for(cfg)], cfg.n_layers):
         if not all(k in ours for k in row.ours):
@@ -448,6 +663,9 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     left = sorted(set(ours) - used)
     if left:  # a parameter the table does not know: exporting without it would silently lose weights
         raise ExportError(f"no Hugging Face name for lmforge parameters {left[:5]}")
+    arch = architecture_for(cfg)
+    if arch in MOE_ARCHITECTURES and not stacked_experts:
+        out = to_hub_experts(out, cfg, arch)
     return out
 
 
@@ -459,11 +677,17 @@ def from_hf_state_dict(
         expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight")
+    biases = [k for k in expected if k.endswith(".mlp.expert_bias")]  # no Hugging Face family has one
+    for key in biases:
+        expected.pop(key)
+    arch = architecture_for(cfg)
+    if arch in MOE_ARCHITECTURES:
+        hf_state = from_hub_experts(hf_state, cfg, arch, where)
     hf_state = dict(hf_state)
     if "transformer.wte.weight" not in hf_state and "wte.weight" in hf_state:  # original GPT-2 uploads
         hf_state = {(k if k.startswith("lm_head") else f"transformer.{k}"): v for k, v in hf_state.items()}
     ours, used = {}, set()
-    for row in _expand(KEY_TABLES[architecture_for(cfg)], cfg.n_layers):
+    for row in _expand(KEY_TABLES[arch], cfg.n_layers):
         if not all(k in expected for k in row.ours):
             continue
         if row.hf not in hf_state:
@@ -487,6 +711,8 @@ def from_hf_state_dict(
     )
     if unexpected:
         raise CheckpointError(f"{where}: tensors the config does not explain: {', '.join(unexpected[:5])}")
+    for key in biases:
+        ours[key] = torch.zeros(cfg.moe.n_experts)
     return ours
 
 
@@ -501,7 +727,8 @@ def to_hf_model(model: Transformer):
     # Built for real (not on meta): its derived buffers, such as RoPE's inverse frequencies, are set at init.
     with torch.device(next(model.parameters()).device):
         hf_model = getattr(transformers, arch)(hf_cfg)
-    state = to_hf_state_dict(model)
+    stacked = any(k.endswith("experts.gate_up_proj") for k in hf_model.state_dict())  # transformers 5
+    state = to_hf_state_dict(model, stacked_experts=stacked)
     missing, unexpected = hf_model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
     if missing or unexpected:
@@ -510,6 +737,8 @@ def to_hf_model(model: Transformer):
         )
     if model.cfg.tie_embeddings:
         hf_model.tie_weights()
+    if model.cfg.moe.enabled and hasattr(hf_model, "set_experts_implementation"):
+        hf_model.set_experts_implementation("eager")  # transformers 5's grouped path needs 16-byte rows
     return hf_model.to(next(model.parameters()).dtype).eval()
 
 
@@ -542,7 +771,12 @@ def verify_with_transformers(model: Transformer, folder: Path) -> tuple[float | 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # its "Loading weights" bar is noise in a command's output
     try:
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        # MoE experts through transformers' plain per-expert loop: its grouped-matmul path (the default in 5.x)
+        # refuses widths that are not a multiple of 16 bytes, which small models have
+        moe = {"experts_implementation": "eager"} if model.cfg.moe.enabled else {}
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, **moe
+        ).eval()
     finally:
         if bar:
             hf_logging.enable_progress_bar()

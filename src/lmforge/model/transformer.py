@@ -20,6 +20,7 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.model.info import model_flops_per_token
+from lmforge.model.moe import GroupedExperts, MoEFeedForward
 
 
 class RMSNorm(nn.Module):
@@ -282,13 +283,14 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU (``down(silu(gate(x)) * up(x))``) or GELU (``down(gelu_tanh(up(x)))``, as GPT-2)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
+        hidden = hidden or cfg.hidden_dim
         self.swiglu = cfg.ffn == "swiglu"
         if self.swiglu:
-            self.gate_proj = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=cfg.bias)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=cfg.bias)
-        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=cfg.bias)
+            self.gate_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
@@ -296,15 +298,27 @@ class FeedForward(nn.Module):
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 
-class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+def make_feed_forward(cfg: ModelConfig, layer: int) -> nn.Module:
+    """The dense feed-forward, or the Mixture-of-Experts one from ``moe.first_dense_layers`` on."""
+    moe = cfg.moe
+    if not moe.enabled or layer < moe.first_dense_layers:
+        return FeedForward(cfg)
+    shared = None
+    if moe.n_shared_experts > 0:
+        hidden = moe.shared_expert_hidden or moe.n_shared_experts * (moe.expert_hidden or cfg.hidden_dim)
+        shared = FeedForward(cfg, hidden)
+    return MoEFeedForward(cfg, shared, layer)
 
-    def __init__(self, cfg: ModelConfig):
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); ``layer`` is its index."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = make_norm(cfg)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = make_norm(cfg)
-        self.mlp = FeedForward(cfg)
+        self.mlp = make_feed_forward(cfg, layer)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope, mask, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -337,7 +351,7 @@ class Transformer(nn.Module):
         if cfg.position == "learned":
             self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.lm_head = Readout(cfg.d_model, cfg.vocab_size, multiplier=1.0 / cfg.mup_width_mult)
         self.tie_weights()
@@ -392,6 +406,10 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std, generator=generator)
             elif isinstance(module, RMSNorm | nn.LayerNorm):
                 module.reset_parameters()
+            elif isinstance(module, GroupedExperts):
+                module.init_weights(std, residual_std, generator)
+            elif isinstance(module, MoEFeedForward):
+                module.expert_bias.zero_()
         self.init_buffers()
 
     # -- forward -----------------------------------------------------------------------------------------

@@ -27,12 +27,14 @@ from lmforge.data.batch import IGNORE_INDEX, Batch
 from lmforge.distributed.parallelize import World, clip_grad_norm_, unwrap
 from lmforge.errors import TrainingError
 from lmforge.files import write_text_atomic
+from lmforge.model.moe import moe_layers, router_loss
 from lmforge.train.card import model_card
+from lmforge.train.experts import ExpertLoad
 from lmforge.train.guards import BadStepGuard, SpikeDetector, StopSignals
 from lmforge.train.metrics import format_duration
 from lmforge.train.objectives import LANGUAGE_MODELING, Objective
 from lmforge.train.optim import lr_at, set_lr
-from lmforge.train.plots import plot_runs
+from lmforge.train.plots import plot_expert_load, plot_runs
 from lmforge.train.run import Run, Task, describe, setup_run
 
 __all__ = ["IGNORE_INDEX", "LoopState", "TrainResult", "forward_backward", "train"]
@@ -115,21 +117,31 @@ def forward_backward(
     scaler: torch.amp.GradScaler | None,
     world: World,
     objective: Objective = LANGUAGE_MODELING,
+    expert_load: ExpertLoad | None = None,
 ) -> torch.Tensor:
     """Accumulate the gradients of one optimizer step over its micro-batches; return the step's loss.
 
     Every micro-batch's summed loss is divided by the objective's units over all of them (and over all
-    processes), so the gradient equals that of one batch holding them all, masked targets included."""
+    processes), so the gradient equals that of one batch holding them all, masked targets included.
+    A Mixture-of-Experts model adds its routers' balancing losses to the gradient (each micro-batch's weighted
+    by its share of the units; the returned loss is the objective's alone) and, given ``expert_load``,
+    records each micro-batch's load there."""
     units = torch.tensor(sum(objective.units(b) for b in batches), device=device)
     if world.distributed:
         dist.all_reduce(units, group=world.dp_group)  # tensor-parallel peers share their batch
     units = units.clamp(min=1)
     loss_sum = torch.zeros((), device=device)
+    routers = moe_layers(model)  # [] for a dense model
     for batch in batches:
+        batch = batch.to(device)
         with autocast_for(device, precision):
-            loss = objective.loss(model, batch.to(device)) / units
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss = objective.loss(model, batch) / units
+            balance = router_loss(routers)  # None without MoE layers or balancing coefficients
+            total = loss if balance is None else loss + balance * (objective.units(batch) / units)
+        (scaler.scale(total) if scaler is not None else total).backward()
         loss_sum += loss.detach()
+        if expert_load is not None:
+            expert_load.add()
     if world.distributed:
         dist.all_reduce(loss_sum, group=world.dp_group)  # each replica holds its share of the step's loss
     return loss_sum
@@ -318,7 +330,7 @@ def validate(run: Run, state: LoopState, *, final: bool) -> None:
 
 
 def finish(run: Run, state: LoopState, stopped_by: str | None) -> None:
-    """Samples (unless preempted), the final checkpoint with the model card, the loss plot."""
+    """Samples (unless preempted), the final checkpoint with the model card, the loss (and expert load) plot."""
     if stopped_by not in ("SIGTERM", "SIGINT") and run.world.is_main and run.writes_text:
         state.samples = sample_texts(run, state.step)
         text = "\n\n".join(f"--- step {state.step} ---\n{s}" for s in state.samples) + "\n"
@@ -329,6 +341,7 @@ def finish(run: Run, state: LoopState, stopped_by: str | None) -> None:
     if run.world.is_main:
         write_text_atomic(run.run_dir / "MODEL_CARD.md", card)
         plot_runs([run.run_dir], run.run_dir / "loss.png")
+        plot_expert_load(run.run_dir)  # Mixture-of-Experts runs only
     if stopped_by is not None:
         run.log.info(
             f"stopped by {stopped_by} at step {state.step}; checkpoint {state.last_checkpoint}; "
@@ -358,6 +371,7 @@ def run_loop(run: Run) -> TrainResult:
     stopped_by: str | None = None
     interval = (time.perf_counter(), 0)  # (start, tokens) of the logging interval
     time_limit = tc.time_limit_minutes * 60.0
+    routers = moe_layers(run.model)  # Mixture-of-Experts layers: their load is summed per step
     if saved_rng is not None:
         set_rng_state(saved_rng)  # last, so nothing between here and the first step draws from it
     with StopSignals() as signals:
@@ -367,6 +381,7 @@ def run_loop(run: Run) -> TrainResult:
                 break
             run.energy.poll()  # a wrapping energy counter is read every step
             batches = [run.loader.next_batch() for _ in range(run.grad_accum)]
+            expert_load = ExpertLoad(routers) if routers else None
             loss_sum = forward_backward(
                 run.model,
                 batches,
@@ -375,8 +390,13 @@ def run_loop(run: Run) -> TrainResult:
                 scaler=run.scaler,
                 world=world,
                 objective=run.objective,
+                expert_load=expert_load,
             )
             loss, grad_norm, lr, finite = optimizer_step(run, state.step, loss_sum)
+            if expert_load is not None:
+                expert_load.all_reduce(world)
+                if finite:
+                    expert_load.update_expert_bias()  # DeepSeek-V3 balancing, after the step
             state.step += 1
             state.tokens += run.tokens_per_step
             interval = (interval[0], interval[1] + run.tokens_per_step)
@@ -395,6 +415,8 @@ def run_loop(run: Run) -> TrainResult:
             out_of_time = state.step < tc.steps and agree(over, world)
             if state.step % tc.log_every == 0 or state.step == tc.steps or out_of_time:
                 values = {"loss": loss, "lr": lr, "grad_norm": grad_norm, **objective_metrics(run, batches)}
+                if expert_load is not None:
+                    values.update(expert_load.metrics())
                 log_step(run, state, values, interval)
                 interval = (time.perf_counter(), 0)
             log.advance(state.step)

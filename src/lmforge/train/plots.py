@@ -52,3 +52,41 @@ def plot_runs(run_dirs: list[str | Path], out_path: str | Path | None = None) ->
     plt.close(fig)
     os.replace(tmp, out_path)
     return out_path
+
+
+def plot_expert_load(run_dir: str | Path, out_path: str | Path | None = None) -> Path | None:
+    """A Mixture-of-Experts run's routing balance against step: each MoE layer's most loaded expert over the
+    mean (1 is perfectly balanced) and the fraction of assignments dropped by the capacity limit, as a PNG at
+    ``out_path`` (default RUN/expert_load.png). None when the run logged no expert load (a dense model)."""
+    records = [r for r in read_metrics(run_dir) if "moe_load_max_mean" in r]
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_path = Path(out_path) if out_path is not None else Path(run_dir) / "expert_load.png"
+    layers = sorted(
+        {k for r in records for k in r if k.startswith("moe_load_max_mean/")},
+        key=lambda k: int(k.rsplit("layer", 1)[1]),
+    )
+    fig, (load_ax, drop_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for key in layers:
+        rows = [r for r in records if key in r]
+        load_ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key.split("/")[1])
+    load_ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+    load_ax.set_ylabel("tokens per expert, max / mean")
+    load_ax.grid(alpha=0.3)
+    load_ax.legend(fontsize="small", ncol=4)
+    drop_ax.plot([r["step"] for r in records], [r["moe_dropped_frac"] for r in records], color="tab:red")
+    drop_ax.set_ylabel("assignments dropped")
+    drop_ax.set_xlabel("step")
+    drop_ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f"{out_path.stem}.tmp-{os.getpid()}{out_path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+    return out_path
