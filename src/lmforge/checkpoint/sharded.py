@@ -214,17 +214,27 @@ def load_sharded(
 def optimizer_state_by_name(
     saved: dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module
 ) -> dict:
-    """Rename a plain ``optimizer.state_dict()`` (parameters numbered in the order the optimizer holds them)
-    to the parameter-name keys ``set_state_dict`` expects. ``optimizer`` must have been built the same way
-    as the saved one (same groups, same order), which wrapping does not change."""
+    """Rename a plain ``optimizer.state_dict()`` written by one process (parameters numbered in the order its
+    optimizer held them) to the parameter-name keys ``set_state_dict`` expects, in ``optimizer``'s groups.
+
+    One process numbers them as ``train.optim.param_groups`` orders them on an unsharded model: the trainable
+    matrices in model order, then the vectors. On several processes that function splits each kind further
+    by device mesh (expert or tensor parallelism), so the saved numbering is rebuilt from the model, not
+    read from ``optimizer``'s groups; each group takes its settings from the saved group of its kind."""
     from lmforge.distributed.parallelize import unwrap
 
-    name_of = {id(p): name for name, p in unwrap(model).named_parameters()}
-    names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    params = [(name, p) for name, p in unwrap(model).named_parameters() if p.requires_grad]
+    names = [name for name, p in params if p.dim() >= 2] + [name for name, p in params if p.dim() < 2]
     if len(names) != sum(len(g["params"]) for g in saved["param_groups"]):
         raise CheckpointError("the saved optimizer holds a different number of parameters than this one")
     renamed_state = {names[int(i)]: s for i, s in saved["state"].items()}
-    groups = [{**g, "params": [names[int(i)] for i in g["params"]]} for g in saved["param_groups"]]
+    saved_group_of = {names[int(i)]: g for g in saved["param_groups"] for i in g["params"]}
+    name_of = {id(p): name for name, p in params}
+    groups = []
+    for group in optimizer.param_groups:
+        group_names = [name_of[id(p)] for p in group["params"]]
+        settings = saved_group_of[group_names[0]] if group_names else {}
+        groups.append({**settings, "params": group_names})
     return {"state": renamed_state, "param_groups": groups}
 
 

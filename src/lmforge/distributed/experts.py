@@ -94,8 +94,9 @@ def share_router_statistics(model: nn.Module, group) -> None:
         layer.sum_over_batch = SumOverGroup(group)
 
 
-def check_expert_parallel(model: nn.Module, ep: int, world_size: int) -> list[MoEFeedForward]:
-    """The model's MoE layers, after checking that ``ep`` experts-per-rank splits work; ConfigError otherwise."""
+def check_expert_parallel(model: nn.Module, ep: int, world_size: int) -> None:
+    """ConfigError, naming every problem, unless ``ep`` ranks can share the experts of ``model``'s MoE layers
+    on ``world_size`` processes."""
     layers = moe_layers(model)
     problems = []
     if world_size % ep:
@@ -109,7 +110,6 @@ def check_expert_parallel(model: nn.Module, ep: int, world_size: int) -> list[Mo
         )
     if problems:
         raise ConfigError("expert parallelism: " + "; ".join(problems))
-    return layers
 
 
 def apply_expert_parallel(model: nn.Module, mesh) -> None:
@@ -120,8 +120,7 @@ def apply_expert_parallel(model: nn.Module, mesh) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     ep_mesh = mesh["ep"]
-    layers = check_expert_parallel(model, ep_mesh.size(), mesh.size())
-    for layer in layers:
+    for layer in moe_layers(model):
         experts = layer.experts
         for name in ("gate_up_proj", "down_proj"):
             full = getattr(experts, name)

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from lmforge.config import ParallelConfig
 from lmforge.distributed.experts import (
     apply_expert_parallel,
+    check_expert_parallel,
     expert_parameters,
     share_router_statistics,
     sum_expert_gradients,
@@ -320,6 +321,7 @@ def parallelize(
         apply_tensor_parallel(model, world.mesh["tp"])
         strategy = "fsdp" if world.dp_size > 1 else "single"
     if parallel.ep > 1:
+        check_expert_parallel(model, parallel.ep, world.world_size)
         apply_expert_parallel(model, world.expert_mesh)
     if world.distributed:
         share_router_statistics(model, world.dp_group)  # balancing losses over the whole batch
