@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -160,3 +161,43 @@ def test_parallelize_refuses_expert_parallelism_for_a_dense_model_naming_every_p
         parallelize(model, ParallelConfig(ep=2), world)
     assert "parallel.ep=2 must divide the number of processes, WORLD_SIZE=3" in str(error.value)
     assert "parallel.ep=2 needs a Mixture-of-Experts model" in str(error.value)
+
+
+# -- the command line ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_lmforge_launch_trains_with_ep2_end_to_end(tmp_path):
+    """``lmforge launch --nproc-per-node 2 ... parallel.ep=2`` on real text: the sharded checkpoint holds each
+    rank's 2 experts, consolidates with ``lmforge consolidate``, and its logits equal those of the same steps
+    in one process (``parallel.ep=1``, the same global batches accumulated)."""
+    from lmforge.checkpoint import load_model
+    from tests.conftest import require_shared_data
+    from tests.distributed.test_launch_cli import RUN
+
+    require_shared_data("tinyshakespeare.txt")
+    env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache")}
+    moe = ["model.moe.n_experts=4", "model.moe.top_k=2", "--no-progress"]
+    launched = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", "launch", "--nproc-per-node", "2", *RUN, *moe, "parallel.ep=2",
+         f"train.out_dir={tmp_path / 'ep'}"], env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    assert expert_chunks(tmp_path / "ep", 6) == [(0, 2), (2, 2)]
+    consolidated = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", "consolidate", str(tmp_path / "ep"), str(tmp_path / "whole")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert consolidated.returncode == 0, consolidated.stderr
+    model, config, _ = load_model(tmp_path / "whole")
+    assert config.parallel.ep == 2 and config.model.moe.n_experts == 4
+
+    single = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli", "train", *RUN, *moe, f"train.out_dir={tmp_path / 'single'}"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    reference, _, _ = load_model(tmp_path / "single")
+    tokens = torch.randint(0, config.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), reference(tokens), rtol=1e-4, atol=1e-4)
