@@ -196,11 +196,14 @@ def load_sharded(
         _dcp_load(state, directory / SHARDS)
         set_model_state_dict(model, state["model"])
     else:
+        # The per-parameter state (moments, step counts) is read by name; the groups stay this optimizer's:
+        # their settings come from the config, and their split (by device mesh) from this run's parallelism.
         model_state, optim_state = get_state_dict(model, optimizer)
         _check_shapes(directory, model_state)
-        state = {"model": model_state, "optim": optim_state}
+        state = {"model": model_state, "optim": {"state": optim_state["state"]}}
         _dcp_load(state, directory / SHARDS)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        optim_state = {"state": state["optim"]["state"], "param_groups": optim_state["param_groups"]}
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state)
     manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
     saved_world_size = int(manifest.get("world_size", 1))
     rank_states = [
