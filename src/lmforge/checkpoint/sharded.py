@@ -220,19 +220,25 @@ def optimizer_state_by_name(
     """Rename a plain ``optimizer.state_dict()`` written by one process (parameters numbered in the order its
     optimizer held them) to the parameter-name keys ``set_state_dict`` expects, in ``optimizer``'s groups.
 
-    One process numbers them as ``train.optim.param_groups`` orders them on an unsharded model: the trainable
-    matrices in model order, then the vectors. On several processes that function splits each kind further
-    by device mesh (expert or tensor parallelism), so the saved numbering is rebuilt from the model, not
-    read from ``optimizer``'s groups; each group takes its settings from the saved group of its kind."""
+    When ``optimizer`` was built the same way (the same group sizes), the numbering is its own order. Else
+    its groups are split further by device mesh (``train.optim.param_groups`` under expert or tensor
+    parallelism), and the one process numbered them as that function orders an unsharded model: the
+    trainable matrices in model order, then the vectors. Each group takes its settings from the saved group
+    of its first parameter."""
     from lmforge.distributed.parallelize import unwrap
 
     params = [(name, p) for name, p in unwrap(model).named_parameters() if p.requires_grad]
-    names = [name for name, p in params if p.dim() >= 2] + [name for name, p in params if p.dim() < 2]
+    name_of = {id(p): name for name, p in params}
+    if [len(g["params"]) for g in saved["param_groups"]] == [
+        len(g["params"]) for g in optimizer.param_groups
+    ]:
+        names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    else:
+        names = [name for name, p in params if p.dim() >= 2] + [name for name, p in params if p.dim() < 2]
     if len(names) != sum(len(g["params"]) for g in saved["param_groups"]):
         raise CheckpointError("the saved optimizer holds a different number of parameters than this one")
     renamed_state = {names[int(i)]: s for i, s in saved["state"].items()}
     saved_group_of = {names[int(i)]: g for g in saved["param_groups"] for i in g["params"]}
-    name_of = {id(p): name for name, p in params}
     groups = []
     for group in optimizer.param_groups:
         group_names = [name_of[id(p)] for p in group["params"]]
