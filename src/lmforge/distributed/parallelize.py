@@ -2,7 +2,8 @@
 
 The model knows nothing of this file. ``init_world`` reads the launcher's environment (torchrun's RANK,
 WORLD_SIZE, LOCAL_RANK) and joins the process group; ``parallelize`` changes the model in a fixed order:
-tensor parallelism, the fused block (fp32 on the CPU), activation checkpointing per block,
+tensor or expert parallelism (``distributed/experts.py``), the fused block (fp32 on the CPU), activation
+checkpointing per block,
 ``torch.compile`` per block, then DDP, or FSDP2 (``fully_shard``) per block and at the root.
 """
 
@@ -299,8 +300,9 @@ def parallelize(
     strategy: str | None = None,
     fused_blocks: bool = True,
 ) -> nn.Module:
-    """Tensor parallelism, the fused block, activation checkpointing, ``torch.compile`` per block, then data
-    parallelism (DDP or FSDP2), in that order. The fused block (``model/fused.py``, off with
+    """Tensor or expert parallelism, the fused block, activation checkpointing, ``torch.compile`` per block,
+    then data parallelism (DDP or FSDP2), in that order. Under data parallelism the MoE layers' balancing
+    losses are taken over the whole batch (``distributed.experts.share_router_statistics``). The fused block (``model/fused.py``, off with
     ``fused_blocks=False``) replaces the qualifying blocks' training math for fp32 on the CPU without compile
     or tensor parallelism; it goes before activation checkpointing, which wraps the block's forward as it is.
     ``strategy`` is the resolved one (``train.run.strategy_of``: the planner's choice for
