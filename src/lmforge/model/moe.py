@@ -14,14 +14,17 @@ A block whose index is at least ``model.moe.first_dense_layers`` replaces its de
 3. **dispatch, expert compute, combine**: ``dispatcher.dispatch`` hands the grouped tokens and per-expert
    counts to wherever the experts live and ``combine`` brings the results back in the same order. The
    default ``LocalDispatcher`` does nothing; expert parallelism swaps in an all-to-all dispatcher from
-   ``distributed/`` and slices ``experts`` to its local experts, without this file knowing. ``GroupedExperts``
-   computes any number of experts over tokens already grouped, one grouped matmul per projection;
+   ``distributed/`` and shards ``experts`` to its local experts, without this file knowing. ``GroupedExperts``
+   (``swiglu_experts``) computes any number of experts over tokens already grouped, one grouped matmul per
+   projection;
 4. **unpermute**: each result is scaled by its routing weight and added back to its token.
 
 Shared experts (every token passes through them, Qwen2-MoE and DeepSeek) add a dense SwiGLU, optionally
 scaled by a sigmoid gate (Qwen2-MoE). In training mode a forward leaves its ``RouterStats`` (the load-balancing
 and z-losses, tokens per expert, dropped assignments) on the layer; ``train/`` reads them with
-``router_loss`` and ``router_stats`` and calls ``update_expert_bias`` after each optimizer step.
+``router_loss`` and ``router_stats`` and calls ``update_expert_bias`` after each optimizer step. The losses
+are those of the whole batch: under data parallelism ``sum_over_batch`` (swapped in from ``distributed/``)
+adds the statistics of every process before they are formed.
 
 Parameter names follow Hugging Face transformers 5 (``mlp.gate.weight``, ``mlp.experts.gate_up_proj``
 (E, 2F, C), ``mlp.experts.down_proj`` (E, C, F), ``mlp.shared_expert.*``, ``mlp.shared_expert_gate.weight``).
