@@ -7,7 +7,8 @@ step the run announces, not at a moment a watcher happens to look);
 consecutive ranks reads one data-parallel slice); ``--untied 1`` unties the output head; ``--offload 1`` sets
 ``parallel.cpu_offload=true``; ``--experts E`` makes the feed-forwards Mixture-of-Experts (E experts, top 2;
 ``--aux C`` sets ``model.moe.aux_loss_coef``, ``--bias-rate R`` ``model.moe.bias_update_rate``) and ``--ep N``
-sets ``parallel.ep``; ``--accum A`` splits each rank's share of the global batch into A micro-batches.
+sets ``parallel.ep``; ``--accum A`` splits each rank's share of the global batch into A micro-batches;
+``--ac 1`` sets ``train.activation_checkpointing=true``.
 
 The loader draws global batch ``n`` as a pure function of ``n`` and gives each rank its slice, and its
 state (batches drawn) does not depend on the world size, so runs on 1 and 2 processes see the same data.
@@ -74,6 +75,7 @@ def config(
     moe: tuple[int, float, float] = (0, 0.0, 0.0),
     ep: int = 1,
     accum: int = 1,
+    activation_checkpointing: bool = False,
 ):
     experts, aux, bias_rate = moe
     from lmforge.config import load_config
@@ -89,6 +91,7 @@ def config(
         "model.moe.top_k=2", f"model.moe.aux_loss_coef={aux}", f"model.moe.bias_update_rate={bias_rate}",
         f"parallel.ep={ep}", f"train.micro_batch={GLOBAL_BATCH // (world_size // tp) // accum}",
         f"train.global_batch_tokens={GLOBAL_BATCH * SEQ_LEN}",
+        f"train.activation_checkpointing={'true' if activation_checkpointing else 'false'}",
     ])  # fmt: skip
 
 
@@ -96,7 +99,9 @@ def main(argv: list[str]) -> None:
     from lmforge.train.loop import train
 
     options = {"--die-at": 0.0, "--timeout": 60.0, "--tp": 1.0, "--untied": 0.0, "--offload": 0.0}
-    options.update({"--experts": 0.0, "--aux": 0.0, "--bias-rate": 0.0, "--ep": 1.0, "--accum": 1.0})
+    options.update(
+        {"--experts": 0.0, "--aux": 0.0, "--bias-rate": 0.0, "--ep": 1.0, "--accum": 1.0, "--ac": 0.0}
+    )
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     while argv:
         if argv[0] in options:  # an option applies to the runs after it
@@ -125,6 +130,7 @@ def main(argv: list[str]) -> None:
                 (int(options["--experts"]), options["--aux"], options["--bias-rate"]),
                 int(options["--ep"]),
                 accum,
+                bool(options["--ac"]),
             ),  # fmt: skip
             resume=resume[0] if resume else None,
             loader=loader,
