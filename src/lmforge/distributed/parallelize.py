@@ -3,8 +3,8 @@
 The model knows nothing of this file. ``init_world`` reads the launcher's environment (torchrun's RANK,
 WORLD_SIZE, LOCAL_RANK) and joins the process group; ``parallelize`` changes the model in a fixed order:
 tensor or expert parallelism (``distributed/experts.py``), the fused block (fp32 on the CPU), activation
-checkpointing per block,
-``torch.compile`` per block, then DDP, or FSDP2 (``fully_shard``) per block and at the root.
+checkpointing per block, ``torch.compile`` per block, then DDP, or FSDP2 (``fully_shard``) per block and
+at the root.
 """
 
 from __future__ import annotations
@@ -302,8 +302,8 @@ def parallelize(
 ) -> nn.Module:
     """Tensor or expert parallelism, the fused block, activation checkpointing, ``torch.compile`` per block,
     then data parallelism (DDP or FSDP2), in that order. Under data parallelism the MoE layers' balancing
-    losses are taken over the whole batch (``distributed.experts.share_router_statistics``). The fused block (``model/fused.py``, off with
-    ``fused_blocks=False``) replaces the qualifying blocks' training math for fp32 on the CPU without compile
+    losses are taken over the whole batch (``distributed.experts.share_router_statistics``). The fused
+    block (``model/fused.py``, off with ``fused_blocks=False``) replaces the qualifying blocks' training math for fp32 on the CPU without compile
     or tensor parallelism; it goes before activation checkpointing, which wraps the block's forward as it is.
     ``strategy`` is the resolved one (``train.run.strategy_of``: the planner's choice for
     ``parallel.strategy: auto``); by default ``parallel.strategy``, where ``auto`` is only accepted for one
