@@ -4,7 +4,8 @@ A tiny Mixture-of-Experts model (4 experts, top 2, d_model 32, 2 layers) with th
 DeepSeek-V3's bias update on, 2 micro-batches per step, 20 steps (``run_loop.py``; every run sees the same
 global batches). Compared with the single-process run: loss per step and final weights of EP 2 on 2
 processes (DDP and FSDP for the dense weights) and of EP 2 x 2 data-parallel replicas on 4; a checkpoint
-written at EP 2 continued at EP 1 and one written by one process continued at EP 2. Then the boundary
+written at EP 2 continued at EP 1, and ones written by one process and by 2 processes without EP continued
+at EP 2. Then the boundary
 errors, and ``lmforge launch`` training with ``parallel.ep=2`` end to end.
 """
 
@@ -68,13 +69,12 @@ def out(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_processes(out):
-    """EP 2 on 2 processes with DDP, then with FSDP, for the dense weights; then EP 2 continuing the
-    single-process checkpoint of step 10."""
-    runs = [
-        f"{out}/ep-ddp:20:ddp",
-        f"{out}/ep-fsdp:20:fsdp",
-        f"{out}/from-1:20:fsdp:{checkpoint(out / 'reference', 10)}",
-    ]
+    """On 2 processes: EP 2 with DDP, then with FSDP, for the dense weights; EP 2 continuing the
+    single-process checkpoint of step 10; 10 steps without EP (DDP), continued at EP 2 from its sharded
+    checkpoint."""
+    reference_10, ep1_10 = checkpoint(out / "reference", 10), checkpoint(out / "ep1", 10)
+    runs = [f"{out}/ep-ddp:20:ddp", f"{out}/ep-fsdp:20:fsdp", f"{out}/from-1:20:fsdp:{reference_10}"]
+    runs += ["--ep", "1", f"{out}/ep1:10:ddp", "--ep", "2", f"{out}/from-ep1:20:fsdp:{ep1_10}"]
     completed = torchrun(*runs, script_options=(*MOE, "--ep", "2"), timeout=300)
     assert completed.returncode == 0, completed.stderr[-4000:]
     return out
@@ -111,6 +111,16 @@ def test_a_checkpoint_written_at_ep2_continues_at_ep1(two_processes):
 @pytest.mark.slow
 def test_a_single_process_checkpoint_continues_at_ep2(two_processes):
     assert_same_curve(curve(two_processes / "from-1"), curve(two_processes / "reference"), range(11, 21))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_without_ep_on_2_processes_continues_at_ep2(two_processes):
+    """Without EP the 2 DDP ranks hold every expert; their balancing losses still cover the whole batch,
+    so that run follows the single-process curve too, and its sharded checkpoint reshards into EP 2."""
+    out = two_processes
+    assert expert_chunks(out / "ep1", 10) == [(0, 4)]  # every expert whole on each rank (saved once)
+    assert_same_curve(curve(out / "ep1"), curve(out / "reference"), range(1, 11))
+    assert_same_curve(curve(out / "from-ep1"), curve(out / "reference"), range(11, 21))
 
 
 @pytest.mark.slow
