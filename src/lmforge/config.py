@@ -235,6 +235,19 @@ class Config:
                     f"parallel.tp={tp} with model.qk_norm=true is not supported: the q/k norm weights are shared "
                     "by heads on every rank, so their gradients would need summing over ranks; use parallel.tp=1"
                 )
+        ep, n_experts = self.parallel.ep, self.model.moe.n_experts
+        if ep > 1 and n_experts == 0:
+            out.append(
+                f"parallel.ep={ep} needs a Mixture-of-Experts model: set model.moe.n_experts (a multiple of "
+                f"{ep}) or parallel.ep=1"
+            )
+        elif ep > 1 and n_experts % ep:
+            out.append(
+                f"parallel.ep={ep} must divide model.moe.n_experts={n_experts} (each rank holds whole experts); "
+                f"choose an ep that divides {n_experts}"
+            )
+        if ep > 1 and tp > 1:
+            out.append(f"parallel.ep={ep} with parallel.tp={tp} is not supported: choose one of them")
         if self.train.seq_len > self.model.max_seq_len and self.model.position != "rope":
             out.append(
                 f"train.seq_len={self.train.seq_len} is longer than model.max_seq_len={self.model.max_seq_len} "

@@ -196,11 +196,14 @@ def load_sharded(
         _dcp_load(state, directory / SHARDS)
         set_model_state_dict(model, state["model"])
     else:
+        # The per-parameter state (moments, step counts) is read by name; the groups stay this optimizer's:
+        # their settings come from the config, and their split (by device mesh) from this run's parallelism.
         model_state, optim_state = get_state_dict(model, optimizer)
         _check_shapes(directory, model_state)
-        state = {"model": model_state, "optim": optim_state}
+        state = {"model": model_state, "optim": {"state": optim_state["state"]}}
         _dcp_load(state, directory / SHARDS)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        optim_state = {"state": state["optim"]["state"], "param_groups": optim_state["param_groups"]}
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_state)
     manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
     saved_world_size = int(manifest.get("world_size", 1))
     rank_states = [
@@ -214,17 +217,33 @@ def load_sharded(
 def optimizer_state_by_name(
     saved: dict[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module
 ) -> dict:
-    """Rename a plain ``optimizer.state_dict()`` (parameters numbered in the order the optimizer holds them)
-    to the parameter-name keys ``set_state_dict`` expects. ``optimizer`` must have been built the same way
-    as the saved one (same groups, same order), which wrapping does not change."""
+    """Rename a plain ``optimizer.state_dict()`` written by one process (parameters numbered in the order its
+    optimizer held them) to the parameter-name keys ``set_state_dict`` expects, in ``optimizer``'s groups.
+
+    When ``optimizer`` was built the same way (the same group sizes), the numbering is its own order. Else
+    its groups are split further by device mesh (``train.optim.param_groups`` under expert or tensor
+    parallelism), and the one process numbered them as that function orders an unsharded model: the
+    trainable matrices in model order, then the vectors. Each group takes its settings from the saved group
+    of its first parameter."""
     from lmforge.distributed.parallelize import unwrap
 
-    name_of = {id(p): name for name, p in unwrap(model).named_parameters()}
-    names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    params = [(name, p) for name, p in unwrap(model).named_parameters() if p.requires_grad]
+    name_of = {id(p): name for name, p in params}
+    if [len(g["params"]) for g in saved["param_groups"]] == [
+        len(g["params"]) for g in optimizer.param_groups
+    ]:
+        names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    else:
+        names = [name for name, p in params if p.dim() >= 2] + [name for name, p in params if p.dim() < 2]
     if len(names) != sum(len(g["params"]) for g in saved["param_groups"]):
         raise CheckpointError("the saved optimizer holds a different number of parameters than this one")
     renamed_state = {names[int(i)]: s for i, s in saved["state"].items()}
-    groups = [{**g, "params": [names[int(i)] for i in g["params"]]} for g in saved["param_groups"]]
+    saved_group_of = {names[int(i)]: g for g in saved["param_groups"] for i in g["params"]}
+    groups = []
+    for group in optimizer.param_groups:
+        group_names = [name_of[id(p)] for p in group["params"]]
+        settings = saved_group_of[group_names[0]] if group_names else {}
+        groups.append({**settings, "params": group_names})
     return {"state": renamed_state, "param_groups": groups}
 
 

@@ -2,8 +2,9 @@
 
 The model knows nothing of this file. ``init_world`` reads the launcher's environment (torchrun's RANK,
 WORLD_SIZE, LOCAL_RANK) and joins the process group; ``parallelize`` changes the model in a fixed order:
-tensor parallelism, the fused block (fp32 on the CPU), activation checkpointing per block,
-``torch.compile`` per block, then DDP, or FSDP2 (``fully_shard``) per block and at the root.
+tensor or expert parallelism (``distributed/experts.py``), the fused block (fp32 on the CPU), activation
+checkpointing per block, ``torch.compile`` per block, then DDP, or FSDP2 (``fully_shard``) per block and
+at the root.
 """
 
 from __future__ import annotations
@@ -19,8 +20,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ParallelConfig
+from lmforge.distributed.experts import (
+    apply_expert_parallel,
+    check_expert_parallel,
+    expert_parameters,
+    share_router_statistics,
+    sum_expert_gradients,
+)
 from lmforge.errors import ConfigError
 from lmforge.model.fused import apply_fused_blocks
+from lmforge.model.moe import moe_layers
 
 _GROUPS_STARTED = 0  # process groups this process has started (a fresh store key space for each)
 
@@ -35,6 +44,8 @@ class World:
     device: torch.device
     tp: int = 1  # tensor-parallel degree: consecutive ranks form one tensor-parallel group
     mesh: object = None  # the ("dp", "tp") DeviceMesh when tp > 1
+    ep: int = 1  # expert-parallel degree: consecutive ranks share the routed experts (distributed/experts.py)
+    expert_mesh: object = None  # the ("edp", "ep") DeviceMesh when ep > 1
 
     @property
     def is_main(self) -> bool:
@@ -83,6 +94,15 @@ def init_world(parallel: ParallelConfig, device: torch.device) -> World:
             f"parallel.tp={parallel.tp} must divide the number of processes, WORLD_SIZE={world_size}; "
             f"launch a multiple of {parallel.tp} processes or lower parallel.tp"
         )
+    if world_size % parallel.ep:
+        raise ConfigError(
+            f"parallel.ep={parallel.ep} must divide the number of processes, WORLD_SIZE={world_size}; "
+            f"launch a multiple of {parallel.ep} processes or lower parallel.ep"
+        )
+    if parallel.ep > 1 and parallel.tp > 1:
+        raise ConfigError(
+            f"parallel.ep={parallel.ep} with parallel.tp={parallel.tp} is not supported: choose one of them"
+        )
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -105,15 +125,26 @@ def init_world(parallel: ParallelConfig, device: torch.device) -> World:
             timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
-    mesh = None
-    if parallel.tp > 1:
-        from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import init_device_mesh
 
+    mesh = expert_mesh = None
+    if parallel.tp > 1:
         mesh = init_device_mesh(
             device.type, (world_size // parallel.tp, parallel.tp), mesh_dim_names=("dp", "tp")
         )
+    if parallel.ep > 1:  # every rank reads its own data; ep consecutive ranks share the experts
+        expert_mesh = init_device_mesh(
+            device.type, (world_size // parallel.ep, parallel.ep), mesh_dim_names=("edp", "ep")
+        )
     return World(
-        rank=rank, world_size=world_size, local_rank=local_rank, device=device, tp=parallel.tp, mesh=mesh
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        device=device,
+        tp=parallel.tp,
+        mesh=mesh,
+        ep=parallel.ep,
+        expert_mesh=expert_mesh,
     )
 
 
@@ -170,6 +201,11 @@ def apply_fsdp(model: nn.Module, world: World, *, precision: str, cpu_offload: b
         mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     # Pinned host memory needs an accelerator; on the CPU (gloo) the policy still runs, with plain memory.
     offload = CPUOffloadPolicy(pin_memory=world.device.type != "cpu") if cpu_offload else OffloadPolicy()
+    if world.ep > 1:  # the experts (sharded over "ep") are sharded again over "edp", as 2-D FSDP x TP
+        for layer in moe_layers(model):
+            fully_shard(
+                layer.experts, mesh=world.expert_mesh["edp"], mp_policy=mp_policy, offload_policy=offload
+            )
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
@@ -264,9 +300,10 @@ def parallelize(
     strategy: str | None = None,
     fused_blocks: bool = True,
 ) -> nn.Module:
-    """Tensor parallelism, the fused block, activation checkpointing, ``torch.compile`` per block, then data
-    parallelism (DDP or FSDP2), in that order. The fused block (``model/fused.py``, off with
-    ``fused_blocks=False``) replaces the qualifying blocks' training math for fp32 on the CPU without compile
+    """Tensor or expert parallelism, the fused block, activation checkpointing, ``torch.compile`` per block,
+    then data parallelism (DDP or FSDP2), in that order. Under data parallelism the MoE layers' balancing
+    losses are taken over the whole batch (``distributed.experts.share_router_statistics``). The fused
+    block (``model/fused.py``, off with ``fused_blocks=False``) replaces the qualifying blocks' training math for fp32 on the CPU without compile
     or tensor parallelism; it goes before activation checkpointing, which wraps the block's forward as it is.
     ``strategy`` is the resolved one (``train.run.strategy_of``: the planner's choice for
     ``parallel.strategy: auto``); by default ``parallel.strategy``, where ``auto`` is only accepted for one
@@ -285,6 +322,11 @@ def parallelize(
             )
         apply_tensor_parallel(model, world.mesh["tp"])
         strategy = "fsdp" if world.dp_size > 1 else "single"
+    if parallel.ep > 1:
+        check_expert_parallel(model, parallel.ep, world.world_size)
+        apply_expert_parallel(model, world.expert_mesh)
+    if world.distributed:
+        share_router_statistics(model, world.dp_group)  # balancing losses over the whole batch
     if strategy == "auto":
         if world.distributed:
             raise ConfigError(
@@ -305,8 +347,13 @@ def parallelize(
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [world.device] if world.device.type == "cuda" else None
+        experts = expert_parameters(model) if world.ep > 1 else {}
+        if experts:  # sharded over "ep": summed over "edp" by their own hook, not by DDP
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(experts))
         wrapped = DistributedDataParallel(model, device_ids=device_ids)
         wrapped.register_comm_hook(None, sum_gradients)
+        if experts and world.expert_mesh["edp"].size() > 1:
+            sum_expert_gradients(list(experts.values()), world.expert_mesh["edp"].get_group(), wrapped)
         return wrapped
     if strategy == "fsdp":
         apply_fsdp(model, world, precision=precision, cpu_offload=parallel.cpu_offload)

@@ -15,15 +15,18 @@ A block whose index is at least ``model.moe.first_dense_layers`` replaces its de
 3. **dispatch, expert compute, combine**: ``dispatcher.dispatch`` hands the grouped tokens and per-expert
    counts to wherever the experts live and ``combine`` brings the results back in the same order. The
    default ``LocalDispatcher`` does nothing; expert parallelism swaps in an all-to-all dispatcher from
-   ``distributed/`` and slices ``experts`` to its local experts, without this file knowing. ``GroupedExperts``
-   computes any number of experts over tokens already grouped, one grouped matmul per projection;
+   ``distributed/`` and shards ``experts`` to its local experts, without this file knowing. ``GroupedExperts``
+   (``swiglu_experts``) computes any number of experts over tokens already grouped, one grouped matmul per
+   projection;
 4. **unpermute**: each result is scaled by its routing weight and added back to its token.
 
 Shared experts (every token passes through them, Qwen2-MoE and DeepSeek) add a dense SwiGLU, optionally
 scaled by a sigmoid gate (Qwen2-MoE). A training-mode forward with gradients leaves its ``RouterStats``
 (the load-balancing and z-losses, tokens per expert, dropped assignments) in ``last_stats``; ``train/`` adds
 ``router_loss`` to the objective's loss, sums the load per step (``train/experts.py``) and calls
-``update_expert_bias`` after each optimizer step.
+``update_expert_bias`` after each optimizer step. The losses are those of the whole batch: under data
+parallelism ``sum_over_batch`` (swapped in from ``distributed/``) adds the statistics of every process before
+they are formed.
 
 Parameter names follow Hugging Face transformers 5 (``mlp.gate.weight``, ``mlp.experts.gate_up_proj``
 (E, 2F, C), ``mlp.experts.down_proj`` (E, C, F), ``mlp.shared_expert.*``, ``mlp.shared_expert_gate.weight``).
@@ -35,6 +38,7 @@ A (token, expert) assignments kept (N*K when dropless), F expert hidden size.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -102,6 +106,18 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> t
     )
 
 
+def swiglu_experts(
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """SwiGLU experts over grouped tokens: ``x`` (A, C) holds ``counts[g]`` consecutive rows for expert g,
+    whose weights are ``gate_up[g]`` (2F, C) and ``down[g]`` (C, F) -> (A, C)."""
+    if torch.is_autocast_enabled(x.device.type):  # as nn.Linear would, compute in the autocast dtype
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
+    gate, up = grouped_mm(x, gate_up.transpose(1, 2), counts).chunk(2, dim=-1)  # (A, F) each
+    return grouped_mm(F.silu(gate) * up, down.transpose(1, 2), counts)  # (A, C)
+
+
 class GroupedExperts(nn.Module):
     """E_local SwiGLU experts as stacked weights: ``gate_up_proj`` (E_local, 2F, C) holds each expert's gate
     rows then its up rows, ``down_proj`` (E_local, C, F); both in ``nn.Linear``'s (out, in) order."""
@@ -113,12 +129,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """``x`` (A, C) grouped by expert, ``counts`` (E_local,) rows per expert -> (A, C)."""
-        gate_up, down = self.gate_up_proj, self.down_proj
-        if torch.is_autocast_enabled(x.device.type):  # as nn.Linear would, compute in the autocast dtype
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
-        gate, up = grouped_mm(x, gate_up.transpose(1, 2), counts).chunk(2, dim=-1)  # (A, F) each
-        return grouped_mm(F.silu(gate) * up, down.transpose(1, 2), counts)  # (A, C)
+        return swiglu_experts(x, self.gate_up_proj, self.down_proj, counts)
 
     @torch.no_grad()
     def init_weights(self, std: float, residual_std: float, generator: torch.Generator | None) -> None:
@@ -149,6 +160,11 @@ class LocalDispatcher:
         return outputs
 
 
+def whole_batch_here(local: torch.Tensor) -> torch.Tensor:
+    """``MoEFeedForward.sum_over_batch`` in one process: its statistics are the batch's."""
+    return local
+
+
 class MoEFeedForward(nn.Module):
     """The Mixture-of-Experts feed-forward of one block: route, permute, dispatch, experts, combine.
 
@@ -170,6 +186,9 @@ class MoEFeedForward(nn.Module):
         # DeepSeek-V3 balancing: added to the scores for the top-k choice only; saved with the weights
         self.register_buffer("expert_bias", torch.zeros(moe.n_experts))
         self.dispatcher: Dispatcher = LocalDispatcher()
+        # adds per-process statistics over the processes sharing the batch (data parallelism swaps in an
+        # all-reduce from distributed/); one process holds the whole batch
+        self.sum_over_batch: Callable[[torch.Tensor], torch.Tensor] = whole_batch_here
         self.last_stats: RouterStats | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -225,17 +244,33 @@ class MoEFeedForward(nn.Module):
     def measure(
         self, logits: torch.Tensor, tokens_per_expert: torch.Tensor, dropped: torch.Tensor
     ) -> RouterStats:
-        """The balancing losses of this forward (with their graph) and its load (detached)."""
+        """The balancing losses of the whole batch (with their graph) and this forward's load (detached).
+
+        ``sum_over_batch`` adds the load, the router probabilities and the token count over the processes
+        that share the batch (nothing to add in one process), so ``aux_loss`` and ``z_loss`` are those of
+        the whole batch, as one process holding it would compute them, and ``loss`` is this process's share
+        of their weighted sum: the shares add up to it and each one's gradient reaches its own tokens."""
         logits = logits.float()  # (N, E)
         N, E = logits.shape
-        mean_probs = torch.softmax(logits, dim=-1).mean(0)  # (E,) P_i
-        fraction = tokens_per_expert.to(logits.dtype) / max(N, 1)  # (E,) f_i, summing to K
-        aux_loss = E * (fraction * mean_probs).sum()
-        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        prob_sum = torch.softmax(logits, dim=-1).sum(0)  # (E,) this process's part of N * P_i
+        lse_sq_sum = torch.logsumexp(logits, dim=-1).pow(2).sum()  # ()
+        local = torch.cat(
+            [
+                tokens_per_expert.to(logits.dtype),
+                prob_sum.detach(),
+                lse_sq_sum.detach()[None],
+                logits.new_ones(1) * N,
+            ]
+        )  # (2E+2,)
+        batch_tokens, batch_probs, batch_lse_sq, n = self.sum_over_batch(local).split([E, E, 1, 1])
+        n = n.squeeze().clamp(min=1)
+        fraction = batch_tokens / n  # (E,) f_i over the batch, summing to K
+        aux_share = E * (fraction * prob_sum).sum() / n  # this process's part of E * sum_i f_i P_i
+        z_share = lse_sq_sum / n  # its part of the mean over tokens of logsumexp^2
         return RouterStats(
-            loss=self.moe.aux_loss_coef * aux_loss + self.moe.z_loss_coef * z_loss,
-            aux_loss=aux_loss.detach(),
-            z_loss=z_loss.detach(),
+            loss=self.moe.aux_loss_coef * aux_share + self.moe.z_loss_coef * z_share,
+            aux_loss=E * (fraction * batch_probs).sum() / n,
+            z_loss=batch_lse_sq.squeeze() / n,
             tokens_per_expert=tokens_per_expert.detach(),
             dropped=dropped.detach(),
         )

@@ -108,6 +108,16 @@ def agree(flag: bool, world: World) -> bool:
     return bool(value.item() > 0)
 
 
+def gradient_sync(model: nn.Module, *, last: bool):
+    """DDP sums gradients over processes in the last micro-batch's backward pass only: it sums the
+    accumulated gradient, so a reduction after every micro-batch would count the earlier ones again."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if last or not isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
 def forward_backward(
     model: nn.Module,
     batches: list[Batch],
@@ -123,22 +133,23 @@ def forward_backward(
 
     Every micro-batch's summed loss is divided by the objective's units over all of them (and over all
     processes), so the gradient equals that of one batch holding them all, masked targets included.
-    A Mixture-of-Experts model adds its routers' balancing losses to the gradient (each micro-batch's weighted
-    by its share of the units; the returned loss is the objective's alone) and, given ``expert_load``,
-    records each micro-batch's load there."""
-    units = torch.tensor(sum(objective.units(b) for b in batches), device=device)
+    A Mixture-of-Experts model adds its routers' balancing losses to the gradient (the i-th micro-batch's,
+    taken over that micro-batch on all processes, weighted by its share of the units; the returned loss is the
+    objective's alone) and, given ``expert_load``, records each micro-batch's load there."""
+    micro_units = torch.tensor([objective.units(b) for b in batches], device=device)  # (micro-batches,)
     if world.distributed:
-        dist.all_reduce(units, group=world.dp_group)  # tensor-parallel peers share their batch
-    units = units.clamp(min=1)
+        dist.all_reduce(micro_units, group=world.dp_group)  # tensor-parallel peers share their batch
+    units = micro_units.sum().clamp(min=1)
     loss_sum = torch.zeros((), device=device)
     routers = moe_layers(model)  # [] for a dense model
-    for batch in batches:
+    for i, batch in enumerate(batches):
         batch = batch.to(device)
-        with autocast_for(device, precision):
-            loss = objective.loss(model, batch) / units
-            balance = router_loss(routers)  # None without MoE layers or balancing coefficients
-            total = loss if balance is None else loss + balance * (objective.units(batch) / units)
-        (scaler.scale(total) if scaler is not None else total).backward()
+        with gradient_sync(model, last=i == len(batches) - 1):
+            with autocast_for(device, precision):
+                loss = objective.loss(model, batch) / units
+                balance = router_loss(routers)  # None without MoE layers or balancing coefficients
+                total = loss if balance is None else loss + balance * (micro_units[i] / units)
+            (scaler.scale(total) if scaler is not None else total).backward()
         loss_sum += loss.detach()
         if expert_load is not None:
             expert_load.add()
