@@ -15,8 +15,11 @@ def write_config(folder: Path, **train) -> Path:
     """``folder/c.yaml``: a 1-layer char model on ~30k characters of seeded text (written beside it)."""
     rng = random.Random(0)
     lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(900)]
+    paragraphs = [
+        "\n".join(lines[i : i + 6]) for i in range(0, len(lines), 6)
+    ]  # documents: cut at blank lines
     corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(lines) + "\n")
+    corpus.write_text("\n\n".join(paragraphs) + "\n")
     data = {
         "model": {"n_layers": 1, "d_model": 32, "n_heads": 2, "ffn_hidden": 64, "max_seq_len": 32},
         "data": {"sources": [str(corpus)], "tokenizer": "char", "val_fraction": 0.1},

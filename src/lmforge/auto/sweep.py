@@ -329,7 +329,9 @@ class Sweeper:
                         fail_stopped_trials(self.study, owned=False)
                     if not self.budget_left():
                         return
-                    trial = self.study.ask()
+                    with warnings.catch_warnings():  # heartbeats are ours to send, not Study.optimize's
+                        warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+                        trial = self.study.ask()
                     self._heartbeat(trial, force=True)
                     params = {p.key: p.suggest(trial) for p in self.spec.space}
                 self.ran += 1

@@ -93,10 +93,13 @@ def _tail(path: Path) -> str:
 
 
 def _error_line(tail: str) -> str:
-    """The one-line error ``lmforge train`` printed, else the last line of its output."""
-    lines = [line for line in tail.splitlines() if line.strip()]
-    errors = [line for line in lines if "error:" in line]
-    return (errors or lines or ["(no output)"])[-1].strip()
+    """The error ``lmforge train`` printed (a multi-line one joined into one line), else its last line."""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    starts = [i for i, line in enumerate(lines) if "error:" in line]
+    if not starts:
+        return lines[-1] if lines else "(no output)"
+    text = " ".join(lines[starts[-1] :])
+    return text if len(text) <= 500 else text[:497] + "..."
 
 
 def stop_process_group(process: subprocess.Popen, grace_s: float = 0.0) -> None:
