@@ -129,9 +129,18 @@ def storage_url(spec: SweepSpec) -> str:
     return spec.storage or f"sqlite:///{(Path(spec.out_dir) / STUDY_DB).absolute()}"
 
 
+def require_optuna():
+    """Optuna, or a one-line error saying how to install it (it is an optional dependency)."""
+    try:
+        import optuna
+    except ImportError as exc:
+        raise ConfigError(f"lmforge sweep needs Optuna ({exc}); pip install 'lmforge[sweep]'") from None
+    return optuna
+
+
 def open_storage(spec: SweepSpec):
     """The study's storage; a shared database records heartbeats so a lost worker's trial is failed."""
-    import optuna
+    optuna = require_optuna()
 
     url = storage_url(spec)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None  # threads wait on locks

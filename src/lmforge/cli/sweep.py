@@ -69,11 +69,9 @@ def run_sweep(args) -> int:
     import signal
     from pathlib import Path
 
-    import optuna
-
     from lmforge.auto.report import format_table
     from lmforge.auto.space import parse_space
-    from lmforge.auto.sweep import SweepSpec
+    from lmforge.auto.sweep import SweepSpec, require_optuna
     from lmforge.auto.sweep import run_sweep as sweep
     from lmforge.cli.train import _cache_dir
     from lmforge.errors import ConfigError
@@ -102,7 +100,7 @@ def run_sweep(args) -> int:
         seed=args.seed,
         startup_trials=args.startup_trials,
     )
-    optuna.logging.set_verbosity(logging.WARNING)  # our own line per trial instead of Optuna's
+    require_optuna().logging.set_verbosity(logging.WARNING)  # our own line per trial instead of Optuna's
 
     def on_trial(row) -> None:
         value = "" if row.value is None else f" {spec.objective} {row.value:.4f}"
