@@ -118,3 +118,36 @@ def test_the_cli_reports_a_bad_space_in_one_line(tiny_config, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "lmforge sweep: error:" in err and "did you mean 'lr'" in err, err
     assert not (tmp_path / "s").exists()  # nothing started
+
+
+def test_a_slurm_array_runs_the_same_sweep_on_every_task(tiny_config, tmp_path, capsys):
+    import shlex
+
+    from lmforge.auto.sweep import sweep_arguments
+    from lmforge.cli import build_parser
+    from lmforge.cli.sweep import spec_from_args
+
+    script_path = tmp_path / "sweep.sh"
+    argv = [
+        "sweep", str(tiny_config), "train.steps=50", "--space", "train.lr=loguniform(1e-4,1e-2)",
+        "--space", "model.n_layers=choice(1,2)", "--trials", "64", "--out", str(tmp_path / "s"),
+        "--storage", "postgresql://u@db/sweeps", "--pruner", "halving", "--transfer-width", "256", "512",
+        "--slurm", str(script_path), "--slurm-tasks", "8", "--gpus-per-task", "1",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert "8 sweep workers" in capsys.readouterr().out
+    script = script_path.read_text().splitlines()
+    assert "#SBATCH --array=0-7" in script and "#SBATCH --gpus-per-task=1" in script
+    command = shlex.split(script[-1])
+    assert command[:2] == ["lmforge", "sweep"]
+    # Each task's command line describes the very sweep the one above did, without the --slurm options.
+    args = build_parser().parse_args(command[1:])
+    assert spec_from_args(args) == spec_from_args(build_parser().parse_args(argv))
+    assert args.transfer_width == [256, 512] and args.slurm is None
+    assert command[2:] == sweep_arguments(spec_from_args(args), (256, 512))
+
+
+def test_a_slurm_array_needs_a_shared_database(tiny_config, tmp_path, capsys):
+    argv = ["sweep", str(tiny_config), "--space", "train.lr=loguniform(1e-4,1e-2)", "--trials", "4"]
+    assert main([*argv, "--slurm", str(tmp_path / "x.sh")]) == 2
+    assert "--storage URL" in capsys.readouterr().err and not (tmp_path / "x.sh").exists()

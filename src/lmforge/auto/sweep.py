@@ -492,3 +492,67 @@ def run_sweep(
         stopped_by=signals.received,
         files=files,
     )
+
+
+# -- a Slurm array of sweep workers ---------------------------------------------------------------------------
+
+
+def sweep_arguments(spec: SweepSpec, transfer_widths: tuple[int, ...] = ()) -> list[str]:
+    """The ``lmforge sweep`` arguments that run ``spec`` (what every worker of an array runs)."""
+    args = [spec.config, *spec.overrides]
+    for param in spec.space:
+        args += ["--space", param.spec]
+    args += ["--trials", str(spec.trials), "--out", spec.out_dir, "--objective", spec.objective]
+    args += ["--direction", spec.direction, "--workers", str(spec.workers), "--pruner", spec.pruner]
+    args += [
+        "--prune-warmup",
+        str(spec.prune_warmup_steps),
+        "--prune-startup",
+        str(spec.prune_startup_trials),
+    ]
+    args += ["--seed", str(spec.seed), "--startup-trials", str(spec.startup_trials)]
+    if spec.storage:
+        args += ["--storage", spec.storage]
+    if spec.study_name:
+        args += ["--study", spec.study_name]
+    if transfer_widths:
+        args += ["--transfer-width", *map(str, transfer_widths)]
+    return args
+
+
+def slurm_array_script(
+    spec: SweepSpec,
+    *,
+    tasks: int,
+    transfer_widths: tuple[int, ...] = (),
+    time_limit: str = "24:00:00",
+    gpus_per_task: int = 0,
+    partition: str | None = None,
+    job_name: str = "lmforge-sweep",
+) -> str:
+    """A batch script for ``sbatch``: an array of ``tasks`` sweep processes sharing one study through
+    ``spec.storage`` (a database every node reaches), each running its trials one at a time by default."""
+    import shlex
+
+    validate(spec)
+    if not spec.storage:
+        raise ConfigError(
+            "--slurm-tasks: the workers share the study through --storage URL (e.g. postgresql://user@host/db); "
+            "the default SQLite file belongs to one sweep process"
+        )
+    if tasks < 1:
+        raise ConfigError(f"--slurm-tasks={tasks} must be >= 1")
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={job_name}",
+        f"#SBATCH --array=0-{tasks - 1}",
+        "#SBATCH --ntasks=1",
+        f"#SBATCH --time={time_limit}",
+        f"#SBATCH --output={job_name}-%A_%a.out",
+    ]
+    if gpus_per_task:
+        lines.append(f"#SBATCH --gpus-per-task={gpus_per_task}")
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    command = shlex.join(["lmforge", "sweep", *sweep_arguments(spec, transfer_widths)])
+    return "\n".join([*lines, "", "set -euo pipefail", command, ""])

@@ -62,18 +62,26 @@ def add_sweep(sub) -> None:
         metavar="D",
         help="muP (model.mup=true): also write SWEEP/best_dD.yaml, the best hyperparameters at model.d_model=D",
     )
+    p.add_argument(
+        "--slurm",
+        default=None,
+        metavar="FILE",
+        help="write a Slurm array script of sweep workers to FILE (needs --storage)",
+    )
+    p.add_argument(
+        "--slurm-tasks", type=int, default=4, help="array tasks: sweep processes sharing the study"
+    )
+    p.add_argument("--slurm-time", default="24:00:00", help="Slurm time limit of each task")
+    p.add_argument("--slurm-partition", default=None, help="Slurm partition")
+    p.add_argument("--gpus-per-task", type=int, default=0, help="Slurm --gpus-per-task (0: none)")
 
 
-def run_sweep(args) -> int:
-    import logging
-    import signal
+def spec_from_args(args):
+    """The SweepSpec the command line describes (the space parsed and checked)."""
     from pathlib import Path
 
-    from lmforge.auto.report import format_table
     from lmforge.auto.space import parse_space
-    from lmforge.auto.sweep import SweepSpec, require_optuna
-    from lmforge.auto.sweep import run_sweep as sweep
-    from lmforge.cli.train import _cache_dir
+    from lmforge.auto.sweep import SweepSpec
     from lmforge.errors import ConfigError
 
     items = list(args.items)
@@ -81,14 +89,12 @@ def run_sweep(args) -> int:
         raise ConfigError(
             "lmforge sweep needs a CONFIG file first (e.g. lmforge sweep configs/demo.yaml --space ...)"
         )
-    config, overrides = items[0], items[1:]
-    space = tuple(parse_space(args.space))
-    spec = SweepSpec(
-        config=config,
-        overrides=tuple(overrides),
-        space=space,
+    return SweepSpec(
+        config=items[0],
+        overrides=tuple(items[1:]),
+        space=tuple(parse_space(args.space)),
         trials=args.trials,
-        out_dir=args.out or str(Path("sweeps") / Path(config).stem),
+        out_dir=args.out or str(Path("sweeps") / Path(items[0]).stem),
         objective=args.objective,
         direction=args.direction,
         storage=args.storage,
@@ -100,6 +106,35 @@ def run_sweep(args) -> int:
         seed=args.seed,
         startup_trials=args.startup_trials,
     )
+
+
+def run_sweep(args) -> int:
+    import logging
+    import signal
+    from pathlib import Path
+
+    from lmforge.auto.report import format_table
+    from lmforge.auto.sweep import require_optuna, slurm_array_script
+    from lmforge.auto.sweep import run_sweep as sweep
+    from lmforge.cli.train import _cache_dir
+    from lmforge.files import write_text_atomic
+
+    spec = spec_from_args(args)
+    widths = tuple(args.transfer_width)
+    if args.slurm:
+        script = slurm_array_script(
+            spec,
+            tasks=args.slurm_tasks,
+            transfer_widths=widths,
+            time_limit=args.slurm_time,
+            gpus_per_task=args.gpus_per_task,
+            partition=args.slurm_partition,
+        )
+        write_text_atomic(Path(args.slurm), script)
+        print(
+            f"wrote {args.slurm}: {args.slurm_tasks} sweep workers on one study; submit it with: sbatch {args.slurm}"
+        )
+        return 0
     require_optuna().logging.set_verbosity(logging.WARNING)  # our own line per trial instead of Optuna's
 
     def on_trial(row) -> None:
@@ -107,10 +142,8 @@ def run_sweep(args) -> int:
         note = f" ({row.reason})" if row.reason else ""
         print(f"trial {row.number}: {row.state.lower()}{value} in {row.seconds or 0:.0f}s{note}", flush=True)
 
-    result = sweep(
-        spec, cache_dir=_cache_dir(), on_trial=on_trial, transfer_widths=tuple(args.transfer_width)
-    )
-    print(format_table(result.rows, space, spec.objective))
+    result = sweep(spec, cache_dir=_cache_dir(), on_trial=on_trial, transfer_widths=widths)
+    print(format_table(result.rows, spec.space, spec.objective))
     if result.best is not None:
         params = ", ".join(f"{k}={v}" for k, v in result.best.params.items())
         print(f"best: trial {result.best.number}, {spec.objective} {result.best.value:.4f} ({params})")
