@@ -146,3 +146,22 @@ def test_best_yaml_is_the_study_best_trial(tiny_config, cache_env, tmp_path):
     ran = load_config(Path(best_trial.user_attrs["run_dir"]) / "config.yaml")
     assert (ran.train.lr, ran.model.n_layers) == (best.train.lr, best.model.n_layers)
     assert len(study_trials(out)) == 3 and os.path.isdir(out / "trials" / "0002")
+
+
+def test_sigterm_stops_the_sweep_and_records_the_running_trial_as_failed(tiny_config, cache_env, tmp_path):
+    out = tmp_path / "sweep"
+    command = [*sweep_command(tiny_config, out, 2), "train.steps=5000"]  # a trial that would run long
+    sweep = subprocess.Popen(command, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: training_started(out / "trials" / "0000"), "trial 0 to start training")
+    finally:
+        sweep.send_signal(signal.SIGTERM)
+    stdout, stderr = sweep.communicate(timeout=300)
+    assert sweep.returncode == 128 + signal.SIGTERM, stderr
+    (trial,) = study_trials(out)
+    assert (
+        trial.state.name == "FAIL"
+        and trial.user_attrs["reason"] == "the sweep was stopped while this trial ran"
+    )
+    assert processes_running(out / "trials" / "0000" / "trial.yaml") == []
+    assert (out / "trials.csv").read_text().splitlines()[1].startswith("0,FAIL,")

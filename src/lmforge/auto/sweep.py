@@ -180,8 +180,7 @@ def open_study(spec: SweepSpec, data: dict, storage):
     import optuna
 
     name = spec.study_name or Path(spec.out_dir).absolute().name
-    existing = len(storage.get_all_studies()) and name in [s.study_name for s in storage.get_all_studies()]
-    if existing:
+    if name in [s.study_name for s in storage.get_all_studies()]:
         study = optuna.load_study(study_name=name, storage=storage)
         done = len(study.get_trials(deepcopy=False))
     else:
@@ -287,20 +286,15 @@ def fail_stopped_trials(study, *, owned: bool) -> list[int]:
 
 def prepare_data_once(data: dict, cache_dir: Path, lock_path: Path) -> None:
     """Prepare the trials' data before the first trial (K workers would otherwise prepare it K times at once),
-    where each trial's ``lmforge train`` will look for it (the same cache)."""
-    from lmforge.data.prepare import is_prepared, prepare_data
-    from lmforge.train.data import _as_prepared, expand_sources, prepared_dir_for
+    where each trial's ``lmforge train`` will look for it (the same cache), by the code train itself uses."""
+    import torch
 
-    cfg = config_from_dict(data)
-    if cfg.data.mixture:
-        return
-    sources = [_as_prepared(s) for s in expand_sources(list(cfg.data.sources))]
-    if not sources or any(is_prepared(s) for s in sources):
-        return
+    from lmforge.distributed.parallelize import World
+    from lmforge.train.data import prepared_datasets
+
+    one_process = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     with FolderLock(lock_path, blocking=True):  # sweep processes sharing a folder prepare it once
-        out = prepared_dir_for(cfg, sources, cache_dir)
-        if not is_prepared(out):
-            prepare_data(cfg.data, sources, out, progress=False)
+        prepared_datasets(config_from_dict(data), world=one_process, cache_dir=cache_dir, progress=False)
 
 
 def trial_dir(out_dir: str | Path, number: int) -> Path:
@@ -417,11 +411,17 @@ class Sweeper:
         threads = [threading.Thread(target=self.worker, daemon=True) for _ in range(self.spec.workers)]
         for thread in threads:
             thread.start()
-        while any(t.is_alive() for t in threads):
+        try:
+            while any(t.is_alive() for t in threads):
+                for thread in threads:
+                    thread.join(timeout=0.2)
+                if signals.received:
+                    self.stopping.set()
+        except BaseException:  # a second Ctrl-C: still end every trial's process before leaving
+            self.stopping.set()
             for thread in threads:
-                thread.join(timeout=0.2)
-            if signals.received:
-                self.stopping.set()
+                thread.join()
+            raise
         if self.errors:
             raise self.errors[0]
 
