@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
 import socket
 import threading
 import time
@@ -251,7 +252,7 @@ def _kill_orphan(attrs: dict) -> None:
     try:
         process = psutil.Process(int(pid))
         if config and config in process.cmdline():  # the very trial, not a reused pid
-            os.killpg(process.pid, 9)
+            os.killpg(process.pid, signal.SIGKILL)
     except (psutil.Error, ProcessLookupError, PermissionError):
         pass
 
@@ -338,7 +339,13 @@ class Sweeper:
                     self._heartbeat(trial, force=True)
                     params = {p.key: p.suggest(trial) for p in self.spec.space}
                 self.ran += 1
-                outcome = self.run_one(trial, params)
+                try:
+                    outcome = self.run_one(trial, params)
+                except Exception as exc:  # the sweep's own failure (a folder it cannot write): record it
+                    self.tell(
+                        trial, Outcome("failed", None, f"the sweep could not run it: {exc}", 0, 0.0, None)
+                    )
+                    raise
                 self.tell(trial, outcome)
         except BaseException as exc:  # a storage error, say: stop the others and report it from the caller
             self.errors.append(exc)
