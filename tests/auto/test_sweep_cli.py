@@ -129,7 +129,7 @@ def test_best_yaml_is_the_study_best_trial(tiny_config, cache_env, tmp_path):
     command = sweep_command(
         tiny_config,
         out,
-        3,
+        2,
         "train.lr=loguniform(1e-3,1e-2)",
         "train.warmup_steps=int(0,4)",
         "model.n_layers=choice(1,2)",
@@ -145,7 +145,11 @@ def test_best_yaml_is_the_study_best_trial(tiny_config, cache_env, tmp_path):
     # The trial's own resolved config (written by `lmforge train`) agrees with its recorded parameters.
     ran = load_config(Path(best_trial.user_attrs["run_dir"]) / "config.yaml")
     assert (ran.train.lr, ran.model.n_layers) == (best.train.lr, best.model.n_layers)
-    assert len(study_trials(out)) == 3 and os.path.isdir(out / "trials" / "0002")
+    trials = study_trials(out)
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]  # two at once, one study
+    assert trials[0].params != trials[1].params and os.path.isdir(out / "trials" / "0001")
+    first_done = min(t.datetime_complete for t in trials)
+    assert max(t.datetime_start for t in trials) < first_done  # they ran at the same time
 
 
 def test_sigterm_stops_the_sweep_and_records_the_running_trial_as_failed(tiny_config, cache_env, tmp_path):
