@@ -143,3 +143,38 @@ def test_without_the_folder_lock_only_silent_trials_are_failed(tmp_path):
     storage.record_heartbeat(alive._trial_id)
     assert fail_stopped_trials(study, owned=False) == [silent.number]
     assert [t.state.name for t in study.get_trials()] == ["FAIL", "RUNNING"]
+
+
+def test_a_study_continues_only_with_the_same_config_space_and_objective(tiny_config, tmp_path):
+    import dataclasses
+
+    from lmforge.auto.space import parse_space
+    from lmforge.auto.sweep import SweepSpec, base_data, open_storage, open_study
+    from lmforge.errors import ConfigError
+
+    (tmp_path / "s").mkdir()
+    space = tuple(parse_space(["train.lr=loguniform(1e-4,1e-2)"]))
+    spec = SweepSpec(config=str(tiny_config), space=space, trials=2, out_dir=str(tmp_path / "s"))
+    data = base_data(spec)
+    storage = open_storage(spec)
+    assert open_study(spec, data, storage).study_name == "s"
+    open_study(dataclasses.replace(spec, trials=10), data, storage)  # a larger budget continues it
+    wider = dataclasses.replace(spec, space=tuple(parse_space(["train.lr=loguniform(1e-4,1e-1)"])))
+    with pytest.raises(ConfigError, match="was started with another space"):
+        open_study(wider, data, storage)
+    with pytest.raises(ConfigError, match="another config and objective"):
+        open_study(dataclasses.replace(spec, objective="loss"), {**data, "eval": {"every": 5}}, storage)
+
+
+def test_one_sweep_process_per_folder(tmp_path):
+    from lmforge.auto.sweep import FolderLock
+    from lmforge.errors import ConfigError
+
+    with FolderLock(tmp_path / "sweep.lock"):
+        with pytest.raises(
+            ConfigError, match=rf"in use by another `lmforge sweep` \(pid \d+ on {socket.gethostname()}\)"
+        ):
+            with FolderLock(tmp_path / "sweep.lock"):
+                pass
+    with FolderLock(tmp_path / "sweep.lock"):  # free again once the first is released
+        pass
