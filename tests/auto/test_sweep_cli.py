@@ -65,7 +65,7 @@ def test_a_sweep_killed_mid_trial_continues_without_losing_or_repeating_a_trial(
     tiny_config, cache_env, tmp_path
 ):
     out = tmp_path / "sweep"
-    command = sweep_command(tiny_config, out, 3)
+    command = [*sweep_command(tiny_config, out, 3), "train.steps=60"]  # long enough to be killed mid-run
     sweep = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: training_started(out / "trials" / "0001"), "trial 1 to start training")
