@@ -19,6 +19,7 @@ from lmforge.cli.data import add_data, run_data
 from lmforge.cli.model import add_export, add_import, add_model, run_export, run_import, run_model
 from lmforge.cli.plan import add_plan, run_plan
 from lmforge.cli.serve import add_serve, run_serve
+from lmforge.cli.sweep import add_sweep, run_sweep
 from lmforge.cli.train import add_plot, add_train, run_plot, run_train
 from lmforge.cli.use import (
     add_eval,
@@ -41,6 +42,7 @@ VERBS: dict[str, tuple[Callable, Callable]] = {
     "import": (add_import, run_import),
     "train": (add_train, run_train),
     "plot": (add_plot, run_plot),
+    "sweep": (add_sweep, run_sweep),
     "generate": (add_generate, run_generate),
     "chat": (add_chat, run_chat),
     "serve": (add_serve, run_serve),
