@@ -188,7 +188,9 @@ def read_run(run_dir: str | Path) -> RunPoint | None:
         return None
     last = finals[-1]
     if "tokens" not in last or not math.isfinite(last["val_loss"]):
-        raise DataError(f"{run_dir}/metrics.jsonl: the final validation record has no tokens or no finite loss")
+        raise DataError(
+            f"{run_dir}/metrics.jsonl: the final validation record has no tokens or no finite loss"
+        )
     return RunPoint(
         run_dir=run_dir,
         params=non_embedding_params(cfg.model),
@@ -199,7 +201,9 @@ def read_run(run_dir: str | Path) -> RunPoint | None:
     )
 
 
-def run_grid(grid: Grid, scale_dir: Path, *, cache_dir: str | Path | None = None, log=print) -> list[RunPoint]:
+def run_grid(
+    grid: Grid, scale_dir: Path, *, cache_dir: str | Path | None = None, log=print
+) -> list[RunPoint]:
     """Train every grid point not finished yet (resuming interrupted ones), in order; the points' results."""
     from lmforge.train.loop import train
 
@@ -256,7 +260,11 @@ class ScaleResult:
 
 def fit_runs(runs: list[RunPoint], *, bootstrap: int, seed: int) -> Fit:
     return fit_law(
-        [r.params for r in runs], [r.tokens for r in runs], [r.loss for r in runs], bootstrap=bootstrap, seed=seed
+        [r.params for r in runs],
+        [r.tokens for r in runs],
+        [r.loss for r in runs],
+        bootstrap=bootstrap,
+        seed=seed,
     )
 
 

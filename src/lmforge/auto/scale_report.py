@@ -82,7 +82,9 @@ def recommend(fit: Fit, budget: Budget, base: ModelConfig) -> dict:
             gpus_per_node=min(8, budget.gpus),
             interconnect=lookup_interconnect("infiniband"),
         ),
-        Workload(seq_len=seq, global_batch_tokens=batch, total_tokens=int(tokens), precision=budget.precision),
+        Workload(
+            seq_len=seq, global_batch_tokens=batch, total_tokens=int(tokens), precision=budget.precision
+        ),
     )
     overrides = (
         f"model.d_model={shape.d_model} model.n_layers={shape.n_layers} model.n_heads={shape.n_heads}"
@@ -125,7 +127,10 @@ def render_table(result) -> str:
             f"{100 * (fitted / run.loss - 1):>+6.2f}%"
         )
     level = f"{100 * fit.confidence:.0f}%"
-    lines += ["", f"L(N, D) = E + A / N^alpha + B / D^beta   ({len(fit.boot)} bootstrap refits, {level} intervals)"]
+    lines += [
+        "",
+        f"L(N, D) = E + A / N^alpha + B / D^beta   ({len(fit.boot)} bootstrap refits, {level} intervals)",
+    ]
     for name in ("E", "A", "B", "alpha", "beta"):
         lines.append(f"  {name:<6} {getattr(fit.law, name):>10.4g}{_fmt_interval(fit.interval(name))}")
     lines.append(
@@ -153,9 +158,10 @@ def render_table(result) -> str:
     return "\n".join(lines)
 
 
-def plot_fit(fit: Fit, runs, path: Path, *, budget: dict | None = None) -> Path:
-    """Two panels: loss against tokens per model size (measured points, fitted curves), and the
-    compute-optimal N_opt(C) and D_opt(C) with their bootstrap bands. Returns the PNG's path."""
+def plot_fit(fit: Fit, runs, path: Path, *, budget: dict | None = None, held_out=()) -> Path:
+    """Two panels: loss against tokens per model size (measured points, fitted curves; ``held_out`` runs
+    as stars with their predicted curve, dashed), and the compute-optimal N_opt(C) and D_opt(C) with their
+    bootstrap bands. Returns the PNG's path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,11 +171,15 @@ def plot_fit(fit: Fit, runs, path: Path, *, budget: dict | None = None) -> Path:
     sizes = sorted({r.params for r in runs})
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(sizes)))
     d_all = np.array([r.tokens for r in runs], dtype=float)
-    grid_d = np.geomspace(d_all.min() / 1.5, d_all.max() * 1.5, 100)
+    d_max = max([d_all.max(), *(r.tokens for r in held_out)])
+    grid_d = np.geomspace(d_all.min() / 1.5, d_max * 1.5, 100)
     for n, color in zip(sizes, colors):
         mine = [r for r in runs if r.params == n]
         left.scatter([r.tokens for r in mine], [r.loss for r in mine], color=color, zorder=3)
         left.plot(grid_d, fit.law.loss(n, grid_d), color=color, label=f"N={n:,}")
+    for run in held_out:
+        line = left.plot(grid_d, fit.law.loss(run.params, grid_d), "k--", label=f"held out N={run.params:,}")
+        left.scatter([run.tokens], [run.loss], marker="*", s=120, color=line[0].get_color(), zorder=3)
     left.set_xscale("log")
     left.set_xlabel("tokens D")
     left.set_ylabel("validation loss")

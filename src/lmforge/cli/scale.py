@@ -13,11 +13,15 @@ def add_scale(sub) -> None:
         help="train a grid of model sizes x token budgets, fit L(N, D) and recommend a model for a budget",
     )
     p.add_argument("grid", nargs="?", default=None, help="a grid spec (YAML: models, tokens, base config)")
-    p.add_argument("--out", default="runs/scale", help="the scale folder: runs/, fit.json, plots (runs/scale)")
+    p.add_argument(
+        "--out", default="runs/scale", help="the scale folder: runs/, fit.json, plots (runs/scale)"
+    )
     p.add_argument("--runs", nargs="*", default=[], help="finished run or scale folders to fit as well")
     p.add_argument("--compute", default=None, help="a compute budget in FLOPs, e.g. 1e21")
     p.add_argument("--gpu-hours", type=float, default=None, help="a budget in GPU-hours of --gpu")
-    p.add_argument("--gpu", default="H100-80GB", help="the device of the budget and the plan (h100, A100-80GB...)")
+    p.add_argument(
+        "--gpu", default="H100-80GB", help="the device of the budget and the plan (h100, A100-80GB...)"
+    )
     p.add_argument("--gpus", type=int, default=8, help="GPUs the plan uses (default 8)")
     p.add_argument("--seq", type=int, default=None, help="sequence length of the plan (default: the model's)")
     p.add_argument("--global-batch-tokens", default=None, help="tokens per step of the plan (default: auto)")

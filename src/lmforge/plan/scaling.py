@@ -74,7 +74,9 @@ class Law:
 
     def optimal_tokens(self, compute):
         """D_opt(C) = (C/6)^(alpha/(alpha+beta)) / G."""
-        return np.power(np.asarray(compute, dtype=float) / 6.0, self.alpha / (self.alpha + self.beta)) / self.G
+        return (
+            np.power(np.asarray(compute, dtype=float) / 6.0, self.alpha / (self.alpha + self.beta)) / self.G
+        )
 
     def optimal_loss(self, compute):
         return self.loss(self.optimal_params(compute), self.optimal_tokens(compute))

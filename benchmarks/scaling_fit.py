@@ -1,0 +1,122 @@
+"""Claim: a scaling law fitted by ``lmforge scale`` on small runs predicts the final validation loss of a
+larger held-out run (more parameters and more tokens than any fitted run) within 3%, and the measured loss
+lies inside the bootstrap interval.
+
+Character-level tinyshakespeare (../shared/data), the real `lmforge train` pipeline (char tokenizer,
+prepared shards, 5% validation split, the whole split evaluated at the end). Grid: 4 widths/depths (head
+size 16, SwiGLU hidden 3 x d_model) x 3 token budgets, each run's cosine schedule (lr 2e-3 -> 2e-4, 5%
+warmup) ending at its own budget; held out: d_model 128, 3 layers, 2M tokens. The fit is Chinchilla
+approach 3 with 200 bootstrap refits. Writes benchmarks/results/scaling_fit.json and scaling_fit.png.
+Run: python benchmarks/scaling_fit.py [--work DIR] (re-running continues the grid where it stopped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from lmforge.auto.scale import load_grid, read_run, run_grid, scale
+from lmforge.auto.scale_report import plot_fit, render_table
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / ".." / "shared" / "data" / "tinyshakespeare.txt"
+RESULTS = ROOT / "benchmarks" / "results"
+COMMON = [
+    f"data.sources=[{DATA.resolve()}]",
+    "data.tokenizer=char",
+    "data.val_fraction=0.05",
+    "model.preset=tiny",
+    "model.max_seq_len=64",
+    "model.dropout=0.0",
+    "train.seq_len=64",
+    "train.micro_batch=16",
+    "train.lr=2e-3",
+    "train.min_lr=2e-4",
+    "train.schedule=cosine",
+    "train.eval_batches=50",
+    "train.log_every=100",
+    "train.precision=fp32",
+    "train.device=cpu",
+]
+
+
+def shape(d_model: int, n_layers: int) -> dict:
+    return {"d_model": d_model, "n_layers": n_layers, "n_heads": d_model // 16, "ffn_hidden": 3 * d_model}
+
+
+GRID = {
+    "overrides": COMMON,
+    "models": [shape(32, 2), shape(48, 2), shape(64, 3), shape(96, 3)],
+    "tokens": ["250K", "500K", "1M"],
+    "warmup_fraction": 0.05,
+}
+HELD_OUT = {"overrides": COMMON, "models": [shape(128, 3)], "tokens": ["2M"], "warmup_fraction": 0.05}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--work", default="/tmp/lmforge-scaling-fit", help="where the runs go (kept: re-runs continue)"
+    )
+    parser.add_argument("--bootstrap", type=int, default=200)
+    args = parser.parse_args()
+    if not DATA.is_file():
+        raise SystemExit(f"{DATA} not found: the shared data folder is needed for this benchmark")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "grid.yaml").write_text(yaml.safe_dump(GRID))
+    (work / "held_out.yaml").write_text(yaml.safe_dump(HELD_OUT))
+    load_start = os.getloadavg()
+    started = time.perf_counter()
+    result = scale(work / "grid.yaml", work / "scale", bootstrap=args.bootstrap, cache_dir=work / "cache")
+    grid_seconds = time.perf_counter() - started
+    print(render_table(result), flush=True)
+    started = time.perf_counter()
+    held = run_grid(load_grid(work / "held_out.yaml"), work / "held_out", cache_dir=work / "cache")[0]
+    held_seconds = time.perf_counter() - started
+    predicted, interval = result.fit.predict(held.params, held.tokens)
+    error = predicted / held.loss - 1.0
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    png = plot_fit(result.fit, result.runs, RESULTS / "scaling_fit.png", held_out=[held])
+    fitted = [read_run(r.run_dir) for r in result.runs]
+    out = {
+        "claim": "fit on 12 small runs predicts a larger held-out run's final validation loss within 3%",
+        "held_out": {
+            **held.to_dict(),
+            "predicted_loss": predicted,
+            "interval_95": interval,
+            "relative_error": error,
+            "within_3_percent": abs(error) <= 0.03,
+            "inside_interval": interval is not None and interval[0] <= held.loss <= interval[1],
+            "times_largest_fitted_N": held.params / max(r.params for r in fitted),
+            "times_largest_fitted_D": held.tokens / max(r.tokens for r in fitted),
+        },
+        "fit": result.fit.to_dict(),
+        "grid": GRID,
+        "held_out_grid": HELD_OUT,
+        "wall_seconds": {"grid_and_fit": grid_seconds, "held_out": held_seconds},
+        "load_average_at_start": load_start,
+        "load_average_at_end": os.getloadavg(),
+        "machine": "2 CPU cores shared with other jobs (load averages above); wall times are not speeds",
+        "plot": str(png.relative_to(ROOT)),
+        "command": "python benchmarks/scaling_fit.py",
+    }
+    (RESULTS / "scaling_fit.json").write_text(json.dumps(out, indent=2) + "\n")
+    shutil.copy(work / "scale" / "fit.md", work / "fit.md")
+    print(
+        f"held out {held.run_dir.name}: N={held.params:,} D={held.tokens:,} measured {held.loss:.4f}, "
+        f"predicted {predicted:.4f} [{interval[0]:.4f}, {interval[1]:.4f}] ({100 * error:+.2f}%); "
+        f"grid {grid_seconds:.0f}s + held out {held_seconds:.0f}s",
+        flush=True,
+    )
+    print(f"wrote {RESULTS / 'scaling_fit.json'} and {png}")
+
+
+if __name__ == "__main__":
+    main()
