@@ -188,7 +188,7 @@ def plot_fit(fit: Fit, runs, path: Path, *, budget: dict | None = None, held_out
     c_runs = 6.0 * np.array([r.params for r in runs], dtype=float) * d_all
     c_hi = max(c_runs.max() * 10, budget["compute"] * 2 if budget else 0)
     grid_c = np.geomspace(c_runs.min() / 2, c_hi, 100)
-    for key, of, label in (("params", "optimal_params", "N_opt"), ("tokens", "optimal_tokens", "D_opt")):
+    for of, label in (("optimal_params", "N_opt"), ("optimal_tokens", "D_opt")):
         line = right.plot(grid_c, getattr(fit.law, of)(grid_c), label=label)[0]
         if fit.boot:
             values = np.array([getattr(law, of)(grid_c) for law in fit.boot])
