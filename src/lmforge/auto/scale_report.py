@@ -116,6 +116,10 @@ def _fmt_interval(pair, fmt: str = ".4g") -> str:
     return "" if pair is None else f" [{pair[0]:{fmt}}, {pair[1]:{fmt}}]"
 
 
+def _hours(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
 def render_table(result) -> str:
     """The runs, the fitted parameters with their intervals, and the recommendation, as text."""
     fit = result.fit
@@ -152,6 +156,8 @@ def render_table(result) -> str:
             f"train      {rec['tokens']:,} tokens; predicted validation loss {rec['predicted_loss']:.4f}"
             f"{_fmt_interval(rec['predicted_loss_interval'])}",
             f"plan       {rec['plan_command']}",
+            f"           the planner's time model: {_hours(rec['plan']['gpu_hours'])} GPU-hours on "
+            f"{rec['plan']['gpus']} x {rec['plan']['hardware']['name']}",
             "",
             rec["plan_text"],
         ]

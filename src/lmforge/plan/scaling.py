@@ -123,7 +123,10 @@ def _law_of(theta: np.ndarray) -> Law:
 
 
 def _minimise(log_n, log_d, log_l, starts: list[np.ndarray], delta: float) -> tuple[np.ndarray, float]:
-    from scipy.optimize import minimize
+    try:
+        from scipy.optimize import minimize
+    except ImportError:
+        raise ConfigError("fitting a scaling law needs scipy: pip install 'lmforge[scale]'") from None
 
     best, best_value = None, math.inf
     for start in starts:
