@@ -7,7 +7,8 @@ prepared shards, 5% validation split, the whole split evaluated at the end). Gri
 size 16, SwiGLU hidden 3 x d_model) x 3 token budgets, each run's cosine schedule (lr 2e-3 -> 2e-4, 5%
 warmup) ending at its own budget; held out: d_model 128, 3 layers, 2M tokens. The fit is Chinchilla
 approach 3 with 200 bootstrap refits. Writes benchmarks/results/scaling_fit.json and scaling_fit.png.
-Run: python benchmarks/scaling_fit.py [--work DIR] (re-running continues the grid where it stopped).
+Run: python benchmarks/scaling_fit.py [--work DIR] (re-running continues the grid where it stopped; use a
+fresh --work for other --tokens/--lr, since the run folders are named by model and budget only).
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ COMMON = [
     "model.dropout=0.0",
     "train.seq_len=64",
     "train.micro_batch=16",
-    "train.lr=2e-3",
-    "train.min_lr=2e-4",
     "train.schedule=cosine",
     "train.eval_batches=50",
     "train.log_every=100",
@@ -51,13 +50,16 @@ def shape(d_model: int, n_layers: int) -> dict:
     return {"d_model": d_model, "n_layers": n_layers, "n_heads": d_model // 16, "ffn_hidden": 3 * d_model}
 
 
-GRID = {
-    "overrides": COMMON,
-    "models": [shape(32, 2), shape(48, 2), shape(64, 3), shape(96, 3)],
-    "tokens": ["125K", "250K", "500K"],
-    "warmup_fraction": 0.05,
-}
-HELD_OUT = {"overrides": COMMON, "models": [shape(128, 3)], "tokens": ["1M"], "warmup_fraction": 0.05}
+MODELS = [shape(32, 2), shape(48, 2), shape(64, 3), shape(96, 3)]
+HELD_OUT_MODEL = shape(128, 3)
+
+
+def grids(tokens: list[str], held_out_tokens: str, lr: float) -> tuple[dict, dict]:
+    """The fitted grid and the held-out run, as grid specs; cosine from lr to lr/10, 5% warmup."""
+    common = [*COMMON, f"train.lr={lr}", f"train.min_lr={lr / 10}"]
+    grid = {"overrides": common, "models": MODELS, "tokens": tokens, "warmup_fraction": 0.05}
+    held_out = {**grid, "models": [HELD_OUT_MODEL], "tokens": [held_out_tokens]}
+    return grid, held_out
 
 
 def main() -> None:
@@ -66,6 +68,9 @@ def main() -> None:
         "--work", default="/tmp/lmforge-scaling-fit", help="where the runs go (kept: re-runs continue)"
     )
     parser.add_argument("--bootstrap", type=int, default=200)
+    parser.add_argument("--tokens", default="125K,250K,500K", help="the grid's token budgets")
+    parser.add_argument("--held-out-tokens", default="1M", help="the held-out run's tokens")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of every run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
     if not DATA.is_file():
@@ -73,8 +78,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)  # on a CPU shared with other jobs, one thread loses least to waiting
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "grid.yaml").write_text(yaml.safe_dump(GRID))
-    (work / "held_out.yaml").write_text(yaml.safe_dump(HELD_OUT))
+    grid, held_out = grids(args.tokens.split(","), args.held_out_tokens, args.lr)
+    (work / "grid.yaml").write_text(yaml.safe_dump(grid))
+    (work / "held_out.yaml").write_text(yaml.safe_dump(held_out))
     load_start = os.getloadavg()
     started = time.perf_counter()
     result = scale(work / "grid.yaml", work / "scale", bootstrap=args.bootstrap, cache_dir=work / "cache")
@@ -89,7 +95,7 @@ def main() -> None:
     png = plot_fit(result.fit, result.runs, RESULTS / "scaling_fit.png", held_out=[held])
     fitted = [read_run(r.run_dir) for r in result.runs]
     out = {
-        "claim": "fit on 12 small runs predicts a larger held-out run's final validation loss within 3%",
+        "claim": f"fit on {len(result.runs)} small runs predicts a larger held-out run's final validation loss within 3%",
         "held_out": {
             **held.to_dict(),
             "predicted_loss": predicted,
@@ -101,15 +107,16 @@ def main() -> None:
             "times_largest_fitted_D": held.tokens / max(r.tokens for r in fitted),
         },
         "fit": result.fit.to_dict(),
-        "grid": GRID,
-        "held_out_grid": HELD_OUT,
+        "grid": grid,
+        "held_out_grid": held_out,
         "wall_seconds": {"grid_and_fit": grid_seconds, "held_out": held_seconds},
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": load_start,
         "load_average_at_end": os.getloadavg(),
         "machine": "2 CPU cores shared with other jobs (load averages above); wall times are not speeds",
         "plot": str(png.relative_to(ROOT)),
-        "command": "python benchmarks/scaling_fit.py",
+        "command": "python benchmarks/scaling_fit.py "
+        f"--tokens {args.tokens} --held-out-tokens {args.held_out_tokens} --lr {args.lr}",
     }
     (RESULTS / "scaling_fit.json").write_text(json.dumps(out, indent=2) + "\n")
     shutil.copy(work / "scale" / "fit.md", work / "fit.md")
