@@ -50,7 +50,7 @@ def shape(d_model: int, n_layers: int) -> dict:
     return {"d_model": d_model, "n_layers": n_layers, "n_heads": d_model // 16, "ffn_hidden": 3 * d_model}
 
 
-MODELS = [shape(32, 2), shape(48, 2), shape(64, 3), shape(96, 3)]
+MODELS = [shape(32, 3), shape(48, 3), shape(64, 3), shape(96, 3)]  # one family: 3 layers
 HELD_OUT_MODEL = shape(128, 3)
 
 

@@ -115,3 +115,10 @@ def test_too_few_or_degenerate_runs_are_refused_with_the_reason():
         fit_law([1e6] * 6, [1e9, 2e9, 3e9, 4e9, 5e9, 6e9], [3, 2.9, 2.8, 2.7, 2.6, 2.5])
     with pytest.raises(ConfigError, match="finite and > 0"):
         fit_law([1e6, 2e6, 3e6, 4e6, 5e6], [1e9, 2e9, 1e9, 2e9, 1e9], [3, 2.9, float("nan"), 2.7, 2.6])
+
+
+def test_a_law_without_a_frontier_gives_nan_not_a_complex_number():
+    # a bootstrap refit on few distinct runs can come out with an exponent <= 0: no optimum on C = 6 N D
+    law = Law(E=1.0, A=2.0, B=3.0, alpha=-0.1, beta=0.3)
+    assert math.isnan(law.optimal_params(1e12)) and math.isnan(law.optimal_tokens(1e12))
+    assert math.isnan(law.optimal_loss(1e12))

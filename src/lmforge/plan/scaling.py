@@ -66,6 +66,10 @@ class Law:
 
     @property
     def G(self) -> float:
+        """NaN where the law has no compute-optimal frontier (an exponent <= 0, as a bootstrap refit on a
+        few distinct runs can give)."""
+        if self.alpha <= 0 or self.beta <= 0:
+            return math.nan
         return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
 
     def optimal_params(self, compute):
