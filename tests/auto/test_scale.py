@@ -158,3 +158,10 @@ def test_the_cli_recommends_for_gpu_hours_at_the_planners_peak_and_efficiency(tm
     rec = json.loads(capsys.readouterr().out)["recommendation"]
     assert rec["compute"] == pytest.approx(0.001 * 3600 * 989e12 * 0.6)  # H100-80GB: 989 TFLOP/s bf16, 60%
     assert "H100-80GB GPU-hours" in rec["budget"]
+
+
+def test_a_bad_budget_fails_before_any_run_trains(tmp_path, capsys):
+    grid = write_grid(tmp_path / "grid.yaml")
+    assert main(["scale", str(grid), "--out", str(tmp_path / "s"), "--compute", "1e15", "--gpu", "h10"]) == 2
+    assert "unknown GPU 'h10'" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "runs").exists()

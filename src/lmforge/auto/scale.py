@@ -281,8 +281,10 @@ def scale(
 ) -> ScaleResult:
     """Train (or continue) the grid in ``scale_dir``, add any other finished ``run_folders``, fit the law,
     write fit.json, fit.md and the plots there, and recommend a model for ``budget`` (a ``Budget``)."""
-    from lmforge.auto.scale_report import plot_fit, recommend, render_table
+    from lmforge.auto.scale_report import check_budget, plot_fit, recommend, render_table
 
+    if budget is not None:
+        check_budget(budget)  # a mistyped GPU fails now, not after the grid has trained
     scale_dir = Path(scale_dir)
     runs = []
     if grid_path is not None:

@@ -41,6 +41,16 @@ class Budget:
         return out
 
 
+def check_budget(budget: Budget):
+    """The budget's problems as one ConfigError, else its hardware entry (checked before any run trains)."""
+    from lmforge.plan.hardware import resolve_hardware
+
+    problems = budget.problems()
+    if problems:
+        raise ConfigError("invalid budget:\n  " + "\n  ".join(problems))
+    return resolve_hardware(budget.gpu, budget.hardware_file)
+
+
 def _interval(pair) -> list[float] | None:
     return None if pair is None else [float(pair[0]), float(pair[1])]
 
@@ -48,14 +58,11 @@ def _interval(pair) -> list[float] | None:
 def recommend(fit: Fit, budget: Budget, base: ModelConfig) -> dict:
     """N, D and the loss on the compute-optimal frontier at the budget (with intervals), the nearest model
     shape of ``base``'s family, the loss predicted for that shape, and the plan of training it."""
-    from lmforge.plan.hardware import lookup_interconnect, resolve_hardware
+    from lmforge.plan.hardware import lookup_interconnect
     from lmforge.plan.planner import Cluster, Workload, plan_cluster
     from lmforge.plan.report import render_report
 
-    problems = budget.problems()
-    if problems:
-        raise ConfigError("invalid budget:\n  " + "\n  ".join(problems))
-    hardware = resolve_hardware(budget.gpu, budget.hardware_file)
+    hardware = check_budget(budget)
     if budget.compute is not None:
         compute, source = budget.compute, f"{budget.compute:.3g} FLOPs"
     else:
