@@ -1,11 +1,11 @@
-"""Claim: a scaling law fitted by ``lmforge scale`` on small runs predicts the final validation loss of a
-larger held-out run (more parameters and more tokens than any fitted run) within 3%, and the measured loss
-lies inside the bootstrap interval.
+"""Goal (not met at this scale; see docs/planning.md): a scaling law fitted by ``lmforge scale`` on small runs
+predicts the final validation loss of a larger held-out run (more parameters and more tokens than any
+fitted run) within 3%, and the measured loss lies inside the bootstrap interval.
 
 Character-level tinyshakespeare (../shared/data), the real `lmforge train` pipeline (char tokenizer,
-prepared shards, 5% validation split, the whole split evaluated at the end). Grid: 4 widths/depths (head
-size 16, SwiGLU hidden 3 x d_model) x 3 token budgets, each run's cosine schedule (lr 2e-3 -> 2e-4, 5%
-warmup) ending at its own budget; held out: d_model 128, 3 layers, 2M tokens. The fit is Chinchilla
+prepared shards, 5% validation split, the whole split evaluated at the end). Grid: 4 widths of 3 layers (d_model
+32/48/64/96, head size 16, SwiGLU hidden 3 x d_model) x 250K/500K/1M tokens, each run's cosine schedule
+(lr 3e-3 -> 3e-4, 5% warmup) ending at its own budget; held out: d_model 128, 3 layers, 1.5M tokens. The fit is Chinchilla
 approach 3 with 200 bootstrap refits. Writes benchmarks/results/scaling_fit.json and scaling_fit.png.
 Run: python benchmarks/scaling_fit.py [--work DIR] (re-running continues the grid where it stopped; use a
 fresh --work for other --tokens/--lr, since the run folders are named by model and budget only).
@@ -68,9 +68,9 @@ def main() -> None:
         "--work", default="/tmp/lmforge-scaling-fit", help="where the runs go (kept: re-runs continue)"
     )
     parser.add_argument("--bootstrap", type=int, default=200)
-    parser.add_argument("--tokens", default="125K,250K,500K", help="the grid's token budgets")
-    parser.add_argument("--held-out-tokens", default="1M", help="the held-out run's tokens")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of every run")
+    parser.add_argument("--tokens", default="250K,500K,1M", help="the grid's token budgets")
+    parser.add_argument("--held-out-tokens", default="1.5M", help="the held-out run's tokens")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of every run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
     if not DATA.is_file():
