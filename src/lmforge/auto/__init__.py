@@ -1,0 +1,1 @@
+"""Experiments made of many runs: scaling-law grids (scale.py)."""

@@ -18,6 +18,7 @@ from lmforge.cli.cluster import add_consolidate, add_launch, run_consolidate, ru
 from lmforge.cli.data import add_data, run_data
 from lmforge.cli.model import add_export, add_import, add_model, run_export, run_import, run_model
 from lmforge.cli.plan import add_plan, run_plan
+from lmforge.cli.scale import add_scale, run_scale
 from lmforge.cli.serve import add_serve, run_serve
 from lmforge.cli.sweep import add_sweep, run_sweep
 from lmforge.cli.train import add_plot, add_train, run_plot, run_train
@@ -50,6 +51,7 @@ VERBS: dict[str, tuple[Callable, Callable]] = {
     "finetune": (add_finetune, run_finetune),
     "prune": (add_prune, run_prune),
     "plan": (add_plan, run_plan),
+    "scale": (add_scale, run_scale),
     "launch": (add_launch, run_launch),
     "consolidate": (add_consolidate, run_consolidate),
 }
