@@ -1,0 +1,567 @@
+"""Documents -> token shards as stages over partitions on disk, run by any executor (``data/executors.py``).
+
+Every stage is a list of independent units; a unit writes its files under ``work/{stage}/{unit:05d}/`` and
+then, atomically, its ``done.json`` (its counts). A rerun skips units whose marker exists, so a killed job
+continues from the finished units, and N array tasks that ran the ``map`` units of their share leave a
+folder that one final run (the merge) completes. Stages, in order:
+
+1. ``map`` (one unit per input file): read, normalize, scrub PII, filter; the document id is
+   ``file index << 40 | position in file`` (input order); each kept document goes to partition
+   ``hash prefix % P`` (its text to ``part-{p}.txt``, its index record: id, content hash, length, split
+   score, LSH band keys, to ``part-{p}.idx``). Exact copies share a hash, so they share a partition.
+2. ``exact`` (one unit per partition): the smallest id of every content hash is kept; the band keys of the
+   kept documents are scattered by key to band partitions (``bands-{q}.npy``).
+3. ``near`` (one unit per band partition): the band records sorted by (key, id); every later member of a
+   bucket is an edge (first id, later id) (``data/dedup.py``'s rule).
+4. ``decide`` (once): the removal list (the later ids), the duplicate clusters (union-find) for the report,
+   and the split counts (the lowest-scoring document goes to val when none did).
+5. the tokenizer (once): the configured one, or trained on kept text in partition order.
+6. ``tokenize`` (one unit per partition): the partition's documents in id order, each followed by
+   end-of-text, into ``{split}_p{p:04d}_{k:05d}.bin`` shards.
+7. ``finish`` (once): shards moved into the folder, ``report.json``, ``job.json`` and ``meta.json``.
+
+Peak memory per unit is one input file's reading state, or one partition's index (about 130 bytes per
+document): the partition count P comes from ``data.worker_memory_mb`` and the input size, so it grows with
+the corpus and the per-worker peak does not. Only the edges (one per near duplicate) are held whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.config import DataConfig, build
+from lmforge.data.clean import STAGES, Cleaner, digest, empty_message
+from lmforge.data.dedup import MinHasher, band_keys, bucket_edges, clusters, lsh_params
+from lmforge.data.shards import (
+    TIKTOKEN_SAMPLE_CHARS,
+    DocumentEncoder,
+    ShardWriter,
+    choose_encoder,
+    dtype_for,
+    read_json,
+    split_score,
+    write_json,
+)
+from lmforge.data.sources import SourceStats, read_documents
+from lmforge.errors import DataError
+
+PLAN = "plan.json"
+ID_SHIFT = 40  # document id = file index << ID_SHIFT | position in the file
+FLUSH_RECORDS = 4096  # index records buffered per partition before they are appended to disk
+INPUT_SHARE = 4  # a partition holds at most 1/INPUT_SHARE of the worker memory bound in input bytes
+
+
+def partitions_for(input_bytes: int, worker_memory_mb: int) -> int:
+    """The partition count that keeps one partition's input (and so its index) within the memory bound."""
+    per_partition = worker_memory_mb * 2**20 // INPUT_SHARE
+    return max(1, math.ceil(input_bytes / per_partition))
+
+
+def input_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def make_plan(cfg: DataConfig, paths: list[Path], *, strict: bool) -> dict:
+    sizes = [input_bytes(p) for p in paths]
+    bands, rows = lsh_params(cfg.near_dedup_threshold) if cfg.near_dedup else (0, 0)
+    return {
+        "cfg": dataclasses.asdict(cfg),
+        "files": [str(p) for p in paths],
+        "bytes": sizes,
+        "partitions": partitions_for(sum(sizes), cfg.worker_memory_mb),
+        "bands": bands,
+        "rows": rows,
+        "strict": strict,
+    }
+
+
+def load_plan(work: Path) -> dict:
+    plan = read_json(work / PLAN)
+    plan["cfg"] = build(DataConfig, plan["cfg"], "data")
+    return plan
+
+
+def index_dtype(bands: int) -> np.dtype:
+    fields = [("id", "<u8"), ("h0", "<u8"), ("h1", "<u8"), ("chars", "<u4"), ("nbytes", "<u4")]
+    fields += [("offset", "<u8"), ("score", "<f8")]
+    return np.dtype(fields + ([("bands", "<u8", (bands,))] if bands else []))
+
+
+BAND_DTYPE = np.dtype([("key", "<u8"), ("id", "<u8")])
+
+
+def unit_dir(work: Path, stage: str, unit: int) -> Path:
+    return work / stage / f"{unit:05d}"
+
+
+def marker(work: Path, stage: str, unit: int) -> Path:
+    return unit_dir(work, stage, unit) / "done.json"
+
+
+def fresh_dir(path: Path) -> Path:
+    """An empty folder for a unit that (re)starts: whatever a killed attempt left there goes."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def finish_unit(work: Path, stage: str, unit: int, started: float, counts: dict) -> dict:
+    counts = {**counts, "unit": unit, "seconds": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+    write_json(marker(work, stage, unit), counts)
+    return counts
+
+
+# -- 1. map: one input file -> per-partition text and index ---------------------------------------------------
+
+
+def map_file(work: Path, f: int) -> dict:
+    started = time.perf_counter()
+    plan = load_plan(work)
+    cfg, n_parts = plan["cfg"], plan["partitions"]
+    out = fresh_dir(unit_dir(work, "map", f))
+    dtype = index_dtype(plan["bands"])
+    hasher = MinHasher() if plan["bands"] else None
+    cleaner, stats = Cleaner(cfg), SourceStats()
+    texts = [open(out / f"part-{p:04d}.txt", "wb") for p in range(n_parts)]
+    indexes = [open(out / f"part-{p:04d}.idx", "wb") for p in range(n_parts)]
+    buffers: list[list[tuple]] = [[] for _ in range(n_parts)]
+
+    def flush(p: int) -> None:
+        if buffers[p]:
+            indexes[p].write(np.array(buffers[p], dtype=dtype).tobytes())
+            buffers[p].clear()
+
+    position = -1
+    docs = read_documents(
+        [Path(plan["files"][f])],
+        text_field=cfg.text_field,
+        chunk_chars=cfg.text_chunk_chars,
+        stats=stats,
+        strict=plan["strict"],
+    )
+    for position, doc in enumerate(docs):
+        text = cleaner.clean(doc.text)
+        if text is None:
+            continue
+        key = digest(text)
+        h0, h1 = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little")
+        p = h0 % n_parts
+        data = text.encode("utf-8")
+        record = (
+            f << ID_SHIFT | position,
+            h0,
+            h1,
+            len(text),
+            len(data),
+            texts[p].tell(),
+            split_score(key, cfg.seed),
+        )
+        if hasher is not None:
+            record += (band_keys(hasher.signature(text), plan["bands"], plan["rows"]),)
+        texts[p].write(data)
+        buffers[p].append(record)
+        if len(buffers[p]) >= FLUSH_RECORDS:
+            flush(p)
+    for p in range(n_parts):
+        flush(p)
+        texts[p].close()
+        indexes[p].close()
+    if position >= 1 << ID_SHIFT:
+        raise DataError(f"{plan['files'][f]}: more than 2^{ID_SHIFT} documents in one file")
+    report = cleaner.report.as_dict()
+    counts = {"docs": position + 1, "bytes": plan["bytes"][f], "report": report, "sources": stats.as_dict()}
+    return finish_unit(work, "map", f, started, counts)
+
+
+def read_index(work: Path, plan: dict, p: int) -> np.ndarray:
+    """Partition ``p``'s index records from every input file, in id order (files in order, each in order)."""
+    dtype = index_dtype(plan["bands"])
+    parts = [
+        np.fromfile(unit_dir(work, "map", f) / f"part-{p:04d}.idx", dtype=dtype)
+        for f in range(len(plan["files"]))
+    ]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+
+
+# -- 2. exact: one partition -> kept index + band records ---------------------------------------------------
+
+
+def exact_partition(work: Path, p: int) -> dict:
+    started = time.perf_counter()
+    plan = load_plan(work)
+    out = fresh_dir(unit_dir(work, "exact", p))
+    index = read_index(work, plan, p)
+    keep = np.ones(len(index), dtype=bool)
+    if plan["cfg"].dedup and len(index):
+        order = np.lexsort((index["id"], index["h1"], index["h0"]))
+        h0, h1 = index["h0"][order], index["h1"][order]
+        repeat = np.concatenate([[False], (h0[1:] == h0[:-1]) & (h1[1:] == h1[:-1])])
+        keep[order[repeat]] = False
+    kept = index[keep]
+    np.save(out / "kept.npy", kept)
+    if plan["bands"]:
+        records = np.empty(len(kept) * plan["bands"], dtype=BAND_DTYPE)
+        records["key"] = kept["bands"].ravel()
+        records["id"] = np.repeat(kept["id"], plan["bands"])
+        target = records["key"] % np.uint64(plan["partitions"])
+        for q in range(plan["partitions"]):
+            np.save(out / f"bands-{q:04d}.npy", records[target == q])
+    counts = {
+        "docs_in": len(index),
+        "docs_out": len(kept),
+        "chars_in": int(index["chars"].sum()),
+        "chars_out": int(kept["chars"].sum()),
+        "bytes": int(index["nbytes"].sum()),
+    }
+    return finish_unit(work, "exact", p, started, counts)
+
+
+# -- 3. near: one band partition -> edges ---------------------------------------------------------------------
+
+
+def near_partition(work: Path, q: int) -> dict:
+    started = time.perf_counter()
+    plan = load_plan(work)
+    out = fresh_dir(unit_dir(work, "near", q))
+    records = np.concatenate(
+        [np.load(unit_dir(work, "exact", p) / f"bands-{q:04d}.npy") for p in range(plan["partitions"])]
+    )
+    edges = bucket_edges(records["key"], records["id"])
+    np.save(out / "edges.npy", edges)
+    return finish_unit(work, "near", q, started, {"docs": len(records), "edges": len(edges)})
+
+
+# -- 4. decide: the removal list, clusters and split counts (once) ------------------------------------------
+
+
+def decide(work: Path) -> dict:
+    plan = load_plan(work)
+    cfg = plan["cfg"]
+    if plan["bands"]:
+        edges = np.concatenate(
+            [np.load(unit_dir(work, "near", q) / "edges.npy") for q in range(plan["partitions"])]
+        )
+    else:
+        edges = np.empty((0, 2), dtype=np.uint64)
+    removed = np.unique(edges[:, 1])
+    np.save(work / "removed.npy", removed)
+    groups = clusters(edges)
+    counts = {"train": 0, "val": 0}
+    lowest = (2.0, -1)
+    for p in range(plan["partitions"]):
+        kept = np.load(unit_dir(work, "exact", p) / "kept.npy")
+        kept = kept[~np.isin(kept["id"], removed)]
+        val = kept["score"] < cfg.val_fraction
+        counts["val"] += int(val.sum())
+        counts["train"] += int((~val).sum())
+        if len(kept):
+            i = int(np.lexsort((kept["id"], kept["score"]))[0])
+            lowest = min(lowest, (float(kept["score"][i]), int(kept["id"][i])))
+    kept_docs = counts["train"] + counts["val"]
+    forced_val = lowest[1] if cfg.val_fraction > 0 and counts["val"] == 0 and kept_docs >= 2 else None
+    decision = {
+        "counts": counts,
+        "forced_val": forced_val,
+        "removed": len(removed),
+        "clusters": len(groups),
+        "largest_cluster": max((len(g) for g in groups), default=0),
+    }
+    write_json(work / "decide.json", decision)
+    return decision
+
+
+# -- 6. tokenize: one partition -> shards -----------------------------------------------------------------------
+
+
+def kept_documents(work: Path, plan: dict, p: int, removed: np.ndarray):
+    """(record, text) of partition ``p``'s final documents in id order."""
+    kept = np.load(unit_dir(work, "exact", p) / "kept.npy")
+    gone = np.isin(kept["id"], removed)
+    files: dict[int, object] = {}
+    try:
+        for record, is_gone in zip(kept, gone):
+            f = int(record["id"]) >> ID_SHIFT
+            if f not in files:
+                files[f] = open(unit_dir(work, "map", f) / f"part-{p:04d}.txt", "rb")
+            if is_gone:
+                yield record, None
+                continue
+            handle = files[f]
+            handle.seek(int(record["offset"]))
+            yield record, handle.read(int(record["nbytes"])).decode("utf-8")
+    finally:
+        for handle in files.values():
+            handle.close()
+
+
+def tokenize_partition(work: Path, p: int) -> dict:
+    started = time.perf_counter()
+    plan = load_plan(work)
+    cfg = plan["cfg"]
+    out = fresh_dir(unit_dir(work, "tokenize", p))
+    decision = read_json(work / "decide.json")
+    removed = np.load(work / "removed.npy")
+    meta = read_json(work / "tokenizer.json.meta")
+    encoder = DocumentEncoder(str(work / "tokenizer.json"), meta["use_tiktoken"])
+    done: dict[str, list[dict]] = {"train": [], "val": []}
+    writers = {s: ShardWriter(out, s, meta["dtype"], cfg.shard_tokens, done[s]) for s in done}
+    near = {"docs_in": 0, "docs_out": 0, "chars_in": 0, "chars_out": 0}
+    nbytes = 0
+    for record, text in kept_documents(work, plan, p, removed):
+        chars = int(record["chars"])
+        near["docs_in"] += 1
+        near["chars_in"] += chars
+        if text is None:
+            continue
+        near["docs_out"] += 1
+        near["chars_out"] += chars
+        nbytes += int(record["nbytes"])
+        is_val = record["score"] < cfg.val_fraction or int(record["id"]) == decision["forced_val"]
+        writers["val" if is_val else "train"].add(encoder([text])[0])
+    for writer in writers.values():
+        writer.close()
+    counts = {"near_dedup": near, "shards": done, "docs": near["docs_out"], "bytes": nbytes}
+    return finish_unit(work, "tokenize", p, started, counts)
+
+
+def iter_texts(work: Path, plan: dict):
+    """Final kept texts in partition order (for training a tokenizer and choosing the encoder)."""
+    removed = np.load(work / "removed.npy")
+    for p in range(plan["partitions"]):
+        for _, text in kept_documents(work, plan, p, removed):
+            if text is not None:
+                yield text
+
+
+# -- 7. finish: shards into place, report.json, job.json --------------------------------------------------------
+
+
+def merge_sources(parts: list[dict]) -> dict:
+    out = SourceStats().as_dict()
+    for part in parts:
+        for key in ("files", "bytes", "binary_skipped", "invalid_utf8_files", "invalid_utf8_chars"):
+            out[key] += part[key]
+        out["malformed_records"] += part["malformed_records"]
+        out["binary_files"] = (out["binary_files"] + part["binary_files"])[:20]
+        out["malformed_examples"] = (out["malformed_examples"] + part["malformed_examples"])[:20]
+    return out
+
+
+def merged_report(work: Path, plan: dict) -> dict:
+    """The cleaning report of the whole job, in ``Cleaner``'s format, summed over the units' markers."""
+    maps = [read_json(marker(work, "map", f)) for f in range(len(plan["files"]))]
+    stages = {name: {"docs_in": 0, "docs_out": 0, "chars_in": 0, "chars_out": 0} for name in STAGES}
+    reasons: dict[str, int] = {}
+    pii: dict[str, int] = {}
+    for m in maps:
+        for name in ("read", "normalize", "pii", "filter"):
+            for key, value in m["report"]["stages"][name].items():
+                stages[name][key] += value
+        for key, value in m["report"]["filter_reasons"].items():
+            reasons[key] = reasons.get(key, 0) + value
+        for key, value in m["report"]["pii_replaced"].items():
+            pii[key] = pii.get(key, 0) + value
+    for p in range(plan["partitions"]):
+        exact = read_json(marker(work, "exact", p))
+        for key in stages["exact_dedup"]:
+            stages["exact_dedup"][key] += exact[key]
+    return {
+        "sources": merge_sources([m["sources"] for m in maps]),
+        "stages": stages,
+        "filter_reasons": reasons,
+        "pii_replaced": pii,
+    }
+
+
+def finish(work: Path, out: Path) -> tuple[dict, dict]:
+    """Move the shards into ``out`` and return (splits, report)."""
+    plan = load_plan(work)
+    report = merged_report(work, plan)
+    near = report["stages"]["near_dedup"]
+    splits = {"train": [], "val": []}
+    for p in range(plan["partitions"]):
+        done = read_json(marker(work, "tokenize", p))
+        for key in near:
+            near[key] += done["near_dedup"][key]
+        for split, shards in done["shards"].items():
+            for k, shard in enumerate(shards):
+                name = f"{split}_p{p:04d}_{k:05d}.bin"
+                source = unit_dir(work, "tokenize", p) / shard["file"]
+                if source.exists():
+                    os.replace(source, out / name)
+                splits[split].append({**shard, "file": name})
+    report["near_dedup"] = read_json(work / "decide.json")
+    splits = {
+        split: {
+            "docs": sum(s["docs"] for s in shards),
+            "tokens": sum(s["tokens"] for s in shards),
+            "shards": shards,
+        }
+        for split, shards in splits.items()
+    }
+    return splits, report
+
+
+def job_summary(work: Path, plan: dict, seconds: dict[str, float]) -> dict:
+    """Per stage: units, documents, bytes, seconds, throughput and the peak RSS of its busiest worker."""
+    stages = {}
+    for stage, units in (
+        ("map", len(plan["files"])),
+        ("exact", plan["partitions"]),
+        ("near", plan["partitions"] if plan["bands"] else 0),
+        ("tokenize", plan["partitions"]),
+    ):
+        markers = [read_json(marker(work, stage, u)) for u in range(units)]
+        docs = sum(m.get("docs", m.get("docs_in", 0)) for m in markers)
+        nbytes = sum(m.get("bytes", 0) for m in markers)
+        wall = seconds.get(stage, 0.0)  # this run's wall time (0 when every unit was done before)
+        stages[stage] = {
+            "units": units,
+            "docs": docs,
+            "bytes": nbytes,
+            "seconds": round(wall, 3),
+            "unit_seconds": round(sum(m["seconds"] for m in markers), 3),
+            "mb_per_s": round(nbytes / 1e6 / wall, 3) if wall and stage != "near" else None,
+            "peak_rss_mb": round(max((m["peak_rss_mb"] for m in markers), default=0.0), 1),
+        }
+    return {"partitions": plan["partitions"], "stages": stages}
+
+
+# -- the driver -------------------------------------------------------------------------------------------------
+
+STAGE_UNITS = {
+    "map": map_file,
+    "exact": exact_partition,
+    "near": near_partition,
+    "tokenize": tokenize_partition,
+}
+
+
+def run_unit(stage: str, work: str, unit: int) -> dict:
+    """One unit of one stage: what every executor calls (a module-level function, so it pickles by name)."""
+    return STAGE_UNITS[stage](Path(work), unit)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Task:
+    """Array task ``index`` of ``count``: it runs the ``map`` units ``f`` with ``f % count == index``."""
+
+    index: int
+    count: int
+
+
+def run_stage(executor, work: Path, stage: str, units: list[int], *, progress: bool, seconds: dict) -> None:
+    """Run the units of ``stage`` that have no marker yet, showing and saving (``status.json``) documents,
+    bytes, throughput and the ETA."""
+    from tqdm import tqdm
+
+    pending = [u for u in units if not marker(work, stage, u).exists()]
+    if not pending:
+        return
+    started = time.perf_counter()
+    docs = nbytes = 0
+    with tqdm(
+        total=len(units), initial=len(units) - len(pending), desc=stage, unit="unit", disable=not progress
+    ) as bar:
+        for n, result in enumerate(executor.map(run_unit, stage, str(work), pending), 1):
+            docs += result.get("docs", result.get("docs_in", 0))
+            nbytes += result.get("bytes", 0)
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(docs=docs, MB=round(nbytes / 1e6, 1), MBps=round(nbytes / 1e6 / elapsed, 2))
+            bar.update(1)
+            status = {
+                "stage": stage,
+                "units_done": len(units) - len(pending) + n,
+                "units": len(units),
+                "docs": docs,
+                "bytes": nbytes,
+                "seconds": round(elapsed, 3),
+                "docs_per_s": round(docs / elapsed, 1),
+                "mb_per_s": round(nbytes / 1e6 / elapsed, 3),
+                "eta_s": round(elapsed / n * (len(pending) - n), 1),
+            }
+            write_json(work / "status.json", status)
+    seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
+
+
+def prepare_partitioned(
+    cfg: DataConfig, paths: list[Path], out: Path, *, wanted, progress: bool, strict: bool, task: Task | None
+) -> dict:
+    """Run (or continue) the partitioned job in ``out/work``. For an array task: its ``map`` units only,
+    returning their counts. Otherwise the whole job, returning the tokenizer, encoder, splits and report;
+    the caller writes ``meta.json`` and removes ``work``."""
+    from lmforge.data.executors import InlineExecutor, make_executor
+    from lmforge.data.tokenizer import iter_sample, load_tokenizer, train_tokenizer
+
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / PLAN).exists():
+        write_json(work / PLAN, make_plan(cfg, paths, strict=strict))
+    plan = load_plan(work)
+    files = list(range(len(plan["files"])))
+    seconds: dict[str, float] = {}
+    if task is not None:
+        mine = [f for f in files if f % task.count == task.index]
+        run_stage(InlineExecutor(), work, "map", mine, progress=progress, seconds=seconds)
+        done = [read_json(marker(work, "map", f)) for f in mine]
+        return {
+            "task": task.index,
+            "tasks": task.count,
+            "files": len(mine),
+            "docs": sum(d["docs"] for d in done),
+            "bytes": sum(d["bytes"] for d in done),
+            "seconds": round(seconds["map"], 3),
+        }
+    executor = make_executor(cfg.executor, cfg.workers, cfg.ray_address)
+    parts = list(range(plan["partitions"]))
+    try:
+        run_stage(executor, work, "map", files, progress=progress, seconds=seconds)
+        run_stage(executor, work, "exact", parts, progress=progress, seconds=seconds)
+        if plan["bands"]:
+            run_stage(executor, work, "near", parts, progress=progress, seconds=seconds)
+        decision = read_json(work / "decide.json") if (work / "decide.json").exists() else decide(work)
+        if sum(decision["counts"].values()) == 0:
+            report = merged_report(work, plan)
+            exact_out = report["stages"]["exact_dedup"]["docs_out"]
+            report["stages"]["near_dedup"].update(docs_in=exact_out, docs_out=0)
+            raise DataError(empty_message(report, plan["files"]))
+        if not (work / "tokenizer.json.meta").exists():
+            if wanted is not None:
+                tokenizer = wanted
+            else:
+                sample = iter_sample(iter_texts(work, plan), cfg.tokenizer_train_chars)
+                tokenizer = train_tokenizer(cfg.tokenizer, sample, cfg.vocab_size)
+            tokenizer.save(work / "tokenizer.json")
+            tokenizer = load_tokenizer(work / "tokenizer.json")
+            head = list(iter_sample(iter_texts(work, plan), TIKTOKEN_SAMPLE_CHARS))
+            use_tiktoken = choose_encoder(cfg, tokenizer, head)
+            write_json(
+                work / "tokenizer.json.meta",
+                {"use_tiktoken": use_tiktoken, "dtype": dtype_for(tokenizer.vocab_size)},
+            )
+        run_stage(executor, work, "tokenize", parts, progress=progress, seconds=seconds)
+    finally:
+        executor.close()
+    splits, report = finish(work, out)
+    shutil.copyfile(work / "tokenizer.json", out / "tokenizer.json")
+    write_json(out / "report.json", report)
+    write_json(out / "job.json", job_summary(work, plan, seconds))
+    return {
+        "tokenizer": load_tokenizer(out / "tokenizer.json"),
+        "use_tiktoken": read_json(work / "tokenizer.json.meta")["use_tiktoken"],
+        "splits": splits,
+    }
