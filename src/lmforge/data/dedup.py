@@ -1,8 +1,9 @@
 """Near-duplicate detection that gives the same decisions in memory and over partitions on disk.
 
 A document's MinHash signature (``NUM_PERM`` values over its character 5-gram hashes) is computed with
-fixed permutations, the same ones ``datasketch.MinHash(seed=1)`` draws, so every worker, every process and
-the in-memory index agree bit for bit (tested against datasketch). The signature is cut into ``bands`` of
+fixed permutations, the ones ``datasketch.MinHash(seed=1)`` draws (its default ``affine32`` scheme:
+a MurmurHash3 mix, then a 32-bit multiply-add), so every worker, every process and the in-memory index
+agree bit for bit (tested against datasketch). The signature is cut into ``bands`` of
 ``rows`` values (the (b, r) that datasketch's ``MinHashLSH`` picks for the threshold); each band becomes one
 64-bit key that also encodes the band's index, so one key space serves all bands.
 
@@ -25,17 +26,16 @@ import numpy as np
 NGRAM = 5
 NUM_PERM = 128
 SEED = 1
-MERSENNE = np.uint64((1 << 61) - 1)
-MAX_HASH = np.uint64((1 << 32) - 1)
-BLOCK = 2048  # shingles per block while computing a signature: bounds the (BLOCK, NUM_PERM) temporary
+MAX_HASH = np.uint32((1 << 32) - 1)
+BLOCK = 1024  # shingles per block while computing a signature: bounds the (NUM_PERM, BLOCK) temporary
 
 
 def shingle_hashes(text: str, n: int = NGRAM) -> np.ndarray:
-    """32-bit hashes of the character n-grams of ``text`` (lowercased, whitespace collapsed). (N,) uint64"""
+    """32-bit hashes of the character n-grams of ``text`` (lowercased, whitespace collapsed). (N,) uint32"""
     text = " ".join(text.lower().split())
     codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
     if len(codes) == 0:
-        return np.zeros(1, dtype=np.uint64)
+        return np.zeros(1, dtype=np.uint32)
     n = min(n, len(codes))
     width = len(codes) - n + 1
     h = np.zeros(width, dtype=np.uint64)
@@ -44,39 +44,42 @@ def shingle_hashes(text: str, n: int = NGRAM) -> np.ndarray:
     h ^= h >> np.uint64(29)
     h *= np.uint64(0xBF58476D1CE4E5B9)
     h ^= h >> np.uint64(32)
-    return np.unique(h & np.uint64(0xFFFFFFFF))
+    return (h & np.uint64(0xFFFFFFFF)).astype(np.uint32)  # repeats stay: a minimum does not mind them
+
+
+def fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer (a bijection that spreads the input hashes), as datasketch applies it."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
 
 
 def permutations(num_perm: int = NUM_PERM, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
-    """The (a, b) of the hash functions ``(a*x + b) mod (2^61 - 1)``, drawn as datasketch draws them."""
+    """The (a, b) of the permutations ``a*h + b mod 2^32`` (a odd: a bijection), drawn as datasketch's
+    default ``affine32`` scheme draws them."""
     gen = np.random.RandomState(seed)
-    pairs = [
-        (gen.randint(1, int(MERSENNE), dtype=np.uint64), gen.randint(0, int(MERSENNE), dtype=np.uint64))
-        for _ in range(num_perm)
-    ]
-    a, b = np.array(pairs, dtype=np.uint64).T
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
     return a, b
 
 
 class MinHasher:
-    """Signatures of texts: vectorised over shingles and permutations, in blocks of ``BLOCK`` shingles."""
+    """Signatures of texts: vectorised over permutations and shingles, in blocks of ``BLOCK`` shingles."""
 
     def __init__(self, num_perm: int = NUM_PERM, seed: int = SEED):
-        self.a, self.b = permutations(num_perm, seed)
+        a, b = permutations(num_perm, seed)
+        self.a, self.b = a[:, None], b[:, None]
 
     def signature(self, text: str) -> np.ndarray:
-        """(num_perm,) uint64, equal to ``datasketch.MinHash(num_perm, seed).hashvalues`` for the shingles."""
-        shingles = shingle_hashes(text)
-        out = np.full(len(self.a), MAX_HASH, dtype=np.uint64)
+        """(num_perm,) uint32, equal to ``datasketch.MinHash(num_perm, seed).hashvalues`` for the shingles."""
+        shingles = fmix32(shingle_hashes(text))
+        out = np.full(len(self.a), MAX_HASH, dtype=np.uint32)
         for start in range(0, len(shingles), BLOCK):
-            x = np.multiply(shingles[start : start + BLOCK, None], self.a[None, :])  # (S, P), wraps mod 2^64
+            x = self.a * shingles[None, start : start + BLOCK]  # (P, S), wraps mod 2^32
             x += self.b
-            high = x >> np.uint64(61)  # x mod (2^61 - 1) by folding the top bits: no division
-            x &= MERSENNE
-            x += high
-            x[x >= MERSENNE] -= MERSENNE
-            x &= MAX_HASH
-            np.minimum(out, x.min(axis=0), out=out)
+            np.minimum(out, x.min(axis=1), out=out)
         return out
 
 

@@ -18,7 +18,9 @@ folder that one final run (the merge) completes. Stages, in order:
 5. the tokenizer (once): the configured one, or trained on kept text in partition order.
 6. ``tokenize`` (one unit per partition): the partition's documents in id order, each followed by
    end-of-text, into ``{split}_p{p:04d}_{k:05d}.bin`` shards.
-7. ``finish`` (once): shards moved into the folder, ``report.json``, ``job.json`` and ``meta.json``.
+7. ``finish`` (once): shards moved into the folder, ``report.json``, ``job.json`` (per stage: units,
+   documents, bytes, seconds, MB/s, the busiest worker's peak RSS), ``near_duplicates.npy`` (the ids near
+   dedup removed) and ``meta.json``.
 
 Peak memory per unit is one input file's reading state, or one partition's index (about 130 bytes per
 document): the partition count P comes from ``data.worker_memory_mb`` and the input size, so it grows with
@@ -524,7 +526,7 @@ def prepare_partitioned(
             "files": len(mine),
             "docs": sum(d["docs"] for d in done),
             "bytes": sum(d["bytes"] for d in done),
-            "seconds": round(seconds["map"], 3),
+            "seconds": round(seconds.get("map", 0.0), 3),
         }
     executor = make_executor(cfg.executor, cfg.workers, cfg.ray_address)
     parts = list(range(plan["partitions"]))
@@ -558,6 +560,8 @@ def prepare_partitioned(
         executor.close()
     splits, report = finish(work, out)
     shutil.copyfile(work / "tokenizer.json", out / "tokenizer.json")
+    if plan["bands"]:  # the near-dedup decisions, for audits: ids (file index << 40 | position in file)
+        shutil.copyfile(work / "removed.npy", out / "near_duplicates.npy")
     write_json(out / "report.json", report)
     write_json(out / "job.json", job_summary(work, plan, seconds))
     return {
