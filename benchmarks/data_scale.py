@@ -238,7 +238,7 @@ def in_memory_agreement(corpus: Path, out: Path, planted: dict, threshold: float
                 sig = hasher.signature(text)
                 if doc_id in wanted:
                     signatures[doc_id] = sig
-                minhash = MinHash(num_perm=128, seed=1, hashvalues=sig, scheme="legacy")
+                minhash = MinHash(num_perm=128, seed=1, hashvalues=sig, scheme="affine32")
                 if lsh.query(minhash):
                     removed.add(doc_id)
                 lsh.insert(str(doc_id), minhash, check_duplication=False)

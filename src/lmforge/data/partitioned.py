@@ -433,6 +433,7 @@ def job_summary(work: Path, plan: dict, seconds: dict[str, float]) -> dict:
         wall = seconds.get(stage, 0.0)  # this run's wall time (0 when every unit was done before)
         stages[stage] = {
             "units": units,
+            "units_run": seconds.get(f"{stage}.units_run", 0),  # this run; the rest were done before
             "docs": docs,
             "bytes": nbytes,
             "seconds": round(wall, 3),
@@ -498,6 +499,7 @@ def run_stage(executor, work: Path, stage: str, units: list[int], *, progress: b
             }
             write_json(work / "status.json", status)
     seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
+    seconds[f"{stage}.units_run"] = seconds.get(f"{stage}.units_run", 0) + len(pending)
 
 
 def prepare_partitioned(

@@ -51,6 +51,7 @@ from lmforge.data.tokenizer import (
     train_tokenizer,
 )
 from lmforge.errors import DataError
+from lmforge.files import write_text_atomic
 
 FORMAT = "lmforge-shards-v1"
 CHUNK_DOCS = 256  # at most this many documents per task sent to a worker
@@ -208,24 +209,66 @@ def split_arguments(items: Sequence[str]) -> tuple[str | None, list[str], list[s
 
 @dataclass(frozen=True, kw_only=True)
 class PreparedData:
-    """A prepared dataset folder: its ``meta.json`` (splits, tokenizer) and cleaning ``report.json``."""
+    """A prepared dataset folder: its ``meta.json`` (splits, tokenizer) and cleaning ``report.json``; for an
+    array task, only ``task`` (its counts) and empty ``meta``/``report``."""
 
     out: Path
     meta: dict
     report: dict
+    task: dict | None = None
 
 
 def prepare_from_arguments(
-    items: Sequence[str], out_dir: str | Path, *, progress: bool = True, strict: bool = False
+    items: Sequence[str],
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    strict: bool = False,
+    task: Task | None = None,
 ) -> PreparedData:
     """Prepare a dataset from the data verb's arguments (see ``split_arguments``); sources default to the
-    config's ``data.sources``."""
+    config's ``data.sources``. With ``task``: run that array task's share (see ``prepare_data``)."""
     config, sources, overrides = split_arguments(items)
     cfg = load_config(config, overrides)
-    meta = prepare_data(
-        cfg.data, sources or list(cfg.data.sources), out_dir, progress=progress, strict=strict
-    )
+    sources = sources or list(cfg.data.sources)
+    meta = prepare_data(cfg.data, sources, out_dir, progress=progress, strict=strict, task=task)
+    if task is not None and "task" in meta:
+        return PreparedData(out=Path(out_dir), meta={}, report={}, task=meta)
     return PreparedData(out=Path(out_dir), meta=meta, report=read_json(Path(out_dir) / "report.json"))
+
+
+def write_slurm_script(items: Sequence[str], out_dir: str | Path, *, tasks: int, path: str | Path) -> Path:
+    """An sbatch script for ``tasks`` array tasks of this preparation and the merge job after them
+    (``bash SCRIPT submit`` submits both, the merge with ``--dependency=afterok``)."""
+    import shlex
+
+    config, _, overrides = split_arguments(items)
+    cfg = load_config(config, overrides)  # fail now, not on the cluster
+    if tasks < 1:
+        raise DataError(f"--tasks={tasks} must be >= 1")
+    args = " ".join(shlex.quote(str(i)) for i in items) + " --out " + shlex.quote(str(out_dir))
+    script = f"""#!/bin/bash
+#SBATCH --job-name=lmforge-prepare
+#SBATCH --cpus-per-task=1
+#SBATCH --mem={cfg.data.worker_memory_mb + 1024}M
+# Written by `lmforge data prepare --slurm`. Submit with: bash {shlex.quote(str(path))} submit
+# (array tasks 0..{tasks - 1} each read, clean and hash their share of the inputs; the merge job, which
+# waits for all of them, deduplicates, tokenizes and writes meta.json. Rerunning continues where it stopped.)
+set -euo pipefail
+case "${{1:-task}}" in
+  submit)
+    array=$(sbatch --parsable --array=0-{tasks - 1} "$0" task)
+    sbatch --dependency=afterok:"$array" "$0" merge ;;
+  task)
+    exec lmforge data prepare {args} --task-index "$SLURM_ARRAY_TASK_ID" --tasks {tasks} --no-progress ;;
+  merge)
+    exec lmforge data prepare {args} --no-progress ;;
+esac
+"""
+    target = Path(path)
+    write_text_atomic(target, script)
+    target.chmod(0o755)
+    return target
 
 
 def read_tokenizer_fingerprint(out: Path) -> str | None:
