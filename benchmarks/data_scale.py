@@ -47,7 +47,7 @@ RUN = """
 import json, resource, sys, time
 from lmforge.config import DataConfig
 from lmforge.data.prepare import prepare_data
-from lmforge.data.partitioned import Task
+from lmforge.data.job import Task
 tokenizer, corpus, out, executor, workers, task = sys.argv[1:7]
 cfg = DataConfig(tokenizer=tokenizer, executor=executor, workers=int(workers), near_dedup=True,
                  worker_memory_mb=WORKER_MEMORY_MB, val_fraction=0.01)

@@ -17,7 +17,8 @@ from datasketch import MinHash, MinHashLSH
 from lmforge.config import DataConfig
 from lmforge.data.clean import digest, normalize
 from lmforge.data.dedup import MinHasher
-from lmforge.data.partitioned import ID_SHIFT, Task, make_plan, partitions_for
+from lmforge.data.job import Task
+from lmforge.data.partitioned import ID_SHIFT, make_plan, partitions_for
 from lmforge.data.prepare import input_paths, prepare_data
 from lmforge.data.sources import SourceStats, read_documents
 

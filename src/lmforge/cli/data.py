@@ -34,7 +34,7 @@ def add_data(sub) -> None:
 
 def run_data(args) -> int:
     from lmforge.data.clean import format_report
-    from lmforge.data.partitioned import Task
+    from lmforge.data.job import Task
     from lmforge.data.prepare import prepare_from_arguments, write_slurm_script
     from lmforge.errors import ConfigError
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from lmforge.config import DataConfig, load_config
 from lmforge.data.clean import Cleaner, empty_message
-from lmforge.data.partitioned import Task, prepare_partitioned
+from lmforge.data.job import Task, prepare_partitioned
 from lmforge.data.shards import (
     TIKTOKEN_SAMPLE_CHARS,
     DocumentEncoder,
