@@ -91,6 +91,9 @@ def test_array_tasks_and_merge_equal_one_local_run_and_the_stream(tmp_path, plan
         prepare_data(cfg, [str(folder)], out, progress=False, task=Task(index=i, count=3)) for i in range(3)
     ]
     assert [c["files"] for c in counts] == [3, 3, 2] and not (out / "meta.json").exists()
+    status = json.loads((out / "work" / "status-task2.json").read_text())  # progress of task 2's share
+    assert status["stage"] == "map" and status["units_done"] == status["units"] == 2 and status["eta_s"] == 0
+    assert status["docs"] == counts[2]["docs"] and status["bytes"] == counts[2]["bytes"] > 0
     merged = prepare_data(cfg, [str(folder)], out, progress=False)
     assert json.loads((out / "job.json").read_text())["stages"]["map"]["units_run"] == 0  # the tasks did it
     local_meta = json.loads((local_run / "meta.json").read_text())

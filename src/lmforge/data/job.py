@@ -1,5 +1,5 @@
 """The partitioned job (``data/partitioned.py``'s stages) driven through an executor: which units run, in
-what order, with progress on screen and in ``work/status.json``, and the ``job.json`` summary."""
+what order, with progress on screen and in ``work/status.json`` (``status-task{i}.json`` for array tasks), and the ``job.json`` summary."""
 
 from __future__ import annotations
 
@@ -50,9 +50,20 @@ class Task:
     count: int
 
 
-def run_stage(executor, work: Path, stage: str, units: list[int], *, progress: bool, seconds: dict) -> None:
+def run_stage(
+    executor,
+    work: Path,
+    stage: str,
+    units: list[int],
+    *,
+    progress: bool,
+    seconds: dict,
+    status: str = "status.json",
+    sizes: list[int] | None = None,
+) -> None:
     """Run the units of ``stage`` that have no marker yet, showing and saving (``status.json``) documents,
-    bytes, throughput and the ETA."""
+    bytes, throughput and the ETA (from the input bytes left when ``sizes`` gives each unit's, else from the
+    units left)."""
     from tqdm import tqdm
 
     pending = [u for u in units if not marker(work, stage, u).exists()]
@@ -60,6 +71,7 @@ def run_stage(executor, work: Path, stage: str, units: list[int], *, progress: b
         return
     started = time.perf_counter()
     docs = nbytes = 0
+    left = sum(sizes[u] for u in pending) if sizes else None
     with tqdm(
         total=len(units), initial=len(units) - len(pending), desc=stage, unit="unit", disable=not progress
     ) as bar:
@@ -67,9 +79,14 @@ def run_stage(executor, work: Path, stage: str, units: list[int], *, progress: b
             docs += result.get("docs", result.get("docs_in", 0))
             nbytes += result.get("bytes", 0)
             elapsed = time.perf_counter() - started
+            if left is not None:
+                left -= sizes[result["unit"]]
+                eta = elapsed / max(1, sum(sizes[u] for u in pending) - left) * left
+            else:
+                eta = elapsed / n * (len(pending) - n)
             bar.set_postfix(docs=docs, MB=round(nbytes / 1e6, 1), MBps=round(nbytes / 1e6 / elapsed, 2))
             bar.update(1)
-            status = {
+            state = {
                 "stage": stage,
                 "units_done": len(units) - len(pending) + n,
                 "units": len(units),
@@ -78,9 +95,9 @@ def run_stage(executor, work: Path, stage: str, units: list[int], *, progress: b
                 "seconds": round(elapsed, 3),
                 "docs_per_s": round(docs / elapsed, 1),
                 "mb_per_s": round(nbytes / 1e6 / elapsed, 3),
-                "eta_s": round(elapsed / n * (len(pending) - n), 1),
+                "eta_s": round(eta, 1),
             }
-            write_json(work / "status.json", status)
+            write_json(work / status, state)
     seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
     seconds[f"{stage}.units_run"] = seconds.get(f"{stage}.units_run", 0) + len(pending)
 
@@ -100,7 +117,17 @@ def prepare_partitioned(
     seconds: dict[str, float] = {}
     if task is not None:
         mine = [f for f in files if f % task.count == task.index]
-        run_stage(InlineExecutor(), work, "map", mine, progress=progress, seconds=seconds)
+        status = f"status-task{task.index}.json"  # one per task: they run at the same time
+        run_stage(
+            InlineExecutor(),
+            work,
+            "map",
+            mine,
+            progress=progress,
+            seconds=seconds,
+            status=status,
+            sizes=plan["bytes"],
+        )
         done = [read_json(marker(work, "map", f)) for f in mine]
         return {
             "task": task.index,
@@ -113,7 +140,7 @@ def prepare_partitioned(
     executor = make_executor(cfg.executor, cfg.workers, cfg.ray_address)
     parts = list(range(plan["partitions"]))
     try:
-        run_stage(executor, work, "map", files, progress=progress, seconds=seconds)
+        run_stage(executor, work, "map", files, progress=progress, seconds=seconds, sizes=plan["bytes"])
         run_stage(executor, work, "exact", parts, progress=progress, seconds=seconds)
         if plan["bands"]:
             run_stage(executor, work, "near", parts, progress=progress, seconds=seconds)
