@@ -18,7 +18,8 @@ from lmforge.config import DataConfig
 from lmforge.data.clean import digest, normalize
 from lmforge.data.dedup import MinHasher
 from lmforge.data.job import Task
-from lmforge.data.partitioned import ID_SHIFT, make_plan, partitions_for
+from lmforge.data.partitioned import ID_SHIFT, PLAN, make_plan, map_file, partitions_for
+from lmforge.data.shards import write_json
 from lmforge.data.prepare import input_paths, prepare_data
 from lmforge.data.sources import SourceStats, read_documents
 
@@ -211,3 +212,17 @@ def test_cli_array_tasks_merge_and_slurm_script(tmp_path, planted, bpe_path, loc
     bash = subprocess.run(["bash", "-n", str(script)], capture_output=True)
     assert bash.returncode == 0, bash.stderr
     assert main(["data", "prepare", *items, "--out", str(out), "--task-index", "2", "--tasks", "2"]) == 2
+
+
+def test_a_map_unit_writes_the_same_files_however_often_it_flushes(tmp_path, planted, bpe_path):
+    folder, _ = planted
+    paths = input_paths([str(folder)], tmp_path)
+    files = {}
+    for flush_bytes in (2000, 2**24):
+        work = tmp_path / str(flush_bytes)
+        work.mkdir()
+        write_json(work / PLAN, make_plan(config(bpe_path), paths, strict=False))
+        map_file(work, 0, flush_bytes=flush_bytes)
+        unit = work / "map" / "00000"
+        files[flush_bytes] = {p.name: p.read_bytes() for p in unit.iterdir() if p.name != "done.json"}
+    assert files[2000] == files[2**24] and len(files[2000]) == 2 * 4

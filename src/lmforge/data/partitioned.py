@@ -55,7 +55,7 @@ from lmforge.errors import DataError
 
 PLAN = "plan.json"
 ID_SHIFT = 40  # document id = file index << ID_SHIFT | position in the file
-FLUSH_RECORDS = 4096  # index records buffered per partition before they are appended to disk
+FLUSH_BYTES = 16 * 2**20  # text and index records a map unit buffers before it appends them to disk
 INPUT_SHARE = 4  # a partition holds at most 1/INPUT_SHARE of the worker memory bound in input bytes
 
 
@@ -128,7 +128,7 @@ def finish_unit(work: Path, stage: str, unit: int, started: float, counts: dict)
 # -- 1. map: one input file -> per-partition text and index ---------------------------------------------------
 
 
-def map_file(work: Path, f: int) -> dict:
+def map_file(work: Path, f: int, *, flush_bytes: int = FLUSH_BYTES) -> dict:
     started = time.perf_counter()
     plan = load_plan(work)
     cfg, n_parts = plan["cfg"], plan["partitions"]
@@ -136,14 +136,20 @@ def map_file(work: Path, f: int) -> dict:
     dtype = index_dtype(plan["bands"])
     hasher = MinHasher() if plan["bands"] else None
     cleaner, stats = Cleaner(cfg), SourceStats()
-    texts = [open(out / f"part-{p:04d}.txt", "wb") for p in range(n_parts)]
-    indexes = [open(out / f"part-{p:04d}.idx", "wb") for p in range(n_parts)]
-    buffers: list[list[tuple]] = [[] for _ in range(n_parts)]
+    texts = [bytearray() for _ in range(n_parts)]  # buffered, then appended: no file stays open, so P
+    records: list[list[tuple]] = [[] for _ in range(n_parts)]  # is not limited by the open-file limit
+    written = [0] * n_parts  # bytes of each partition's text file so far: the next record's offset
+    buffered = 0
 
-    def flush(p: int) -> None:
-        if buffers[p]:
-            indexes[p].write(np.array(buffers[p], dtype=dtype).tobytes())
-            buffers[p].clear()
+    def flush() -> None:
+        for p in range(n_parts):
+            if records[p]:
+                with open(out / f"part-{p:04d}.txt", "ab") as handle:
+                    handle.write(texts[p])
+                with open(out / f"part-{p:04d}.idx", "ab") as handle:
+                    handle.write(np.array(records[p], dtype=dtype).tobytes())
+                texts[p].clear()
+                records[p].clear()
 
     position = -1
     docs = read_documents(
@@ -167,19 +173,22 @@ def map_file(work: Path, f: int) -> dict:
             h1,
             len(text),
             len(data),
-            texts[p].tell(),
+            written[p],
             split_score(key, cfg.seed),
         )
         if hasher is not None:
             record += (band_keys(hasher.signature(text), plan["bands"], plan["rows"]),)
-        texts[p].write(data)
-        buffers[p].append(record)
-        if len(buffers[p]) >= FLUSH_RECORDS:
-            flush(p)
-    for p in range(n_parts):
-        flush(p)
-        texts[p].close()
-        indexes[p].close()
+        texts[p] += data
+        written[p] += len(data)
+        records[p].append(record)
+        buffered += len(data) + dtype.itemsize
+        if buffered >= flush_bytes:
+            flush()
+            buffered = 0
+    flush()
+    for p in range(n_parts):  # every partition has its (maybe empty) files
+        (out / f"part-{p:04d}.txt").touch()
+        (out / f"part-{p:04d}.idx").touch()
     if position >= 1 << ID_SHIFT:
         raise DataError(f"{plan['files'][f]}: more than 2^{ID_SHIFT} documents in one file")
     report = cleaner.report.as_dict()
