@@ -19,8 +19,8 @@ from lmforge.data.clean import digest, normalize
 from lmforge.data.dedup import MinHasher
 from lmforge.data.job import Task
 from lmforge.data.partitioned import ID_SHIFT, PLAN, make_plan, map_file, partitions_for
-from lmforge.data.shards import write_json
 from lmforge.data.prepare import input_paths, prepare_data
+from lmforge.data.shards import write_json
 from lmforge.data.sources import SourceStats, read_documents
 
 MEMORY_MB = 1  # a partition takes at most 256 KB of input: the ~0.9 MB corpus gets 4 partitions
