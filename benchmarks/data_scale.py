@@ -46,8 +46,9 @@ EXACT_RATE, NEAR_RATE, EDIT_RATE = 0.005, 0.01, 0.005
 WORKER_MEMORY_MB = 256
 
 RUN = """
-import json, resource, sys, time
+import json, sys, time
 from lmforge.config import DataConfig
+from lmforge.data.partitioned import peak_rss_mb
 from lmforge.data.prepare import prepare_data
 from lmforge.data.job import Task
 tokenizer, corpus, out, executor, workers, task = sys.argv[1:7]
@@ -58,7 +59,7 @@ index, count = (int(x) for x in task.split("/")) if task != "-" else (None, None
 result = prepare_data(cfg, [corpus], out, progress=False,
                       task=Task(index=index, count=count) if task != "-" else None)
 print(json.dumps({"seconds": time.perf_counter() - start,
-                  "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "driver_peak_rss_mb": peak_rss_mb(),
                   "documents": result.get("documents"), "tokens": result.get("tokens")}))
 """.replace("WORKER_MEMORY_MB", str(WORKER_MEMORY_MB))
 

@@ -35,6 +35,7 @@ import math
 import os
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -116,7 +117,16 @@ def fresh_dir(path: Path) -> Path:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak resident memory in MB: VmHWM on Linux (ru_maxrss would also count the parent's
+    memory at the fork that preceded this process's exec), ru_maxrss elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
 
 
 def finish_unit(work: Path, stage: str, unit: int, started: float, counts: dict) -> dict:
