@@ -50,6 +50,11 @@ class DataConfig:
     shard_tokens: int = 50_000_000  # tokens per shard file
     tokenizer_train_chars: int = 200_000_000  # characters of kept text a bpe/char tokenizer is trained on
     encoder: Literal["auto", "tokenizers"] = "auto"  # auto: tiktoken where it gives the very same ids
+    # stream: one pass in input order in this process (tokenizing in `workers` processes); local: the
+    # partitioned stages on `workers` local processes; ray: the same stages as Ray tasks (data/partitioned.py)
+    executor: Literal["stream", "local", "ray"] = "stream"
+    ray_address: str | None = None  # ray.init(address=...); None: a local Ray with `workers` CPUs
+    worker_memory_mb: int = 1024  # partitioned stages: the partition count is derived from this bound
 
     def problems(self) -> list[str]:
         out = []
@@ -70,6 +75,8 @@ class DataConfig:
                 out.append(f"data.mixture[{name!r}]={weight} must be > 0")
         if self.text_chunk_chars < 0:
             out.append(f"data.text_chunk_chars={self.text_chunk_chars} must be >= 0 (0: a document per file)")
+        if self.worker_memory_mb < 1:
+            out.append(f"data.worker_memory_mb={self.worker_memory_mb} must be >= 1")
         for name in ("shard_tokens", "tokenizer_train_chars"):
             if getattr(self, name) < 1:
                 out.append(f"data.{name}={getattr(self, name)} must be >= 1")

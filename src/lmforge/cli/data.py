@@ -21,13 +21,44 @@ def add_data(sub) -> None:
     prep.add_argument("--strict", action="store_true", help="abort on a malformed record (default: skip it)")
     prep.add_argument("--no-progress", action="store_true", help="no progress bars")
     prep.add_argument("--json", action="store_true", help="print meta.json instead of the tables")
+    prep.add_argument(
+        "--tasks", type=int, help="run as N independent array tasks (with --task-index or --slurm)"
+    )
+    prep.add_argument(
+        "--task-index", type=int, help="this task's index (0..N-1): it runs its share and stops"
+    )
+    prep.add_argument(
+        "--slurm", metavar="SCRIPT", help="write an sbatch script for --tasks array tasks + merge"
+    )
 
 
 def run_data(args) -> int:
     from lmforge.data.clean import format_report
-    from lmforge.data.prepare import prepare_from_arguments
+    from lmforge.data.job import Task
+    from lmforge.data.prepare import prepare_from_arguments, write_slurm_script
+    from lmforge.errors import ConfigError
 
-    prepared = prepare_from_arguments(args.items, args.out, progress=not args.no_progress, strict=args.strict)
+    if args.slurm:
+        if not args.tasks:
+            raise ConfigError("--slurm needs --tasks N (the number of array tasks)")
+        path = write_slurm_script(args.items, args.out, tasks=args.tasks, path=args.slurm)
+        print(f"wrote {path}: submit with `bash {path} submit`")
+        return 0
+    if (args.tasks is None) != (args.task_index is None):
+        raise ConfigError("--task-index and --tasks go together (task i of N)")
+    if args.tasks is not None and not 0 <= args.task_index < args.tasks:
+        raise ConfigError(f"--task-index={args.task_index} must be in 0..{args.tasks - 1}")
+    task = Task(index=args.task_index, count=args.tasks) if args.tasks is not None else None
+    prepared = prepare_from_arguments(
+        args.items, args.out, progress=not args.no_progress, strict=args.strict, task=task
+    )
+    if prepared.task is not None:
+        t = prepared.task
+        print(
+            f"task {t['task']} of {t['tasks']}: {t['files']} inputs, {t['docs']:,} documents, "
+            f"{t['bytes'] / 1e6:.1f} MB in {t['seconds']:.1f} s; run without --task-index to merge"
+        )
+        return 0
     meta, src = prepared.meta, prepared.report["sources"]
     if args.json:
         print(json.dumps(meta, indent=2, ensure_ascii=False))

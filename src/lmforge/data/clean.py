@@ -4,7 +4,7 @@ Stages, in order: ``normalize`` (Unicode NFC, CRLF and CR to LF, control charact
 removed), ``pii`` (optional: e-mail addresses, phone numbers and IP addresses become placeholders),
 ``filter`` (length in characters and the fraction of repeated lines: measures that treat Chinese and other
 scripts without spaces the same as English), ``exact_dedup`` (hash of the normalised document) and
-``near_dedup`` (optional MinHash-LSH over character 5-grams, which work for any script).
+``near_dedup`` (optional MinHash-LSH over character 5-grams, which work for any script; ``data/dedup.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lmforge.config import DataConfig
+from lmforge.data.dedup import BandIndex, MinHasher, band_keys, lsh_params, shingle_hashes  # noqa: F401
 
 STAGES = ("read", "normalize", "pii", "filter", "exact_dedup", "near_dedup")
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff]")  # keeps \t and \n
@@ -32,8 +33,6 @@ PHONE = re.compile(
     r"|(?<!\d)1[3-9]\d{9}(?!\d)"  # mainland China mobile numbers, written without separators
 )
 PII_PATTERNS = ((EMAIL, "<EMAIL>"), (IPV6, "<IP_ADDRESS>"), (IPV4, "<IP_ADDRESS>"), (PHONE, "<PHONE>"))
-NGRAM = 5
-NUM_PERM = 128
 
 
 @dataclass
@@ -108,41 +107,20 @@ def digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-def shingle_hashes(text: str, n: int = NGRAM) -> np.ndarray:
-    """32-bit hashes of the character n-grams of ``text`` (lowercased, whitespace collapsed). (N,) uint64"""
-    text = " ".join(text.lower().split())
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    if len(codes) == 0:
-        return np.zeros(1, dtype=np.uint64)
-    n = min(n, len(codes))
-    width = len(codes) - n + 1
-    h = np.zeros(width, dtype=np.uint64)
-    for j in range(n):
-        h = (h * np.uint64(1_000_003)) ^ codes[j : j + width]
-    h ^= h >> np.uint64(29)
-    h *= np.uint64(0xBF58476D1CE4E5B9)
-    h ^= h >> np.uint64(32)
-    return np.unique(h & np.uint64(0xFFFFFFFF))
-
-
 class NearDuplicates:
-    """MinHash-LSH index of kept documents: ``seen(text)`` is True for a near-copy of an earlier document."""
+    """The in-memory near-duplicate index (``data.dedup``'s rule): ``seen(text)`` is True when the text
+    shares an LSH band with an earlier document."""
 
-    def __init__(self, threshold: float, num_perm: int = NUM_PERM, seed: int = 1):
-        from datasketch import MinHash, MinHashLSH
+    def __init__(self, threshold: float):
+        self.hasher = MinHasher()
+        self.bands, self.rows = lsh_params(threshold)
+        self.index = BandIndex()
 
-        self._minhash = lambda: MinHash(num_perm=num_perm, seed=seed, hashfunc=int)
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self.count = 0
+    def keys(self, text: str) -> np.ndarray:
+        return band_keys(self.hasher.signature(text), self.bands, self.rows)
 
     def seen(self, text: str) -> bool:
-        minhash = self._minhash()
-        minhash.update_batch(shingle_hashes(text).tolist())
-        if self.lsh.query(minhash):
-            return True
-        self.lsh.insert(str(self.count), minhash, check_duplication=False)
-        self.count += 1
-        return False
+        return self.index.seen(self.keys(text))
 
 
 class Cleaner:
@@ -154,8 +132,8 @@ class Cleaner:
         self.hashes: set[bytes] = set()
         self.near = NearDuplicates(cfg.near_dedup_threshold) if cfg.near_dedup else None
 
-    def __call__(self, text: str) -> tuple[str, bytes] | None:
-        """The cleaned text and its digest, or None when a stage removed the document."""
+    def clean(self, text: str) -> str | None:
+        """The first stages (normalize, pii, filter): the cleaned text, or None when the filter removed it."""
         stages = self.report.stages
         stages["read"].add(len(text), len(text))
         cleaned = normalize(text)
@@ -170,6 +148,14 @@ class Cleaner:
         if reason:
             self.report.removed[reason] = self.report.removed.get(reason, 0) + 1
             return None
+        return text
+
+    def __call__(self, text: str) -> tuple[str, bytes] | None:
+        """The cleaned text and its digest, or None when a stage removed the document."""
+        text = self.clean(text)
+        if text is None:
+            return None
+        stages = self.report.stages
         key = digest(text)
         duplicate = self.cfg.dedup and key in self.hashes
         stages["exact_dedup"].add(len(text), None if duplicate else len(text))
@@ -182,6 +168,26 @@ class Cleaner:
         if near:
             return None
         return text, key
+
+
+def empty_message(report: dict, sources: list[str]) -> str:
+    """What to tell the user when no document survived: nothing was read, or which stage removed all."""
+    src = report["sources"]
+    if report["stages"]["read"]["docs_in"] == 0:
+        return (
+            f"no documents were read from {', '.join(sources)} ({src['files']} inputs, "
+            f"{src['binary_skipped']} binary files skipped, {src['malformed_records']} malformed records)"
+        )
+    for name in STAGES:
+        stage = report["stages"][name]
+        if stage["docs_in"] > 0 and stage["docs_out"] == 0:
+            reasons = ", ".join(f"{k}: {v}" for k, v in report["filter_reasons"].items())
+            hint = f" ({reasons})" if name == "filter" and reasons else ""
+            return (
+                f"the '{name}' stage removed all {stage['docs_in']} documents{hint}; "
+                f"relax its settings (data.min_chars, data.max_chars, ...)"
+            )
+    return "no document was kept"  # pragma: no cover - every removal is one of the stages
 
 
 def format_report(report: dict) -> str:

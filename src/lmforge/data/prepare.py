@@ -1,4 +1,6 @@
-"""Documents -> token shards + ``meta.json``, in three resumable stages.
+"""Documents -> token shards + ``meta.json``. With ``data.executor=stream`` (the default), three resumable
+stages in one pass; with ``local`` or ``ray``, or as array tasks, the partitioned stages of
+``data/partitioned.py`` (same documents, same tokens per document, shards in partition order).
 
 1. ``stage``: read and clean the sources, assign each kept document to train or val (by a hash of its text
    and the seed, so a document and its exact copies always land in the same split), and write them to
@@ -14,11 +16,11 @@ complete, and preparing it again is a no-op (or an error, if the settings or tok
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import struct
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -28,14 +30,24 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.config import DataConfig, load_config
-from lmforge.data.clean import STAGES, Cleaner
+from lmforge.data.clean import Cleaner, empty_message
+from lmforge.data.job import Task, prepare_partitioned
+from lmforge.data.shards import (
+    TIKTOKEN_SAMPLE_CHARS,
+    DocumentEncoder,
+    ShardWriter,
+    choose_encoder,
+    dtype_for,
+    read_json,
+    split_score,
+    write_json,
+)
 from lmforge.data.sources import SourceStats, expand_sources, read_documents
 from lmforge.data.tokenizer import (
     Tokenizer,
     is_trained_kind,
     iter_sample,
     load_tokenizer,
-    tiktoken_encoding,
     train_tokenizer,
 )
 from lmforge.errors import DataError
@@ -45,29 +57,12 @@ FORMAT = "lmforge-shards-v1"
 CHUNK_DOCS = 256  # at most this many documents per task sent to a worker
 CHUNK_CHARS = 100_000  # or this many characters: small tasks keep every worker busy to the end
 KEPT_HEADER = struct.Struct("<?Q")  # a kept.bin record: is it a validation document, UTF-8 length
-CHECK_EVERY = 100  # with tiktoken: check one document in this many against tokenizers
-TIKTOKEN_SAMPLE_CHARS = 100_000  # kept text on which tiktoken must match tokenizers before it is used
 # Settings that change the shards; the rest (workers, ...) only change how fast they are written.
 RECIPE_FIELDS = (
     "tokenizer", "vocab_size", "text_field", "val_fraction", "seed", "min_chars", "max_chars",
     "max_repeated_line_fraction", "dedup", "near_dedup", "near_dedup_threshold", "scrub_pii",
     "text_chunk_chars", "shard_tokens", "tokenizer_train_chars",
 )  # fmt: skip
-
-
-def write_json(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False))
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: unreadable ({exc}); delete the folder and prepare it again") from None
-
-
-def dtype_for(vocab_size: int) -> str:
-    return "uint16" if vocab_size <= 2**16 else "uint32"
 
 
 def is_prepared(out_dir: str | Path) -> bool:
@@ -86,10 +81,17 @@ def is_prepared(out_dir: str | Path) -> bool:
 
 
 def prepare_data(
-    cfg: DataConfig, sources: list[str], out_dir: str | Path, *, progress: bool = True, strict: bool = False
+    cfg: DataConfig,
+    sources: list[str],
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    strict: bool = False,
+    task: Task | None = None,
 ) -> dict:
-    """Prepare ``sources`` into ``out_dir`` and return its meta (see the module docstring). (Long by choice:
-    the stages run in the order the module docstring lists, each a few lines, with resumption checks.)"""
+    """Prepare ``sources`` into ``out_dir`` and return its meta: in one stream (``data.executor=stream``,
+    the module docstring) or as partitioned stages (``local``, ``ray``, or array ``task`` i of N, which
+    runs its share of the first stage and returns its counts; ``data/partitioned.py``)."""
     out = Path(out_dir)
     sources = [str(s) for s in sources]
     recipe = {"sources": sources, **{name: getattr(cfg, name) for name in RECIPE_FIELDS}}
@@ -112,6 +114,44 @@ def prepare_data(
     else:
         write_json(out / "recipe.json", recipe)
 
+    if task is not None or cfg.executor != "stream":
+        paths = input_paths(sources, out)
+        result = prepare_partitioned(
+            cfg, paths, out, wanted=wanted, progress=progress, strict=strict, task=task
+        )
+        if task is not None:
+            return result
+        tokenizer, use_tiktoken, splits = result["tokenizer"], result["use_tiktoken"], result["splits"]
+    else:
+        tokenizer, use_tiktoken, splits = _prepare_stream(cfg, sources, out, wanted, progress, strict)
+    meta = {
+        "format": FORMAT,
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "tokenizer": "tokenizer.json",
+        "dtype": dtype_for(tokenizer.vocab_size),
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "pad_id": tokenizer.pad_id,
+        "encoder": "tiktoken" if use_tiktoken else "tokenizers",
+        "documents": sum(s["docs"] for s in splits.values()),
+        "tokens": sum(s["tokens"] for s in splits.values()),
+        "splits": splits,
+        "sources": sources,
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "recipe": recipe,
+    }
+    write_json(out / "meta.json", meta)
+    for name in ("kept.bin", "progress.json", "staged.json", "recipe.json"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "work", ignore_errors=True)
+    return meta
+
+
+def _prepare_stream(
+    cfg: DataConfig, sources: list[str], out: Path, wanted: Tokenizer | None, progress: bool, strict: bool
+) -> tuple[Tokenizer, bool, dict]:
+    """``data.executor=stream``: the stages of the module docstring in one pass over the sources."""
     if wanted is not None and not (out / "staged.json").exists():
         # The tokenizer is known: clean and tokenize in one pass, the workers busy while sources are read.
         if not (out / "tokenizer.json").exists():
@@ -153,27 +193,7 @@ def prepare_data(
         splits = _tokenize(
             cfg, out, tokenizer, documents, use_tiktoken, forced_val=staged["forced_val"], progress=progress
         )
-    meta = {
-        "format": FORMAT,
-        "tokenizer_fingerprint": tokenizer.fingerprint,
-        "tokenizer": "tokenizer.json",
-        "dtype": dtype_for(tokenizer.vocab_size),
-        "vocab_size": tokenizer.vocab_size,
-        "eot_id": tokenizer.eot_id,
-        "pad_id": tokenizer.pad_id,
-        "encoder": "tiktoken" if use_tiktoken else "tokenizers",
-        "documents": sum(s["docs"] for s in splits.values()),
-        "tokens": sum(s["tokens"] for s in splits.values()),
-        "splits": splits,
-        "sources": sources,
-        "seed": cfg.seed,
-        "val_fraction": cfg.val_fraction,
-        "recipe": recipe,
-    }
-    write_json(out / "meta.json", meta)
-    for name in ("kept.bin", "progress.json", "staged.json", "recipe.json"):
-        (out / name).unlink(missing_ok=True)
-    return meta
+    return tokenizer, use_tiktoken, splits
 
 
 def split_arguments(items: Sequence[str]) -> tuple[str | None, list[str], list[str]]:
@@ -189,24 +209,66 @@ def split_arguments(items: Sequence[str]) -> tuple[str | None, list[str], list[s
 
 @dataclass(frozen=True, kw_only=True)
 class PreparedData:
-    """A prepared dataset folder: its ``meta.json`` (splits, tokenizer) and cleaning ``report.json``."""
+    """A prepared dataset folder: its ``meta.json`` (splits, tokenizer) and cleaning ``report.json``; for an
+    array task, only ``task`` (its counts) and empty ``meta``/``report``."""
 
     out: Path
     meta: dict
     report: dict
+    task: dict | None = None
 
 
 def prepare_from_arguments(
-    items: Sequence[str], out_dir: str | Path, *, progress: bool = True, strict: bool = False
+    items: Sequence[str],
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    strict: bool = False,
+    task: Task | None = None,
 ) -> PreparedData:
     """Prepare a dataset from the data verb's arguments (see ``split_arguments``); sources default to the
-    config's ``data.sources``."""
+    config's ``data.sources``. With ``task``: run that array task's share (see ``prepare_data``)."""
     config, sources, overrides = split_arguments(items)
     cfg = load_config(config, overrides)
-    meta = prepare_data(
-        cfg.data, sources or list(cfg.data.sources), out_dir, progress=progress, strict=strict
-    )
+    sources = sources or list(cfg.data.sources)
+    meta = prepare_data(cfg.data, sources, out_dir, progress=progress, strict=strict, task=task)
+    if task is not None and "task" in meta:
+        return PreparedData(out=Path(out_dir), meta={}, report={}, task=meta)
     return PreparedData(out=Path(out_dir), meta=meta, report=read_json(Path(out_dir) / "report.json"))
+
+
+def write_slurm_script(items: Sequence[str], out_dir: str | Path, *, tasks: int, path: str | Path) -> Path:
+    """An sbatch script for ``tasks`` array tasks of this preparation and the merge job after them
+    (``bash SCRIPT submit`` submits both, the merge with ``--dependency=afterok``)."""
+    import shlex
+
+    config, _, overrides = split_arguments(items)
+    cfg = load_config(config, overrides)  # fail now, not on the cluster
+    if tasks < 1:
+        raise DataError(f"--tasks={tasks} must be >= 1")
+    args = " ".join(shlex.quote(str(i)) for i in items) + " --out " + shlex.quote(str(out_dir))
+    script = f"""#!/bin/bash
+#SBATCH --job-name=lmforge-prepare
+#SBATCH --cpus-per-task=1
+#SBATCH --mem={cfg.data.worker_memory_mb + 1024}M
+# Written by `lmforge data prepare --slurm`. Submit with: bash {shlex.quote(str(path))} submit
+# (array tasks 0..{tasks - 1} each read, clean and hash their share of the inputs; the merge job, which
+# waits for all of them, deduplicates, tokenizes and writes meta.json. Rerunning continues where it stopped.)
+set -euo pipefail
+case "${{1:-task}}" in
+  submit)
+    array=$(sbatch --parsable --array=0-{tasks - 1} "$0" task)
+    sbatch --dependency=afterok:"$array" "$0" merge ;;
+  task)
+    exec lmforge data prepare {args} --task-index "$SLURM_ARRAY_TASK_ID" --tasks {tasks} --no-progress ;;
+  merge)
+    exec lmforge data prepare {args} --no-progress ;;
+esac
+"""
+    target = Path(path)
+    write_text_atomic(target, script)
+    target.chmod(0o755)
+    return target
 
 
 def read_tokenizer_fingerprint(out: Path) -> str | None:
@@ -235,9 +297,10 @@ def _check_same(out: Path, old: dict, old_fp: str | None, new: dict, wanted: Tok
 # -- stage 1: read, clean, split -----------------------------------------------------------------------------
 
 
-def _split_score(key: bytes, seed: int) -> float:
-    h = hashlib.blake2b(key, digest_size=8, key=str(seed).encode()).digest()
-    return int.from_bytes(h, "little") / 2**64
+def input_paths(sources: list[str], out: Path) -> list[Path]:
+    """The inputs of ``sources``; an output folder inside a source folder is not an input."""
+    inside_out = out.resolve()
+    return [p for p in expand_sources(sources) if inside_out not in p.resolve().parents]
 
 
 def _stage_documents(
@@ -247,8 +310,7 @@ def _stage_documents(
     at the end write report.json and staged.json (or raise, naming the stage that removed everything)."""
     from tqdm import tqdm
 
-    inside_out = out.resolve()  # an output folder inside a source folder is not an input
-    paths = [p for p in expand_sources(sources) if inside_out not in p.resolve().parents]
+    paths = input_paths(sources, out)
     stats = SourceStats()
     cleaner = Cleaner(cfg)
     counts = {"train": 0, "val": 0}
@@ -267,7 +329,7 @@ def _stage_documents(
             if kept is None:
                 continue
             text, key = kept
-            score = _split_score(key, cfg.seed)
+            score = split_score(key, cfg.seed)
             split = "val" if score < cfg.val_fraction else "train"
             index = counts["train"] + counts["val"]
             lowest = min(lowest, (score, index))
@@ -280,30 +342,11 @@ def _stage_documents(
     kept_docs = counts["train"] + counts["val"]
     if kept_docs == 0:
         tmp.unlink()
-        raise DataError(_empty_message(report, sources))
+        raise DataError(empty_message(report, sources))
     # A tiny corpus can draw no validation document at all; then the lowest-scoring one goes there.
     forced_val = lowest[1] if cfg.val_fraction > 0 and counts["val"] == 0 and kept_docs >= 2 else None
     os.replace(tmp, out / "kept.bin")
     write_json(out / "staged.json", {"counts": counts, "forced_val": forced_val})
-
-
-def _empty_message(report: dict, sources: list[str]) -> str:
-    src = report["sources"]
-    if report["stages"]["read"]["docs_in"] == 0:
-        return (
-            f"no documents were read from {', '.join(sources)} ({src['files']} inputs, "
-            f"{src['binary_skipped']} binary files skipped, {src['malformed_records']} malformed records)"
-        )
-    for name in STAGES:
-        stage = report["stages"][name]
-        if stage["docs_in"] > 0 and stage["docs_out"] == 0:
-            reasons = ", ".join(f"{k}: {v}" for k, v in report["filter_reasons"].items())
-            hint = f" ({reasons})" if name == "filter" and reasons else ""
-            return (
-                f"the '{name}' stage removed all {stage['docs_in']} documents{hint}; "
-                f"relax its settings (data.min_chars, data.max_chars, ...)"
-            )
-    return "no document was kept"  # pragma: no cover - every removal is one of the stages
 
 
 def _kept(out: Path, forced_val: int | None = None) -> Iterator[tuple[str, str]]:
@@ -330,36 +373,6 @@ def _take_chars(documents: Iterator[tuple[str, str]], max_chars: int) -> Iterato
 # -- stage 3: tokenize into shards -------------------------------------------------------------------------
 
 
-class DocumentEncoder:
-    """Documents -> id arrays ending in end-of-text, through ``tokenizers`` or, where it gives exactly the
-    same ids, ``tiktoken``. One document at a time, single-threaded: the parallelism is the processes.
-    Every ``CHECK_EVERY``-th document encoded by tiktoken is checked against ``tokenizers`` as well."""
-
-    def __init__(self, tokenizer_path: str, use_tiktoken: bool):
-        self.tokenizer = load_tokenizer(tokenizer_path)
-        self.fast = tiktoken_encoding(self.tokenizer, []) if use_tiktoken else None
-        self.count = 0
-
-    def __call__(self, texts: list[str]) -> list[np.ndarray]:
-        out = []
-        for text in texts:
-            if self.fast is None:
-                ids = self.tokenizer.encode(text)
-            else:
-                ids = self.fast.encode_ordinary(text)
-                if self.count % CHECK_EVERY == 0 and ids != self.tokenizer.encode(text):
-                    raise DataError(
-                        f"tiktoken and tokenizers disagree on a document starting {text[:60]!r}; "
-                        f"set data.encoder=tokenizers"
-                    )
-            self.count += 1
-            row = np.empty(len(ids) + 1, dtype=np.uint32)
-            row[:-1] = ids
-            row[-1] = self.tokenizer.eot_id
-            out.append(row)
-        return out
-
-
 _worker_encoder: DocumentEncoder | None = None
 
 
@@ -372,47 +385,6 @@ def _encode_chunk(chunk: tuple[list[str], list[str]]) -> tuple[list[str], list[n
     assert _worker_encoder is not None
     splits, texts = chunk
     return splits, _worker_encoder(texts)
-
-
-def choose_encoder(cfg: DataConfig, tokenizer: Tokenizer, sample: list[str]) -> bool:
-    """True when tiktoken encodes exactly like the tokenizer on ``sample`` (the first kept documents)."""
-    return cfg.encoder == "auto" and tokenizer.tiktoken_encoder(sample) is not None
-
-
-class ShardWriter:
-    """Appends documents to ``{split}_{index:05d}.bin``; a shard is renamed from ``.tmp`` once full."""
-
-    def __init__(self, out: Path, split: str, dtype: str, shard_tokens: int, done: list[dict]):
-        self.out, self.split, self.dtype, self.shard_tokens = out, split, np.dtype(dtype), shard_tokens
-        self.done = done
-        self.file = None
-        self.tokens = self.docs = 0
-
-    def add(self, ids: np.ndarray) -> bool:
-        """Write one document's ids (separator included); True when this closed a shard."""
-        if self.file is None:
-            self.file = open(self._path(".tmp"), "wb")
-        self.file.write(ids.astype(self.dtype, copy=False).tobytes())
-        self.tokens += len(ids)
-        self.docs += 1
-        if self.tokens >= self.shard_tokens:
-            self.close()
-            return True
-        return False
-
-    def _path(self, suffix: str = "") -> Path:
-        return self.out / f"{self.split}_{len(self.done):05d}.bin{suffix}"
-
-    def close(self) -> None:
-        if self.file is None:
-            return
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        self.file = None
-        os.replace(self._path(".tmp"), self._path())
-        self.done.append({"file": self._path().name, "tokens": self.tokens, "docs": self.docs})
-        self.tokens = self.docs = 0
 
 
 def _resume_state(out: Path, forced_val: int | None) -> dict[str, list[dict]]:
