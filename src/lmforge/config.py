@@ -50,6 +50,12 @@ class DataConfig:
     shard_tokens: int = 50_000_000  # tokens per shard file
     tokenizer_train_chars: int = 200_000_000  # characters of kept text a bpe/char tokenizer is trained on
     encoder: Literal["auto", "tokenizers"] = "auto"  # auto: tiktoken where it gives the very same ids
+    # Object storage (s3://... and other fsspec URLs as sources, prepared folders or --out; docs/data.md):
+    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec (endpoint_url, key, ...)
+    cache_dir: str | None = None  # local cache of streamed shards and staged files (None: the user cache)
+    cache_gb: float = 20.0  # streamed shards kept on local disk at most (least recently used go first)
+    read_ahead: int = 4  # streaming: download the shards of this many coming batches in the background
+    retries: int = 5  # transient storage errors retried this many times, with exponential backoff
 
     def problems(self) -> list[str]:
         out = []
@@ -70,6 +76,11 @@ class DataConfig:
                 out.append(f"data.mixture[{name!r}]={weight} must be > 0")
         if self.text_chunk_chars < 0:
             out.append(f"data.text_chunk_chars={self.text_chunk_chars} must be >= 0 (0: a document per file)")
+        if self.cache_gb <= 0:
+            out.append(f"data.cache_gb={self.cache_gb} must be > 0")
+        for name in ("read_ahead", "retries"):
+            if getattr(self, name) < 0:
+                out.append(f"data.{name}={getattr(self, name)} must be >= 0")
         for name in ("shard_tokens", "tokenizer_train_chars"):
             if getattr(self, name) < 1:
                 out.append(f"data.{name}={getattr(self, name)} must be >= 1")
@@ -275,6 +286,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(f"{key}={value!r} is not a valid {_type_name(tp)}")
+    if tp is Any:  # free-form values handed to a library as given (data.storage_options)
+        return value
     if origin is Literal:
         if value in args:
             return value

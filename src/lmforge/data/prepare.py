@@ -30,6 +30,7 @@ import numpy as np
 from lmforge.config import DataConfig, load_config
 from lmforge.data.clean import STAGES, Cleaner
 from lmforge.data.sources import SourceStats, expand_sources, read_documents
+from lmforge.data.storage import is_remote
 from lmforge.data.tokenizer import (
     Tokenizer,
     is_trained_kind,
@@ -90,8 +91,20 @@ def prepare_data(
 ) -> dict:
     """Prepare ``sources`` into ``out_dir`` and return its meta (see the module docstring). (Long by choice:
     the stages run in the order the module docstring lists, each a few lines, with resumption checks.)"""
-    out = Path(out_dir)
     sources = [str(s) for s in sources]
+    if is_remote(out_dir) or any(is_remote(s) for s in sources):  # object storage: data/remote.py
+        from lmforge.data.remote import prepare_remote
+
+        return prepare_remote(
+            cfg,
+            sources,
+            out_dir,
+            prepare=prepare_data,
+            recipe_fields=RECIPE_FIELDS,
+            progress=progress,
+            strict=strict,
+        )
+    out = Path(out_dir)
     recipe = {"sources": sources, **{name: getattr(cfg, name) for name in RECIPE_FIELDS}}
     wanted = None if is_trained_kind(cfg.tokenizer) else load_tokenizer(cfg.tokenizer)
     if (out / "meta.json").exists():
@@ -191,7 +204,7 @@ def split_arguments(items: Sequence[str]) -> tuple[str | None, list[str], list[s
 class PreparedData:
     """A prepared dataset folder: its ``meta.json`` (splits, tokenizer) and cleaning ``report.json``."""
 
-    out: Path
+    out: Path | str  # a URL for object storage
     meta: dict
     report: dict
 
@@ -206,6 +219,12 @@ def prepare_from_arguments(
     meta = prepare_data(
         cfg.data, sources or list(cfg.data.sources), out_dir, progress=progress, strict=strict
     )
+    if is_remote(out_dir):
+        from lmforge.data.remote import read_json_at
+
+        return PreparedData(
+            out=str(out_dir), meta=meta, report=read_json_at(out_dir, "report.json", cfg.data)
+        )
     return PreparedData(out=Path(out_dir), meta=meta, report=read_json(Path(out_dir) / "report.json"))
 
 
