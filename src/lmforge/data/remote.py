@@ -133,11 +133,22 @@ def prepare_remote(
         return meta
     staging = root / "staging" / url_key(url)
     meta = prepare(cfg, local_sources, staging, progress=progress, strict=strict)
-    # the published meta.json names the sources as given, not their local copies; it goes up last
-    meta = {**add_checksums(staging), "sources": sources, "recipe": recipe}
-    published = write_text_atomic(staging.with_name(staging.name + "-meta.json"), json.dumps(meta, indent=2))
-    storage.upload_folder(staging, url, exclude=(META,))
-    storage.upload(published, join(url, META))
+    # the published meta.json names the sources as given, not their local copies
+    meta = publish(staging, url, storage, sources=sources, recipe=recipe)
     remove_tree(staging)
-    published.unlink()
+    return meta
+
+
+def publish(folder: Path, url: str, storage: Storage, **meta_updates) -> dict:
+    """Upload the prepared ``folder`` to ``url``: shards and small files first, then ``meta.json`` (with each
+    shard's SHA-256 and ``meta_updates``), so the prefix looks complete only once it is."""
+    meta = {**add_checksums(folder), **meta_updates}
+    published = write_text_atomic(
+        folder.with_name(folder.name + "-meta.json"), json.dumps(meta, indent=2, ensure_ascii=False)
+    )
+    try:
+        storage.upload_folder(folder, url, exclude=(META,))
+        storage.upload(published, join(url, META))
+    finally:
+        published.unlink()
     return meta
