@@ -237,6 +237,28 @@ def test_remote_sources_prepare_like_their_local_copies(datasets, tmp_path):
     assert only["documents"] == 30
 
 
+def test_the_data_verb_prepares_from_s3_into_s3(datasets, capsys):
+    from lmforge.cli import main
+    from lmforge.data.remote import read_meta
+    from lmforge.data.storage import Storage
+
+    upload_tree(datasets["corpus"], f"s3://{BUCKET}/raw-cli")
+    out = f"s3://{BUCKET}/prepared/cli"
+    sources = f"s3://{BUCKET}/raw-cli/*.jsonl"
+    items = [
+        sources,
+        "data.tokenizer=char",
+        "data.val_fraction=0.2",
+        f"data.cache_dir={datasets['root'] / 'c'}",
+    ]
+    assert main(["data", "prepare", *items, "--out", out, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "exact_dedup" in printed  # the cleaning report, read back from S3
+    meta = read_meta(out, Storage())
+    assert meta["documents"] == 30 and meta["sources"] == [sources]
+    assert Storage().exists(f"{out}/report.json") and Storage().exists(f"{out}/tokenizer.json")
+
+
 @pytest.mark.parametrize(
     ("where", "expected"),
     [
