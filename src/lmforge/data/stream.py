@@ -5,7 +5,7 @@ The split reads the same bytes as a local copy would, so the batches (and a resu
 ``TokenLoader`` on a local folder. Downloads are checked against ``meta.json`` (size, and the SHA-256 that
 publishing added) and renamed into place when complete; a shard already in the cache at full size is used as
 it is. The cache holds at most ``cache_bytes`` of shards: the least recently used go first, never one the
-read-ahead is waiting for (one batch may still need more than the bound: then it is exceeded, not stalled).
+current or the coming batches read (when those alone need more than the bound, it is exceeded, not stalled).
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class ShardCache:
         self._on_disk: OrderedDict[int, np.memmap | None] = OrderedDict()  # least recently used first
         self._busy: set[int] = set()  # being downloaded
         self._wanted: list[int] = []  # the read-ahead's queue, in order of need
+        self._needed: set[int] = set()  # every shard of the last read-ahead request: not evicted
         self._thread: threading.Thread | None = None
         for i, size in enumerate(self.sizes):  # shards left by an earlier run (complete by construction)
             path = self._path(i)
@@ -101,6 +102,7 @@ class ShardCache:
         """Download ``shards`` (in this order) in the background; they are kept from eviction until used."""
         with self._cond:
             self._wanted = [i for i in dict.fromkeys(shards) if i not in self._on_disk]
+            self._needed = set(shards)
             if self._wanted and self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="lmforge-read-ahead", daemon=True)
                 self._thread.start()
@@ -137,7 +139,7 @@ class ShardCache:
     def _evict(self, keep: int) -> None:
         """(Lock held.) Remove least recently used shards while the cache is over its bound."""
         total = sum(self.sizes[i] for i in self._on_disk)
-        protected = {keep, *self._wanted}
+        protected = {keep, *self._needed}
         for i in list(self._on_disk):
             if total <= self.cache_bytes:
                 break
