@@ -195,8 +195,15 @@ def test_read_ahead_fetches_the_coming_shards_before_they_are_read(datasets):
         time.sleep(0.05)
     assert cache.downloads == len(cache)  # the thread fetched what 8 batches ahead need: every train shard
     hits = cache.hits
-    batches(loader, 8)
+    got = batches(loader, 8)
     assert cache.downloads == len(cache) and cache.hits > hits  # read from the cache, nothing fetched again
+    loader.skip(3)  # the look-ahead starts again from the new position
+    got += batches(loader, 4)
+    local = TokenLoader(str(datasets["local"]), seq_len=48, batch_size=2, seed=5)
+    expected = batches(local, 9)[1:]
+    local.skip(3)
+    expected += batches(local, 4)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def test_a_server_outage_mid_run_is_retried_and_the_batches_stay_exact(s3, datasets):

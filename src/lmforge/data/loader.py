@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,11 +61,11 @@ class TokenSplit:
         self.ends = np.cumsum([int(s["tokens"]) for s in self.entries], dtype=np.int64)
         self.n_tokens = int(self.ends[-1]) if len(self.ends) else 0
 
-    def shards_of(self, start: int, length: int) -> range:
-        """The indices of the shards that tokens [start, start+length) lie in."""
-        first = int(np.searchsorted(self.ends, start, side="right"))
-        last = int(np.searchsorted(self.ends, start + length - 1, side="right"))
-        return range(first, last + 1)
+    def shards_of(self, starts: list[int], length: int) -> list[int]:
+        """The shards that windows [start, start+length) read, window by window (a shard once per window)."""
+        first = np.searchsorted(self.ends, starts, side="right").tolist()
+        last = np.searchsorted(self.ends, np.asarray(starts) + length - 1, side="right").tolist()
+        return [i for lo, hi in zip(first, last) for i in range(lo, hi + 1)]
 
     def prefetch(self, shards: list[int]) -> None:
         """A hint that ``shards`` will be read soon, in this order (local shards are all mapped already)."""
@@ -161,6 +162,8 @@ class TokenLoader:
         self.positions = [0] * len(self.splits)  # the next window within the current epoch
         self._orders: dict[tuple[int, int], tuple[int, np.ndarray]] = {}  # (dataset, epoch) -> offset, order
         self.read_ahead = stream.read_ahead if stream is not None else 0
+        self._ahead: TokenLoader | None = None  # the read-ahead's copy, ``len(_coming)`` batches ahead
+        self._coming: deque[list[tuple[int, int]]] = deque()  # the batches it drew, not yet read
 
     # -- the stream ----------------------------------------------------------------------------------------
 
@@ -208,19 +211,21 @@ class TokenLoader:
 
     def _prefetch(self, mine: list[tuple[int, int]]) -> None:
         """Tell streaming datasets which shards this batch and the next ``read_ahead`` batches will read, in
-        order; the look-ahead steps a copy of the sampler, so this loader's state is untouched."""
-        ahead = copy.copy(self)  # shares the splits and the shuffled orders; copies the counters below
-        ahead.counts, ahead.epochs, ahead.positions = (
-            list(self.counts),
-            list(self.epochs),
-            list(self.positions),
-        )
-        windows = list(mine)
-        for _ in range(self.read_ahead):
-            windows += ahead._my_starts()
+        order. The coming batches come from a look-ahead copy of the sampler (this loader's state is
+        untouched), kept from call to call and started afresh after a resume or a skip."""
+        if not self._coming or self._coming[0] != mine:
+            self._ahead = copy.copy(self)  # shares the splits and the shuffled orders; copies the counters
+            self._ahead.counts, self._ahead.epochs = list(self.counts), list(self.epochs)
+            self._ahead.positions = list(self.positions)
+            self._coming = deque([mine])
+        while len(self._coming) < self.read_ahead + 1:
+            self._coming.append(self._ahead._my_starts())
         needed: dict[int, list[int]] = {}
-        for d, start in windows:
-            needed.setdefault(d, []).extend(self.splits[d].shards_of(start, self.seq_len + 1))
+        for windows in self._coming:
+            for d in dict.fromkeys(d for d, _ in windows):
+                starts = [start for dd, start in windows if dd == d]
+                needed.setdefault(d, []).extend(self.splits[d].shards_of(starts, self.seq_len + 1))
+        self._coming.popleft()
         for d, shards in needed.items():
             self.splits[d].prefetch(shards)
 
@@ -241,6 +246,7 @@ class TokenLoader:
         for _ in range(n_batches * self.world_size * self.batch_size):
             self._next_start()
         self.global_batches += n_batches * self.world_size
+        self._coming.clear()
 
     # -- resumable state -----------------------------------------------------------------------------------
 
@@ -281,6 +287,7 @@ class TokenLoader:
         self.counts = [int(c) for c in state["counts"]]
         self.epochs = [int(e) for e in state["epochs"]]
         self.positions = [int(p) for p in state["positions"]]
+        self._coming.clear()
 
 
 def _open_split(name: str | Path, split: str, stream) -> TokenSplit:
