@@ -291,11 +291,8 @@ class TokenLoader:
 
 
 def _open_split(name: str | Path, split: str, stream) -> TokenSplit:
-    if stream is None:
-        return TokenSplit(name, split)
-    from lmforge.data.stream import open_split  # streaming imports this module
-
-    return open_split(str(name), split, stream)
+    """A local split, or through ``stream`` (``data.stream.StreamSettings``), which also opens URLs."""
+    return TokenSplit(name, split) if stream is None else stream.open_split(str(name), split)
 
 
 def eval_batches(

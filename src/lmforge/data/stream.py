@@ -45,14 +45,9 @@ class StreamSettings:
             read_ahead=cfg.read_ahead,
         )
 
-
-def open_split(name: str, split: str, stream: StreamSettings | None) -> TokenSplit:
-    """A split of a local prepared folder, or of one at a URL (streamed through the cache)."""
-    if not is_remote(name):
-        return TokenSplit(name, split)
-    if stream is None:
-        raise ValueError(f"{name}: a URL needs StreamSettings")  # a programming error: callers pass them
-    return StreamingSplit(name, split, stream)
+    def open_split(self, name: str, split: str) -> TokenSplit:
+        """A split of a local prepared folder, or of one at a URL (streamed through the cache)."""
+        return StreamingSplit(name, split, self) if is_remote(name) else TokenSplit(name, split)
 
 
 class ShardCache:
