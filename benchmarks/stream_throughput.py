@@ -12,8 +12,14 @@ then published to ``s3://bench/demo``. Two measurements, local (A) and S3 (B) in
    a fresh process, ``data.prepared`` local or ``s3://`` (cold cache each run): the median of the logged
    per-step tokens/s (steps 3 on) and the wall time of the process.
 
-Medians over ``--rounds``; ratios S3 / local. Results: benchmarks/results/stream_throughput.json.
-Run: python benchmarks/stream_throughput.py [--rounds 3] [--steps 40]
+3. the stall (``--parts stall``): on a copy cut into many small shards (``--stall-shard-tokens``, the same
+   tokenizer), the time ``next_batch`` blocks per batch while a simulated training step (a ``--step-ms``
+   sleep) runs between batches, cold cache: local disk, S3 with ``data.read_ahead=4`` (the default) and S3
+   with ``data.read_ahead=0``. This is the figure the load of a shared machine disturbs least.
+
+Medians over ``--rounds``; ratios S3 / local. Results: benchmarks/results/stream_throughput.json (a run of
+some ``--parts`` updates only those parts of the file).
+Run: python benchmarks/stream_throughput.py [--rounds 3] [--steps 40] [--parts throughput,stall]
 """
 
 from __future__ import annotations
@@ -57,6 +63,22 @@ def loader_rate(dataset: str, stream: StreamSettings | None, n_batches: int) -> 
     return {"seconds": seconds, "tokens_per_s": n_batches * MICRO_BATCH * SEQ_LEN / seconds}
 
 
+def stall(dataset: str, stream: StreamSettings | None, n_batches: int, step_s: float) -> dict:
+    """Milliseconds ``next_batch`` blocks, with ``step_s`` of simulated training between batches."""
+    loader = TokenLoader(dataset, seq_len=SEQ_LEN, batch_size=MICRO_BATCH, seed=1, stream=stream)
+    waits = []
+    for _ in range(n_batches):
+        start = time.perf_counter()
+        loader.next_batch()
+        waits.append(time.perf_counter() - start)
+        time.sleep(step_s)  # the step; the read-ahead thread downloads meanwhile
+    return {
+        "wait_ms_first_batch": 1e3 * waits[0],
+        "wait_ms_per_batch_after_first": 1e3 * statistics.mean(waits[1:]),
+        "wait_ms_max_after_first": 1e3 * max(waits[1:]),
+    }
+
+
 def train_rate(dataset: str, run: Path, cache: Path, steps: int, env: dict) -> dict:
     shutil.rmtree(run, ignore_errors=True)
     shutil.rmtree(cache, ignore_errors=True)
@@ -82,7 +104,12 @@ def main() -> None:
     parser.add_argument("--loader-batches", type=int, default=400)
     parser.add_argument("--shard-tokens", type=int, default=200_000)
     parser.add_argument("--work", default="/tmp/lmforge-stream-bench")
+    parser.add_argument("--parts", default="throughput,stall")
+    parser.add_argument("--stall-shard-tokens", type=int, default=20_000)
+    parser.add_argument("--stall-batches", type=int, default=60)
+    parser.add_argument("--step-ms", type=float, default=100.0)
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     from moto.server import ThreadedMotoServer
 
     work = Path(args.work)
@@ -114,6 +141,71 @@ def main() -> None:
     shards = len(meta["splits"]["train"]["shards"])
     print(f"prepared {meta['tokens']:,} tokens, {shards} train shards; published to {url}", flush=True)
 
+    previous = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
+    result = dict(previous)
+    if "stall" in parts:
+        result["stall"] = measure_stall(args, work, local / "tokenizer.json", load_before)
+        print(json.dumps(result["stall"]["summary"], indent=2), flush=True)
+    if "throughput" in parts:
+        result.update(measure_throughput(args, work, local, url, meta, env, load_before))
+        print(json.dumps(result["summary"], indent=2), flush=True)
+    server.stop()
+    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def measure_stall(args, work: Path, tokenizer: Path, load_before) -> dict:
+    data = DataConfig(
+        tokenizer=str(tokenizer), val_fraction=0.03, shard_tokens=args.stall_shard_tokens, workers=2
+    )
+    fine = work / "demo-fine"
+    meta = prepare_data(data, [sysconfig.get_paths()["stdlib"] + "/*.py"], fine, progress=False)
+    url = "s3://bench/demo-fine"
+    publish(fine, url, Storage())
+    shards = len(meta["splits"]["train"]["shards"])
+    print(f"stall: {shards} train shards of about {args.stall_shard_tokens:,} tokens at {url}", flush=True)
+    runs = []
+    for round_ in range(args.rounds):
+        for where, dataset, read_ahead in (
+            ("local", str(fine), 0),
+            ("s3", url, 4),
+            ("s3-no-read-ahead", url, 0),
+        ):
+            cache = work / "cache-stall"
+            shutil.rmtree(cache, ignore_errors=True)
+            stream = None
+            if where != "local":
+                stream = StreamSettings.from_config(DataConfig(cache_dir=str(cache), read_ahead=read_ahead))
+            run = {
+                "round": round_,
+                "where": where,
+                **stall(dataset, stream, args.stall_batches, args.step_ms / 1e3),
+            }
+            runs.append(run)
+            print(json.dumps(run), flush=True)
+    wheres = ("local", "s3", "s3-no-read-ahead")
+    keys = ("wait_ms_first_batch", "wait_ms_per_batch_after_first", "wait_ms_max_after_first")
+    summary = {
+        key: {w: statistics.median(r[key] for r in runs if r["where"] == w) for w in wheres} for key in keys
+    }
+    return {
+        "command": (
+            f"python benchmarks/stream_throughput.py --parts stall --rounds {args.rounds} "
+            f"--stall-batches {args.stall_batches} --step-ms {args.step_ms}"
+        ),
+        "train_shards": shards,
+        "shard_tokens": args.stall_shard_tokens,
+        "batches": args.stall_batches,
+        "simulated_step_ms": args.step_ms,
+        "summary": summary,
+        "runs": runs,
+        "machine": "shared with other jobs (2 CPU cores, up to 8 helpers); the three interleaved per round",
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
+
+
+def measure_throughput(args, work: Path, local: Path, url: str, meta: dict, env: dict, load_before) -> dict:
+    shards = len(meta["splits"]["train"]["shards"])
     runs: list[dict] = []
     for round_ in range(args.rounds):
         for where, dataset in (("local", str(local)), ("s3", url)):
@@ -133,7 +225,6 @@ def main() -> None:
             result.update(train_rate(dataset, work / f"run-{where}", cache, args.steps, env))
             runs.append(result)
             print(json.dumps(result), flush=True)
-    server.stop()
 
     def median(kind: str, where: str, key: str) -> float:
         return statistics.median(r[key] for r in runs if r["kind"] == kind and r["where"] == where)
@@ -152,7 +243,7 @@ def main() -> None:
     summary["train_wall_ratio_s3_over_local"] = (
         summary["train_wall_s"]["s3"] / summary["train_wall_s"]["local"]
     )
-    result = {
+    return {
         "claim": __doc__.splitlines()[0],
         "command": f"python benchmarks/stream_throughput.py --rounds {args.rounds} --steps {args.steps}",
         "shape": {"preset": "tiny", "seq_len": SEQ_LEN, "micro_batch": MICRO_BATCH, "vocab": 2048},
@@ -167,8 +258,6 @@ def main() -> None:
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
     }
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -163,7 +163,9 @@ class TokenLoader:
         self._orders: dict[tuple[int, int], tuple[int, np.ndarray]] = {}  # (dataset, epoch) -> offset, order
         self.read_ahead = stream.read_ahead if stream is not None else 0
         self._ahead: TokenLoader | None = None  # the read-ahead's copy, ``len(_coming)`` batches ahead
-        self._coming: deque[list[tuple[int, int]]] = deque()  # the batches it drew, not yet read
+        self._coming: deque[tuple[list, dict]] = (
+            deque()
+        )  # the batches it drew (windows, shards), not yet read
 
     # -- the stream ----------------------------------------------------------------------------------------
 
@@ -213,21 +215,29 @@ class TokenLoader:
         """Tell streaming datasets which shards this batch and the next ``read_ahead`` batches will read, in
         order. The coming batches come from a look-ahead copy of the sampler (this loader's state is
         untouched), kept from call to call and started afresh after a resume or a skip."""
-        if not self._coming or self._coming[0] != mine:
+        if not self._coming or self._coming[0][0] != mine:
             self._ahead = copy.copy(self)  # shares the splits and the shuffled orders; copies the counters
             self._ahead.counts, self._ahead.epochs = list(self.counts), list(self.epochs)
             self._ahead.positions = list(self.positions)
-            self._coming = deque([mine])
+            self._coming = deque([(mine, self._shards_of(mine))])
         while len(self._coming) < self.read_ahead + 1:
-            self._coming.append(self._ahead._my_starts())
+            windows = self._ahead._my_starts()
+            self._coming.append((windows, self._shards_of(windows)))
         needed: dict[int, list[int]] = {}
-        for windows in self._coming:
-            for d in dict.fromkeys(d for d, _ in windows):
-                starts = [start for dd, start in windows if dd == d]
-                needed.setdefault(d, []).extend(self.splits[d].shards_of(starts, self.seq_len + 1))
+        for _, shards in self._coming:
+            for d, indices in shards.items():
+                needed.setdefault(d, []).extend(indices)
         self._coming.popleft()
-        for d, shards in needed.items():
-            self.splits[d].prefetch(shards)
+        for d, indices in needed.items():
+            self.splits[d].prefetch(indices)
+
+    def _shards_of(self, windows: list[tuple[int, int]]) -> dict[int, list[int]]:
+        """Dataset -> the shards one batch's windows read, in order."""
+        out = {}
+        for d in dict.fromkeys(d for d, _ in windows):
+            starts = [start for dd, start in windows if dd == d]
+            out[d] = self.splits[d].shards_of(starts, self.seq_len + 1)
+        return out
 
     def next_batch(self) -> Batch:
         """This rank's next batch: global batch ``step * world_size + rank``."""
