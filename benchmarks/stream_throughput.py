@@ -240,6 +240,17 @@ def measure_throughput(args, work: Path, local: Path, url: str, meta: dict, env:
     summary["train_ratio_s3_over_local"] = (
         summary["train_tokens_per_s"]["s3"] / summary["train_tokens_per_s"]["local"]
     )
+    paired = [  # each round's S3 run over the local run just before it
+        next(r for r in runs if r["kind"] == "train" and r["where"] == "s3" and r["round"] == n)[
+            "tokens_per_s"
+        ]
+        / next(r for r in runs if r["kind"] == "train" and r["where"] == "local" and r["round"] == n)[
+            "tokens_per_s"
+        ]
+        for n in range(args.rounds)
+    ]
+    summary["train_ratio_per_round"] = paired
+    summary["train_ratio_median_of_rounds"] = statistics.median(paired)
     summary["train_wall_ratio_s3_over_local"] = (
         summary["train_wall_s"]["s3"] / summary["train_wall_s"]["local"]
     )

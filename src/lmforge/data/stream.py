@@ -1,5 +1,5 @@
 """Training from a prepared dataset in object storage: shards are downloaded to a local cache as the sampler
-needs them, a background thread fetching those of the coming batches, and memory-mapped from there.
+needs them, background threads fetching those of the coming batches, and memory-mapped from there.
 
 The split reads the same bytes as a local copy would, so the batches (and a resume) are exactly those of
 ``TokenLoader`` on a local folder. Downloads are checked against ``meta.json`` (size, and the SHA-256 that
@@ -24,6 +24,7 @@ from lmforge.data.remote import cache_root, local_copy, storage_for
 from lmforge.data.storage import Storage, is_remote, join
 
 log = logging.getLogger(__name__)
+DOWNLOAD_THREADS = 4  # read-ahead downloads in flight at once (object stores answer each with some latency)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,7 +52,7 @@ class StreamSettings:
 
 
 class ShardCache:
-    """The shards of one remote split on local disk, fetched on demand or ahead of need by one thread."""
+    """The shards of one remote split on local disk, fetched on demand or ahead of need by a few threads."""
 
     def __init__(
         self, url: str, folder: Path, entries: list[dict], itemsize: int, dtype, stream: StreamSettings
@@ -65,7 +66,7 @@ class ShardCache:
         self._busy: set[int] = set()  # being downloaded
         self._wanted: list[int] = []  # the read-ahead's queue, in order of need
         self._needed: set[int] = set()  # every shard of the last read-ahead request: not evicted
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         for i, size in enumerate(self.sizes):  # shards left by an earlier run (complete by construction)
             path = self._path(i)
             if path.is_file() and path.stat().st_size == size:
@@ -98,9 +99,11 @@ class ShardCache:
         with self._cond:
             self._wanted = [i for i in dict.fromkeys(shards) if i not in self._on_disk]
             self._needed = set(shards)
-            if self._wanted and self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="lmforge-read-ahead", daemon=True)
-                self._thread.start()
+            if self._wanted and not self._threads:
+                for n in range(DOWNLOAD_THREADS):
+                    thread = threading.Thread(target=self._run, name=f"lmforge-read-ahead-{n}", daemon=True)
+                    thread.start()
+                    self._threads.append(thread)
             self._cond.notify_all()
 
     def _map(self, i: int) -> np.memmap | None:
