@@ -30,7 +30,7 @@ DOWNLOAD_THREADS = 4  # read-ahead downloads in flight at once (object stores an
 @dataclass(frozen=True, kw_only=True)
 class StreamSettings:
     """How to stream prepared datasets named by URL: the storage (options, retries), the local cache folder,
-    its bound, and how many coming batches the read-ahead thread covers."""
+    its bound, and how many coming batches the read-ahead covers."""
 
     storage: Storage
     cache_dir: Path
@@ -79,12 +79,12 @@ class ShardCache:
         return len(self.entries)
 
     def __getitem__(self, i: int) -> np.memmap:
-        """Shard ``i``, memory-mapped: from the cache, from the read-ahead thread's download, or fetched now."""
+        """Shard ``i``, memory-mapped: from the cache, from a read-ahead download, or fetched now."""
         fetched = False
         while True:
             with self._cond:
                 while i not in self._on_disk and i in self._busy:
-                    self._cond.wait()  # the read-ahead thread is downloading it
+                    self._cond.wait()  # a read-ahead thread is downloading it
                 if i in self._on_disk:
                     shard = self._map(i)
                     if shard is not None:
