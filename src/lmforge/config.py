@@ -53,7 +53,7 @@ class DataConfig:
     # Object storage (s3://... and other fsspec URLs as sources, prepared folders or --out; docs/data.md):
     storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec (endpoint_url, key, ...)
     cache_dir: str | None = None  # local cache of streamed shards and staged files (None: the user cache)
-    cache_gb: float = 20.0  # streamed shards kept on local disk at most (least recently used go first)
+    cache_gb: float = 20.0  # streamed shards of one split kept on local disk at most (oldest use goes first)
     read_ahead: int = 4  # streaming: download the shards of this many coming batches in the background
     retries: int = 5  # transient storage errors retried this many times, with exponential backoff
 
