@@ -55,6 +55,12 @@ class DataConfig:
     executor: Literal["stream", "local", "ray"] = "stream"
     ray_address: str | None = None  # ray.init(address=...); None: a local Ray with `workers` CPUs
     worker_memory_mb: int = 1024  # partitioned stages: the partition count is derived from this bound
+    # Object storage (s3://... and other fsspec URLs as sources, prepared folders or --out; docs/data.md):
+    storage_options: dict[str, Any] = field(default_factory=dict)  # passed to fsspec (endpoint_url, key, ...)
+    cache_dir: str | None = None  # local cache of streamed shards and staged files (None: the user cache)
+    cache_gb: float = 20.0  # streamed shards of one split kept on local disk at most (oldest use goes first)
+    read_ahead: int = 4  # streaming: download the shards of this many coming batches in the background
+    retries: int = 5  # transient storage errors retried this many times, with exponential backoff
 
     def problems(self) -> list[str]:
         out = []
@@ -77,6 +83,11 @@ class DataConfig:
             out.append(f"data.text_chunk_chars={self.text_chunk_chars} must be >= 0 (0: a document per file)")
         if self.worker_memory_mb < 1:
             out.append(f"data.worker_memory_mb={self.worker_memory_mb} must be >= 1")
+        if self.cache_gb <= 0:
+            out.append(f"data.cache_gb={self.cache_gb} must be > 0")
+        for name in ("read_ahead", "retries"):
+            if getattr(self, name) < 0:
+                out.append(f"data.{name}={getattr(self, name)} must be >= 0")
         for name in ("shard_tokens", "tokenizer_train_chars"):
             if getattr(self, name) < 1:
                 out.append(f"data.{name}={getattr(self, name)} must be >= 1")
@@ -295,6 +306,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(f"{key}={value!r} is not a valid {_type_name(tp)}")
+    if tp is Any:  # free-form values handed to a library as given (data.storage_options)
+        return value
     if origin is Literal:
         if value in args:
             return value

@@ -6,12 +6,18 @@ global sample first picks a dataset (deterministically: the one furthest below i
 then takes that dataset's next window: windows are ``seq_len + 1`` tokens at multiples of ``seq_len`` from
 an offset, in an order shuffled per epoch with ``(seed, dataset, epoch)``. The state is a handful of ints.
 
+A dataset named by a URL (``s3://bucket/prefix``) is streamed through a local cache (``data.stream``); the
+loader then looks ``read_ahead`` batches ahead on a copy of its own state and hands the shards those batches
+will read to the cache's download thread. The batches are the same as from a local copy.
+
 Shapes: B batch size, T sequence length.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +31,12 @@ STATE_VERSION = 1
 
 
 class TokenSplit:
-    """One split of a prepared dataset as a virtual concatenation of memory-mapped shards."""
+    """One split of a prepared dataset as a virtual concatenation of memory-mapped shards. ``open_shards``
+    False leaves ``shards`` to a subclass (``data.stream.StreamingSplit`` fills it with a download cache)."""
 
-    def __init__(self, folder: str | Path, split: str):
+    streams = False  # True where shards are downloaded as they are needed (then ``prefetch`` matters)
+
+    def __init__(self, folder: str | Path, split: str, *, open_shards: bool = True):
         self.folder = Path(folder)
         meta_path = self.folder / "meta.json"
         if not meta_path.is_file():
@@ -42,14 +51,24 @@ class TokenSplit:
         self.vocab_size = int(self.meta["vocab_size"])
         self.fingerprint = self.meta["tokenizer_fingerprint"]
         dtype = np.dtype(self.meta["dtype"])
-        self.shards = []
-        for shard in self.meta["splits"][split]["shards"]:
+        self.entries = list(self.meta["splits"][split]["shards"])
+        self.shards: list = []
+        for shard in self.entries if open_shards else ():
             path = self.folder / shard["file"]
             if not path.is_file() or path.stat().st_size != shard["tokens"] * dtype.itemsize:
                 raise DataError(f"{path}: shard missing or truncated; prepare {self.folder} again")
             self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
-        self.ends = np.cumsum([len(s) for s in self.shards], dtype=np.int64)
+        self.ends = np.cumsum([int(s["tokens"]) for s in self.entries], dtype=np.int64)
         self.n_tokens = int(self.ends[-1]) if len(self.ends) else 0
+
+    def shards_of(self, starts: list[int], length: int) -> list[int]:
+        """The shards that windows [start, start+length) read, window by window (a shard once per window)."""
+        first = np.searchsorted(self.ends, starts, side="right").tolist()
+        last = np.searchsorted(self.ends, np.asarray(starts) + length - 1, side="right").tolist()
+        return [i for lo, hi in zip(first, last) for i in range(lo, hi + 1)]
+
+    def prefetch(self, shards: list[int]) -> None:
+        """A hint that ``shards`` will be read soon, in this order (local shards are all mapped already)."""
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start+length) as int64, across shard boundaries. (length,)"""
@@ -59,8 +78,9 @@ class TokenSplit:
         while filled < length:
             shard_start = int(self.ends[shard - 1]) if shard else 0
             lo = start + filled - shard_start
-            take = min(length - filled, len(self.shards[shard]) - lo)
-            out[filled : filled + take] = self.shards[shard][lo : lo + take]
+            tokens = self.shards[shard]
+            take = min(length - filled, len(tokens) - lo)
+            out[filled : filled + take] = tokens[lo : lo + take]
             filled += take
             shard += 1
         return out
@@ -85,7 +105,8 @@ def _windows_to_batch(windows: np.ndarray, eot_id: int, with_doc_ids: bool) -> B
 class TokenLoader:
     """An infinite, resumable stream of training batches from one or more prepared datasets.
 
-    ``datasets``: a dict ``{folder: weight}``, or a list of folders weighted by their token counts.
+    ``datasets``: a dict ``{folder: weight}``, or a list of folders weighted by their token counts. A folder
+    may be a URL; ``stream`` (``data.stream.StreamSettings``) then says how to reach and cache it.
     """
 
     def __init__(
@@ -99,6 +120,7 @@ class TokenLoader:
         rank: int = 0,
         world_size: int = 1,
         with_doc_ids: bool = False,
+        stream=None,
     ):
         if seq_len < 1 or batch_size < 1:
             raise DataError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
@@ -109,7 +131,7 @@ class TokenLoader:
         if not datasets:
             raise DataError("no prepared dataset given (set data.prepared or data.mixture)")
         names = list(datasets)
-        self.splits = [TokenSplit(name, split) for name in names]
+        self.splits = [_open_split(name, split, stream) for name in names]
         if isinstance(datasets, dict):
             weights = [float(datasets[name]) for name in names]
         else:
@@ -138,22 +160,26 @@ class TokenLoader:
         self.counts = [0] * len(self.splits)  # samples drawn from each dataset so far
         self.epochs = [0] * len(self.splits)
         self.positions = [0] * len(self.splits)  # the next window within the current epoch
-        self._orders: dict[int, tuple[int, int, np.ndarray]] = {}  # dataset -> (epoch, offset, order)
+        self._orders: dict[tuple[int, int], tuple[int, np.ndarray]] = {}  # (dataset, epoch) -> offset, order
+        self.read_ahead = stream.read_ahead if stream is not None else 0
+        self._ahead: TokenLoader | None = None  # the read-ahead's copy, ``len(_coming)`` batches ahead
+        self._coming: deque[tuple[list, dict]] = (
+            deque()
+        )  # the batches it drew (windows, shards), not yet read
 
     # -- the stream ----------------------------------------------------------------------------------------
 
     def _order(self, d: int) -> tuple[int, np.ndarray]:
         """The offset and shuffled window order of dataset ``d``'s current epoch."""
-        epoch = self.epochs[d]
-        cached = self._orders.get(d)
-        if cached is None or cached[0] != epoch:
-            rng = np.random.default_rng([self.seed, d, epoch])
+        key = (d, self.epochs[d])
+        if key not in self._orders:
+            rng = np.random.default_rng([self.seed, *key])
             # a new window grid each epoch, kept small enough that at least one window fits
             offset = int(rng.integers(min(self.seq_len, self.splits[d].n_tokens - self.seq_len)))
-            order = rng.permutation(self.splits[d].n_windows(self.seq_len, offset))
-            cached = (epoch, offset, order)
-            self._orders[d] = cached
-        return cached[1], cached[2]
+            self._orders[key] = (offset, rng.permutation(self.splits[d].n_windows(self.seq_len, offset)))
+            for old in [k for k in self._orders if k[0] == d and k[1] < key[1] - 1]:
+                del self._orders[old]  # the read-ahead's copy shares this dict: keep the epoch before too
+        return self._orders[key]
 
     def _choose(self) -> int:
         """The dataset furthest below its share: argmin (count + 1) / weight, ties to the first."""
@@ -174,8 +200,8 @@ class TokenLoader:
             self.positions[d] = 0
         return d, start
 
-    def next_batch(self) -> Batch:
-        """This rank's next batch: global batch ``step * world_size + rank``."""
+    def _my_starts(self) -> list[tuple[int, int]]:
+        """Advance one round of ``world_size`` global batches; this rank's windows as (dataset, start)."""
         mine: list[tuple[int, int]] = []
         for _ in range(self.world_size):
             owner = self.global_batches % self.world_size
@@ -183,6 +209,41 @@ class TokenLoader:
             if owner == self.rank:
                 mine = starts
             self.global_batches += 1
+        return mine
+
+    def _prefetch(self, mine: list[tuple[int, int]]) -> None:
+        """Tell streaming datasets which shards this batch and the next ``read_ahead`` batches will read, in
+        order. The coming batches come from a look-ahead copy of the sampler (this loader's state is
+        untouched), kept from call to call and started afresh after a resume or a skip."""
+        if not self._coming or self._coming[0][0] != mine:
+            self._ahead = copy.copy(self)  # shares the splits and the shuffled orders; copies the counters
+            self._ahead.counts, self._ahead.epochs = list(self.counts), list(self.epochs)
+            self._ahead.positions = list(self.positions)
+            self._coming = deque([(mine, self._shards_of(mine))])
+        while len(self._coming) < self.read_ahead + 1:
+            windows = self._ahead._my_starts()
+            self._coming.append((windows, self._shards_of(windows)))
+        needed: dict[int, list[int]] = {}
+        for _, shards in self._coming:
+            for d, indices in shards.items():
+                needed.setdefault(d, []).extend(indices)
+        self._coming.popleft()
+        for d, indices in needed.items():
+            self.splits[d].prefetch(indices)
+
+    def _shards_of(self, windows: list[tuple[int, int]]) -> dict[int, list[int]]:
+        """Dataset -> the shards one batch's windows read, in order."""
+        out = {}
+        for d in dict.fromkeys(d for d, _ in windows):
+            starts = [start for dd, start in windows if dd == d]
+            out[d] = self.splits[d].shards_of(starts, self.seq_len + 1)
+        return out
+
+    def next_batch(self) -> Batch:
+        """This rank's next batch: global batch ``step * world_size + rank``."""
+        mine = self._my_starts()
+        if self.read_ahead and any(s.streams for s in self.splits):
+            self._prefetch(mine)
         windows = np.stack([self.splits[d].read(start, self.seq_len + 1) for d, start in mine])  # (B, T+1)
         return _windows_to_batch(windows, self.eot_id, self.with_doc_ids)
 
@@ -195,6 +256,7 @@ class TokenLoader:
         for _ in range(n_batches * self.world_size * self.batch_size):
             self._next_start()
         self.global_batches += n_batches * self.world_size
+        self._coming.clear()
 
     # -- resumable state -----------------------------------------------------------------------------------
 
@@ -235,6 +297,12 @@ class TokenLoader:
         self.counts = [int(c) for c in state["counts"]]
         self.epochs = [int(e) for e in state["epochs"]]
         self.positions = [int(p) for p in state["positions"]]
+        self._coming.clear()
+
+
+def _open_split(name: str | Path, split: str, stream) -> TokenSplit:
+    """A local split, or through ``stream`` (``data.stream.StreamSettings``), which also opens URLs."""
+    return TokenSplit(name, split) if stream is None else stream.open_split(str(name), split)
 
 
 def eval_batches(
@@ -245,12 +313,14 @@ def eval_batches(
     max_batches: int | None,
     split: str = "val",
     with_doc_ids: bool = False,
+    stream=None,
 ) -> Iterator[Batch]:
     """A deterministic pass over ``split``: non-overlapping windows, evenly spread when ``max_batches`` caps
     them, in order; the last batch may be smaller. The same batches on every call. A split shorter than one
-    window gives one shorter window; an empty split gives no batch. ``with_doc_ids`` as in ``TokenLoader``:
-    validation masks documents only when training does, so it measures the model as it trained."""
-    data = TokenSplit(dataset_dir, split)
+    window gives one shorter window; an empty split gives no batch. ``with_doc_ids`` and ``stream`` as in
+    ``TokenLoader`` (validation masks documents only when training does, so it measures the model as it
+    trained)."""
+    data = _open_split(dataset_dir, split, stream)
     n_windows = data.n_windows(seq_len)
     if n_windows < 1:
         # a split shorter than one window (a tiny validation set): all of it as one shorter window, or nothing

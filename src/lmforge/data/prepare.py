@@ -43,6 +43,7 @@ from lmforge.data.shards import (
     write_json,
 )
 from lmforge.data.sources import SourceStats, expand_sources, read_documents
+from lmforge.data.storage import is_remote
 from lmforge.data.tokenizer import (
     Tokenizer,
     is_trained_kind,
@@ -91,9 +92,27 @@ def prepare_data(
 ) -> dict:
     """Prepare ``sources`` into ``out_dir`` and return its meta: in one stream (``data.executor=stream``,
     the module docstring) or as partitioned stages (``local``, ``ray``, or array ``task`` i of N, which
-    runs its share of the first stage and returns its counts; ``data/partitioned.py``)."""
-    out = Path(out_dir)
+    runs its share of the first stage and returns its counts; ``data/partitioned.py``). Object storage
+    URLs (sources or ``out_dir``) go through ``data/remote.py``, which stages them locally."""
     sources = [str(s) for s in sources]
+    if is_remote(out_dir) or any(is_remote(s) for s in sources):  # object storage: data/remote.py
+        if task is not None:
+            raise DataError(
+                "array tasks (--task-index/--tasks) need local sources and --out; "
+                "copy the sources locally or run one prepare with data.executor=local or ray"
+            )
+        from lmforge.data.remote import prepare_remote
+
+        return prepare_remote(
+            cfg,
+            sources,
+            out_dir,
+            prepare=prepare_data,
+            recipe_fields=RECIPE_FIELDS,
+            progress=progress,
+            strict=strict,
+        )
+    out = Path(out_dir)
     recipe = {"sources": sources, **{name: getattr(cfg, name) for name in RECIPE_FIELDS}}
     wanted = None if is_trained_kind(cfg.tokenizer) else load_tokenizer(cfg.tokenizer)
     if (out / "meta.json").exists():
@@ -212,7 +231,7 @@ class PreparedData:
     """A prepared dataset folder: its ``meta.json`` (splits, tokenizer) and cleaning ``report.json``; for an
     array task, only ``task`` (its counts) and empty ``meta``/``report``."""
 
-    out: Path
+    out: Path | str  # a URL for object storage
     meta: dict
     report: dict
     task: dict | None = None
@@ -234,6 +253,12 @@ def prepare_from_arguments(
     meta = prepare_data(cfg.data, sources, out_dir, progress=progress, strict=strict, task=task)
     if task is not None and "task" in meta:
         return PreparedData(out=Path(out_dir), meta={}, report={}, task=meta)
+    if is_remote(out_dir):
+        from lmforge.data.remote import read_json_at
+
+        return PreparedData(
+            out=str(out_dir), meta=meta, report=read_json_at(out_dir, "report.json", cfg.data)
+        )
     return PreparedData(out=Path(out_dir), meta=meta, report=read_json(Path(out_dir) / "report.json"))
 
 

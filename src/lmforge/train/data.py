@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.config import Config, ModelConfig
+from lmforge.data.storage import is_remote
 from lmforge.errors import ConfigError, DataError
 from lmforge.model.info import count_params
 
@@ -22,7 +23,10 @@ from lmforge.model.info import count_params
 PLACEHOLDERS = {"stdlib": sysconfig.get_paths()["stdlib"]}
 
 # DataConfig fields that do not change what preparation writes (so they do not change the cache key).
-_NOT_IN_KEY = ("prepared", "mixture", "workers", "document_mask")
+_NOT_IN_KEY = (
+    "prepared", "mixture", "workers", "document_mask", "storage_options", "cache_dir", "cache_gb", "read_ahead",
+    "retries",
+)  # fmt: skip
 
 
 @dataclass
@@ -34,6 +38,7 @@ class RunData:
     datasets: dict[str, float]  # prepared folder -> mixture weight (empty for an external loader)
     sources: list[str]
     report: dict | None  # the cleaning report of the (first) prepared folder
+    stream: Any = None  # data.stream.StreamSettings when a prepared folder is a URL (streamed from storage)
 
     @property
     def parameters(self) -> int:
@@ -52,12 +57,15 @@ def _folder_stem(source: str) -> str:
     return name or "data"
 
 
-def prepared_dir_for(cfg: Config, sources: list[str], cache_dir: str | Path | None) -> Path:
-    """Where raw sources are prepared: ``data.prepared``, else a cache folder keyed by sources and settings."""
+def prepared_dir_for(cfg: Config, sources: list[str], cache_dir: str | Path | None) -> Path | str:
+    """Where raw sources are prepared: ``data.prepared`` (a folder or a URL), else a cache folder keyed by
+    sources and settings."""
     if cfg.data.prepared:
-        return Path(cfg.data.prepared)
+        return cfg.data.prepared if is_remote(cfg.data.prepared) else Path(cfg.data.prepared)
     settings = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _NOT_IN_KEY}
-    settings["sources"] = [str(Path(s).expanduser().absolute()) if "*" not in s else s for s in sources]
+    settings["sources"] = [
+        str(Path(s).expanduser().absolute()) if "*" not in s and not is_remote(s) else s for s in sources
+    ]
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     stem = _folder_stem(sources[0])
     if cache_dir is None:
@@ -67,6 +75,8 @@ def prepared_dir_for(cfg: Config, sources: list[str], cache_dir: str | Path | No
 
 def _as_prepared(name: str) -> str:
     """A prepared folder named by its ``meta.json`` stands for the folder."""
+    if is_remote(name):
+        return name[: -len("/meta.json")] if name.endswith("/meta.json") else name.rstrip("/")
     path = Path(name)
     return str(path.parent) if path.name == "meta.json" and path.is_file() else name
 
@@ -79,7 +89,16 @@ def prepared_datasets(cfg: Config, *, world, cache_dir: str | Path | None, progr
     weighted by their training tokens, as raw sources read together would be)."""
     import torch.distributed as dist
 
-    from lmforge.data.prepare import is_prepared, prepare_data
+    from lmforge.data.prepare import prepare_data
+
+    def is_prepared(name: str | Path) -> bool:
+        if is_remote(name):
+            from lmforge.data.remote import is_prepared_url, storage_for
+
+            return is_prepared_url(str(name), storage_for(cfg.data))
+        from lmforge.data.prepare import is_prepared as is_prepared_folder
+
+        return is_prepared_folder(name)
 
     if cfg.data.mixture:
         datasets = {_as_prepared(d): w for d, w in cfg.data.mixture.items()}
@@ -102,11 +121,10 @@ def prepared_datasets(cfg: Config, *, world, cache_dir: str | Path | None, progr
             )
         if len(ready) == 1:
             return {ready[0]: 1.0}, []
-        return {s: float(train_split_tokens(s) or 1) for s in ready}, []
+        return {s: float(_train_tokens(s, cfg) or 1) for s in ready}, []
     if not sources and not cfg.data.prepared:
         raise ConfigError("no training data: set data.sources (raw files, folders, globs) or data.prepared")
-    out = prepared_dir_for(cfg, sources, cache_dir)
-    out = Path(_as_prepared(str(out)))
+    out = _as_prepared(str(prepared_dir_for(cfg, sources, cache_dir)))
     if not is_prepared(out):
         if not sources:
             raise DataError(
@@ -164,6 +182,14 @@ def check_shapes(cfg: Config, dataset_tokens: dict[str, int]) -> None:
         raise ConfigError("this config cannot train:\n  " + "\n  ".join(problems))
 
 
+def _train_tokens(prepared: str, cfg: Config) -> int | None:
+    if is_remote(prepared):
+        from lmforge.data.remote import read_json_at
+
+        return int(read_json_at(prepared, "meta.json", cfg.data)["splits"]["train"]["tokens"])
+    return train_split_tokens(prepared)
+
+
 def train_split_tokens(prepared: str | Path) -> int | None:
     """Tokens in a prepared folder's training split, from its meta.json (None when not recorded)."""
     try:
@@ -196,15 +222,26 @@ def resolve_data(
     settled (``parallel.strategy: auto`` may shrink it)."""
     datasets: dict[str, float] = {}
     sources: list[str] = []
+    folders: dict[str, Any] = {}
+    stream = None
     if loader is None:
         from lmforge.data.tokenizer import load_tokenizer
 
         datasets, sources = prepared_datasets(cfg, world=world, cache_dir=cache_dir, progress=progress)
+        folders = {d: d for d in datasets}  # URLs stand in by a local copy of their small files
+        if any(is_remote(d) for d in datasets):
+            from lmforge.data.remote import local_copy
+            from lmforge.data.stream import StreamSettings
+
+            stream = StreamSettings.from_config(cfg.data, cache_dir)
+            folders = {
+                d: local_copy(d, stream.storage, stream.cache_dir) if is_remote(d) else d for d in datasets
+            }
         first = next(iter(datasets))
-        tokenizer_path = str(Path(first) / "tokenizer.json")
+        tokenizer_path = str(Path(folders[first]) / "tokenizer.json")
         tokenizer = load_tokenizer(tokenizer_path)
         cfg = resolve_vocab(cfg, tokenizer.vocab_size, tokenizer_path)
-        sizes = {d: n for d in datasets if (n := train_split_tokens(d)) is not None}
+        sizes = {d: n for d in datasets if (n := train_split_tokens(folders[d])) is not None}
         check_shapes(cfg, sizes)
     else:
         tokenizer_path = getattr(loader, "tokenizer_path", None)
@@ -215,8 +252,8 @@ def resolve_data(
             tokenizer = load_tokenizer(tokenizer_path)
         cfg = resolve_vocab(cfg, loader.vocab_size, tokenizer_path or "the given loader")
         check_shapes(cfg, {})
-    report = read_report(next(iter(datasets))) if datasets else None
-    return RunData(cfg, loader, tokenizer, tokenizer_path, datasets, sources, report)
+    report = read_report(folders[next(iter(datasets))]) if datasets else None
+    return RunData(cfg, loader, tokenizer, tokenizer_path, datasets, sources, report, stream)
 
 
 def build_loader(data: RunData, cfg: Config, world):
@@ -232,6 +269,7 @@ def build_loader(data: RunData, cfg: Config, world):
         rank=world.dp_rank,  # tensor-parallel peers read the same stream
         world_size=world.dp_size,
         with_doc_ids=cfg.data.document_mask,
+        stream=data.stream,
     )
 
 
@@ -246,4 +284,5 @@ def validation_batches(data: RunData, cfg: Config):
             batch_size=cfg.train.micro_batch,
             max_batches=cfg.train.eval_batches,
             with_doc_ids=cfg.data.document_mask,
+            stream=data.stream,
         )
