@@ -23,6 +23,20 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def save_figure_atomic(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write a matplotlib figure as a PNG at ``path`` through a temporary name (a reader never sees half a
+    PNG), creating the folder, and close the figure."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def jsonl_records(path: str | Path, what: str) -> Iterator[tuple[dict, str]]:
     """Each JSON object of a JSONL file with its ``file:line``. Blank lines are skipped; anything else that
     is not a JSON object is a ``DataError`` naming the line. ``what`` names the file when it is missing."""

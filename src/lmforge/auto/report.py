@@ -7,14 +7,13 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from pathlib import Path
 
 import yaml
 
 from lmforge.auto.space import Param, with_values
 from lmforge.auto.transfer import transfer_config
-from lmforge.files import write_text_atomic
+from lmforge.files import save_figure_atomic, write_text_atomic
 
 
 def best_row(rows: list, direction: str):
@@ -113,17 +112,6 @@ def _shown(rows: list) -> list:
     ]
 
 
-def _save(fig, path: Path) -> Path:
-    """Write a figure atomically (a reader never sees half a PNG) and close it."""
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
 def plot_sweep(
     rows: list, space: tuple[Param, ...], objective: str, direction: str, out: Path
 ) -> dict[str, Path]:
@@ -166,7 +154,7 @@ def plot_sweep(
     ax.set_title("optimisation history")
     ax.legend()
     fig.tight_layout()
-    files["history_plot"] = _save(fig, out / "history.png")
+    files["history_plot"] = save_figure_atomic(fig, out / "history.png")
 
     # The objective against each parameter.
     cols = min(3, len(space))
@@ -190,7 +178,7 @@ def plot_sweep(
         ax.set_visible(False)
     fig.suptitle(f"{objective} against each parameter (x: pruned, at its last value)")
     fig.tight_layout()
-    files["params_plot"] = _save(fig, out / "params.png")
+    files["params_plot"] = save_figure_atomic(fig, out / "params.png")
 
     # Every trial's reported values against the step.
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -214,5 +202,5 @@ def plot_sweep(
     ax.set_title("trials' curves")
     ax.legend()
     fig.tight_layout()
-    files["curves_plot"] = _save(fig, out / "curves.png")
+    files["curves_plot"] = save_figure_atomic(fig, out / "curves.png")
     return files

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
+from lmforge.files import save_figure_atomic
 from lmforge.plan.scaling import Fit, compute_of_gpu_hours, non_embedding_params, shape_near
 
 
@@ -217,8 +217,4 @@ def plot_fit(fit: Fit, runs, path: Path, *, budget: dict | None = None, held_out
     right.set_title("compute-optimal frontier")
     right.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.png")  # a reader never sees half a PNG
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure_atomic(fig, path, dpi=90)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 from lmforge.errors import DataError
+from lmforge.files import save_figure_atomic
 from lmforge.train.metrics import read_metrics
 
 
@@ -46,12 +46,7 @@ def plot_runs(run_dirs: list[str | Path], out_path: str | Path | None = None) ->
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f"{out_path.stem}.tmp-{os.getpid()}{out_path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_path)
-    return out_path
+    return save_figure_atomic(fig, out_path)
 
 
 def plot_expert_load(run_dir: str | Path, out_path: str | Path | None = None) -> Path | None:
@@ -84,9 +79,4 @@ def plot_expert_load(run_dir: str | Path, out_path: str | Path | None = None) ->
     drop_ax.set_xlabel("step")
     drop_ax.grid(alpha=0.3)
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f"{out_path.stem}.tmp-{os.getpid()}{out_path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_path)
-    return out_path
+    return save_figure_atomic(fig, out_path)
