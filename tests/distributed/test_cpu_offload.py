@@ -4,12 +4,12 @@ same loss curve as one process without FSDP, and the same as FSDP without offloa
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.distributed.processes import run_group
 from tests.distributed.run_loop import main as run_in_this_process
 
 HERE = Path(__file__).parent
@@ -24,7 +24,7 @@ def curve(run_dir: Path) -> dict[str, float]:
 @pytest.mark.slow
 def test_fsdp_with_cpu_offload_on_gloo_follows_the_single_process_curve(tmp_path):
     run_in_this_process([f"{tmp_path}/reference:{STEPS}:single"])
-    completed = subprocess.run(
+    completed = run_group(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(HERE / "run_loop.py"), f"{tmp_path}/fsdp:{STEPS}:fsdp", "--offload", "1",
          f"{tmp_path}/offload:{STEPS}:fsdp"],

@@ -7,7 +7,6 @@ process reference and the 1-rank checkpoints are made here, in the test process.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from lmforge.config import Config, ModelConfig, ParallelConfig
 from lmforge.distributed.parallelize import parallelize
 from lmforge.errors import CheckpointError
 from lmforge.model.transformer import build_model
+from tests.distributed.processes import run_group
 from tests.distributed.steps import (
     MODEL,
     SAVE_AT,
@@ -66,7 +66,7 @@ def runs(tmp_path_factory):
         train_state={"step": SAVE_AT, "optimizer": optimizer.state_dict()},
     )
     reference += train_steps(model, optimizer, world, SAVE_AT, STEPS)
-    completed = subprocess.run(
+    completed = run_group(
         [
             sys.executable,
             "-m",

@@ -12,7 +12,6 @@ errors, and ``lmforge launch`` training with ``parallel.ep=2`` end to end.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 
 from lmforge.config import ParallelConfig, load_config
 from lmforge.errors import ConfigError
+from tests.distributed.processes import run_group
 from tests.distributed.run_loop import main as run_in_this_process
 from tests.distributed.test_train_distributed import HERE, TORCHRUN, assert_same_curve, curve, torchrun
 
@@ -128,7 +128,7 @@ def test_ep2_times_2_data_parallel_replicas_on_4_processes(out):
     """World 4 = 2 replicas x EP 2: the experts' gradients are summed over the replicas holding the same
     experts (DDP: by their own hook; FSDP: sharded over the replicas too)."""
     runs = [f"{out}/ep4-ddp:20:ddp", f"{out}/ep4-fsdp:20:fsdp"]
-    completed = subprocess.run(
+    completed = run_group(
         [*TORCHRUN[:-1], "4", str(HERE / "run_loop.py"), *MOE, "--ep", "2", *runs],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -188,13 +188,13 @@ def test_lmforge_launch_trains_with_ep2_end_to_end(tmp_path):
     require_shared_data("tinyshakespeare.txt")
     env = {**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache")}
     moe = ["model.moe.n_experts=4", "model.moe.top_k=2", "--no-progress"]
-    launched = subprocess.run(
+    launched = run_group(
         [sys.executable, "-m", "lmforge.cli", "launch", "--nproc-per-node", "2", *RUN, *moe, "parallel.ep=2",
          f"train.out_dir={tmp_path / 'ep'}"], env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert launched.returncode == 0, launched.stderr[-4000:]
     assert expert_chunks(tmp_path / "ep", 6) == [(0, 2), (2, 2)]
-    consolidated = subprocess.run(
+    consolidated = run_group(
         [sys.executable, "-m", "lmforge.cli", "consolidate", str(tmp_path / "ep"), str(tmp_path / "whole")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -202,7 +202,7 @@ def test_lmforge_launch_trains_with_ep2_end_to_end(tmp_path):
     model, config, _ = load_model(tmp_path / "whole")
     assert config.parallel.ep == 2 and config.model.moe.n_experts == 4
 
-    single = subprocess.run(
+    single = run_group(
         [sys.executable, "-m", "lmforge.cli", "train", *RUN, *moe, f"train.out_dir={tmp_path / 'single'}"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -16,6 +16,7 @@ import torch
 from lmforge.checkpoint import load_model, verify_checkpoint
 from lmforge.errors import CheckpointError
 from tests.conftest import SHARED_DATA, require_shared_data
+from tests.distributed.processes import run_group
 
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 RUN = [
@@ -57,7 +58,7 @@ def test_two_nodes_train_with_fsdp_and_the_checkpoint_consolidates(tmp_path):
         load_model(last)  # the single-process tools say how to read it
 
     consolidated = tmp_path / "consolidated"
-    done = subprocess.run([sys.executable, "-m", "lmforge.cli", "consolidate", str(tmp_path / "run"),
+    done = run_group([sys.executable, "-m", "lmforge.cli", "consolidate", str(tmp_path / "run"),
                            str(consolidated)], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
     model, config, _ = load_model(consolidated)
@@ -65,7 +66,7 @@ def test_two_nodes_train_with_fsdp_and_the_checkpoint_consolidates(tmp_path):
     assert (consolidated / "tokenizer.json").is_file()
 
     # The same six steps in one process (the same global batches, accumulated): the same model.
-    single = subprocess.run([sys.executable, "-m", "lmforge.cli", "train", *RUN, "--no-progress",
+    single = run_group([sys.executable, "-m", "lmforge.cli", "train", *RUN, "--no-progress",
                              f"train.out_dir={tmp_path / 'single'}"], env=env, capture_output=True, text=True,
                             timeout=150)  # fmt: skip
     assert single.returncode == 0, single.stderr[-3000:]
@@ -102,9 +103,7 @@ def test_lmforge_train_on_2_processes_resumes_on_1_with_the_same_final_loss(tmp_
     cli = [sys.executable, "-m", "lmforge.cli"]
 
     def run(*args: str) -> None:
-        done = subprocess.run(
-            [*cli, *args, "--no-progress"], env=env, capture_output=True, text=True, timeout=150
-        )
+        done = run_group([*cli, *args, "--no-progress"], env=env, capture_output=True, text=True, timeout=150)
         assert done.returncode == 0, done.stderr[-3000:]
 
     run("train", *RESHARD, "train.steps=6", f"train.out_dir={tmp_path / 'one'}")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed.processes import run_group
 from tests.distributed.run_loop import main as run_in_this_process
 
 HERE = Path(__file__).parent
@@ -39,7 +40,7 @@ def assert_same_curve(run: dict[str, float], reference: dict[str, float], steps:
 def torchrun(
     *runs: str, options: tuple[str, ...] = (), script_options: tuple[str, ...] = (), timeout: float = 120
 ) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return run_group(
         [*TORCHRUN, *options, str(HERE / "run_loop.py"), *script_options, *runs],
         capture_output=True,
         text=True,
@@ -128,7 +129,7 @@ def test_a_killed_rank_restarts_the_job_which_resumes_and_ends_with_the_same_los
 
 @pytest.mark.slow
 def test_a_world_size_the_config_forbids_ends_every_rank_with_a_clear_message(tmp_path):
-    completed = subprocess.run(
+    completed = run_group(
         [*TORCHRUN, "-m", "lmforge.cli", "train", "parallel.world_size=4", f"train.out_dir={tmp_path}"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -168,7 +169,7 @@ def tensor_parallel_runs(tmp_path_factory):
         (2, [f"{out}/tp:10:auto", f"{out}/tp:20:auto:auto"]),
         (4, [f"{out}/fsdp-tp:20:fsdp"]),
     ):
-        completed = subprocess.run(
+        completed = run_group(
             [*TORCHRUN[:-1], str(nproc), str(HERE / "run_loop.py"), "--tp", "2", "--untied", "1", *runs],
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
