@@ -1,23 +1,27 @@
 """What a test needs from outside the repository, in one place.
 
-A user's clone without ``../shared/data`` (or without ``transformers``) skips the tests that need them and
+A user's clone without ``../shared/data`` (or without an optional package such as ``transformers``) skips the tests that need them and
 says why. Under ``CI`` (set to anything but empty/0/false, as CI services do) the same tests FAIL instead:
 a CI run must never be green with core tests skipped.
 """
 
 from __future__ import annotations
 
-import os
+import importlib
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from tests.skip_report import SkipReport, in_ci
+
+pytest_plugins = ["pytester"]
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+def pytest_configure(config):
+    config.pluginmanager.register(SkipReport(), "lmforge-skip-report")  # the skips, listed at the end
 
 
 def missing(reason: str) -> None:
@@ -42,3 +46,14 @@ def require_transformers() -> ModuleType:
     except ImportError as e:
         missing(f"transformers is not installed ({e}); pip install -e '.[dev]'")
     return transformers
+
+
+def require_module(name: str, extra: str = "dev", hint: str = "") -> ModuleType:
+    """The module ``name``; skips (fails under CI) where it is not installed, naming the extra that brings it.
+
+    Every test that needs an optional package goes through here, never ``pytest.importorskip``, so that a CI
+    run cannot be green with a whole file skipped for a package its set-up forgot."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        missing(f"{name} is not installed ({e}); pip install -e '.[{extra}]'{hint}")

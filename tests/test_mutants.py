@@ -1,8 +1,7 @@
 """The mutation catalogue stays replayable: every recorded slip still applies to its module exactly once, and
 each has a killing test or a reason it is equivalent (replaying them is `python tests/mutants/replay.py`)."""
 
-from tests.mutants.replay import catalogue, load_areas, problems
-from tests.mutants.replay import CATALOGUE
+from tests.mutants.replay import CATALOGUE, catalogue, load_areas, problems
 
 
 def test_every_slip_still_applies_and_has_a_killer_or_a_reason():

@@ -24,9 +24,10 @@ from lmforge.config import DataConfig
 from lmforge.data.loader import TokenLoader, eval_batches
 from lmforge.data.prepare import prepare_data
 from lmforge.errors import DataError
+from tests.conftest import require_module
 
-pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+require_module("s3fs", "s3")
+moto_server = require_module("moto.server")
 
 BUCKET = "lmforge-test"
 CREDENTIALS = {

@@ -7,8 +7,9 @@ import pytest
 
 from lmforge.config import DataConfig
 from lmforge.data.prepare import prepare_data
+from tests.conftest import require_module
 
-ray = pytest.importorskip("ray")
+ray = require_module("ray", "ray")
 
 
 @pytest.fixture(scope="module")

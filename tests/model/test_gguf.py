@@ -21,8 +21,9 @@ from lmforge.data.tokenizer import train_bpe, train_char
 from lmforge.errors import ExportError
 from lmforge.model import gguf as lmgguf
 from lmforge.model.transformer import build_model
+from tests.conftest import require_module
 
-gguf = pytest.importorskip("gguf", reason="gguf is not installed; pip install -e '.[dev]'")
+gguf = require_module("gguf", "gguf")
 
 SAMPLE = [
     "The quick brown fox jumps over the lazy dog. It's 2024; we'll see!\n",
@@ -263,12 +264,8 @@ def test_cli_export_gguf(tmp_path, capsys):
 
 
 def require_llama_cpp():
-    """The binding, or a skip with the reason, also under CI (it compiles C++ on install)."""
-    try:
-        import llama_cpp
-    except ImportError as exc:
-        pytest.skip(f"llama-cpp-python is not installed ({exc}); pip install -e '.[gguf]'")
-    return llama_cpp
+    """The binding (skips in a user's clone without it, fails under CI, whose set-up builds it)."""
+    return require_module("llama_cpp", "gguf", hint=" (it compiles llama.cpp: a few minutes)")
 
 
 def trained_model(tmp_path: Path, **overrides):

@@ -18,7 +18,7 @@ from lmforge.model import hf
 from lmforge.model.fused import apply_fused_blocks
 from lmforge.model.mup import fold_mup
 from lmforge.model.transformer import apply_rope, build_model, rope_cos_sin
-from tests.conftest import require_transformers
+from tests.conftest import require_module, require_transformers
 
 VOCAB = 61
 
@@ -187,7 +187,7 @@ def test_export_of_a_mup_checkpoint_loads_in_transformers_with_the_same_logits(t
 
 
 def test_gguf_export_of_a_mup_model_holds_the_folded_weights(tmp_path):
-    pytest.importorskip("gguf")
+    require_module("gguf", "gguf")
     from lmforge.model.gguf import unpermute_rotary
     from tests.model.test_gguf import read_tensors
 

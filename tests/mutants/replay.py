@@ -124,7 +124,9 @@ def problems(area: Area, root: Path = ROOT) -> list[str]:
     for m in area.mutants:
         n = text.count(m.find)
         if n != 1:
-            out.append(f"{m.name}: `find` occurs {n} times in {area.module} (must be exactly once): {m.find!r}")
+            out.append(
+                f"{m.name}: `find` occurs {n} times in {area.module} (must be exactly once): {m.find!r}"
+            )
         if m.killed_by is None and m.equivalent is None:
             out.append(f"{m.name}: neither killed_by nor equivalent is recorded")
         if m.killed_by and not (root / m.killed_by.split("::")[0]).exists():
@@ -223,7 +225,13 @@ def catalogue(areas: list[Area]) -> str:
         kb = sum(1 for m in a.mutants if m.before == "killed")
         lines.append(f"| `{a.module}` | {len(a.mutants)} | {kb} | {len(a.mutants) - eq} | {eq} |")
     for a in areas:
-        lines += ["", f"## {a.name}: `{a.module}`", "", "| # | slip | before | killed by |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {a.name}: `{a.module}`",
+            "",
+            "| # | slip | before | killed by |",
+            "|---|---|---|---|",
+        ]
         for m in a.mutants:
             by = f"equivalent: {m.equivalent}" if m.equivalent else f"`{m.killed_by}`"
             lines.append(f"| {m.index} | {m.slip} | {m.before or '-'} | {by} |")
@@ -249,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if found else 0
     results = replay(areas, args.timeout, args.only)
     survived = [m.name for m, status, _ in results if status in ("survived", "stale")]
-    print(f"{len(results)} mutants: {sum(s == 'killed' for _, s, _ in results)} killed, "
-          f"{sum(s == 'equivalent' for _, s, _ in results)} equivalent, {len(survived)} survived or stale")
+    print(
+        f"{len(results)} mutants: {sum(s == 'killed' for _, s, _ in results)} killed, "
+        f"{sum(s == 'equivalent' for _, s, _ in results)} equivalent, {len(survived)} survived or stale"
+    )
     if survived:
         print("survived: " + ", ".join(survived))
     return 1 if survived or found else 0

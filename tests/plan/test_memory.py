@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ from lmforge.config import PRESETS, ModelConfig, MoEConfig
 from lmforge.plan.hardware import GIB, KNOWN_HARDWARE
 from lmforge.plan.memory import Layout, memory_breakdown
 from lmforge.plan.planner import Cluster, Workload, plan_cluster
+from tests.conftest import missing
 
 MEASURE = Path(__file__).with_name("measure_peak.py")
 
@@ -46,7 +46,6 @@ CONFIGS = {
         micro_batch=8, seq_len=128, checkpointing=False,
     ),
 }  # fmt: skip
-MOE_LAYER = importlib.util.find_spec("lmforge.model.moe") is not None  # the MoE layer is built separately
 
 
 def model_config(values: dict) -> ModelConfig:
@@ -63,11 +62,11 @@ def measured() -> dict[str, int]:
     time, so a loaded machine does not change it.
     """
     if not Path("/proc/self/clear_refs").exists():
-        pytest.skip("needs Linux /proc/self/clear_refs to reset the resident-set high-water mark")
+        missing("needs Linux /proc/self/clear_refs to reset the resident-set high-water mark")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     procs = {}
     results = {}
-    names = [name for name in CONFIGS if MOE_LAYER or "moe" not in CONFIGS[name]["model"]]
+    names = list(CONFIGS)
     for name in names:  # all at once: contention slows them down but does not change their memory
         spec = json.dumps(CONFIGS[name] | {"steps": 2})
         procs[name] = subprocess.Popen(
@@ -86,8 +85,6 @@ def measured() -> dict[str, int]:
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_predicted_peak_within_20_percent_of_measured(measured, name):
-    if name not in measured:
-        pytest.skip("no MoE layer (model/moe.py) on this branch to measure")
     spec = CONFIGS[name]
     layout = Layout(
         micro_batch=spec["micro_batch"],

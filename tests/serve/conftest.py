@@ -12,8 +12,9 @@ import torch
 from lmforge.checkpoint import save_checkpoint
 from lmforge.config import Config, ModelConfig
 from lmforge.model.transformer import build_model
+from tests.conftest import require_module
 
-pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[dev]'")
+require_module("fastapi", "serve")
 
 
 def ascii_tokenizer():

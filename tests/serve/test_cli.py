@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-httpx = pytest.importorskip("httpx")
+from tests.conftest import require_module
+
+httpx = require_module("httpx")
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 

@@ -7,10 +7,11 @@ import time
 
 import pytest
 
+from tests.conftest import require_module
 from tests.serve.conftest import RunningServer, tiny_checkpoint
 
-openai = pytest.importorskip("openai", reason="the dev extra is not installed: pip install -e '.[dev]'")
-httpx = pytest.importorskip("httpx")
+openai = require_module("openai")
+httpx = require_module("httpx")
 
 PROMPTS = ["a", "hello there", "The quick brown fox jumps", "xy", "0123456789" * 4, "zz top", "q", "Mixed!"]
 BUDGETS = [30, 8, 25, 12, 40, 5, 33, 18]

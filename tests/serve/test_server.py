@@ -9,9 +9,10 @@ import torch
 
 from lmforge.infer.generate import SamplingConfig, generate
 from lmforge.infer.loading import load_for_inference, open_chat
+from tests.conftest import require_module
 
-openai = pytest.importorskip("openai", reason="the dev extra is not installed: pip install -e '.[dev]'")
-httpx = pytest.importorskip("httpx")
+openai = require_module("openai")
+httpx = require_module("httpx")
 
 
 def client(server, key: str = "none"):

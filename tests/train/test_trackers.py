@@ -14,6 +14,7 @@ from lmforge.errors import ConfigError
 from lmforge.train import trackers
 from lmforge.train.loop import train
 from lmforge.train.metrics import read_metrics
+from tests.conftest import require_module
 
 QUIET = ("train.sample_prompts=[]",)
 
@@ -64,8 +65,8 @@ def wandb_history(run_folder) -> list[dict]:
 
 
 def test_mlflow_and_wandb_receive_what_metrics_jsonl_holds_and_resume_continues(tmp_path, monkeypatch):
-    pytest.importorskip("mlflow")
-    pytest.importorskip("wandb")
+    require_module("mlflow", "trackers")
+    require_module("wandb", "trackers")
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
