@@ -111,6 +111,18 @@ def one_line_error(capsys, verb: str) -> str:
     return captured.err.removeprefix(f"lmforge {verb}: error: ").strip()
 
 
+def test_gguf_export_without_gguf_is_one_line_with_the_extra_and_creates_nothing(
+    checkpoint, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now fails as if it were not installed
+    out = tmp_path / "new" / "folder" / "model.gguf"
+    assert main(["export", str(checkpoint), str(out), "--format", "gguf", "--no-verify"]) == 2
+    assert (
+        one_line_error(capsys, "export") == "GGUF export needs the gguf package: pip install 'lmforge[gguf]'"
+    )
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
 def test_export_to_an_unwritable_place_is_one_line_naming_the_path(checkpoint, capsys):
     assert main(["export", str(checkpoint), "/proc/x", "--no-verify"]) == 2

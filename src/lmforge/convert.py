@@ -161,6 +161,7 @@ def export_gguf(
         )
     if dtype not in gguf.DTYPES:
         raise ExportError(f"--dtype {dtype} is not one of {', '.join(gguf.DTYPES)}")
+    gguf.require_gguf()
     model, config, ckpt_dir = load_model(checkpoint_path)
     model = fold_mup(model.eval())  # muP's multipliers into the weights: a standard model, the same logits
     cfg = model.cfg
@@ -172,6 +173,7 @@ def export_gguf(
         vocab = gguf.gguf_vocab(tokenizer_json, ids, cfg.vocab_size, str(ckpt_dir / TOKENIZER))
         chat = read_chat_template(ckpt_dir)  # what the model was fine-tuned with, if it was
         template = chat.source if chat is not None else None
+    created = [p for p in (out_file.parent, *out_file.parent.parents) if not p.exists()]  # deepest first
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f"{out_file.name}.tmp-{os.getpid()}")
     try:
@@ -188,8 +190,14 @@ def export_gguf(
             gguf.verify_with_llama_cpp(model, tmp, dtype) if verify else (None, "not verified (--no-verify)")
         )
         os.replace(tmp, out_file)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        for folder in created:  # a failed export leaves no empty folders behind either
+            try:
+                folder.rmdir()
+            except OSError:  # something else was written there meanwhile: it stays
+                break
+        raise
     return ExportResult(
         out_dir=out_file, architecture=f"gguf {arch} {dtype}", max_abs_diff=diff, verify_note=note
     )
