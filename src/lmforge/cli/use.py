@@ -234,7 +234,9 @@ def add_finetune(sub) -> None:
     p.add_argument("--keep-sparsity", action="store_true", help="keep pruned (zero) weights at zero")
     p.add_argument("--export-hf", default=None, help="also write the merged model as a Hugging Face folder")
     p.add_argument("--test", default=None, help="classify: a labelled test file (default: a held-out split)")
-    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument(
+        "--test-fraction", type=float, default=None, help="classify: the held-out split without --test (0.1)"
+    )
     p.add_argument("--beta", type=float, default=None, help="dpo/simpo: default 0.1 (DPO), 2.0 (SimPO)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="dpo: label-flip probability (cDPO)")
     p.add_argument("--gamma", type=float, default=0.5, help="simpo: target reward margin")
@@ -250,6 +252,18 @@ def add_finetune(sub) -> None:
 
 
 def run_finetune(args) -> int:
+    from lmforge.errors import ConfigError
+
+    given = [
+        flag
+        for flag, value in (("--test", args.test), ("--test-fraction", args.test_fraction))
+        if value is not None
+    ]
+    if given and args.task != "classify":  # refused, not ignored: only a classifier is scored on a test set
+        raise ConfigError(
+            f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to --task classify; --task {args.task} holds out "
+            f"--val-fraction of DATA (now {args.val_fraction}) instead"
+        )
     if args.task in ("dpo", "simpo", "orpo"):
         return run_preference(args)
     return run_classify(args) if args.task == "classify" else run_sft(args)
@@ -319,7 +333,7 @@ def run_classify(args) -> int:
         args.data,
         out_dir=args.out,
         test_path=args.test,
-        test_fraction=args.test_fraction,
+        test_fraction=0.1 if args.test_fraction is None else args.test_fraction,
         overrides=args.overrides,
         resume=args.resume,
         progress=False if args.no_progress else None,
