@@ -160,6 +160,12 @@ def add_eval(sub) -> None:
     p.add_argument("--chat", action="store_true", help="give generative tasks through the chat template")
     p.add_argument("--temperature", type=float, default=0.0, help="generative tasks: 0 is greedy")
     p.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="generative tasks: the most tokens generated per item (default: each task's max_new_tokens)",
+    )
     p.add_argument("--limit", type=int, default=None, help="first N items of each task")
     p.add_argument("--max-tokens", type=int, default=None, help="first N tokens of each text")
     p.add_argument("--seq-len", type=int, default=None, help="window for perplexity (default: the context)")
@@ -194,6 +200,7 @@ def run_eval(args) -> int:
         render_chat=None,  # --chat needs the model's template from lmforge.infer.chat (wired at merge)
         temperature=args.temperature,
         seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
     )
     for note in report.notes:
         print(note)
