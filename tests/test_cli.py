@@ -143,3 +143,31 @@ def test_os_errors_of_other_verbs_are_one_line_with_the_path_and_reason(tmp_path
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
     assert main(["plot", str(run), "--out", str(blocker / "loss.png")]) == 2
     assert one_line_error(capsys, "plot").startswith(f"{blocker}")
+
+
+def test_import_help_names_every_family_the_importer_reads(capsys):
+    from lmforge.errors import LMForgeError
+    from lmforge.model.hf import model_config_from_hf
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["import", "--help"])
+    assert exit_.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    listed = (
+        help_text.split("read a Hugging Face folder (")[1].split(")")[0].replace(" and ", ", ").split(", ")
+    )
+    assert listed == ["llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "gpt2"]
+
+    def refusal(model_type: str) -> str:  # what the importer says of a bare config.json of this type
+        try:
+            model_config_from_hf({"model_type": model_type})
+        except LMForgeError as exc:
+            return str(exc)
+        return ""
+
+    for model_type in listed:  # each listed family gets past the architecture check (to the missing fields)
+        assert "unsupported architecture" not in refusal(model_type), model_type
+    assert (
+        f"unsupported architecture 'falcon' (lmforge imports {', '.join(listed[:-1])} and gpt2)"
+        in refusal("falcon")
+    )
