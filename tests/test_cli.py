@@ -111,6 +111,18 @@ def one_line_error(capsys, verb: str) -> str:
     return captured.err.removeprefix(f"lmforge {verb}: error: ").strip()
 
 
+def test_gguf_export_without_gguf_is_one_line_with_the_extra_and_creates_nothing(
+    checkpoint, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now fails as if it were not installed
+    out = tmp_path / "new" / "folder" / "model.gguf"
+    assert main(["export", str(checkpoint), str(out), "--format", "gguf", "--no-verify"]) == 2
+    assert (
+        one_line_error(capsys, "export") == "GGUF export needs the gguf package: pip install 'lmforge[gguf]'"
+    )
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
 def test_export_to_an_unwritable_place_is_one_line_naming_the_path(checkpoint, capsys):
     assert main(["export", str(checkpoint), "/proc/x", "--no-verify"]) == 2
@@ -131,3 +143,31 @@ def test_os_errors_of_other_verbs_are_one_line_with_the_path_and_reason(tmp_path
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
     assert main(["plot", str(run), "--out", str(blocker / "loss.png")]) == 2
     assert one_line_error(capsys, "plot").startswith(f"{blocker}")
+
+
+def test_import_help_names_every_family_the_importer_reads(capsys):
+    from lmforge.errors import LMForgeError
+    from lmforge.model.hf import model_config_from_hf
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["import", "--help"])
+    assert exit_.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    listed = (
+        help_text.split("read a Hugging Face folder (")[1].split(")")[0].replace(" and ", ", ").split(", ")
+    )
+    assert listed == ["llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "gpt2"]
+
+    def refusal(model_type: str) -> str:  # what the importer says of a bare config.json of this type
+        try:
+            model_config_from_hf({"model_type": model_type})
+        except LMForgeError as exc:
+            return str(exc)
+        return ""
+
+    for model_type in listed:  # each listed family gets past the architecture check (to the missing fields)
+        assert "unsupported architecture" not in refusal(model_type), model_type
+    assert (
+        f"unsupported architecture 'falcon' (lmforge imports {', '.join(listed[:-1])} and gpt2)"
+        in refusal("falcon")
+    )

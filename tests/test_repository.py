@@ -1,4 +1,4 @@
-"""The repository itself: generated files stay out of it."""
+"""The repository itself: generated files stay out of it; the README names the extras pyproject.toml has."""
 
 from __future__ import annotations
 
@@ -18,3 +18,33 @@ def test_coverage_data_is_neither_tracked_nor_addable():
     assert ".coverage" not in tracked.split()
     ignored = subprocess.run(["git", "check-ignore", "-q", ".coverage"], cwd=ROOT)
     assert ignored.returncode == 0, ".coverage is not in .gitignore"
+
+
+def _extras() -> dict[str, list[str]]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "optional-dependencies"
+    ]
+
+
+def test_the_readme_lists_exactly_the_extras_of_pyproject():
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("Optional extras (", 1)[1].split("\n\n", 2)[1]  # the list after the lead line
+    listed = re.findall(r"^- `([a-z0-9_-]+)`: ", section, flags=re.MULTILINE)
+    assert len(listed) == len(section.strip().splitlines())  # every line of the list names one extra
+    extras = _extras()
+    assert sorted(listed) == sorted(extras)
+    installed = re.findall(r"(?:lmforge|\.)\[([a-z0-9_,-]+)\]", readme)  # pip install ".[dev]", 'lmforge[x]'
+    assert "dev" in installed and {n for group in installed for n in group.split(",")} <= set(extras)
+
+    # dev: "the above except llama-cpp-python and nvidia-ml-py"
+    def name(requirement: str) -> str:
+        return re.split(r"[<>=\[ ;]", requirement, maxsplit=1)[0]
+
+    others = {name(r) for extra, reqs in extras.items() if extra != "dev" for r in reqs}
+    assert others - {name(r) for r in extras["dev"]} == {"llama-cpp-python", "nvidia-ml-py"}

@@ -19,7 +19,7 @@ import torch
 from lmforge.checkpoint import TOKENIZER, load_model, save_checkpoint
 from lmforge.config import Config, TrainConfig
 from lmforge.errors import CheckpointError, ExportError
-from lmforge.files import write_text_atomic
+from lmforge.files import save_safetensors, write_text_atomic
 from lmforge.infer.chat import TOKENIZER_CONFIG, read_chat_template, read_tokenizer_config
 from lmforge.model.hf import (
     architecture_for,
@@ -98,8 +98,6 @@ def export_model(
     """Write a Hugging Face folder (model.safetensors, config.json, tokenizer, README.md) for a checkpoint
     or a run's newest valid checkpoint; verify it against ``transformers`` when installed. Atomic: the folder
     appears complete or not at all. ``format="gguf"`` writes one llama.cpp file instead (``export_gguf``)."""
-    from safetensors.torch import save_file
-
     if format == "gguf":
         return export_gguf(checkpoint_path, out_dir, verify=verify, dtype=dtype)
     if format != "hf":
@@ -129,7 +127,7 @@ def export_model(
             token_ids = write_tokenizer_files(ckpt_dir / TOKENIZER, tmp, cfg.max_seq_len, source)
         config_json = hf_config(cfg, token_ids=token_ids, dtype=dtype)
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2), encoding="utf-8")
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        save_safetensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
         run_dir = ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else None
         for card in ([run_dir / "MODEL_CARD.md"] if run_dir is not None else []) + [
             ckpt_dir / "MODEL_CARD.md"
@@ -161,6 +159,7 @@ def export_gguf(
         )
     if dtype not in gguf.DTYPES:
         raise ExportError(f"--dtype {dtype} is not one of {', '.join(gguf.DTYPES)}")
+    gguf.require_gguf()
     model, config, ckpt_dir = load_model(checkpoint_path)
     model = fold_mup(model.eval())  # muP's multipliers into the weights: a standard model, the same logits
     cfg = model.cfg
@@ -172,6 +171,7 @@ def export_gguf(
         vocab = gguf.gguf_vocab(tokenizer_json, ids, cfg.vocab_size, str(ckpt_dir / TOKENIZER))
         chat = read_chat_template(ckpt_dir)  # what the model was fine-tuned with, if it was
         template = chat.source if chat is not None else None
+    created = [p for p in (out_file.parent, *out_file.parent.parents) if not p.exists()]  # deepest first
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f"{out_file.name}.tmp-{os.getpid()}")
     try:
@@ -188,8 +188,14 @@ def export_gguf(
             gguf.verify_with_llama_cpp(model, tmp, dtype) if verify else (None, "not verified (--no-verify)")
         )
         os.replace(tmp, out_file)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        for folder in created:  # a failed export leaves no empty folders behind either
+            try:
+                folder.rmdir()
+            except OSError:  # something else was written there meanwhile: it stays
+                break
+        raise
     return ExportResult(
         out_dir=out_file, architecture=f"gguf {arch} {dtype}", max_abs_diff=diff, verify_note=note
     )

@@ -23,6 +23,32 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the process's umask. Read from /proc on Linux, since
+    setting the umask to learn it is process-wide; elsewhere set for a moment to 0o077, so a file another
+    thread creates meanwhile only comes out stricter."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def save_safetensors(state: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file``, with the file given the mode any other file gets: safetensors writes
+    through a private temporary file, so its files came out 0600 beside 0644 configs and tokenizers."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file(state, path, metadata=metadata)
+    path.chmod(default_file_mode())
+    return path
+
+
 def save_figure_atomic(fig, path: str | Path, dpi: int = 110) -> Path:
     """Write a matplotlib figure as a PNG at ``path`` through a temporary name (a reader never sees half a
     PNG), creating the folder, and close the figure."""

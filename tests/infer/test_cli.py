@@ -215,3 +215,43 @@ def test_open_generator_continues_like_a_greedy_loop_and_checks_sampling_first(c
             ids.append(int(loaded.model.eval()(torch.tensor([ids]))[0, -1].argmax()))
     expected = loaded.tokenizer.decode(ids[-5:])
     assert result.to_dict() == {"prompt": "to be", "text": expected, "tokens": 5, "finish_reason": "length"}
+
+
+def test_eval_max_new_tokens_sets_a_shipped_tasks_generation_length(checkpoint, tmp_path, capsys):
+    # squad ships with max_new_tokens: 32, the whole context of this 32-token model: without the option it
+    # cannot run here at all; with it, every prediction is the greedy continuation of that many tokens.
+    from lmforge.infer.loading import load_for_inference
+
+    (tmp_path / "eval").mkdir()
+    records = [
+        {"title": "T", "context": f"ctx {i}", "question": f"q{i}?", "answers": [f"a{i}"]} for i in range(4)
+    ]
+    (tmp_path / "eval" / "squad_v1.1_dev_500.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records)
+    )
+    argv = ["eval", str(checkpoint), "--task", "squad", "--data-dir", str(tmp_path), *CPU]
+    assert main(argv) == 2
+    assert "max_new_tokens=32 leaves no room for a prompt" in capsys.readouterr().err
+    assert main([*argv, "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens 0: must be at least 1" in capsys.readouterr().err
+    out = tmp_path / "results.json"
+    assert main([*argv, "--max-new-tokens", "5", "--out", str(out)]) == 0
+    task = json.loads(out.read_text())["tasks"]["squad"]
+    assert task["config"]["max_new_tokens"] == 5
+    loaded = load_for_inference(checkpoint, device=torch.device("cpu"))
+    tok = loaded.tokenizer
+
+    def greedy(
+        ids: list[int], steps: int
+    ) -> str:  # a plain greedy loop, cut at end-of-text and the stop "\n"
+        new = []
+        with torch.no_grad():
+            for _ in range(steps):
+                new.append(int(loaded.model(torch.tensor([ids + new]))[0, -1].argmax()))
+        if tok.eot_id in new:
+            new = new[: new.index(tok.eot_id)]
+        return tok.decode(new).split("\n")[0]
+
+    prompts = [tok.encode(sample["prompt"]) for sample in task["samples"]]
+    assert [s["prediction"] for s in task["samples"]] == [greedy(ids, 5) for ids in prompts]
+    assert [s["prediction"] for s in task["samples"]] != [greedy(ids, 6) for ids in prompts]  # 5 did cut

@@ -248,6 +248,22 @@ def test_refusals_name_the_switch(tmp_path):
     assert not list(tmp_path.glob("*.gguf*"))  # nothing half-written left behind
 
 
+def test_a_failed_write_removes_the_folders_it_created(tmp_path, monkeypatch):
+    _, run = make_run(tmp_path / "run", tiny(300), None)
+    (tmp_path / "kept").mkdir()
+
+    def fail(path, *args, **kwargs):
+        Path(path).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lmgguf, "write_gguf", fail)
+    with pytest.raises(OSError, match="No space left"):
+        convert.export_model(
+            run, tmp_path / "kept" / "new" / "deeper" / "m.gguf", format="gguf", verify=False
+        )
+    assert list((tmp_path / "kept").iterdir()) == []  # the folder that was there stays, the new ones went
+
+
 def test_cli_export_gguf(tmp_path, capsys):
     tokenizer = bpe_tokenizer(tmp_path)
     _, run = make_run(tmp_path, tiny(330), tokenizer)

@@ -232,3 +232,40 @@ def test_a_weighted_mixture_of_prepared_folders_trains(prepared, tmp_path, capsy
 def test_no_training_data_is_named(tmp_path, capsys):
     assert main(["train", "data.sources=[]", f"train.out_dir={tmp_path / 'run'}", "--no-progress"]) == 2
     assert "no training data: set data.sources" in capsys.readouterr().err
+
+
+def test_first_run_preparation_prints_a_few_plain_lines_without_a_terminal(tmp_path, capsys):
+    # The demo prepares its data on the first run; with output to a file or pipe (no progress bar) it used to
+    # print nothing for minutes. Now: a few plain lines, whose figures are the prepared folder's own.
+    from lmforge.config import config_from_dict
+    from lmforge.distributed.parallelize import World
+    from lmforge.train.data import resolve_data
+
+    for i in range(6):
+        (tmp_path / f"doc{i}.txt").write_text(f"to be or not to be, line {i}\n" * (20 + i), encoding="utf-8")
+    (tmp_path / "doc6.txt").write_text("short", encoding="utf-8")  # under data.min_chars: dropped
+    cfg = config_from_dict(
+        {
+            "data": {
+                "sources": [str(tmp_path / "*.txt")],
+                "tokenizer": "bpe",
+                "vocab_size": 300,
+                "min_chars": 20,
+            }
+        }
+    )
+    world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    data = resolve_data(cfg, loader=None, world=world, cache_dir=tmp_path / "cache", progress=None)
+    lines = capsys.readouterr().err.splitlines()  # capsys's stderr is not a terminal
+    folder = Path(next(iter(data.datasets)))
+    meta = json.loads((folder / "meta.json").read_text())
+    report = json.loads((folder / "report.json").read_text())
+    assert len(lines) == 4 and all(line.startswith("data: ") for line in lines)
+    assert lines[0] == f"data: preparing {tmp_path / '*.txt'} into {folder} (once: later runs reuse it)"
+    read, kept = report["stages"]["read"]["docs_in"], report["stages"]["near_dedup"]["docs_out"]
+    assert (read, kept, meta["documents"]) == (7, 6, 6)
+    assert lines[1] == "data: cleaned 7 documents, kept 6"
+    assert lines[2] == f"data: trained a bpe tokenizer of {meta['vocab_size']} tokens"
+    assert lines[3].startswith(f"data: prepared 6 documents, {meta['tokens']:,} tokens in ")
+    resolve_data(cfg, loader=None, world=world, cache_dir=tmp_path / "cache", progress=None)
+    assert capsys.readouterr().err == ""  # prepared already: nothing to say

@@ -152,3 +152,21 @@ def test_the_prune_command_writes_a_smaller_sparse_checkpoint_with_its_report(
     assert main(["prune", str(base_checkpoint), str(tmp_path / "none"), "--sparsity", "1.0"]) == 2
     assert "sparsity=1.0 must be in [0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("task", ["dpo", "simpo", "orpo", "sft"])
+def test_test_file_options_are_refused_outside_classify(tmp_path, capsys, task):
+    # `--task dpo --test FILE` used to be accepted and ignored: the user believed the pairs were scored.
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    out = tmp_path / "out"
+    argv = ["finetune", str(tmp_path / "no-base"), str(pairs), "--out", str(out), "--task", task]
+    assert main([*argv, "--test", str(pairs)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"lmforge finetune: error: --test only applies to --task classify; --task {task} holds out "
+        "--val-fraction of DATA (now 0.05) instead\n"
+    )
+    assert main([*argv, "--test", str(pairs), "--test-fraction", "0.2", "--val-fraction", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "--test and --test-fraction only apply to --task classify" in err and "(now 0.1)" in err
+    assert not out.exists()

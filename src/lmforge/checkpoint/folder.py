@@ -26,6 +26,7 @@ from typing import Any
 
 from lmforge.config import Config, ModelConfig, config_from_dict, load_yaml, save_config
 from lmforge.errors import CheckpointError
+from lmforge.files import save_safetensors
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -86,7 +87,6 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint folder atomically and return its path. ``extra_files`` maps name -> text content."""
     import torch
-    from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_file(model_state_for_saving(model_state, config.model.tie_embeddings), tmp / WEIGHTS)
+        save_safetensors(model_state_for_saving(model_state, config.model.tie_embeddings), tmp / WEIGHTS)
         save_config(config, tmp / CONFIG)
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)

@@ -107,7 +107,10 @@ def run_export(args) -> int:
 
 
 def add_import(sub) -> None:
-    p = sub.add_parser("import", help="read a Hugging Face Llama or GPT-2 folder into an lmforge checkpoint")
+    from lmforge.model.hf_families import family_list
+
+    about = f"read a Hugging Face folder ({family_list()}) into an lmforge checkpoint"
+    p = sub.add_parser("import", help=about, description=about)
     p.add_argument("hf_dir", help="a folder with config.json and *.safetensors (or pytorch_model.bin)")
     p.add_argument("out", help="the lmforge checkpoint folder to write")
 

@@ -160,6 +160,12 @@ def add_eval(sub) -> None:
     p.add_argument("--chat", action="store_true", help="give generative tasks through the chat template")
     p.add_argument("--temperature", type=float, default=0.0, help="generative tasks: 0 is greedy")
     p.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="generative tasks: the most tokens generated per item (default: each task's max_new_tokens)",
+    )
     p.add_argument("--limit", type=int, default=None, help="first N items of each task")
     p.add_argument("--max-tokens", type=int, default=None, help="first N tokens of each text")
     p.add_argument("--seq-len", type=int, default=None, help="window for perplexity (default: the context)")
@@ -194,6 +200,7 @@ def run_eval(args) -> int:
         render_chat=None,  # --chat needs the model's template from lmforge.infer.chat (wired at merge)
         temperature=args.temperature,
         seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
     )
     for note in report.notes:
         print(note)
@@ -234,7 +241,9 @@ def add_finetune(sub) -> None:
     p.add_argument("--keep-sparsity", action="store_true", help="keep pruned (zero) weights at zero")
     p.add_argument("--export-hf", default=None, help="also write the merged model as a Hugging Face folder")
     p.add_argument("--test", default=None, help="classify: a labelled test file (default: a held-out split)")
-    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument(
+        "--test-fraction", type=float, default=None, help="classify: the held-out split without --test (0.1)"
+    )
     p.add_argument("--beta", type=float, default=None, help="dpo/simpo: default 0.1 (DPO), 2.0 (SimPO)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="dpo: label-flip probability (cDPO)")
     p.add_argument("--gamma", type=float, default=0.5, help="simpo: target reward margin")
@@ -250,6 +259,18 @@ def add_finetune(sub) -> None:
 
 
 def run_finetune(args) -> int:
+    from lmforge.errors import ConfigError
+
+    given = [
+        flag
+        for flag, value in (("--test", args.test), ("--test-fraction", args.test_fraction))
+        if value is not None
+    ]
+    if given and args.task != "classify":  # refused, not ignored: only a classifier is scored on a test set
+        raise ConfigError(
+            f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} to --task classify; --task {args.task} holds out "
+            f"--val-fraction of DATA (now {args.val_fraction}) instead"
+        )
     if args.task in ("dpo", "simpo", "orpo"):
         return run_preference(args)
     return run_classify(args) if args.task == "classify" else run_sft(args)
@@ -319,7 +340,7 @@ def run_classify(args) -> int:
         args.data,
         out_dir=args.out,
         test_path=args.test,
-        test_fraction=args.test_fraction,
+        test_fraction=0.1 if args.test_fraction is None else args.test_fraction,
         overrides=args.overrides,
         resume=args.resume,
         progress=False if args.no_progress else None,

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import shutil
 import struct
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -54,6 +56,8 @@ from lmforge.data.tokenizer import (
 from lmforge.errors import DataError
 from lmforge.files import write_text_atomic
 
+# A few lines per preparation (start, cleaned, tokenizer, done): what a run without a progress bar shows.
+log = logging.getLogger(__name__)
 FORMAT = "lmforge-shards-v1"
 CHUNK_DOCS = 256  # at most this many documents per task sent to a worker
 CHUNK_CHARS = 100_000  # or this many characters: small tasks keep every worker busy to the end
@@ -125,6 +129,9 @@ def prepare_data(
         return meta
     if not sources:
         raise DataError("no data sources given (pass files, folders or globs, or set data.sources)")
+    started = time.perf_counter()
+    named = sources[0] + (f" and {len(sources) - 1} more" if len(sources) > 1 else "")
+    log.info(f"data: preparing {named} into {out} (once: later runs reuse it)")
     out.mkdir(parents=True, exist_ok=True)
     if (out / "recipe.json").exists():
         old = read_json(out / "recipe.json")
@@ -164,6 +171,10 @@ def prepare_data(
     for name in ("kept.bin", "progress.json", "staged.json", "recipe.json"):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "work", ignore_errors=True)
+    log.info(
+        f"data: prepared {meta['documents']:,} documents, {meta['tokens']:,} tokens "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
     return meta
 
 
@@ -204,6 +215,7 @@ def _prepare_stream(
             else:
                 sample = iter_sample((text for _, text in _kept(out)), cfg.tokenizer_train_chars)
                 tokenizer = train_tokenizer(cfg.tokenizer, sample, cfg.vocab_size)
+                log.info(f"data: trained a {cfg.tokenizer} tokenizer of {tokenizer.vocab_size:,} tokens")
             tokenizer.save(out / "tokenizer.json")
         tokenizer = load_tokenizer(out / "tokenizer.json")
         head = iter_sample((text for _, text in _kept(out)), TIKTOKEN_SAMPLE_CHARS)
@@ -340,6 +352,7 @@ def _stage_documents(
     cleaner = Cleaner(cfg)
     counts = {"train": 0, "val": 0}
     lowest = (2.0, -1)  # the lowest split score and its document index: val's member of last resort
+    read = 0
     tmp = out / "kept.bin.tmp"
     docs = read_documents(
         paths, text_field=cfg.text_field, chunk_chars=cfg.text_chunk_chars, stats=stats, strict=strict
@@ -350,6 +363,7 @@ def _stage_documents(
     ):
         for doc in docs:
             bar.update(1)
+            read += 1
             kept = cleaner(doc.text)
             if kept is None:
                 continue
@@ -372,6 +386,7 @@ def _stage_documents(
     forced_val = lowest[1] if cfg.val_fraction > 0 and counts["val"] == 0 and kept_docs >= 2 else None
     os.replace(tmp, out / "kept.bin")
     write_json(out / "staged.json", {"counts": counts, "forced_val": forced_val})
+    log.info(f"data: cleaned {read:,} documents, kept {kept_docs:,}")
 
 
 def _kept(out: Path, forced_val: int | None = None) -> Iterator[tuple[str, str]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
 from lmforge.infer.evaluate import (
     evaluate_choice_task,
     score_file,
@@ -137,13 +137,14 @@ def evaluate_model(
     encode_chat=None,
     temperature: float = 0.0,
     seed: int = 0,
+    max_new_tokens: int | None = None,
 ) -> EvalReport:
     """Open ``model`` (an lmforge run/checkpoint or a Hugging Face folder) and score: perplexity and bits per
     byte of each text file and of the val split of each prepared folder, accuracy on each multiple-choice
     task (first ``limit`` items). A task is a multiple-choice JSONL file, the name of a shipped task spec
     (its data under ``data_dir``) or the path of a spec (``lmforge.infer.tasks``): generative tasks are scored
     with their reference metrics, ``num_fewshot`` examples each, through ``render_chat`` (messages -> prompt)
-    when ``chat``. Every input is checked before the weights are loaded. (Long by choice: one pass over
+    when ``chat``, generating at most ``max_new_tokens`` (default: each spec's). Every input is checked before the weights are loaded. (Long by choice: one pass over
     each kind of input, in the order the report lists them.)"""
     from lmforge.infer.loading import load_for_inference
     from lmforge.infer.tasks import TaskOptions, resolve_task, run_task
@@ -153,6 +154,8 @@ def evaluate_model(
         raise DataError(
             "nothing to evaluate: give --text FILE, --data PREPARED_DIR and/or --task NAME|SPEC|FILE"
         )
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     choice_files = [t for t in tasks if str(t).endswith(".jsonl")]
     specs = [resolve_task(t, data_dir) for t in tasks if not str(t).endswith(".jsonl")]
     missing = [p for p in [*texts, *choice_files, *(s.data for s in specs)] if not Path(p).is_file()]
@@ -190,6 +193,7 @@ def evaluate_model(
         batch_size=batch_size,
         temperature=temperature,
         seed=seed,
+        max_new_tokens=max_new_tokens,
     )
     ran: dict[str, dict] = {}
     for spec in specs:
@@ -207,7 +211,8 @@ def evaluate_model(
         if done.metrics.get("truncated"):
             notes.append(f"{spec.name}: {done.metrics['truncated']} prompts were cut to fit the context")
     config = {"limit": limit, "batch_size": batch_size, "num_fewshot": num_fewshot, "chat": chat,
-              "temperature": temperature, "seed": seed, "device": str(device)}  # fmt: skip
+              "temperature": temperature, "seed": seed, "max_new_tokens": max_new_tokens,
+              "device": str(device)}  # fmt: skip
     return EvalReport(
         model=str(loaded.directory),
         results=results,

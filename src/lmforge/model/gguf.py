@@ -211,6 +211,18 @@ def gguf_vocab(
     return GGUFVocab(tokens=tokens, token_types=token_types, merges=merges, special_ids=special_ids)
 
 
+INSTALL_HINT = "pip install 'lmforge[gguf]'"
+
+
+def require_gguf() -> None:
+    """An ExportError with the install hint when the ``gguf`` package (the writer) is missing, so that an
+    export fails before it reads a checkpoint or creates a folder."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ExportError(f"GGUF export needs the gguf package: {INSTALL_HINT}") from None
+
+
 # -- writing -----------------------------------------------------------------------------------------------
 
 
@@ -380,7 +392,7 @@ def verify_with_llama_cpp(model: torch.nn.Module, path: Path, dtype: str) -> tup
     try:
         import llama_cpp
     except ImportError:
-        return None, "not verified: llama-cpp-python is not installed (pip install 'lmforge[gguf]')"
+        return None, f"not verified: llama-cpp-python is not installed ({INSTALL_HINT})"
     generator = torch.Generator().manual_seed(0)
     length = min(16, max(1, model.cfg.max_seq_len - VERIFY_NEW_TOKENS))
     prompt = torch.randint(0, model.cfg.vocab_size, (length,), generator=generator).tolist()

@@ -25,11 +25,20 @@ import torch
 
 from lmforge.config import ModelConfig, build
 from lmforge.errors import CheckpointError, ConfigError, ExportError
-from lmforge.model.hf_moe import (
+from lmforge.model.hf_families import (
+    GPT2,
+    LLAMA,
+    MISTRAL,
     MIXTRAL,
+    MODEL_TYPES,
     MOE_ARCHITECTURES,
+    QWEN2,
     QWEN2_MOE,
+    QWEN3,
     QWEN3_MOE,
+    family_list,
+)
+from lmforge.model.hf_moe import (
     from_hub_experts,
     moe_architecture,
     moe_config,
@@ -40,21 +49,6 @@ from lmforge.model.hf_moe import (
 from lmforge.model.mup import fold_mup
 from lmforge.model.transformer import Transformer
 
-LLAMA = "LlamaForCausalLM"
-QWEN2 = "Qwen2ForCausalLM"
-QWEN3 = "Qwen3ForCausalLM"
-MISTRAL = "MistralForCausalLM"
-MODEL_TYPES = {
-    LLAMA: "llama",
-    QWEN2: "qwen2",
-    QWEN3: "qwen3",
-    MISTRAL: "mistral",
-    MIXTRAL: "mixtral",
-    QWEN2_MOE: "qwen2_moe",
-    QWEN3_MOE: "qwen3_moe",
-    "GPT2LMHeadModel": "gpt2",
-}
-GPT2 = "GPT2LMHeadModel"
 VERIFY_TOLERANCE = 1e-3  # max |logits difference| accepted by export's self-check (fp32)
 
 
@@ -462,8 +456,7 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         )
     else:
         raise ExportError(
-            f"{where}: unsupported architecture {model_type!r} (lmforge imports llama, qwen2, qwen3, mistral, "
-            "mixtral, qwen2_moe, qwen3_moe and gpt2)"
+            f"{where}: unsupported architecture {model_type!r} (lmforge imports {family_list()})"
         )
     fields["init_std"] = float(hf.get("initializer_range", 0.02))
     try:

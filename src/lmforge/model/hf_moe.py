@@ -13,11 +13,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointError
-
-MIXTRAL = "MixtralForCausalLM"
-QWEN2_MOE = "Qwen2MoeForCausalLM"
-QWEN3_MOE = "Qwen3MoeForCausalLM"
-MOE_ARCHITECTURES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE)
+from lmforge.model.hf_families import MIXTRAL, MOE_ARCHITECTURES, QWEN2_MOE, QWEN3_MOE
 
 # The Hub's checkpoints (and transformers 4) hold one tensor per expert: (gate, up, down) names per family,
 # and the router's name, relative to ``model.layers.{i}.``.

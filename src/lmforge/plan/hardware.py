@@ -376,24 +376,35 @@ def measure_matmul_flops(
     return 2 * size**3 / best
 
 
+# No CPU thread multiplies faster than this (AMX bf16 on a 3.5 GHz Sapphire Rapids core: ~7 TFLOP/s; Apple's
+# AMX fp32: ~2 TFLOP/s). A cached peak above threads x this was not measured on this machine: it is dropped.
+CPU_MAX_FLOPS_PER_THREAD = 10e12
+
+
 def cpu_peak_flops(precision: str, cache_dir: str | Path | None) -> float:
     """The CPU's matmul peak for ``precision``: measured at every call (at most about a second) and kept in a
-    JSON cache per (CPU, threads, torch) as the best measurement so far. Other processes on the same cores
-    can only make a measurement too low, so a peak measured once on a busy machine would report MFU above
-    100% for ever after; the best one seen is the peak."""
+    JSON cache per (CPU, usable cores, threads, torch) as the best measurement so far. Other processes on the
+    same cores can only make a measurement too low, so a peak measured once on a busy machine would report
+    MFU above 100% for ever after; the best one seen is the peak. A cached value no CPU thread could reach
+    (or not a number) is replaced by this measurement."""
     import torch
 
-    key = f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{precision}"
+    threads = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    key = f"{cpu_name()}|cores={cores}|threads={threads}|torch={torch.__version__}|{precision}"
     path = Path(cache_dir) / "cpu_peak.json" if cache_dir is not None else None
-    table: dict[str, float] = {}
+    table: dict = {}
     if path is not None and path.is_file():
         try:
             table = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             table = {}
-    cached = float(table.get(key, 0.0))
-    peak = max(cached, measure_matmul_flops(precision))
-    if path is not None and peak > cached:
+    if not isinstance(table, dict):
+        table = {}
+    cached = table.get(key)
+    plausible = isinstance(cached, (int, float)) and 0 < cached <= threads * CPU_MAX_FLOPS_PER_THREAD
+    peak = max(float(cached) if plausible else 0.0, measure_matmul_flops(precision))
+    if path is not None and peak != cached:
         table[key] = peak
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -401,6 +412,14 @@ def cpu_peak_flops(precision: str, cache_dir: str | Path | None) -> float:
         except OSError:  # a read-only cache only costs the best-so-far
             pass
     return peak
+
+
+def model_flops_utilisation(achieved_flops: float, peak: float | None) -> float | None:
+    """MFU: achieved / peak FLOP/s, or None where no peak is known or the achieved rate exceeds it (the
+    peak was then measured too low, and a utilisation above 100% would be a wrong number, not a result)."""
+    if not peak or achieved_flops > peak:
+        return None
+    return achieved_flops / peak
 
 
 def peak_flops(device, precision: str, cache_dir: str | Path | None) -> float | None:

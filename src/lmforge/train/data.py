@@ -18,6 +18,7 @@ from lmforge.config import Config, ModelConfig
 from lmforge.data.storage import is_remote
 from lmforge.errors import ConfigError, DataError
 from lmforge.model.info import count_params
+from lmforge.train.metrics import plain_log_lines
 
 # ``{stdlib}`` in data.sources stands for the running interpreter's standard library (the demo's corpus).
 PLACEHOLDERS = {"stdlib": sysconfig.get_paths()["stdlib"]}
@@ -131,9 +132,9 @@ def prepared_datasets(cfg: Config, *, world, cache_dir: str | Path | None, progr
                 f"data.prepared={str(out)!r} is not a prepared folder (no meta.json) and data.sources is empty"
             )
         if world.is_main:
-            prepare_data(
-                cfg.data, sources, out, progress=sys.stderr.isatty() if progress is None else progress
-            )
+            bar = sys.stderr.isatty() if progress is None else progress
+            with plain_log_lines(None if bar else sys.stderr):  # no bar: a few plain lines instead
+                prepare_data(cfg.data, sources, out, progress=bar)
         if world.distributed:
             dist.barrier()
     return {str(out): 1.0}, sources

@@ -28,6 +28,7 @@ from lmforge.distributed.parallelize import World, clip_grad_norm_, unwrap
 from lmforge.errors import TrainingError
 from lmforge.files import write_text_atomic
 from lmforge.model.moe import moe_layers, router_loss
+from lmforge.plan.hardware import model_flops_utilisation
 from lmforge.train.card import model_card
 from lmforge.train.experts import ExpertLoad
 from lmforge.train.guards import BadStepGuard, SpikeDetector, StopSignals
@@ -311,7 +312,7 @@ def log_step(run: Run, state: LoopState, values: dict[str, float], interval: tup
             **values,
             "tokens": state.tokens,
             "tokens_per_s": tokens_per_s,
-            "mfu": achieved / run.peak_flops if run.peak_flops else None,
+            "mfu": model_flops_utilisation(achieved, run.peak_flops),
             "memory_gb": memory_gb(run.device),
             "skipped_steps": state.bad.total,
             **measure_energy(run, state),

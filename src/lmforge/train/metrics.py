@@ -15,7 +15,8 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -28,6 +29,29 @@ LOGGER_NAME = "lmforge"
 def get_logger() -> logging.Logger:
     """lmforge's logger. ``RunLogger`` attaches a handler on rank 0; elsewhere it has none (silent)."""
     return logging.getLogger(LOGGER_NAME)
+
+
+@contextmanager
+def plain_log_lines(stream: TextIO | None) -> Iterator[None]:
+    """lmforge's INFO lines as plain text on ``stream`` while the block runs (None: no change), for work
+    before a run's ``RunLogger`` exists (preparing its data on the first run). Nothing is added where a
+    handler already writes to ``stream``."""
+    logger = get_logger()
+    if stream is None or any(getattr(h, "stream", None) is stream for h in logger.handlers):
+        yield
+        return
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 class _TqdmSafeHandler(logging.StreamHandler):
