@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the dev extra brings tomli
+    import tomli as tomllib
 
 from tests.conftest import missing
 
@@ -21,10 +27,6 @@ def test_coverage_data_is_neither_tracked_nor_addable():
 
 
 def _extras() -> dict[str, list[str]]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        tomllib = pytest.importorskip("tomli")
     return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
         "optional-dependencies"
     ]
