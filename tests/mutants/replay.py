@@ -150,7 +150,8 @@ def copy_tree(dest: Path) -> Path:
     return repo
 
 
-FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
+FAILED = re.compile(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", re.M)  # ids may hold spaces (parameters)
+NOT_RUN = (4, 5)  # pytest: usage error (a test id that names nothing), no tests collected: never a kill
 
 
 def run_tests(repo: Path, targets: list[str], timeout: float) -> tuple[bool, str]:
@@ -163,6 +164,10 @@ def run_tests(repo: Path, targets: list[str], timeout: float) -> tuple[bool, str
         return False, f"timeout after {timeout:.0f} s"
     if done.returncode == 0:
         return True, ""
+    if done.returncode in NOT_RUN:
+        raise RuntimeError(
+            f"pytest ran nothing for {targets} (exit {done.returncode}): {done.stdout.strip()[-300:]}"
+        )
     hit = FAILED.search(done.stdout)
     return False, hit.group(1) if hit else f"pytest exit {done.returncode}: {done.stdout.strip()[-300:]}"
 
