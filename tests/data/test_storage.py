@@ -92,7 +92,10 @@ def test_retries_counts_the_tries_after_the_first(sleeps):
 
 
 class NoCredentialsError(Exception):
-    """Named like botocore's: told apart by its name, as botocore is not imported here."""
+    """Stands for botocore's (same name and module): an error of a network package, yet permanent."""
+
+
+NoCredentialsError.__module__ = "botocore.exceptions"
 
 
 @pytest.mark.parametrize(
