@@ -134,6 +134,15 @@ def test_a_finished_trial_is_recorded_with_its_state_reason_and_curve(tmp_path):
         late.report(value, step)
     study.tell(late, state=optuna.trial.TrialState.PRUNED)
     assert row_of(study.trials[-1]).value == 2.0
+    # a trial failed after reporting (its worker stopped sending heartbeats): Optuna keeps no value, the row
+    # shows the one at its last step
+    lost = study.ask()
+    for step, value in ((4, 2.5), (2, 3.5), (6, 2.25), (1, 5.0)):
+        lost.report(value, step)
+    study.tell(lost, state=optuna.trial.TrialState.FAIL)
+    row = row_of(study.trials[-1])
+    assert study.trials[-1].value is None and (row.state, row.value) == ("FAIL", 2.25)
+    assert row.reason == "its worker stopped sending heartbeats" and row.curve[0] == (1, 5.0)
 
 
 def test_a_trial_folder_left_by_another_study_is_not_reused(tmp_path):
