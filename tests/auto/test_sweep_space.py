@@ -57,6 +57,41 @@ def test_drawn_values_stay_in_bounds_and_apply_to_the_config():
     assert base == {"model": {"preset": "tiny"}, "train": {"steps": 10}}  # with_values copied, never mutated
 
 
+def test_each_kind_is_drawn_from_the_matching_optuna_distribution():
+    """What Optuna records for each drawn parameter: the bounds, the step and the log scale of the entry."""
+    space = parse_space(
+        [
+            "train.lr=loguniform(1e-4,3e-2)",
+            "train.weight_decay=uniform(0,0.2)",
+            "train.warmup_steps=int(0,500,50)",
+            "train.micro_batch=logint(4,64)",
+            "model.n_layers=choice(2,4,8)",
+        ]
+    )
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    for p in space:
+        p.suggest(trial)
+    D = optuna.distributions
+    assert trial.distributions == {
+        "train.lr": D.FloatDistribution(1e-4, 3e-2, log=True),
+        "train.weight_decay": D.FloatDistribution(0.0, 0.2, log=False),
+        "train.warmup_steps": D.IntDistribution(0, 500, step=50),
+        "train.micro_batch": D.IntDistribution(4, 64, log=True),
+        "model.n_layers": D.CategoricalDistribution((2, 4, 8)),
+    }
+
+
+def test_with_values_copies_every_section_it_sets_below():
+    base = {"model": {"preset": "tiny", "moe": {"n_experts": 4}}, "train": {"lr": 0.1}}
+    out = with_values(base, {"model.moe.top_k": 2, "train.lr": 0.2, "eval.every": 5})
+    assert out == {
+        "model": {"preset": "tiny", "moe": {"n_experts": 4, "top_k": 2}},
+        "train": {"lr": 0.2},
+        "eval": {"every": 5},
+    }
+    assert base == {"model": {"preset": "tiny", "moe": {"n_experts": 4}}, "train": {"lr": 0.1}}
+
+
 @pytest.mark.parametrize(
     ("entry", "expected"),
     [
@@ -76,6 +111,12 @@ def test_drawn_values_stay_in_bounds_and_apply_to_the_config():
         ("train.out_dir=choice(a,b)", ["set by the sweep"]),
         ("train.lr 1e-3", ["expected KEY=KIND(ARGS)"]),
         ("train.lr.x=uniform(0,1)", ["has no keys below it"]),
+        ("train.lr=uniform(0.1,0.1)", ["lower bound 0.1 must be below the upper 0.1"]),
+        ("train.lr=uniform(0,1,2)", ["takes uniform(a,b)", "3 value"]),
+        ("train.micro_batch=logint(4,64,2)", ["takes logint(a,b)", "3 value"]),
+        ("train.warmup_steps=int(0,10,0)", ["step must be a whole number >= 1"]),
+        ("train.warmup_steps=loguniform(1,100)", ["is an integer", "logint(a,b)"]),
+        ("train.lr=uniform(0,inf)", ["'inf' is not a finite number"]),
     ],
 )
 def test_bad_entries_name_the_entry_and_the_fix(entry, expected):

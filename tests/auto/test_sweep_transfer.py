@@ -35,8 +35,19 @@ def test_grouped_query_heads_keep_their_grouping_and_an_explicit_base_width_is_k
 
 
 def test_moe_expert_widths_scale_with_the_model():
-    tuned = {"model": {"preset": "tiny", "mup": True, "moe": {"n_experts": 4, "expert_hidden": 96}}}
-    assert config_from_dict(transfer_config(tuned, 256)).model.moe.expert_hidden == 192
+    moe = {"n_experts": 4, "expert_hidden": 96, "shared_expert_hidden": 40}
+    tuned = {"model": {"preset": "tiny", "mup": True, "moe": moe}}
+    out = config_from_dict(transfer_config(tuned, 256)).model.moe
+    assert (out.expert_hidden, out.shared_expert_hidden) == (192, 80)
+
+
+def test_widths_of_a_fractional_scale_are_rounded_to_the_nearest():
+    # 96 -> 128 is a scale of 4/3: ffn 101 -> 134.67 -> 135, experts 50 -> 66.67 -> 67, 20 -> 26.67 -> 27
+    moe = {"n_experts": 2, "expert_hidden": 50, "shared_expert_hidden": 20}
+    tuned = {"model": {"d_model": 96, "n_heads": 6, "ffn_hidden": 101, "mup": True, "moe": moe}}
+    out = config_from_dict(transfer_config(tuned, 128)).model
+    assert (out.d_model, out.n_heads, out.ffn_hidden) == (128, 8, 135)
+    assert (out.moe.expert_hidden, out.moe.shared_expert_hidden) == (67, 27)
 
 
 @pytest.mark.parametrize(
@@ -44,6 +55,8 @@ def test_moe_expert_widths_scale_with_the_model():
     [
         ({"model": {"preset": "tiny"}}, 512, "needs model.mup=true"),
         (TUNED, 500, "not a multiple of the head dimension 32"),
+        (TUNED, 0, "--transfer-width=0 must be >= 1"),
+        (TUNED, -64, "--transfer-width=-64 must be >= 1"),
         (
             {"model": {"d_model": 96, "n_heads": 6, "n_kv_heads": 2, "mup": True}},
             64,

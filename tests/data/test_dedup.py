@@ -87,3 +87,61 @@ def test_band_index_decides_like_datasketch_lsh(shared):
         lsh.insert(str(n), minhash)
     assert ours == theirs
     assert sum(ours[-20:]) == 20 and sum(ours[:-20]) == 0
+
+
+def test_shingles_are_the_lowercased_whitespace_collapsed_character_5_grams():
+    text = "The  quick brown\nFox jumps over\tthe lazy dog"
+    norm = "the quick brown fox jumps over the lazy dog"
+    grams = [norm[i : i + 5] for i in range(len(norm) - 4)]
+    hashes = shingle_hashes(text)
+    assert len(hashes) == len(grams)  # every 5-gram, the last one included, repeats kept
+    inner = [i for i, g in enumerate(grams) if g == g.strip()]  # (alone, a gram's edge spaces would go)
+    assert len(inner) > 20
+    assert [int(hashes[i]) for i in inner] == [int(shingle_hashes(grams[i])[0]) for i in inner]
+    assert len(set(hashes.tolist())) == len(set(grams))  # distinct 5-grams, distinct hashes here
+    assert np.array_equal(MinHasher().signature(text), MinHasher().signature(norm))
+
+
+def test_signatures_estimate_the_jaccard_similarity_of_the_5_gram_sets(shared):
+    text = (shared / "en" / "pg132_art_of_war.txt").read_text(encoding="utf-8")[:3000]
+    rng = random.Random(1)
+    hasher = MinHasher()
+    for edits in (30, 150, 600):
+        chars = list(text)
+        for _ in range(edits):
+            chars[rng.randrange(len(chars))] = rng.choice("#@%")
+        other = "".join(chars)
+        a, b = (" ".join(t.lower().split()) for t in (text, other))
+        a, b = ({t[i : i + 5] for i in range(len(t) - 4)} for t in (a, b))
+        exact = len(a & b) / len(a | b)
+        estimate = float(np.mean(hasher.signature(text) == hasher.signature(other)))
+        sigma = (exact * (1 - exact) / 128) ** 0.5  # the standard error of 128 permutations
+        assert abs(estimate - exact) < 4 * sigma + 0.01, (edits, estimate, exact)
+
+
+def test_band_keys_of_different_bands_never_meet():
+    """Band 0 of one document equal to band 1 of another is no shared bucket (datasketch keeps one table
+    per band); equal bands at the same index are."""
+    bands, rows = 4, 3
+    first = np.arange(12, dtype=np.uint32)
+    second = np.arange(100, 112, dtype=np.uint32)
+    second[rows : 2 * rows] = first[:rows]  # its band 1 holds the values of the first's band 0
+    a, b = band_keys(first, bands, rows), band_keys(second, bands, rows)
+    assert len(set(a.tolist())) == bands and not set(a.tolist()) & set(b.tolist())
+    third = second.copy()
+    third[2 * rows : 3 * rows] = first[2 * rows : 3 * rows]  # band 2 equal at the same index
+    assert set(band_keys(third, bands, rows).tolist()) & set(a.tolist()) == {int(a[2])}
+    index = BandIndex()
+    assert [index.seen(k) for k in (a, b, band_keys(third, bands, rows))] == [False, False, True]
+
+
+def test_a_removed_document_still_marks_its_buckets():
+    """Every document is inserted, removed or not: C shares a bucket only with B, which went because it
+    shares one with A; C goes too (the partitioned rule: C is a later member of B's bucket)."""
+    index = BandIndex()
+    a, b, c = (np.array(keys, dtype=np.uint64) for keys in ([1, 2], [2, 3], [3, 4]))
+    assert [index.seen(a), index.seen(b), index.seen(c)] == [False, True, True]
+    edges = bucket_edges(
+        np.array([1, 2, 2, 3, 3, 4], dtype=np.uint64), np.array([0, 0, 1, 1, 2, 2], dtype=np.uint64)
+    )
+    assert sorted(map(tuple, edges.tolist())) == [(0, 1), (1, 2)]  # the later ids: 1 and 2, as the index

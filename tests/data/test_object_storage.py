@@ -266,6 +266,27 @@ def test_the_data_verb_prepares_from_s3_into_s3(datasets, capsys):
     assert Storage().exists(f"{out}/report.json") and Storage().exists(f"{out}/tokenizer.json")
 
 
+def test_fetched_sources_keep_their_layout_and_a_truncated_copy_is_fetched_again(s3, tmp_path):
+    from lmforge.data.storage import Storage, fetch_sources
+
+    storage = Storage()
+    texts = {"raw-fetch/a.txt": b"alpha " * 50, "raw-fetch/sub/b.jsonl": b'{"text": "beta"}\n' * 9}
+    for key, data in texts.items():
+        (tmp_path / "up" / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "up" / key).write_bytes(data)
+        storage.upload(tmp_path / "up" / key, f"s3://{BUCKET}/{key}")
+    [root] = fetch_sources(storage, [f"s3://{BUCKET}/raw-fetch"], tmp_path / "cache")
+    local = {p.relative_to(root).as_posix(): p.read_bytes() for p in Path(root).rglob("*") if p.is_file()}
+    assert local == {f"{BUCKET}/{key}": data for key, data in texts.items()}
+    copy = Path(root) / BUCKET / "raw-fetch" / "a.txt"
+    copy.write_bytes(texts["raw-fetch/a.txt"][:17])  # a download cut short by a killed run
+    assert fetch_sources(storage, [f"s3://{BUCKET}/raw-fetch", "/local/x.txt"], tmp_path / "cache") == [
+        root,
+        "/local/x.txt",
+    ]
+    assert copy.read_bytes() == texts["raw-fetch/a.txt"]
+
+
 @pytest.mark.parametrize(
     ("where", "expected"),
     [

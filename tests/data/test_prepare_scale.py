@@ -20,7 +20,7 @@ from lmforge.data.dedup import MinHasher
 from lmforge.data.job import Task
 from lmforge.data.partitioned import ID_SHIFT, PLAN, make_plan, map_file, partitions_for
 from lmforge.data.prepare import input_paths, prepare_data
-from lmforge.data.shards import write_json
+from lmforge.data.shards import split_score, write_json
 from lmforge.data.sources import SourceStats, read_documents
 
 MEMORY_MB = 1  # a partition takes at most 256 KB of input: the ~0.9 MB corpus gets 4 partitions
@@ -73,7 +73,10 @@ def documents(out: Path) -> dict[str, list[tuple[int, ...]]]:
     meta = json.loads((out / "meta.json").read_text())
     result = {}
     for split, info in meta["splits"].items():
-        ids = np.concatenate([np.fromfile(out / s["file"], dtype=meta["dtype"]) for s in info["shards"]])
+        ids = np.concatenate(
+            [np.empty(0, dtype=meta["dtype"])]
+            + [np.fromfile(out / s["file"], dtype=meta["dtype"]) for s in info["shards"]]
+        )
         cuts = np.flatnonzero(ids == meta["eot_id"]) + 1
         result[split] = sorted(tuple(d.tolist()) for d in np.split(ids, cuts)[:-1])
     return result
@@ -226,3 +229,53 @@ def test_a_map_unit_writes_the_same_files_however_often_it_flushes(tmp_path, pla
         unit = work / "map" / "00000"
         files[flush_bytes] = {p.name: p.read_bytes() for p in unit.iterdir() if p.name != "done.json"}
     assert files[2000] == files[2**24] and len(files[2000]) == 2 * 4
+
+
+def prepare_both(tmp_path, docs: list[list[str]], **overrides) -> tuple[Path, Path]:
+    """``docs`` (one list per JSONL file) prepared by the partitioned job and by the stream (the reference)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k, texts in enumerate(docs):
+        with open(folder / f"f{k}.jsonl", "w", encoding="utf-8") as out:
+            out.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    outs = []
+    for executor in ("local", "stream"):
+        cfg = config("char", executor=executor, near_dedup=False, **overrides)
+        prepare_data(cfg, [str(folder)], tmp_path / executor, progress=False)
+        outs.append(tmp_path / executor)
+    return outs[0], outs[1]
+
+
+def test_with_no_document_drawn_for_val_the_lowest_scoring_one_is_forced_there(tmp_path):
+    rng = random.Random(4)
+    texts = [
+        " ".join(rng.choice(["sun", "moon", "rain", "wind"]) for _ in range(30)) + f" {i}" for i in range(12)
+    ]
+    local, stream = prepare_both(tmp_path, [texts[:7], texts[7:]], val_fraction=1e-4)
+    ours, reference = documents(local), documents(stream)
+    assert len(ours["val"]) == 1 and len(ours["train"]) == 11
+    assert ours == reference
+    # by hand: the document whose split score is lowest
+    seed = config("char").seed
+    lowest = min(texts, key=lambda t: split_score(digest(normalize(t)), seed))
+    meta = json.loads((local / "meta.json").read_text())
+    assert (
+        meta["splits"]["val"]["docs"] == 1 and len(ours["val"][0]) == len(lowest) + 1
+    )  # chars + end of text
+
+
+def test_a_single_document_stays_in_train(tmp_path):
+    local, stream = prepare_both(
+        tmp_path, [["only one document here, long enough to keep " * 3]], val_fraction=1e-4
+    )
+    assert documents(local) == documents(stream)
+    assert [len(documents(local).get(s, [])) for s in ("train", "val")] == [1, 0]
+
+
+def test_without_dedup_exact_copies_are_kept(tmp_path):
+    texts = [f"document number {i} says something about the weather today" for i in range(6)]
+    local, stream = prepare_both(tmp_path, [texts, texts[:3]], dedup=False, val_fraction=0.2)
+    ours = documents(local)
+    assert sum(len(v) for v in ours.values()) == 9 and ours == documents(stream)
+    report = json.loads((local / "report.json").read_text())["stages"]["exact_dedup"]
+    assert report["docs_in"] == report["docs_out"] == 9

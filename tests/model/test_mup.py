@@ -211,3 +211,32 @@ def test_gguf_export_of_a_mup_model_holds_the_folded_weights(tmp_path):
     torch.testing.assert_close(
         torch.from_numpy(tensors["output.weight"]), ours["embed_tokens.weight"] / 4, rtol=1e-6, atol=0
     )
+
+
+def test_folding_a_model_narrower_than_its_base_width():
+    # m = 1/2: queries x sqrt(2), head x 2
+    model = perturb(build_model(tiny(d_model=32, n_heads=2, mup=True, mup_base_width=64), seed=2)).eval()
+    assert model.cfg.mup_width_mult == 0.5
+    folded = fold_mup(model)
+    ours = {k: v.detach() for k, v in model.state_dict().items()}
+    for i in range(model.cfg.n_layers):
+        q = folded.state_dict()[f"layers.{i}.self_attn.q_proj.weight"]
+        torch.testing.assert_close(q, ours[f"layers.{i}.self_attn.q_proj.weight"] * math.sqrt(2))
+    torch.testing.assert_close(folded.state_dict()["lm_head.weight"], ours["lm_head.weight"] * 2)
+    with torch.no_grad():
+        assert (folded(tokens()) - model(tokens())).abs().max() <= 1e-5
+
+
+def test_folding_keeps_the_dtype_the_mode_and_at_the_base_width_the_tied_head():
+    model = build_model(tiny(d_model=128, mup=True, mup_base_width=32, tie_embeddings=False), seed=1)
+    model = perturb(model).to(torch.bfloat16).train()
+    folded = fold_mup(model)
+    assert folded.training and not fold_mup(model.eval()).training
+    q = folded.state_dict()["layers.0.self_attn.q_proj.weight"]
+    assert q.dtype == torch.bfloat16  # the factor 1/2 is exact in bfloat16
+    assert torch.equal(q, model.state_dict()["layers.0.self_attn.q_proj.weight"] / 2)
+    base = build_model(tiny(mup=True, mup_base_width=64, tie_embeddings=True), seed=1)  # m = 1
+    same = fold_mup(base)
+    assert same.cfg.tie_embeddings and not same.cfg.mup
+    assert same.lm_head.weight is same.embed_tokens.weight  # still one tensor, as in the model folded
+    assert torch.equal(same(tokens()), base(tokens()))

@@ -10,7 +10,7 @@ from scipy.optimize import minimize_scalar
 from lmforge.config import PRESETS
 from lmforge.errors import ConfigError
 from lmforge.model.info import count_params
-from lmforge.plan.scaling import Law, compute_of_gpu_hours, fit_law, non_embedding_params, shape_near
+from lmforge.plan.scaling import Fit, Law, compute_of_gpu_hours, fit_law, non_embedding_params, shape_near
 
 # Hoffmann et al. 2022, approach 3 (their eq. 10): the generating law of the synthetic runs.
 CHINCHILLA = Law(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
@@ -122,3 +122,46 @@ def test_a_law_without_a_frontier_gives_nan_not_a_complex_number():
     law = Law(E=1.0, A=2.0, B=3.0, alpha=-0.1, beta=0.3)
     assert math.isnan(law.optimal_params(1e12)) and math.isnan(law.optimal_tokens(1e12))
     assert math.isnan(law.optimal_loss(1e12))
+
+
+def test_the_fit_reports_the_mean_huber_loss_of_its_log_residuals():
+    losses = synthetic(0.01, seed=3)
+    fit = fit_law(N_GRID, D_GRID, losses)
+    residual = np.log(fit.law.loss(N_GRID, D_GRID)) - np.log(losses)
+    delta = 1e-3
+    huber = np.where(np.abs(residual) <= delta, 0.5 * residual**2, delta * (np.abs(residual) - 0.5 * delta))
+    assert fit.objective == pytest.approx(huber.mean() / delta, rel=1e-6)
+    # the optimum: no start of the grid or nearby point does better
+    for factor in (0.98, 1.02):
+        for name in ("E", "A", "B", "alpha", "beta"):
+            moved = Law(**{**fit.law.to_dict(), name: getattr(fit.law, name) * factor})
+            r = np.log(moved.loss(N_GRID, D_GRID)) - np.log(losses)
+            worse = np.where(np.abs(r) <= delta, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta)).mean() / delta
+            assert worse >= fit.objective, (name, factor)
+
+
+def test_intervals_are_the_central_percentiles_of_the_refits_and_residuals_are_relative_errors():
+    laws = [Law(E=1.0 + k / 100, A=400.0, B=400.0, alpha=0.3 + k / 1000, beta=0.3) for k in range(101)]
+    n, d = np.array([1e7, 1e8]), np.array([1e9, 1e10])
+    truth = CHINCHILLA.loss(n, d)
+    fit = Fit(law=CHINCHILLA, n=n, d=d, loss=truth * 1.25, objective=0.0, boot=laws, confidence=0.9)
+    assert fit.interval("E") == pytest.approx((1.05, 1.95))  # the 5th and 95th of 1.00 .. 2.00
+    assert fit.interval("alpha") == pytest.approx((0.305, 0.395))
+    assert fit.residuals() == pytest.approx([1 / 1.25 - 1] * 2, rel=1e-12)  # fitted / measured - 1
+    lo, hi = fit.predict(1e8, 1e10)[1]
+    assert (lo, hi) == pytest.approx(tuple(np.percentile([law.loss(1e8, 1e10) for law in laws], [5, 95])))
+
+
+def test_four_runs_are_too_few_and_a_zero_exponent_has_no_frontier():
+    with pytest.raises(ConfigError, match="4 runs: the law has 5 parameters"):
+        fit_law([1e6, 2e6, 1e6, 2e6], [1e9, 1e9, 2e9, 2e9], [3.0, 2.9, 2.8, 2.7])
+    assert math.isnan(Law(E=1.0, A=2.0, B=3.0, alpha=0.0, beta=0.3).G)
+    assert math.isnan(Law(E=1.0, A=2.0, B=3.0, alpha=0.3, beta=0.0).optimal_params(1e20))
+
+
+def test_a_shape_near_a_count_keeps_the_grouped_query_heads():
+    base = PRESETS["mistral-7b"]  # 32 query heads on 8 key-value heads: groups of 4
+    for target in (2e8, 1.3e9):
+        shape = shape_near(base, target, aspect=base.d_model / base.n_layers)
+        assert shape.n_heads % 4 == 0 and shape.kv_heads * 4 == shape.n_heads, shape
+        assert non_embedding_params(shape) == pytest.approx(target, rel=0.1)
