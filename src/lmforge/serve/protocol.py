@@ -10,6 +10,10 @@ from lmforge.errors import DataError
 from lmforge.infer.chat import ChatTemplate, check_messages, encode_chat
 from lmforge.infer.generate import SamplingConfig
 
+MIN_TEMPERATURE = 1e-3  # below it logits / temperature overflow float32 to inf and sampling fails: use 0
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+MAX_STOP_CHARS = 1000  # a stop string is matched against the text at every step of the shared batch
+
 
 class ApiError(Exception):
     def __init__(
@@ -69,6 +73,14 @@ def _typed(body: dict, key: str, types: tuple, default, what: str):
     return value
 
 
+def _number(body: dict, key: str, default: float) -> float:
+    value = _typed(body, key, (int, float), default, "a number")
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float range
+        raise ApiError(400, f"'{key}' is out of range", param=key, code="invalid_value") from None
+
+
 def parse_request(
     body: dict,
     *,
@@ -95,17 +107,28 @@ def parse_request(
         raise ApiError(400, f"'n'={n} is not supported: lmforge serve returns one choice (n=1)", param="n")
     stream = _typed(body, "stream", (bool,), False, "a boolean")
     options = _typed(body, "stream_options", (dict,), {}, "an object")
-    temperature = float(_typed(body, "temperature", (int, float), 1.0, "a number"))
-    top_p = float(_typed(body, "top_p", (int, float), 1.0, "a number"))
+    temperature = _number(body, "temperature", 1.0)
+    top_p = _number(body, "top_p", 1.0)
     seed = _typed(body, "seed", (int,), None, "an integer")
     stop = _typed(body, "stop", (str, list), [], "a string or a list of strings")
     stop = [stop] if isinstance(stop, str) else stop
-    if not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them", param="stop")
-    if not 0.0 <= temperature <= 2.0:
-        raise ApiError(400, f"'temperature'={temperature} must be between 0 and 2", param="temperature")
+    if not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop) or len(stop) > 4:
+        raise ApiError(
+            400,
+            f"'stop' must be a non-empty string of at most {MAX_STOP_CHARS} characters, or a list of up "
+            "to 4 of them",
+            param="stop",
+        )
+    if not (0.0 <= temperature <= 2.0 and (temperature == 0.0 or temperature >= MIN_TEMPERATURE)):
+        raise ApiError(
+            400,
+            f"'temperature'={temperature} must be 0 (greedy) or between {MIN_TEMPERATURE} and 2",
+            param="temperature",
+        )
     if not 0.0 < top_p <= 1.0:
         raise ApiError(400, f"'top_p'={top_p} must be in (0, 1]", param="top_p")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ApiError(400, f"'seed'={seed} must fit in 64 bits (-2**63 .. 2**64-1)", param="seed")
 
     stops = tuple(stop)
     if chat:

@@ -111,17 +111,20 @@ class Scheduler:
                     joining = None
                     if self.waiting and len(self.rows) < self.max_batch:
                         joining = self.waiting.popleft()
-                try:
-                    if joining is not None:
-                        if joining.cancelled:
-                            self._finish(joining, "cancelled")
-                        else:
+                if joining is not None:
+                    if joining.cancelled:
+                        self._finish(joining, "cancelled")
+                    else:
+                        try:
                             self._join(joining)
+                        except Exception as exc:  # its own prefill failed: the batch goes on without it
+                            self._fail(joining, exc, "prefill")
+                try:
                     if self.rows:
                         self._step()
-                except Exception as exc:  # a failing step ends the batch's requests, never the server
+                except Exception as exc:  # the batch's forward pass failed: every row ends, the server not
                     logger.exception("decoding step failed")
-                    for request in self.rows + ([joining] if joining and joining not in self.rows else []):
+                    for request in self.rows:
                         self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
                     self.rows, self.cache, self.logits = [], None, None
 
@@ -155,16 +158,21 @@ class Scheduler:
             cache.values[layer][-1:, :, start:length] = own.values[layer]
         cache.key_mask[-1, start:length] = True
         cache.key_mask[:, length:] = True  # columns still to be written are real tokens of every row
-        self._install(cache, length)
+        logits = logits if self.logits is None else torch.cat([self.logits, logits])  # (B + 1, V)
+        self._install(cache, length)  # nothing of the batch changes before this line: a failure leaves it
         self.rows.append(request)
-        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        self.logits = logits
 
     def _step(self) -> None:
         """Choose every row's next token, retire finished rows, then feed the others one token each."""
         assert self.cache is not None and self.logits is not None
         keep: list[int] = []
         for i, request in enumerate(self.rows):
-            reason = self._advance(request, self.logits[i : i + 1])
+            try:
+                reason = self._advance(request, self.logits[i : i + 1])
+            except Exception as exc:  # this row's sampling or text failed: only this row ends
+                self._fail(request, exc, "sampling")
+                continue
             if reason is None:
                 keep.append(i)
             else:
@@ -226,8 +234,13 @@ class Scheduler:
             cache.rope = self.cache.rope
         self.cache = cache
 
+    def _fail(self, request: Request, exc: Exception, stage: str) -> None:
+        logger.error("a request failed in %s: %s: %s", stage, type(exc).__name__, exc, exc_info=exc)
+        self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
+
     def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
-        tail = request.tracker.flush() if request.tracker is not None and reason != "cancelled" else ""
+        flush = request.tracker is not None and reason not in ("cancelled", "error")
+        tail = request.tracker.flush() if flush else ""
         if tail:
             request.emit(tail, None)
         final = {
@@ -240,5 +253,8 @@ class Scheduler:
             "error": error,
         }
         if self.on_finish is not None:
-            self.on_finish(request, final)
+            try:
+                self.on_finish(request, final)
+            except Exception:  # metrics must not end the request or the thread
+                logger.exception("on_finish failed")
         request.emit(None, final)

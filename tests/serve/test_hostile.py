@@ -1,0 +1,53 @@
+"""Issue 25: one bad client cannot hurt the others. Each test reproduces one fault of the issue's list over
+real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import require_module
+
+httpx = require_module("httpx")
+
+
+def post(server, body: dict, route: str = "/v1/completions") -> httpx.Response:
+    return httpx.post(server.url + route, json=body, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("seed", 2**64),  # torch.Generator.manual_seed overflows past 64 bits
+        ("seed", -(2**63) - 1),
+        ("temperature", 1e-40),  # logits / temperature overflow to inf: sampling fails
+        ("temperature", 10**400),  # an integer float() cannot hold
+        ("top_p", 10**400),
+        ("stop", "s" * 1001),  # matched at every step of the shared batch
+    ],
+    ids=[
+        "seed-2**64",
+        "seed-below-int64",
+        "temperature-1e-40",
+        "temperature-10**400",
+        "top_p-10**400",
+        "stop-long",
+    ],
+)
+def test_out_of_range_values_are_refused_before_the_scheduler(server, field, value):
+    """Values that passed validation and then raised on the scheduler thread (failing every request of the
+    running batch) are a 400 naming the field."""
+    response = post(server, {"prompt": "x", "max_tokens": 3, "temperature": 0.5, field: value})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and error["type"] == "invalid_request_error"
+
+
+def test_extreme_values_in_range_are_served(server):
+    """The largest seed torch takes is served, and a top_p that is 0 in float32 keeps the most likely token:
+    the answer is the greedy one."""
+    greedy = post(server, {"prompt": "Hi", "max_tokens": 8, "temperature": 0}).json()["choices"][0]["text"]
+    for extra in ({"seed": 2**64 - 1}, {"seed": -(2**63)}, {"top_p": 1e-300, "seed": 3}):
+        response = post(server, {"prompt": "Hi", "max_tokens": 8, "temperature": 1.0, **extra})
+        assert response.status_code == 200, response.text
+        if "top_p" in extra:
+            assert response.json()["choices"][0]["text"] == greedy
