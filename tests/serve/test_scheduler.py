@@ -129,12 +129,23 @@ def test_a_failing_prefill_fails_alone(monkeypatch):
 
 
 def test_queue_bound():
-    scheduler = Scheduler(tiny_model(), ByteTokenizer(), device=torch.device("cpu"), max_batch=1, max_queue=1)
-    request = Request([1, 2], SamplingConfig(max_new_tokens=2, temperature=0.0), lambda d, f: None)
-    scheduler.submit(request)  # not started: it stays queued
+    """--max-queue bounds the requests waiting beyond the free batch slots: with 2 slots free and a queue of
+    1, three requests are accepted (two bound for the slots) and the fourth is refused."""
+    scheduler = Scheduler(tiny_model(), ByteTokenizer(), device=torch.device("cpu"), max_batch=2, max_queue=1)
+    sampling = SamplingConfig(max_new_tokens=2, temperature=0.0)
+    for _ in range(3):
+        scheduler.submit(Request([1, 2], sampling, lambda d, f: None))  # not started: they stay queued
     try:
-        scheduler.submit(Request([1], request.sampling, lambda d, f: None))
+        scheduler.submit(Request([1], sampling, lambda d, f: None))
     except QueueFull as exc:
-        assert "--max-queue 1" in str(exc)
+        assert "--max-queue 1" in str(exc) and "1 requests are waiting beyond the 2 batch slots" in str(exc)
     else:
-        raise AssertionError("a second request should not fit a queue of 1")
+        raise AssertionError("a fourth request should not fit 2 free slots and a queue of 1")
+    scheduler.rows = [Request([1], sampling, lambda d, f: None)]  # one slot taken: one fewer is admitted
+    scheduler.waiting.pop()
+    try:
+        scheduler.submit(Request([1], sampling, lambda d, f: None))
+    except QueueFull:
+        pass
+    else:
+        raise AssertionError("with 1 slot free and 2 waiting, the queue of 1 is full")

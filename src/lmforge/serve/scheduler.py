@@ -80,8 +80,14 @@ class Scheduler:
 
     def submit(self, request: Request) -> None:
         with self.wake:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
+            # one request joins per step, so requests bound for free batch slots wait briefly: they are not
+            # the queue that --max-queue bounds
+            free = max(0, self.max_batch - len(self.rows))
+            if len(self.waiting) >= self.max_queue + free:
+                raise QueueFull(
+                    f"{len(self.waiting) - free} requests are waiting beyond the {self.max_batch} batch slots "
+                    f"(--max-queue {self.max_queue})"
+                )
             self.waiting.append(request)
             self.wake.notify()
 
