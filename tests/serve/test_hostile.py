@@ -51,3 +51,16 @@ def test_extreme_values_in_range_are_served(server):
         assert response.status_code == 200, response.text
         if "top_p" in extra:
             assert response.json()["choices"][0]["text"] == greedy
+
+
+@pytest.mark.parametrize("depth", [40, 100_000])
+def test_deeply_nested_json_is_a_400(server, depth):
+    """JSON nested beyond the interpreter's recursion limit was a plain-text 500 (a RecursionError); any
+    nesting over 32 levels is now a 400 OpenAI error object."""
+    raw = b'{"prompt": "x", "user": ' + b"[" * depth + b"]" * depth + b"}"
+    response = httpx.post(server.url + "/v1/completions", content=raw, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_json" and "nested more than 32 levels" in error["message"]
+    fine = b'{"prompt": "x", "max_tokens": 2, "user": ' + b"[" * 30 + b"]" * 30 + b"}"
+    assert httpx.post(server.url + "/v1/completions", content=fine, timeout=60).status_code == 200

@@ -10,6 +10,7 @@ from lmforge.errors import DataError
 from lmforge.infer.chat import ChatTemplate, check_messages, encode_chat
 from lmforge.infer.generate import SamplingConfig
 
+MAX_DEPTH = 32  # JSON nesting: a chat body needs 4 levels (body, messages, message, content parts)
 MIN_TEMPERATURE = 1e-3  # below it logits / temperature overflow float32 to inf and sampling fails: use 0
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 MAX_STOP_CHARS = 1000  # a stop string is matched against the text at every step of the shared batch
@@ -55,11 +56,32 @@ def parse_json(raw: bytes, max_body_bytes: int) -> dict:
         )
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        body = None  # nested beyond the interpreter's limit: reported as too deep below
+    except ValueError as exc:  # not JSON, not UTF-8, or an integer beyond Python's 4300 digits
         raise ApiError(400, f"the request body is not valid JSON ({exc})", code="invalid_json") from None
+    if body is None or _depth(body) > MAX_DEPTH:
+        raise ApiError(
+            400, f"the request body is nested more than {MAX_DEPTH} levels deep", code="invalid_json"
+        )
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     return body
+
+
+def _depth(value) -> int:
+    """How deeply ``value`` nests lists and objects (a scalar is 0), without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        value, level = todo.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if level > MAX_DEPTH:
+            break
+        todo.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _typed(body: dict, key: str, types: tuple, default, what: str):
