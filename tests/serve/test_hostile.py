@@ -3,6 +3,10 @@ real HTTP on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import socket
+
 import pytest
 
 from tests.conftest import require_module
@@ -64,3 +68,29 @@ def test_deeply_nested_json_is_a_400(server, depth):
     assert error["code"] == "invalid_json" and "nested more than 32 levels" in error["message"]
     fine = b'{"prompt": "x", "max_tokens": 2, "user": ' + b"[" * 30 + b"]" * 30 + b"}"
     assert httpx.post(server.url + "/v1/completions", content=fine, timeout=60).status_code == 200
+
+
+def test_chunked_body_is_refused_at_the_limit(server):
+    """A chunked body (no Content-Length) was read whole before its size was checked. Now the server answers
+    413 once the limit is passed, before the body has ended: this client never sends the last chunk."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        piece = b"x" * 65536
+        for _ in range(17):  # 1.11 MB, over the 1 MB limit; the terminating chunk is never sent
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        sock.settimeout(10)  # before the fix the server waits here for the rest of the body
+        answer = b""
+        with contextlib.suppress(ConnectionError):
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), answer[:200]
+    error = json.loads(payload)["error"]
+    assert error["code"] == "request_too_large" and "1000000 bytes" in error["message"]

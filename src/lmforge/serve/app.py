@@ -221,10 +221,26 @@ def build_app(
             )
         return {"id": model_name, "object": "model", "created": created, "owned_by": "lmforge"}
 
+    async def read_body(http: HttpRequest) -> bytes:
+        """The body, refused as soon as it passes the limit: a chunked body has no Content-Length to check
+        first, and reading it whole would let one client fill the server's memory."""
+        chunks, size = [], 0
+        async for chunk in http.stream():
+            size += len(chunk)
+            if size > cfg.max_body_bytes:
+                raise ApiError(
+                    413,
+                    f"the request body is over the limit of {cfg.max_body_bytes} bytes "
+                    "(lmforge serve --max-body-bytes)",
+                    code="request_too_large",
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def complete(http: HttpRequest, chat: bool):
         route = http.url.path
         try:
-            body = parse_json(await http.body(), cfg.max_body_bytes)
+            body = parse_json(await read_body(http), cfg.max_body_bytes)
             parsed = parse_request(
                 body,
                 chat=chat,
