@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import threading
 
 import pytest
 
@@ -94,3 +95,57 @@ def test_chunked_body_is_refused_at_the_limit(server):
     assert head.startswith(b"HTTP/1.1 413"), answer[:200]
     error = json.loads(payload)["error"]
     assert error["code"] == "request_too_large" and "1000000 bytes" in error["message"]
+
+
+class HeldTokenizer:
+    """Stands in for a tokenizer's Hugging Face core: encoding waits until the test releases it, as a long
+    prompt would keep it busy; everything else passes through."""
+
+    def __init__(self, real):
+        self.real, self.entered, self.release = real, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def _hold(self):
+        self.entered.set()
+        assert self.release.wait(60)
+
+    def encode(self, *args, **kwargs):
+        self._hold()
+        return self.real.encode(*args, **kwargs)
+
+    def encode_batch_fast(self, *args, **kwargs):
+        self._hold()
+        return self.real.encode_batch_fast(*args, **kwargs)
+
+
+def test_tokenizing_a_prompt_leaves_the_event_loop_free(server):
+    """A prompt was tokenized on the event loop, so every other client (running streams included) froze
+    until it was done. With tokenization held mid-way, the server still answers."""
+    tokenizer = server.scheduler.tokenizer
+    held = HeldTokenizer(tokenizer.hf)
+    tokenizer.hf = held
+    answers = []
+    slow = threading.Thread(target=lambda: answers.append(post(server, {"prompt": "long", "max_tokens": 2})))
+    try:
+        slow.start()
+        assert held.entered.wait(30)  # the prompt is being tokenized now
+        health = httpx.get(server.url + "/health", timeout=5)
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+    finally:
+        held.release.set()
+        slow.join(timeout=60)
+        tokenizer.hf = held.real
+    assert answers[0].status_code == 200 and answers[0].json()["usage"]["prompt_tokens"] == 4
+
+
+def test_gil_free_encoder_gives_the_same_ids():
+    """The encoder used off the event loop (batch encoding, which releases the GIL) gives the ids of
+    ``Tokenizer.encode``."""
+    from lmforge.serve.app import GilFreeEncoder
+    from tests.serve.conftest import ascii_tokenizer
+
+    tokenizer = ascii_tokenizer()
+    for text in ("", "Hello, world!", "line one\nline two " * 50, "<|endoftext|> after a special"):
+        assert GilFreeEncoder(tokenizer).encode(text) == tokenizer.encode(text)
