@@ -149,3 +149,50 @@ def test_gil_free_encoder_gives_the_same_ids():
     tokenizer = ascii_tokenizer()
     for text in ("", "Hello, world!", "line one\nline two " * 50, "<|endoftext|> after a special"):
         assert GilFreeEncoder(tokenizer).encode(text) == tokenizer.encode(text)
+
+
+def counter(server, route: str, status: str) -> float:
+    """lmforge_requests_total{route, status} read from /metrics (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(server.url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == "lmforge_requests_total" and sample.labels == {
+                "route": route,
+                "status": status,
+            }:
+                return sample.value
+    return 0.0
+
+
+def test_every_path_answers_openai_errors_and_metrics_count_them(server, monkeypatch):
+    """Unknown routes and wrong methods answered FastAPI's {"detail": ...}, an unexpected exception a
+    plain-text 500 counted as 200; now all are OpenAI error objects, /metrics counts each status (500s
+    too), and it has the process series."""
+    import lmforge.serve.app as app_module
+
+    keys = {"message", "type", "param", "code"}
+    before = {key: counter(server, *key) for key in [("other", "404"), ("/v1/completions", "405")]}
+    missing = httpx.get(server.url + "/v1/nothing-here", timeout=10)
+    assert missing.status_code == 404 and set(missing.json()) == {"error"}
+    assert set(missing.json()["error"]) == keys and missing.json()["error"]["code"] == "not_found"
+    wrong = httpx.get(server.url + "/v1/completions", timeout=10)
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"]["code"] == "method_not_allowed" and set(wrong.json()["error"]) == keys
+    assert counter(server, "other", "404") == before[("other", "404")] + 1
+    assert counter(server, "/v1/completions", "405") == before[("/v1/completions", "405")] + 1
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the server")
+
+    monkeypatch.setattr(app_module, "parse_request", broken)
+    failures = counter(server, "/v1/completions", "500")
+    crashed = post(server, {"prompt": "x", "max_tokens": 2})
+    assert crashed.status_code == 500 and set(crashed.json()["error"]) == keys
+    assert crashed.json()["error"]["type"] == "server_error"
+    assert counter(server, "/v1/completions", "500") == failures + 1
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"):
+        assert f"\n{name} " in text, name
+    rss = float(text.split("\nprocess_resident_memory_bytes ")[1].split()[0])
+    assert rss > 10e6  # a process holding torch uses tens of MB at least

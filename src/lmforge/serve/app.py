@@ -23,6 +23,8 @@ import torch
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.errors import ConfigError
 from lmforge.infer.chat import ChatTemplate, special_token_ids
@@ -77,6 +79,9 @@ class Metrics:
 
         self.registry = prom.CollectorRegistry()
         r = self.registry
+        prom.ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, open fds, ...
+        prom.PlatformCollector(registry=r)
+        prom.GCCollector(registry=r)
         self.requests = prom.Counter(
             "lmforge_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )
@@ -124,6 +129,73 @@ class GilFreeEncoder:
         return self.tokenizer.encode_batch([text])[0]
 
 
+def route_label(path: str) -> str:
+    """The metrics label of a path: a label per unknown path would grow without bound."""
+    if path in ROUTES:
+        return path
+    return "/v1/models" if path.startswith("/v1/models/") else "other"
+
+
+class Guard:
+    """The app's outermost middleware (plain ASGI): the API key, the Content-Length limit, the count of every
+    answer by route and status, and an OpenAI error object (500) for anything a route lets escape."""
+
+    def __init__(self, app, *, cfg: ServeConfig, metrics: Metrics):
+        self.app, self.cfg, self.metrics = app, cfg, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, status = scope["path"], None
+
+        async def counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                self.metrics.requests.labels(route_label(path), str(status)).inc()
+            await send(message)
+
+        refusal = self.refusal(path, Headers(scope=scope))
+        if refusal is not None:
+            await error_response(refusal)(scope, receive, counted)
+            return
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:
+            logger.exception("unhandled error answering %s %s", scope["method"], path)
+            if status is None:  # once the answer has started, closing the connection is all that is left
+                problem = ApiError(
+                    500, "internal server error (the server's log has the details)", kind="server_error"
+                )
+                await error_response(problem)(scope, receive, counted)
+
+    def refusal(self, path: str, headers: Headers) -> ApiError | None:
+        if self.cfg.api_key is not None and path not in OPEN_ROUTES:
+            header = headers.get("authorization", "")
+            given = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode(), self.cfg.api_key.encode()):
+                return ApiError(
+                    401,
+                    "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                    kind="authentication_error",
+                    code="invalid_api_key",
+                )
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.cfg.max_body_bytes:
+            return ApiError(
+                413,
+                f"the request body is {length} bytes; the limit is {self.cfg.max_body_bytes} "
+                "bytes (lmforge serve --max-body-bytes)",
+                code="request_too_large",
+            )
+        return None
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
 def _finish_reason(reason: str) -> str:
     return "length" if reason in ("length", "context") else "stop"
 
@@ -157,39 +229,22 @@ def build_app(
     app = FastAPI(title="lmforge serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler = scheduler
 
-    def error(exc: ApiError, route: str) -> JSONResponse:
-        label = route if route in ROUTES else "other"  # a label per unknown path would grow without bound
-        metrics.requests.labels(label, str(exc.status)).inc()
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    app.add_middleware(Guard, cfg=cfg, metrics=metrics)
 
-    @app.middleware("http")
-    async def guard(request: HttpRequest, call_next):
-        route = request.url.path
-        if cfg.api_key is not None and route not in OPEN_ROUTES:
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
-                return error(
-                    ApiError(
-                        401,
-                        "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                        kind="authentication_error",
-                        code="invalid_api_key",
-                    ),
-                    route,
-                )
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > cfg.max_body_bytes:
-            return error(
-                ApiError(
-                    413,
-                    f"the request body is {length} bytes; the limit is {cfg.max_body_bytes} "
-                    "bytes (lmforge serve --max-body-bytes)",
-                    code="request_too_large",
-                ),
-                route,
+    @app.exception_handler(StarletteHTTPException)
+    async def no_route(http: HttpRequest, exc: StarletteHTTPException):
+        """Unknown paths and wrong methods answer OpenAI error objects, like every other failure."""
+        where = f"{http.method} {http.url.path}"
+        if exc.status_code == 404:
+            message, code = f"no route {where}: this server has {', '.join(ROUTES)}", "not_found"
+        elif exc.status_code == 405:
+            message, code = (
+                f"{where} is not allowed (allowed: {exc.headers.get('allow')})",
+                "method_not_allowed",
             )
-        return await call_next(request)
+        else:
+            message, code = f"{where}: {exc.detail}", None
+        return error_response(ApiError(exc.status_code, message, code=code, headers=exc.headers))
 
     @app.get("/health")
     async def health():
@@ -205,7 +260,6 @@ def build_app(
 
     @app.get("/v1/models")
     async def models():
-        metrics.requests.labels("/v1/models", "200").inc()
         return {
             "object": "list",
             "data": [
@@ -222,14 +276,13 @@ def build_app(
     @app.get("/v1/models/{name}")
     async def one_model(name: str):
         if name != model_name:
-            return error(
+            return error_response(
                 ApiError(
                     404,
                     f"the model '{name}' does not exist; this server serves '{model_name}'",
                     param="model",
                     code="model_not_found",
-                ),
-                "/v1/models",
+                )
             )
         return {"id": model_name, "object": "model", "created": created, "owned_by": "lmforge"}
 
@@ -273,11 +326,10 @@ def build_app(
         request.cancelled = True
 
     async def complete(http: HttpRequest, chat: bool):
-        route = http.url.path
         try:
             parsed = await asyncio.to_thread(parse, await read_body(http), chat)
         except ApiError as exc:
-            return error(exc, route)
+            return error_response(exc)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -289,17 +341,15 @@ def build_app(
         try:
             scheduler.submit(request)
         except QueueFull as exc:
-            return error(
+            return error_response(
                 ApiError(
                     429,
                     f"the server is busy: {exc}; retry later",
                     kind="rate_limit_error",
                     code="queue_full",
                     headers={"Retry-After": "1"},
-                ),
-                route,
+                )
             )
-        metrics.requests.labels(route, "200").inc()
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if parsed.stream:
             return StreamingResponse(
