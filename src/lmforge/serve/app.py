@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import uvicorn
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -29,11 +30,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmforge.errors import ConfigError
 from lmforge.infer.chat import ChatTemplate, special_token_ids
 from lmforge.serve.protocol import ApiError, Parsed, parse_json, parse_request
-from lmforge.serve.scheduler import QueueFull, Request, Scheduler
+from lmforge.serve.scheduler import QueueFull, Request, Scheduler, ShuttingDown
 
 logger = logging.getLogger(__name__)
 PAGE = Path(__file__).parent / "static" / "chat.html"
 ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics", "/")
+SHUTTING_DOWN = ApiError(
+    503, "the server is shutting down: the request was cancelled", kind="server_error", code="shutting_down"
+)
 OPEN_ROUTES = ("/health", "/")  # the page is static (no model output); it sends the key it is given
 
 
@@ -60,6 +64,8 @@ class ServeConfig:
             out.append(f"--max-queue {self.max_queue} must be >= 1")
         if self.max_body_bytes < 1024:
             out.append(f"--max-body-bytes {self.max_body_bytes} must be >= 1024")
+        if not self.grace_seconds >= 0:
+            out.append(f"--grace {self.grace_seconds} must be >= 0")
         if self.api_key is not None and not self.api_key:
             out.append("--api-key must not be empty")
         return out
@@ -340,6 +346,8 @@ def build_app(
         request = Request(parsed.prompt, parsed.sampling, emit)
         try:
             scheduler.submit(request)
+        except ShuttingDown:
+            return error_response(SHUTTING_DOWN)
         except QueueFull as exc:
             return error_response(
                 ApiError(
@@ -367,10 +375,10 @@ def build_app(
             watcher.cancel()
         if final["finish_reason"] == "cancelled" and watcher.done() and not watcher.cancelled():
             return Response(status_code=499)  # the client left: nobody reads this
-        if final["finish_reason"] in ("error", "cancelled"):
-            status = 500 if final["finish_reason"] == "error" else 503
-            message = final["error"] or "the server is shutting down: the request was cancelled"
-            return JSONResponse(ApiError(status, message, kind="server_error").body(), status_code=status)
+        if final["finish_reason"] == "cancelled":
+            return error_response(SHUTTING_DOWN)
+        if final["finish_reason"] == "error":
+            return error_response(ApiError(500, final["error"], kind="server_error"))
         usage = _usage(final)
         reason = _finish_reason(final["finish_reason"])
         content = final["text"]  # the whole decode: a streamed delta can differ where bytes merge later
@@ -425,9 +433,10 @@ def build_app(
                     yield chunk(delta, None)
                     continue
                 finished = True
-                if final["finish_reason"] in ("error", "cancelled"):
-                    message = final["error"] or "the server is shutting down: the request was cancelled"
-                    yield f"data: {json.dumps(ApiError(500, message, kind='server_error').body())}\n\n"
+                if final["finish_reason"] == "cancelled":
+                    yield f"data: {json.dumps(SHUTTING_DOWN.body())}\n\n"
+                elif final["finish_reason"] == "error":
+                    yield f"data: {json.dumps(ApiError(500, final['error'], kind='server_error').body())}\n\n"
                 else:
                     yield chunk(None, _finish_reason(final["finish_reason"]))
                     if parsed.include_usage:
@@ -487,8 +496,6 @@ def open_server(
     on_notice: Callable[[str], None] = logger.warning,
 ):
     """Load ``model_path``, build the app and bind the socket: returns (uvicorn.Server, socket, url)."""
-    import uvicorn
-
     from lmforge.infer.chat import default_template
     from lmforge.infer.loading import load_for_inference
 
@@ -506,9 +513,31 @@ def open_server(
     template.check()
     name = cfg.model_name or Path(model_path).resolve().name
     app = build_app(loaded.model, tokenizer, template=template, cfg=cfg, model_name=name, device=device)
+    # uvicorn cancels the tasks of connections still open when its own timeout ends, cutting streams with no
+    # ending; so the scheduler cancels at the grace deadline (each client then gets its answer: an error
+    # event and [DONE], or a 503) and uvicorn waits a margin past it for those answers to go out
     config = uvicorn.Config(
-        app, log_level="info", timeout_graceful_shutdown=max(1, round(cfg.grace_seconds)), access_log=False
+        app, log_level="info", timeout_graceful_shutdown=cfg.grace_seconds + DRAIN_MARGIN, access_log=False
     )
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    return uvicorn.Server(config), sock, f"http://{shown}:{port}"
+    return DrainingServer(config, app.state.scheduler, cfg.grace_seconds), sock, f"http://{shown}:{port}"
+
+
+DRAIN_MARGIN = 5.0  # seconds uvicorn waits past the grace deadline for the cancelled requests' answers
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server whose shutdown cancels the scheduler's requests ``grace`` seconds after it begins
+    (they end with an answer), before uvicorn's own deadline cuts connections."""
+
+    def __init__(self, config, scheduler: Scheduler, grace: float):
+        super().__init__(config)
+        self.scheduler, self.grace = scheduler, grace
+
+    async def shutdown(self, sockets=None) -> None:
+        deadline = asyncio.get_running_loop().call_later(self.grace, self.scheduler.close)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            deadline.cancel()

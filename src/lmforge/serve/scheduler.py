@@ -36,6 +36,10 @@ class QueueFull(Exception):
     """More requests are waiting than the server's ``--max-queue`` allows."""
 
 
+class ShuttingDown(Exception):
+    """The server is draining: it takes no new requests."""
+
+
 @dataclass(eq=False)
 class Request:
     """One completion: prompt ids in, text deltas out through ``emit`` (called on the scheduler thread)."""
@@ -71,6 +75,7 @@ class Scheduler:
         self.logits: torch.Tensor | None = None  # (B, V) next-token logits of each running row
         self.wake = threading.Condition()
         self.stopping = False
+        self.closing = False
         self.thread = threading.Thread(target=self._run, name="lmforge-scheduler", daemon=True)
 
     # -- called from the server -----------------------------------------------------------------------
@@ -80,6 +85,8 @@ class Scheduler:
 
     def submit(self, request: Request) -> None:
         with self.wake:
+            if self.closing:
+                raise ShuttingDown("the server is shutting down")
             # one request joins per step, so requests bound for free batch slots wait briefly: they are not
             # the queue that --max-queue bounds
             free = max(0, self.max_batch - len(self.rows))
@@ -91,12 +98,20 @@ class Scheduler:
             self.waiting.append(request)
             self.wake.notify()
 
-    def stop(self, timeout: float) -> None:
-        """Cancel everything still queued or running and wait for the thread to end."""
+    def close(self) -> None:
+        """Take no new requests and cancel every queued or running one: each gets its final answer
+        ('cancelled') at the next step, while the thread goes on."""
         with self.wake:
-            self.stopping = True
+            self.closing = True
             for request in list(self.waiting) + self.rows:
                 request.cancelled = True
+            self.wake.notify()
+
+    def stop(self, timeout: float) -> None:
+        """Cancel everything still queued or running and wait for the thread to end."""
+        self.close()
+        with self.wake:
+            self.stopping = True
             self.wake.notify()
         self.thread.join(timeout)
 
