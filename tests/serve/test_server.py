@@ -123,3 +123,27 @@ def test_metrics(server):
         "lmforge_time_to_first_token_seconds_bucket",
     ):
         assert name in text, name
+
+
+def test_content_parts_and_developer_role(server):
+    """Content as a list of text parts is their text joined by newlines, and the developer role is the
+    system role: the replies equal those of the plain-string, system-role conversation."""
+    c = client(server)
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!\nHow are you?"}]
+    parts = [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Hi!"}, {"type": "text", "text": "How are you?"}],
+        },
+    ]
+    a, b = (
+        c.chat.completions.create(model="tiny", messages=m, max_tokens=12, temperature=0)
+        for m in (plain, parts)
+    )
+    assert b.choices[0].message.content == a.choices[0].message.content
+    assert b.usage.prompt_tokens == a.usage.prompt_tokens
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model="tiny", messages=image, max_tokens=2)
+    assert exc.value.body["param"] == "messages" and "'image_url' part" in exc.value.body["message"]

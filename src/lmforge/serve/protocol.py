@@ -103,6 +103,42 @@ def _number(body: dict, key: str, default: float) -> float:
         raise ApiError(400, f"'{key}' is out of range", param=key, code="invalid_value") from None
 
 
+def _plain_messages(messages):
+    """Messages as the chat template takes them: the ``developer`` role (OpenAI's newer name for the system
+    message) becomes ``system``, and content given as a list of text parts becomes their text, joined by
+    newlines (as vLLM does). Anything else is left for ``check_messages`` to refuse."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            out.append(message)
+            continue
+        message = dict(message)
+        if message.get("role") == "developer":
+            message["role"] = "system"
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not (
+                    isinstance(part, dict)
+                    and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)
+                ):
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise ApiError(
+                        400,
+                        f"messages[{i}].content[{j}] is a {kind!r} part; this server reads text parts only "
+                        "({'type': 'text', 'text': ...})",
+                        param="messages",
+                    )
+                texts.append(part["text"])
+            message["content"] = "\n".join(texts)
+        out.append(message)
+    return out
+
+
 def parse_request(
     body: dict,
     *,
@@ -154,7 +190,7 @@ def parse_request(
 
     stops = tuple(stop)
     if chat:
-        messages = body.get("messages")
+        messages = _plain_messages(body.get("messages"))
         try:
             check_messages(messages, "request")
         except DataError as exc:
