@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from lmforge.infer.chat import default_template, encode_chat, special_token_ids
 from lmforge.infer.generate import SamplingConfig, generate
 from lmforge.infer.loading import load_for_inference, open_chat
 from tests.conftest import require_module
@@ -147,3 +148,49 @@ def test_content_parts_and_developer_role(server):
     with pytest.raises(openai.BadRequestError) as exc:
         c.chat.completions.create(model="tiny", messages=image, max_tokens=2)
     assert exc.value.body["param"] == "messages" and "'image_url' part" in exc.value.body["message"]
+
+
+def test_logprobs_equal_a_log_softmax_of_the_logits(server, checkpoint):
+    """Each token's log-probability and the top ones equal a log-softmax of the model's logits, from one
+    full forward pass over prompt + completion (no cache), for the completions and the chat API."""
+    loaded = load_for_inference(checkpoint, device=torch.device("cpu"))
+    tok = loaded.tokenizer
+
+    def reference(prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = loaded.model(torch.tensor([prompt_ids + tokens]))[0].float()  # (P + N, V)
+        return logits.log_softmax(-1)[len(prompt_ids) - 1 : -1]  # (N, V): the positions choosing them
+
+    c = client(server)
+    out = c.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=0, logprobs=3)
+    got = out.choices[0].logprobs
+    tokens = [tok.encode(t)[0] for t in got.tokens]  # one character per token
+    assert "".join(got.tokens) == out.choices[0].text and len(tokens) == out.usage.completion_tokens
+    ref = reference(tok.encode("Hello"), tokens)
+    for n, token in enumerate(tokens):
+        assert got.token_logprobs[n] == pytest.approx(float(ref[n, token]), abs=1e-4)
+        top = ref[n].topk(3)
+        expected = {tok.decode([int(i)]): float(v) for v, i in zip(top.values, top.indices)}
+        assert got.top_logprobs[n] == pytest.approx(expected, abs=1e-4)
+    assert got.text_offset == list(range(len(tokens)))
+
+    messages = [{"role": "user", "content": "Hi!"}]
+    chat = c.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = chat.choices[0].logprobs.content
+    assert "".join(item.token for item in content) == chat.choices[0].message.content
+    template = loaded.chat_template or default_template(tok)
+    text = template.render(messages, add_generation_prompt=True)
+    prompt_ids = encode_chat(tok, text, special_token_ids(tok, template))
+    assert len(prompt_ids) == chat.usage.prompt_tokens
+    tokens = [tok.encode(item.token)[0] for item in content]
+    ref = reference(prompt_ids, tokens)
+    for n, item in enumerate(content):
+        assert item.logprob == pytest.approx(float(ref[n, tokens[n]]), abs=1e-4)
+        assert [t.logprob for t in item.top_logprobs] == pytest.approx(
+            ref[n].topk(2).values.tolist(), abs=1e-4
+        )
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model="tiny", messages=messages, max_tokens=2, top_logprobs=2)
+    assert exc.value.body["param"] == "top_logprobs"

@@ -343,7 +343,7 @@ def build_app(
             with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is listening
                 loop.call_soon_threadsafe(events.put_nowait, (delta, final))
 
-        request = Request(parsed.prompt, parsed.sampling, emit)
+        request = Request(parsed.prompt, parsed.sampling, emit, top_logprobs=parsed.top_logprobs)
         try:
             scheduler.submit(request)
         except ShuttingDown:
@@ -382,11 +382,16 @@ def build_app(
         usage = _usage(final)
         reason = _finish_reason(final["finish_reason"])
         content = final["text"]  # the whole decode: a streamed delta can differ where bytes merge later
+        logprobs = None
+        if final["logprobs"] is not None:
+            logprobs = await asyncio.to_thread(
+                openai_logprobs, tokenizer, request.generated, final["logprobs"], chat=chat
+            )
         if chat:
             choice = {
                 "index": 0,
                 "message": {"role": "assistant", "content": content},
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": reason,
             }
             return {
@@ -397,7 +402,7 @@ def build_app(
                 "choices": [choice],
                 "usage": usage,
             }
-        choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": reason}
+        choice = {"index": 0, "text": content, "logprobs": logprobs, "finish_reason": reason}
         return {
             "id": ident,
             "object": "text_completion",
@@ -464,6 +469,33 @@ def build_app(
         return await complete(http, chat=True)
 
     return app
+
+
+def openai_logprobs(tokenizer, tokens: list[int], logprobs: list, *, chat: bool) -> dict:
+    """The ``logprobs`` of a choice in OpenAI's shape: chat's ``content`` list, or the completions API's
+    parallel lists (tokens, token_logprobs, top_logprobs, text_offset). ``bytes`` is null: a byte-level
+    token's own bytes are not the UTF-8 of its text when it holds part of a character."""
+
+    def text(token: int) -> str:
+        return tokenizer.decode([token])
+
+    if chat:
+        content = [
+            {
+                "token": text(token),
+                "logprob": lp,
+                "bytes": None,
+                "top_logprobs": [{"token": text(i), "logprob": v, "bytes": None} for i, v in best],
+            }
+            for token, (lp, best) in zip(tokens, logprobs)
+        ]
+        return {"content": content, "refusal": None}
+    return {
+        "tokens": [text(t) for t in tokens],
+        "token_logprobs": [lp for lp, _ in logprobs],
+        "top_logprobs": [{text(i): v for i, v in best} for _, best in logprobs],
+        "text_offset": [len(tokenizer.decode(tokens[:n])) for n in range(len(tokens))],
+    }
 
 
 def _usage(final: dict) -> dict:

@@ -44,6 +44,7 @@ class Parsed:
     sampling: SamplingConfig
     stream: bool
     include_usage: bool
+    top_logprobs: int | None = None  # None: no log-probabilities
 
 
 def parse_json(raw: bytes, max_body_bytes: int) -> dict:
@@ -188,6 +189,23 @@ def parse_request(
     if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise ApiError(400, f"'seed'={seed} must fit in 64 bits (-2**63 .. 2**64-1)", param="seed")
 
+    if chat:  # logprobs: true, top_logprobs: 0..20
+        wanted = _typed(body, "logprobs", (bool,), False, "a boolean")
+        top = _typed(body, "top_logprobs", (int,), None, "an integer")
+        if top is not None and not wanted:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        if top is not None and not 0 <= top <= 20:
+            raise ApiError(400, f"'top_logprobs'={top} must be between 0 and 20", param="top_logprobs")
+        top_logprobs = (top or 0) if wanted else None
+    else:  # logprobs: 0..5, the number of most likely tokens shown beside each token
+        top_logprobs = _typed(body, "logprobs", (int,), None, "an integer")
+        if top_logprobs is not None and not 0 <= top_logprobs <= 5:
+            raise ApiError(400, f"'logprobs'={top_logprobs} must be between 0 and 5", param="logprobs")
+    if top_logprobs is not None and stream:
+        raise ApiError(
+            400, "log-probabilities are not streamed yet: ask without 'stream' for them", param="logprobs"
+        )
+
     stops = tuple(stop)
     if chat:
         messages = _plain_messages(body.get("messages"))
@@ -240,4 +258,4 @@ def parse_request(
     sampling = SamplingConfig(
         max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops, seed=seed
     )
-    return Parsed(model, ids, sampling, stream, bool(options.get("include_usage")))
+    return Parsed(model, ids, sampling, stream, bool(options.get("include_usage")), top_logprobs)

@@ -47,15 +47,26 @@ class Request:
     prompt: list[int]
     sampling: SamplingConfig
     emit: Callable[[str | None, dict | None], None]  # (text delta, None) while running; (None, final) once
+    top_logprobs: int | None = None  # None: no log-probabilities; k: each token's and its k most likely
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     # filled by the scheduler
     generated: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per generated token
     tracker: TextTracker | None = None
     generator: torch.Generator | None = None
     position: int = 0  # position id of the next token fed
     budget: int = 0
     first_token_at: float | None = None
+
+
+def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """``token``'s log-probability under the model's logits (V,), before temperature and top-p (what the
+    OpenAI API reports), and the ``k`` most likely tokens with theirs."""
+    logprobs = logits.float().log_softmax(dim=-1)  # (V,)
+    top = logprobs.topk(k) if k else None
+    best = [] if top is None else [(int(i), float(v)) for v, i in zip(top.values, top.indices)]
+    return float(logprobs[token]), best
 
 
 class Scheduler:
@@ -220,6 +231,8 @@ class Scheduler:
         if token == self.tokenizer.eot_id:
             return "stop"
         request.generated.append(token)
+        if request.top_logprobs is not None:
+            request.logprobs.append(token_logprobs(logits[0], token, request.top_logprobs))
         assert request.tracker is not None
         delta = request.tracker.update(request.generated)
         if delta:
@@ -272,6 +285,7 @@ class Scheduler:
             "latency": time.perf_counter() - request.submitted,
             "time_to_first_token": (request.first_token_at or time.perf_counter()) - request.submitted,
             "error": error,
+            "logprobs": request.logprobs if request.top_logprobs is not None else None,
         }
         if self.on_finish is not None:
             try:
