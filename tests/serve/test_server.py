@@ -108,8 +108,8 @@ def test_errors(server):
     assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "temperature"
     big = httpx.post(server.url + "/v1/completions", content=b"x" * 2_000_000, timeout=10)
     assert big.status_code == 413 and "1000000 bytes" in big.json()["error"]["message"]
-    n2 = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "n": 2}, timeout=10)
-    assert n2.status_code == 400 and n2.json()["error"]["param"] == "n"
+    n17 = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "n": 17}, timeout=10)
+    assert n17.status_code == 400 and n17.json()["error"]["param"] == "n"
 
 
 def test_metrics(server):
@@ -194,3 +194,26 @@ def test_logprobs_equal_a_log_softmax_of_the_logits(server, checkpoint):
     with pytest.raises(openai.BadRequestError) as exc:
         c.chat.completions.create(model="tiny", messages=messages, max_tokens=2, top_logprobs=2)
     assert exc.value.body["param"] == "top_logprobs"
+
+
+def test_n_choices_are_sampled_independently_and_seeded(server):
+    """n=3: choice i is the answer an n=1 request with seed + i gets (reproducible), the choices differ, usage
+    counts the prompt once and every completion; streamed, each choice's deltas join to the same text."""
+    c = client(server)
+    args = dict(model="tiny", prompt="Once", max_tokens=12, temperature=1.0, seed=5)
+    three = c.completions.create(n=3, **args)
+    assert [choice.index for choice in three.choices] == [0, 1, 2]
+    texts = [choice.text for choice in three.choices]
+    singles = [c.completions.create(**dict(args, seed=5 + i)) for i in range(3)]
+    assert texts == [single.choices[0].text for single in singles]
+    assert len(set(texts)) > 1
+    assert three.usage.prompt_tokens == 4
+    assert three.usage.completion_tokens == sum(single.usage.completion_tokens for single in singles)
+    messages = [{"role": "user", "content": "Hi!"}]
+    chat_args = dict(model="tiny", messages=messages, max_tokens=8, temperature=1.0, seed=9, n=2)
+    whole = c.chat.completions.create(**chat_args)
+    streamed = ["", ""]
+    for chunk in c.chat.completions.create(stream=True, **chat_args):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == [choice.message.content for choice in whole.choices]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -29,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.errors import ConfigError
 from lmforge.infer.chat import ChatTemplate, special_token_ids
+from lmforge.infer.generate import SamplingConfig
 from lmforge.serve.protocol import ApiError, Parsed, parse_json, parse_request
 from lmforge.serve.scheduler import QueueFull, Request, Scheduler, ShuttingDown
 
@@ -323,13 +325,14 @@ def build_app(
             context=context,
         )
 
-    async def cancel_on_disconnect(http: HttpRequest, request: Request) -> None:
+    async def cancel_on_disconnect(http: HttpRequest, requests: list[Request]) -> None:
         """Wait for the client to leave (the body is read: the next message is the disconnect), then cancel
         its request, which frees its batch slot at the next step. Text deltas arriving meanwhile do not
         delay it, as a check between deltas would."""
         while (await http.receive())["type"] != "http.disconnect":
             pass
-        request.cancelled = True
+        for request in requests:
+            request.cancelled = True
 
     async def complete(http: HttpRequest, chat: bool):
         try:
@@ -337,15 +340,26 @@ def build_app(
         except ApiError as exc:
             return error_response(exc)
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        events: asyncio.Queue = asyncio.Queue()  # (choice index, text delta, final)
 
-        def emit(delta: str | None, final: dict | None) -> None:  # on the scheduler thread
-            with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is listening
-                loop.call_soon_threadsafe(events.put_nowait, (delta, final))
+        def emitter(index: int):
+            def emit(delta: str | None, final: dict | None) -> None:  # on the scheduler thread
+                with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is listening
+                    loop.call_soon_threadsafe(events.put_nowait, (index, delta, final))
 
-        request = Request(parsed.prompt, parsed.sampling, emit, top_logprobs=parsed.top_logprobs)
+            return emit
+
+        requests = [
+            Request(
+                parsed.prompt,
+                choice_sampling(parsed.sampling, i),
+                emitter(i),
+                top_logprobs=parsed.top_logprobs,
+            )
+            for i in range(parsed.n)
+        ]
         try:
-            scheduler.submit(request)
+            scheduler.submit(*requests)
         except ShuttingDown:
             return error_response(SHUTTING_DOWN)
         except QueueFull as exc:
@@ -361,104 +375,108 @@ def build_app(
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if parsed.stream:
             return StreamingResponse(
-                stream(request, events, parsed, chat, ident),
+                stream(requests, events, parsed, chat, ident),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        watcher = asyncio.create_task(cancel_on_disconnect(http, request))
+        watcher = asyncio.create_task(cancel_on_disconnect(http, requests))
+        finals: list[dict | None] = [None] * len(requests)
         try:
-            while True:
-                delta, final = await events.get()
+            while any(final is None for final in finals):
+                index, _, final = await events.get()
                 if final is not None:
-                    break
+                    finals[index] = final
+                    if final["finish_reason"] == "error":  # the answer is an error: the others stop
+                        for request in requests:
+                            request.cancelled = True
         finally:
             watcher.cancel()
-        if final["finish_reason"] == "cancelled" and watcher.done() and not watcher.cancelled():
+        reasons = [final["finish_reason"] for final in finals]
+        if "cancelled" in reasons and watcher.done() and not watcher.cancelled():
             return Response(status_code=499)  # the client left: nobody reads this
-        if final["finish_reason"] == "cancelled":
+        if "error" in reasons:
+            return error_response(ApiError(500, finals[reasons.index("error")]["error"], kind="server_error"))
+        if "cancelled" in reasons:
             return error_response(SHUTTING_DOWN)
-        if final["finish_reason"] == "error":
-            return error_response(ApiError(500, final["error"], kind="server_error"))
-        usage = _usage(final)
-        reason = _finish_reason(final["finish_reason"])
-        content = final["text"]  # the whole decode: a streamed delta can differ where bytes merge later
-        logprobs = None
-        if final["logprobs"] is not None:
-            logprobs = await asyncio.to_thread(
-                openai_logprobs, tokenizer, request.generated, final["logprobs"], chat=chat
-            )
-        if chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "logprobs": logprobs,
-                "finish_reason": reason,
-            }
-            return {
-                "id": ident,
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model_name,
-                "choices": [choice],
-                "usage": usage,
-            }
-        choice = {"index": 0, "text": content, "logprobs": logprobs, "finish_reason": reason}
+        choices = []
+        for index, (request, final) in enumerate(zip(requests, finals)):
+            reason = _finish_reason(final["finish_reason"])
+            content = final["text"]  # the whole decode: a streamed delta can differ where bytes merge later
+            logprobs = None
+            if final["logprobs"] is not None:
+                logprobs = await asyncio.to_thread(
+                    openai_logprobs, tokenizer, request.generated, final["logprobs"], chat=chat
+                )
+            if chat:
+                message = {"role": "assistant", "content": content}
+                choices.append(
+                    {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+                )
+            else:
+                choices.append(
+                    {"index": index, "text": content, "logprobs": logprobs, "finish_reason": reason}
+                )
         return {
             "id": ident,
-            "object": "text_completion",
+            "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
             "model": model_name,
-            "choices": [choice],
-            "usage": usage,
+            "choices": choices,
+            "usage": _usage(finals),
         }
 
-    async def stream(request: Request, events: asyncio.Queue, parsed: Parsed, chat: bool, ident: str):
+    async def stream(requests: list[Request], events: asyncio.Queue, parsed: Parsed, chat: bool, ident: str):
         now = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta: str | None, reason: str | None, **extra) -> str:
+        def chunk(index: int, delta: str | None, reason: str | None, role: bool = False) -> str:
             if chat:
-                piece = {} if delta is None else {"content": delta}
-                if extra.pop("role", False):
-                    piece = {"role": "assistant", "content": ""}
-                choice = {"index": 0, "delta": piece, "logprobs": None, "finish_reason": reason}
+                piece = (
+                    {"role": "assistant", "content": ""}
+                    if role
+                    else {}
+                    if delta is None
+                    else {"content": delta}
+                )
+                choice = {"index": index, "delta": piece, "logprobs": None, "finish_reason": reason}
             else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": reason}
+                choice = {"index": index, "text": delta or "", "logprobs": None, "finish_reason": reason}
             out = {"id": ident, "object": kind, "created": now, "model": model_name, "choices": [choice]}
-            out.update(extra)
             return f"data: {json.dumps(out)}\n\n"
 
-        finished = False
+        finals: list[dict | None] = [None] * len(requests)
+        ended = False
         try:
             if chat:
-                yield chunk(None, None, role=True)
-            while True:
-                delta, final = await events.get()
+                for index in range(len(requests)):
+                    yield chunk(index, None, None, role=True)
+            while any(final is None for final in finals):
+                index, delta, final = await events.get()
                 if final is None:
-                    yield chunk(delta, None)
+                    yield chunk(index, delta, None)
                     continue
-                finished = True
-                if final["finish_reason"] == "cancelled":
-                    yield f"data: {json.dumps(SHUTTING_DOWN.body())}\n\n"
-                elif final["finish_reason"] == "error":
-                    yield f"data: {json.dumps(ApiError(500, final['error'], kind='server_error').body())}\n\n"
-                else:
-                    yield chunk(None, _finish_reason(final["finish_reason"]))
-                    if parsed.include_usage:
-                        out = {
-                            "id": ident,
-                            "object": kind,
-                            "created": now,
-                            "model": model_name,
-                            "choices": [],
-                            "usage": _usage(final),
-                        }
-                        yield f"data: {json.dumps(out)}\n\n"
-                yield "data: [DONE]\n\n"
-                return
+                finals[index] = final
+                if final["finish_reason"] in ("cancelled", "error"):
+                    ended = True
+                    for request in requests:  # the answer is an error: the other choices stop
+                        request.cancelled = True
+                    problem = SHUTTING_DOWN
+                    if final["finish_reason"] == "error":
+                        problem = ApiError(500, final["error"], kind="server_error")
+                    yield f"data: {json.dumps(problem.body())}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                yield chunk(index, None, _finish_reason(final["finish_reason"]))
+            ended = True
+            if parsed.include_usage:
+                out = {"id": ident, "object": kind, "created": now, "model": model_name, "choices": []}
+                out["usage"] = _usage(finals)
+                yield f"data: {json.dumps(out)}\n\n"
+            yield "data: [DONE]\n\n"
         finally:
-            if not finished:  # the client went away: the scheduler drops the row at its next step
-                request.cancelled = True
+            if not ended:  # the client went away: the scheduler drops the rows at its next step
+                for request in requests:
+                    request.cancelled = True
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):
@@ -498,9 +516,18 @@ def openai_logprobs(tokenizer, tokens: list[int], logprobs: list, *, chat: bool)
     }
 
 
-def _usage(final: dict) -> dict:
-    p, c = final["prompt_tokens"], final["completion_tokens"]
+def _usage(finals: list[dict]) -> dict:
+    """Usage of a request's choices: the prompt once (as OpenAI counts it), the completions summed."""
+    p, c = finals[0]["prompt_tokens"], sum(final["completion_tokens"] for final in finals)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def choice_sampling(sampling: SamplingConfig, index: int) -> SamplingConfig:
+    """Choice ``index`` of a request samples on its own: with a seed, its own (seed + index, within the
+    64 bits a generator takes), so every choice is reproducible and the choices differ."""
+    if sampling.seed is None or index == 0:
+        return sampling
+    return dataclasses.replace(sampling, seed=(sampling.seed + index) % 2**64)
 
 
 def bind(host: str, port: int) -> socket.socket:

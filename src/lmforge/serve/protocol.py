@@ -13,6 +13,7 @@ from lmforge.infer.generate import SamplingConfig
 MAX_DEPTH = 32  # JSON nesting: a chat body needs 4 levels (body, messages, message, content parts)
 MIN_TEMPERATURE = 1e-3  # below it logits / temperature overflow float32 to inf and sampling fails: use 0
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+MAX_CHOICES = 16  # n: each choice takes a batch slot
 MAX_STOP_CHARS = 1000  # a stop string is matched against the text at every step of the shared batch
 
 
@@ -45,6 +46,7 @@ class Parsed:
     stream: bool
     include_usage: bool
     top_logprobs: int | None = None  # None: no log-probabilities
+    n: int = 1  # choices, sampled independently
 
 
 def parse_json(raw: bytes, max_body_bytes: int) -> dict:
@@ -162,8 +164,8 @@ def parse_request(
             code="model_not_found",
         )
     n = _typed(body, "n", (int,), 1, "an integer")
-    if n != 1:
-        raise ApiError(400, f"'n'={n} is not supported: lmforge serve returns one choice (n=1)", param="n")
+    if not 1 <= n <= MAX_CHOICES:
+        raise ApiError(400, f"'n'={n} must be between 1 and {MAX_CHOICES}", param="n")
     stream = _typed(body, "stream", (bool,), False, "a boolean")
     options = _typed(body, "stream_options", (dict,), {}, "an object")
     temperature = _number(body, "temperature", 1.0)
@@ -258,4 +260,4 @@ def parse_request(
     sampling = SamplingConfig(
         max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops, seed=seed
     )
-    return Parsed(model, ids, sampling, stream, bool(options.get("include_usage")), top_logprobs)
+    return Parsed(model, ids, sampling, stream, bool(options.get("include_usage")), top_logprobs, n)

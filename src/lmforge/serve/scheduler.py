@@ -94,19 +94,20 @@ class Scheduler:
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, request: Request) -> None:
+    def submit(self, *requests: Request) -> None:
+        """Queue ``requests`` (the choices of one API request): all of them, or none."""
         with self.wake:
             if self.closing:
                 raise ShuttingDown("the server is shutting down")
             # one request joins per step, so requests bound for free batch slots wait briefly: they are not
             # the queue that --max-queue bounds
             free = max(0, self.max_batch - len(self.rows))
-            if len(self.waiting) >= self.max_queue + free:
+            if len(self.waiting) + len(requests) > self.max_queue + free:
                 raise QueueFull(
                     f"{len(self.waiting) - free} requests are waiting beyond the {self.max_batch} batch slots "
                     f"(--max-queue {self.max_queue})"
                 )
-            self.waiting.append(request)
+            self.waiting.extend(requests)
             self.wake.notify()
 
     def close(self) -> None:
