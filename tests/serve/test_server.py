@@ -217,3 +217,30 @@ def test_n_choices_are_sampled_independently_and_seeded(server):
         for choice in chunk.choices:
             streamed[choice.index] += choice.delta.content or ""
     assert streamed == [choice.message.content for choice in whole.choices]
+
+
+def test_streamed_logprobs_equal_the_whole_answers(server):
+    """Streamed, each chunk carries the log-probabilities of the tokens since the previous one: together they
+    are the non-streamed answer's (chat content list, and the completions API's parallel lists)."""
+    c = client(server)
+    messages = [{"role": "user", "content": "Hey"}]
+    args = dict(model="tiny", messages=messages, max_tokens=10, temperature=0, logprobs=True, top_logprobs=2)
+    whole = c.chat.completions.create(**args).choices[0].logprobs.content
+    streamed = []
+    for chunk in c.chat.completions.create(stream=True, **args):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed += chunk.choices[0].logprobs.content
+    assert [(x.token, x.logprob) for x in streamed] == [(x.token, x.logprob) for x in whole]
+    assert [x.top_logprobs for x in streamed] == [x.top_logprobs for x in whole]
+    args = dict(model="tiny", prompt="Well", max_tokens=10, temperature=0, logprobs=1)
+    full = c.completions.create(**args).choices[0].logprobs
+    tokens, offsets, values = [], [], []
+    for chunk in c.completions.create(stream=True, **args):
+        part = chunk.choices[0].logprobs
+        if part is not None:
+            tokens, offsets, values = (
+                tokens + part.tokens,
+                offsets + part.text_offset,
+                values + part.token_logprobs,
+            )
+    assert (tokens, offsets, values) == (full.tokens, full.text_offset, full.token_logprobs)

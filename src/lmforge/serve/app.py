@@ -429,18 +429,30 @@ def build_app(
         now = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
 
+        sent = [0] * len(requests)  # per choice: the tokens whose log-probabilities have gone out
+
+        def logprobs_since(index: int) -> dict | None:
+            """The log-probabilities of the choice's tokens generated since its last chunk: over the whole
+            stream they are those of the non-streamed answer."""
+            request = requests[index]
+            if request.top_logprobs is None:
+                return None
+            end = len(request.logprobs)  # the scheduler appends a token before its log-probabilities
+            lps = request.logprobs[:end]
+            out = openai_logprobs(tokenizer, request.generated[:end], lps, chat=chat, start=sent[index])
+            sent[index] = end
+            return out
+
         def chunk(index: int, delta: str | None, reason: str | None, role: bool = False) -> str:
-            if chat:
-                piece = (
-                    {"role": "assistant", "content": ""}
-                    if role
-                    else {}
-                    if delta is None
-                    else {"content": delta}
-                )
-                choice = {"index": index, "delta": piece, "logprobs": None, "finish_reason": reason}
+            logprobs = None if role else logprobs_since(index)
+            if role:
+                piece = {"role": "assistant", "content": ""}
             else:
-                choice = {"index": index, "text": delta or "", "logprobs": None, "finish_reason": reason}
+                piece = {} if delta is None else {"content": delta}
+            if chat:
+                choice = {"index": index, "delta": piece, "logprobs": logprobs, "finish_reason": reason}
+            else:
+                choice = {"index": index, "text": delta or "", "logprobs": logprobs, "finish_reason": reason}
             out = {"id": ident, "object": kind, "created": now, "model": model_name, "choices": [choice]}
             return f"data: {json.dumps(out)}\n\n"
 
@@ -489,10 +501,12 @@ def build_app(
     return app
 
 
-def openai_logprobs(tokenizer, tokens: list[int], logprobs: list, *, chat: bool) -> dict:
-    """The ``logprobs`` of a choice in OpenAI's shape: chat's ``content`` list, or the completions API's
-    parallel lists (tokens, token_logprobs, top_logprobs, text_offset). ``bytes`` is null: a byte-level
-    token's own bytes are not the UTF-8 of its text when it holds part of a character."""
+def openai_logprobs(tokenizer, tokens: list[int], logprobs: list, *, chat: bool, start: int = 0) -> dict:
+    """The ``logprobs`` of a choice's tokens from ``start`` on, in OpenAI's shape: chat's ``content`` list, or
+    the completions API's parallel lists (tokens, token_logprobs, top_logprobs, text_offset). ``bytes`` is
+    null: a byte-level token's own bytes are not the UTF-8 of its text when it holds part of a character."""
+    offsets = [] if chat else [len(tokenizer.decode(tokens[:n])) for n in range(start, len(tokens))]
+    tokens, logprobs = tokens[start:], logprobs[start:]
 
     def text(token: int) -> str:
         return tokenizer.decode([token])
@@ -512,7 +526,7 @@ def openai_logprobs(tokenizer, tokens: list[int], logprobs: list, *, chat: bool)
         "tokens": [text(t) for t in tokens],
         "token_logprobs": [lp for lp, _ in logprobs],
         "top_logprobs": [{text(i): v for i, v in best} for _, best in logprobs],
-        "text_offset": [len(tokenizer.decode(tokens[:n])) for n in range(len(tokens))],
+        "text_offset": offsets,
     }
 
 

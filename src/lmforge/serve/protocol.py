@@ -203,11 +203,6 @@ def parse_request(
         top_logprobs = _typed(body, "logprobs", (int,), None, "an integer")
         if top_logprobs is not None and not 0 <= top_logprobs <= 5:
             raise ApiError(400, f"'logprobs'={top_logprobs} must be between 0 and 5", param="logprobs")
-    if top_logprobs is not None and stream:
-        raise ApiError(
-            400, "log-probabilities are not streamed yet: ask without 'stream' for them", param="logprobs"
-        )
-
     stops = tuple(stop)
     if chat:
         messages = _plain_messages(body.get("messages"))
