@@ -75,6 +75,10 @@ def test_top_k_top_p_filters_keep_the_right_tokens():
     assert kept.tolist() == [[True, False, True, False], [True, True, True, True]]
     kept = filter_top_k_top_p(logits, top_k=2, top_p=1.0).isfinite()
     assert kept[0].tolist() == [True, False, True, False]
+    # a top_p that is 0 in float32 still keeps the most likely token (it used to drop every token, and
+    # sampling from all -inf failed)
+    kept = filter_top_k_top_p(logits, top_k=0, top_p=1e-300).isfinite()
+    assert kept[0].tolist() == [True, False, False, False] and int(kept[1].sum()) == 1  # row 1: a tie
 
 
 def test_repetition_penalty_matches_transformers():

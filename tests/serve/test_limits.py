@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 
@@ -91,6 +93,34 @@ def test_queue_full_and_disconnect(tmp_path):
         waiter.join(timeout=60)
         assert not waiter.is_alive()
         wait_until(lambda: not running.scheduler.rows)
+        metrics = httpx.get(running.url + "/metrics").text
+        assert 'lmforge_finished_requests_total{reason="cancelled"} 1.0' in metrics
+    finally:
+        running.close()
+
+
+def test_non_streaming_disconnect_frees_the_slot(tmp_path):
+    """A non-streaming client that leaves mid-decode had its request run to the end of its budget (tokens
+    kept arriving, so the disconnect was never checked); now it is cancelled and its slot freed."""
+    running = RunningServer(tiny_checkpoint(tmp_path, max_seq_len=4096), max_batch=2, max_queue=1)
+    finished = []
+    on_finish = running.scheduler.on_finish
+    running.scheduler.on_finish = lambda request, final: (finished.append(final), on_finish(request, final))
+    body = json.dumps({"prompt": "long one", "max_tokens": 4000, "temperature": 0}).encode()
+    host, port = running.url.removeprefix("http://").split(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            wait_until(lambda: running.scheduler.rows and running.scheduler.rows[0].generated)  # decoding
+        left = time.monotonic()  # the socket is closed: the client has gone
+        wait_until(lambda: finished, seconds=60)
+        assert finished[0]["finish_reason"] == "cancelled", finished[0]
+        assert 0 < finished[0]["completion_tokens"] < 4000
+        wait_until(lambda: not running.scheduler.rows)  # on_finish runs just before the row leaves
+        assert time.monotonic() - left < 10
         metrics = httpx.get(running.url + "/metrics").text
         assert 'lmforge_finished_requests_total{reason="cancelled"} 1.0' in metrics
     finally:

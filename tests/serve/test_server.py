@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from lmforge.infer.chat import default_template, encode_chat, special_token_ids
 from lmforge.infer.generate import SamplingConfig, generate
 from lmforge.infer.loading import load_for_inference, open_chat
 from tests.conftest import require_module
@@ -107,8 +108,8 @@ def test_errors(server):
     assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "temperature"
     big = httpx.post(server.url + "/v1/completions", content=b"x" * 2_000_000, timeout=10)
     assert big.status_code == 413 and "1000000 bytes" in big.json()["error"]["message"]
-    n2 = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "n": 2}, timeout=10)
-    assert n2.status_code == 400 and n2.json()["error"]["param"] == "n"
+    n17 = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "n": 17}, timeout=10)
+    assert n17.status_code == 400 and n17.json()["error"]["param"] == "n"
 
 
 def test_metrics(server):
@@ -123,3 +124,123 @@ def test_metrics(server):
         "lmforge_time_to_first_token_seconds_bucket",
     ):
         assert name in text, name
+
+
+def test_content_parts_and_developer_role(server):
+    """Content as a list of text parts is their text joined by newlines, and the developer role is the
+    system role: the replies equal those of the plain-string, system-role conversation."""
+    c = client(server)
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!\nHow are you?"}]
+    parts = [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Hi!"}, {"type": "text", "text": "How are you?"}],
+        },
+    ]
+    a, b = (
+        c.chat.completions.create(model="tiny", messages=m, max_tokens=12, temperature=0)
+        for m in (plain, parts)
+    )
+    assert b.choices[0].message.content == a.choices[0].message.content
+    assert b.usage.prompt_tokens == a.usage.prompt_tokens
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model="tiny", messages=image, max_tokens=2)
+    assert exc.value.body["param"] == "messages" and "'image_url' part" in exc.value.body["message"]
+
+
+def test_logprobs_equal_a_log_softmax_of_the_logits(server, checkpoint):
+    """Each token's log-probability and the top ones equal a log-softmax of the model's logits, from one
+    full forward pass over prompt + completion (no cache), for the completions and the chat API."""
+    loaded = load_for_inference(checkpoint, device=torch.device("cpu"))
+    tok = loaded.tokenizer
+
+    def reference(prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = loaded.model(torch.tensor([prompt_ids + tokens]))[0].float()  # (P + N, V)
+        return logits.log_softmax(-1)[len(prompt_ids) - 1 : -1]  # (N, V): the positions choosing them
+
+    c = client(server)
+    out = c.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=0, logprobs=3)
+    got = out.choices[0].logprobs
+    tokens = [tok.encode(t)[0] for t in got.tokens]  # one character per token
+    assert "".join(got.tokens) == out.choices[0].text and len(tokens) == out.usage.completion_tokens
+    ref = reference(tok.encode("Hello"), tokens)
+    for n, token in enumerate(tokens):
+        assert got.token_logprobs[n] == pytest.approx(float(ref[n, token]), abs=1e-4)
+        top = ref[n].topk(3)
+        expected = {tok.decode([int(i)]): float(v) for v, i in zip(top.values, top.indices)}
+        assert got.top_logprobs[n] == pytest.approx(expected, abs=1e-4)
+    assert got.text_offset == list(range(len(tokens)))
+
+    messages = [{"role": "user", "content": "Hi!"}]
+    chat = c.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = chat.choices[0].logprobs.content
+    assert "".join(item.token for item in content) == chat.choices[0].message.content
+    template = loaded.chat_template or default_template(tok)
+    text = template.render(messages, add_generation_prompt=True)
+    prompt_ids = encode_chat(tok, text, special_token_ids(tok, template))
+    assert len(prompt_ids) == chat.usage.prompt_tokens
+    tokens = [tok.encode(item.token)[0] for item in content]
+    ref = reference(prompt_ids, tokens)
+    for n, item in enumerate(content):
+        assert item.logprob == pytest.approx(float(ref[n, tokens[n]]), abs=1e-4)
+        assert [t.logprob for t in item.top_logprobs] == pytest.approx(
+            ref[n].topk(2).values.tolist(), abs=1e-4
+        )
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model="tiny", messages=messages, max_tokens=2, top_logprobs=2)
+    assert exc.value.body["param"] == "top_logprobs"
+
+
+def test_n_choices_are_sampled_independently_and_seeded(server):
+    """n=3: choice i is the answer an n=1 request with seed + i gets (reproducible), the choices differ, usage
+    counts the prompt once and every completion; streamed, each choice's deltas join to the same text."""
+    c = client(server)
+    args = dict(model="tiny", prompt="Once", max_tokens=12, temperature=1.0, seed=5)
+    three = c.completions.create(n=3, **args)
+    assert [choice.index for choice in three.choices] == [0, 1, 2]
+    texts = [choice.text for choice in three.choices]
+    singles = [c.completions.create(**dict(args, seed=5 + i)) for i in range(3)]
+    assert texts == [single.choices[0].text for single in singles]
+    assert len(set(texts)) > 1
+    assert three.usage.prompt_tokens == 4
+    assert three.usage.completion_tokens == sum(single.usage.completion_tokens for single in singles)
+    messages = [{"role": "user", "content": "Hi!"}]
+    chat_args = dict(model="tiny", messages=messages, max_tokens=8, temperature=1.0, seed=9, n=2)
+    whole = c.chat.completions.create(**chat_args)
+    streamed = ["", ""]
+    for chunk in c.chat.completions.create(stream=True, **chat_args):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == [choice.message.content for choice in whole.choices]
+
+
+def test_streamed_logprobs_equal_the_whole_answers(server):
+    """Streamed, each chunk carries the log-probabilities of the tokens since the previous one: together they
+    are the non-streamed answer's (chat content list, and the completions API's parallel lists)."""
+    c = client(server)
+    messages = [{"role": "user", "content": "Hey"}]
+    args = dict(model="tiny", messages=messages, max_tokens=10, temperature=0, logprobs=True, top_logprobs=2)
+    whole = c.chat.completions.create(**args).choices[0].logprobs.content
+    streamed = []
+    for chunk in c.chat.completions.create(stream=True, **args):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed += chunk.choices[0].logprobs.content
+    assert [(x.token, x.logprob) for x in streamed] == [(x.token, x.logprob) for x in whole]
+    assert [x.top_logprobs for x in streamed] == [x.top_logprobs for x in whole]
+    args = dict(model="tiny", prompt="Well", max_tokens=10, temperature=0, logprobs=1)
+    full = c.completions.create(**args).choices[0].logprobs
+    tokens, offsets, values = [], [], []
+    for chunk in c.completions.create(stream=True, **args):
+        part = chunk.choices[0].logprobs
+        if part is not None:
+            tokens, offsets, values = (
+                tokens + part.tokens,
+                offsets + part.text_offset,
+                values + part.token_logprobs,
+            )
+    assert (tokens, offsets, values) == (full.tokens, full.text_offset, full.token_logprobs)

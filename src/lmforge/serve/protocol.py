@@ -10,6 +10,12 @@ from lmforge.errors import DataError
 from lmforge.infer.chat import ChatTemplate, check_messages, encode_chat
 from lmforge.infer.generate import SamplingConfig
 
+MAX_DEPTH = 32  # JSON nesting: a chat body needs 4 levels (body, messages, message, content parts)
+MIN_TEMPERATURE = 1e-3  # below it logits / temperature overflow float32 to inf and sampling fails: use 0
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+MAX_CHOICES = 16  # n: each choice takes a batch slot
+MAX_STOP_CHARS = 1000  # a stop string is matched against the text at every step of the shared batch
+
 
 class ApiError(Exception):
     def __init__(
@@ -39,6 +45,8 @@ class Parsed:
     sampling: SamplingConfig
     stream: bool
     include_usage: bool
+    top_logprobs: int | None = None  # None: no log-probabilities
+    n: int = 1  # choices, sampled independently
 
 
 def parse_json(raw: bytes, max_body_bytes: int) -> dict:
@@ -51,11 +59,32 @@ def parse_json(raw: bytes, max_body_bytes: int) -> dict:
         )
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        body = None  # nested beyond the interpreter's limit: reported as too deep below
+    except ValueError as exc:  # not JSON, not UTF-8, or an integer beyond Python's 4300 digits
         raise ApiError(400, f"the request body is not valid JSON ({exc})", code="invalid_json") from None
+    if body is None or _depth(body) > MAX_DEPTH:
+        raise ApiError(
+            400, f"the request body is nested more than {MAX_DEPTH} levels deep", code="invalid_json"
+        )
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     return body
+
+
+def _depth(value) -> int:
+    """How deeply ``value`` nests lists and objects (a scalar is 0), without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        value, level = todo.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if level > MAX_DEPTH:
+            break
+        todo.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _typed(body: dict, key: str, types: tuple, default, what: str):
@@ -67,6 +96,50 @@ def _typed(body: dict, key: str, types: tuple, default, what: str):
             400, f"'{key}' must be {what}, got {json.dumps(value)[:80]}", param=key, code="invalid_type"
         )
     return value
+
+
+def _number(body: dict, key: str, default: float) -> float:
+    value = _typed(body, key, (int, float), default, "a number")
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float range
+        raise ApiError(400, f"'{key}' is out of range", param=key, code="invalid_value") from None
+
+
+def _plain_messages(messages):
+    """Messages as the chat template takes them: the ``developer`` role (OpenAI's newer name for the system
+    message) becomes ``system``, and content given as a list of text parts becomes their text, joined by
+    newlines (as vLLM does). Anything else is left for ``check_messages`` to refuse."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            out.append(message)
+            continue
+        message = dict(message)
+        if message.get("role") == "developer":
+            message["role"] = "system"
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not (
+                    isinstance(part, dict)
+                    and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)
+                ):
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise ApiError(
+                        400,
+                        f"messages[{i}].content[{j}] is a {kind!r} part; this server reads text parts only "
+                        "({'type': 'text', 'text': ...})",
+                        param="messages",
+                    )
+                texts.append(part["text"])
+            message["content"] = "\n".join(texts)
+        out.append(message)
+    return out
 
 
 def parse_request(
@@ -91,25 +164,48 @@ def parse_request(
             code="model_not_found",
         )
     n = _typed(body, "n", (int,), 1, "an integer")
-    if n != 1:
-        raise ApiError(400, f"'n'={n} is not supported: lmforge serve returns one choice (n=1)", param="n")
+    if not 1 <= n <= MAX_CHOICES:
+        raise ApiError(400, f"'n'={n} must be between 1 and {MAX_CHOICES}", param="n")
     stream = _typed(body, "stream", (bool,), False, "a boolean")
     options = _typed(body, "stream_options", (dict,), {}, "an object")
-    temperature = float(_typed(body, "temperature", (int, float), 1.0, "a number"))
-    top_p = float(_typed(body, "top_p", (int, float), 1.0, "a number"))
+    temperature = _number(body, "temperature", 1.0)
+    top_p = _number(body, "top_p", 1.0)
     seed = _typed(body, "seed", (int,), None, "an integer")
     stop = _typed(body, "stop", (str, list), [], "a string or a list of strings")
     stop = [stop] if isinstance(stop, str) else stop
-    if not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them", param="stop")
-    if not 0.0 <= temperature <= 2.0:
-        raise ApiError(400, f"'temperature'={temperature} must be between 0 and 2", param="temperature")
+    if not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop) or len(stop) > 4:
+        raise ApiError(
+            400,
+            f"'stop' must be a non-empty string of at most {MAX_STOP_CHARS} characters, or a list of up "
+            "to 4 of them",
+            param="stop",
+        )
+    if not (0.0 <= temperature <= 2.0 and (temperature == 0.0 or temperature >= MIN_TEMPERATURE)):
+        raise ApiError(
+            400,
+            f"'temperature'={temperature} must be 0 (greedy) or between {MIN_TEMPERATURE} and 2",
+            param="temperature",
+        )
     if not 0.0 < top_p <= 1.0:
         raise ApiError(400, f"'top_p'={top_p} must be in (0, 1]", param="top_p")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ApiError(400, f"'seed'={seed} must fit in 64 bits (-2**63 .. 2**64-1)", param="seed")
 
+    if chat:  # logprobs: true, top_logprobs: 0..20
+        wanted = _typed(body, "logprobs", (bool,), False, "a boolean")
+        top = _typed(body, "top_logprobs", (int,), None, "an integer")
+        if top is not None and not wanted:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        if top is not None and not 0 <= top <= 20:
+            raise ApiError(400, f"'top_logprobs'={top} must be between 0 and 20", param="top_logprobs")
+        top_logprobs = (top or 0) if wanted else None
+    else:  # logprobs: 0..5, the number of most likely tokens shown beside each token
+        top_logprobs = _typed(body, "logprobs", (int,), None, "an integer")
+        if top_logprobs is not None and not 0 <= top_logprobs <= 5:
+            raise ApiError(400, f"'logprobs'={top_logprobs} must be between 0 and 5", param="logprobs")
     stops = tuple(stop)
     if chat:
-        messages = body.get("messages")
+        messages = _plain_messages(body.get("messages"))
         try:
             check_messages(messages, "request")
         except DataError as exc:
@@ -159,4 +255,4 @@ def parse_request(
     sampling = SamplingConfig(
         max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops, seed=seed
     )
-    return Parsed(model, ids, sampling, stream, bool(options.get("include_usage")))
+    return Parsed(model, ids, sampling, stream, bool(options.get("include_usage")), top_logprobs, n)

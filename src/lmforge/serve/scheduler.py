@@ -36,6 +36,10 @@ class QueueFull(Exception):
     """More requests are waiting than the server's ``--max-queue`` allows."""
 
 
+class ShuttingDown(Exception):
+    """The server is draining: it takes no new requests."""
+
+
 @dataclass(eq=False)
 class Request:
     """One completion: prompt ids in, text deltas out through ``emit`` (called on the scheduler thread)."""
@@ -43,15 +47,26 @@ class Request:
     prompt: list[int]
     sampling: SamplingConfig
     emit: Callable[[str | None, dict | None], None]  # (text delta, None) while running; (None, final) once
+    top_logprobs: int | None = None  # None: no log-probabilities; k: each token's and its k most likely
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     # filled by the scheduler
     generated: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per generated token
     tracker: TextTracker | None = None
     generator: torch.Generator | None = None
     position: int = 0  # position id of the next token fed
     budget: int = 0
     first_token_at: float | None = None
+
+
+def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """``token``'s log-probability under the model's logits (V,), before temperature and top-p (what the
+    OpenAI API reports), and the ``k`` most likely tokens with theirs."""
+    logprobs = logits.float().log_softmax(dim=-1)  # (V,)
+    top = logprobs.topk(k) if k else None
+    best = [] if top is None else [(int(i), float(v)) for v, i in zip(top.values, top.indices)]
+    return float(logprobs[token]), best
 
 
 class Scheduler:
@@ -71,6 +86,7 @@ class Scheduler:
         self.logits: torch.Tensor | None = None  # (B, V) next-token logits of each running row
         self.wake = threading.Condition()
         self.stopping = False
+        self.closing = False
         self.thread = threading.Thread(target=self._run, name="lmforge-scheduler", daemon=True)
 
     # -- called from the server -----------------------------------------------------------------------
@@ -78,19 +94,36 @@ class Scheduler:
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, request: Request) -> None:
+    def submit(self, *requests: Request) -> None:
+        """Queue ``requests`` (the choices of one API request): all of them, or none."""
         with self.wake:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
-            self.waiting.append(request)
+            if self.closing:
+                raise ShuttingDown("the server is shutting down")
+            # one request joins per step, so requests bound for free batch slots wait briefly: they are not
+            # the queue that --max-queue bounds
+            free = max(0, self.max_batch - len(self.rows))
+            if len(self.waiting) + len(requests) > self.max_queue + free:
+                raise QueueFull(
+                    f"{len(self.waiting) - free} requests are waiting beyond the {self.max_batch} batch slots "
+                    f"(--max-queue {self.max_queue})"
+                )
+            self.waiting.extend(requests)
+            self.wake.notify()
+
+    def close(self) -> None:
+        """Take no new requests and cancel every queued or running one: each gets its final answer
+        ('cancelled') at the next step, while the thread goes on."""
+        with self.wake:
+            self.closing = True
+            for request in list(self.waiting) + self.rows:
+                request.cancelled = True
             self.wake.notify()
 
     def stop(self, timeout: float) -> None:
         """Cancel everything still queued or running and wait for the thread to end."""
+        self.close()
         with self.wake:
             self.stopping = True
-            for request in list(self.waiting) + self.rows:
-                request.cancelled = True
             self.wake.notify()
         self.thread.join(timeout)
 
@@ -111,17 +144,20 @@ class Scheduler:
                     joining = None
                     if self.waiting and len(self.rows) < self.max_batch:
                         joining = self.waiting.popleft()
-                try:
-                    if joining is not None:
-                        if joining.cancelled:
-                            self._finish(joining, "cancelled")
-                        else:
+                if joining is not None:
+                    if joining.cancelled:
+                        self._finish(joining, "cancelled")
+                    else:
+                        try:
                             self._join(joining)
+                        except Exception as exc:  # its own prefill failed: the batch goes on without it
+                            self._fail(joining, exc, "prefill")
+                try:
                     if self.rows:
                         self._step()
-                except Exception as exc:  # a failing step ends the batch's requests, never the server
+                except Exception as exc:  # the batch's forward pass failed: every row ends, the server not
                     logger.exception("decoding step failed")
-                    for request in self.rows + ([joining] if joining and joining not in self.rows else []):
+                    for request in self.rows:
                         self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
                     self.rows, self.cache, self.logits = [], None, None
 
@@ -155,16 +191,21 @@ class Scheduler:
             cache.values[layer][-1:, :, start:length] = own.values[layer]
         cache.key_mask[-1, start:length] = True
         cache.key_mask[:, length:] = True  # columns still to be written are real tokens of every row
-        self._install(cache, length)
+        logits = logits if self.logits is None else torch.cat([self.logits, logits])  # (B + 1, V)
+        self._install(cache, length)  # nothing of the batch changes before this line: a failure leaves it
         self.rows.append(request)
-        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        self.logits = logits
 
     def _step(self) -> None:
         """Choose every row's next token, retire finished rows, then feed the others one token each."""
         assert self.cache is not None and self.logits is not None
         keep: list[int] = []
         for i, request in enumerate(self.rows):
-            reason = self._advance(request, self.logits[i : i + 1])
+            try:
+                reason = self._advance(request, self.logits[i : i + 1])
+            except Exception as exc:  # this row's sampling or text failed: only this row ends
+                self._fail(request, exc, "sampling")
+                continue
             if reason is None:
                 keep.append(i)
             else:
@@ -191,6 +232,8 @@ class Scheduler:
         if token == self.tokenizer.eot_id:
             return "stop"
         request.generated.append(token)
+        if request.top_logprobs is not None:
+            request.logprobs.append(token_logprobs(logits[0], token, request.top_logprobs))
         assert request.tracker is not None
         delta = request.tracker.update(request.generated)
         if delta:
@@ -226,8 +269,13 @@ class Scheduler:
             cache.rope = self.cache.rope
         self.cache = cache
 
+    def _fail(self, request: Request, exc: Exception, stage: str) -> None:
+        logger.error("a request failed in %s: %s: %s", stage, type(exc).__name__, exc, exc_info=exc)
+        self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
+
     def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
-        tail = request.tracker.flush() if request.tracker is not None and reason != "cancelled" else ""
+        flush = request.tracker is not None and reason not in ("cancelled", "error")
+        tail = request.tracker.flush() if flush else ""
         if tail:
             request.emit(tail, None)
         final = {
@@ -238,7 +286,11 @@ class Scheduler:
             "latency": time.perf_counter() - request.submitted,
             "time_to_first_token": (request.first_token_at or time.perf_counter()) - request.submitted,
             "error": error,
+            "logprobs": request.logprobs if request.top_logprobs is not None else None,
         }
         if self.on_finish is not None:
-            self.on_finish(request, final)
+            try:
+                self.on_finish(request, final)
+            except Exception:  # metrics must not end the request or the thread
+                logger.exception("on_finish failed")
         request.emit(None, final)
