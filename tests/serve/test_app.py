@@ -124,7 +124,9 @@ def test_token_counters_add_each_requests_usage(model_and_tokenizer):
         text = c.get("/metrics").text
     assert metric(text, "lmforge_completion_tokens_total") == sum(u["completion_tokens"] for u in usages)
     assert metric(text, "lmforge_prompt_tokens_total") == 5 + 1
-    assert [u["total_tokens"] for u in usages] == [u["prompt_tokens"] + u["completion_tokens"] for u in usages]
+    assert [u["total_tokens"] for u in usages] == [
+        u["prompt_tokens"] + u["completion_tokens"] for u in usages
+    ]
     assert metric(text, "lmforge_finished_requests_total", '{reason="length"}') + metric(
         text, "lmforge_finished_requests_total", '{reason="stop"}'
     ) == len(usages)
