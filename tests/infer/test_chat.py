@@ -237,3 +237,140 @@ def test_import_keeps_a_template_and_generate_chat_uses_it(tmp_path, capsys):
         model, tokenizer, ChatTemplate(CHATML), SamplingConfig(max_new_tokens=6, temperature=0.0), CPU
     )
     assert printed["text"] == session.send("hi").text and printed["tokens"] == len(session.last.tokens)
+
+
+# -- edges of the template, the encoding and the session, each against a hand computation or a reference ----
+
+
+def test_bos_token_reaches_the_template_and_named_templates_pick_default(tmp_path):
+    template = ChatTemplate(
+        "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}", bos_token="<s>"
+    )
+    assert template.render([{"role": "user", "content": "hi"}]) == "<s>hi"
+    named = [{"name": "tool_use", "template": CHATML}, {"name": "default", "template": DEFAULT_CHAT_TEMPLATE}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    assert read_chat_template(tmp_path).is_default  # "default", wherever it is in the list
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named[:1]}))
+    assert read_chat_template(tmp_path).source == CHATML  # no "default": the first
+
+
+def test_an_empty_conversation_is_refused():
+    from lmforge.infer.chat import check_messages
+
+    with pytest.raises(DataError, match="x.jsonl:3: 'messages' must be a non-empty list"):
+        check_messages([], "x.jsonl:3")
+
+
+def test_special_tokens_match_longest_first():
+    from tests.infer.conftest import ByteTokenizer
+
+    specials = {"<x>": 300, "<x>y": 301}  # one is a prefix of the other
+    ids = encode_chat(ByteTokenizer(), "a<x>yb<x>", specials)
+    assert ids == [ord("a"), 301, ord("b"), 300]
+
+
+def test_a_template_end_text_that_is_no_token_is_encoded_as_text_like_transformers(tmp_path):
+    """CHATML's <|im_end|> is not in the char tokenizer's vocabulary: it is text, not end-of-text."""
+    tokenizer = char_tok()
+    ours = ChatTemplate(CHATML, eos_token="<|im_end|>")
+    specials = special_token_ids(tokenizer, ours)
+    assert "<|im_end|>" not in specials and specials["<|endoftext|>"] == tokenizer.eot_id
+    prompt = ours.render(CONVERSATION, add_generation_prompt=True)
+    hf = hf_tokenizer(tokenizer, CHATML, tmp_path)
+    assert encode_chat(tokenizer, prompt, specials) == hf(prompt, add_special_tokens=False)["input_ids"]
+
+
+# A template that never renders its end-of-turn text, so a session's prompt is the same whatever it is.
+PLAIN = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def test_a_template_end_of_turn_text_stops_the_reply():
+    tokenizer = char_tok()
+    model = text_model(tokenizer, max_seq_len=96)
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    free = ChatSession(model, tokenizer, ChatTemplate(PLAIN), sampling, CPU).send("hi")
+    assert free.finish_reason == "length" and len(free.text) == 12
+    end = free.text[6]  # the end-of-turn "text" of this template: a character the reply contains
+    cut = ChatSession(model, tokenizer, ChatTemplate(PLAIN, eos_token=end), sampling, CPU).send("hi")
+    assert cut.text == free.text[: free.text.index(end)] and cut.finish_reason == "stop"
+
+
+def test_the_reply_room_is_capped_at_half_the_context():
+    """max_new_tokens past half the context: the prompt is kept whole and the reply runs to the context."""
+    tokenizer = char_tok()
+    model = text_model(tokenizer, max_seq_len=96)
+    template = default_template(tokenizer)
+    session = ChatSession(model, tokenizer, template, SamplingConfig(max_new_tokens=80, temperature=0.0), CPU)
+    reply = session.send("hi")
+    ids = encode_chat(
+        tokenizer,
+        template.render([{"role": "user", "content": "hi"}], add_generation_prompt=True),
+        special_token_ids(tokenizer, template),
+    )
+    assert reply.prompt_tokens == len(ids) and not session.notices
+    assert reply.tokens == reference_greedy(model, ids, tokenizer.eot_id, 96 - len(ids))
+
+
+def test_a_prompt_that_exactly_leaves_room_for_the_reply_is_not_trimmed():
+    tokenizer = char_tok()
+    model = text_model(tokenizer, max_seq_len=96)
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    sessions = []
+    for extra in (0, 1):  # prompt + room == context, then one token more
+        session = ChatSession(model, tokenizer, default_template(tokenizer), sampling, CPU)
+        session.messages = list(history)
+        base = len(session.prompt_ids([*history, {"role": "user", "content": ""}]))
+        reply = session.send("x" * (96 - 6 - base + extra))  # one character is one token
+        sessions.append((session, reply))
+    (fits, reply), (over, trimmed) = sessions
+    assert reply.prompt_tokens == 90 and not fits.notices and fits.messages[:2] == history
+    assert over.notices and over.messages[0]["content"].startswith("x") and trimmed.prompt_tokens < 90
+
+
+def test_the_reply_ends_at_end_of_text():
+    """The model's first greedy token made end-of-text (its lm_head row swapped with that token's): the
+    reply is empty and ends as eos."""
+    tokenizer = char_tok()
+    model = text_model(tokenizer, max_seq_len=96)
+    template = default_template(tokenizer)
+    ids = encode_chat(
+        tokenizer,
+        template.render([{"role": "user", "content": "hi"}], add_generation_prompt=True),
+        special_token_ids(tokenizer, template),
+    )
+    first = reference_greedy(model, ids, -1, 1)[0]
+    eot = tokenizer.eot_id
+    with torch.no_grad():
+        w = model.lm_head.weight
+        w[[first, eot]] = w[[eot, first]]
+    reply = ChatSession(
+        model, tokenizer, template, SamplingConfig(max_new_tokens=6, temperature=0.0), CPU
+    ).send("hi")
+    assert reply.tokens == [] and reply.text == "" and reply.finish_reason == "eos"
+
+
+def test_trimming_drops_a_whole_turn_the_user_message_and_its_reply():
+    tokenizer = char_tok()
+    model = text_model(tokenizer, max_seq_len=128)  # room for the reply: 6 tokens; the prompt may take 122
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    session = ChatSession(model, tokenizer, default_template(tokenizer), sampling, CPU, system="S")
+    history = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "a" * 20},  # the first turn: a long question, a short answer
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+    ]
+    session.messages = list(history)
+    base = len(session.prompt_ids([*history, {"role": "user", "content": ""}]))
+    new = "e" * (123 - base)  # one token over: dropping the first question alone would be enough to fit
+    session.send(new)
+    assert session.messages[:4] == [history[0], history[3], history[4], {"role": "user", "content": new}]
+    assert (
+        len(session.notices) == 1
+        and "dropped the oldest 1 turn, kept the system prompt" in session.notices[0]
+    )

@@ -206,3 +206,73 @@ def test_a_missing_metric_package_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sacrebleu.metrics", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"needs the 'sacrebleu' package.*lmforge\[eval\]"):
         score(spec("translation"), ["a"], [["a"]])
+
+
+# -- edge cases, each against a hand computation or the reference implementation ------------------------
+
+
+def test_kana_and_hangul_are_split_into_characters_like_han():
+    assert M.CJKTokenizer().tokenize("ねこがすき cat") == ["ね", "こ", "が", "す", "き", "cat"]
+    assert M.CJKTokenizer().tokenize("カタカナ고양이") == ["カ", "タ", "カ", "ナ", "고", "양", "이"]
+    # prediction ねこがすき (5), reference ねこがきらい (6): ね こ が き shared
+    got = M.rouge_item(M.rouge_scorer(), "ねこがすき", ["ねこがきらい"])
+    assert got["rouge1"] == pytest.approx(2 * (4 / 5) * (4 / 6) / (4 / 5 + 4 / 6))
+
+
+def test_rouge_takes_the_best_reference_not_the_first():
+    got = M.rouge_item(M.rouge_scorer(), "a b c", ["x y", "a b c", "a"])
+    assert got == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+
+
+def test_bootstrap_standard_errors_equal_a_resampling_by_hand():
+    """100 resamples of the items with replacement (numpy's generator, seed 12345), corpus BLEU and chrF of
+    each from sacrebleu's functions, and the sample standard deviation of those scores."""
+    import numpy as np
+
+    predictions = ["The cat sat on the mat.", "He added that mice are fine.", "It rains.", "A dog.", "Yes"]
+    references = [["The cat sat on the mat."], ["He added that the mice were fine."], ["It rained."],
+                  ["A dog barked."], ["No"]]  # fmt: skip
+    metrics, _ = score(spec("translation"), predictions, references)
+    rng = np.random.default_rng(12345)
+    bleus, chrfs = [], []
+    for _ in range(100):
+        pick = rng.integers(0, 5, 5)
+        preds, refs = [predictions[i] for i in pick], [[references[i][0] for i in pick]]
+        bleus.append(sacrebleu.corpus_bleu(preds, refs, tokenize="13a").score)
+        chrfs.append(sacrebleu.corpus_chrf(preds, refs).score)
+    assert metrics["bleu_stderr"] == pytest.approx(float(np.std(bleus, ddof=1)), rel=1e-12)
+    assert metrics["chrf_stderr"] == pytest.approx(float(np.std(chrfs, ddof=1)), rel=1e-12)
+
+
+def test_sentence_bleu_equals_sacrebleus_with_effective_order():
+    for pred, refs in [("the cat", ["the cat sat"]), ("a b c d e", ["a b c d e f", "b c"]), ("x", ["y"])]:
+        expected = sacrebleu.sentence_bleu(pred, refs, tokenize="13a").score  # effective order by default
+        assert M.sentence_bleu(pred, refs, "en") == pytest.approx(expected)
+    assert M.sentence_bleu("the cat", ["the cat sat"], "en") > 10  # short, yet not scored as zero
+
+
+def test_squad_normalisation_and_f1_edge_cases_equal_the_official_script():
+    for text in ["an-apple", "The.End", "A-Team of the-best", "the  a an", "Ünïcode, the café!"]:
+        assert M.squad_normalize(text) == ref_normalize_answer(text), text
+    pairs = [
+        ("cat cat dog", "cat cat"),
+        ("the the cat", "cat cat cat"),
+        ("an-apple", "apple"),
+        ("b a", "a b"),
+    ]
+    for pred, gold in pairs:
+        assert M.squad_f1(pred, gold) == pytest.approx(ref_f1_score(pred, gold)), (pred, gold)
+        assert M.squad_em(pred, gold) == float(ref_em(pred, gold)), (pred, gold)
+    assert M.squad_f1("cat cat dog", "cat cat") == pytest.approx(0.8)  # by hand: 2 shared, P 2/3, R 1
+
+
+def test_qa_scores_are_the_best_over_all_gold_answers():
+    assert M.qa_item("Paris", ["London", "in Paris", "Paris"], "en") == {"exact_match": 1.0, "f1": 1.0}
+    assert M.qa_item("Paris France", ["London", "Paris"], "en")["f1"] == pytest.approx(2 / 3)
+    assert M.qa_item("北京", ["上海", "北京"], "zh") == {"exact_match": 1.0, "f1": 1.0}
+
+
+def test_cmrc_segmentation_keeps_a_trailing_non_han_run():
+    assert M.cmrc_segments("北京2018 ok") == ["北", "京", "2018", "ok"]
+    item = M.qa_item("北京2018", ["北京"], "zh")  # 2 of 3 predicted tokens, all of the gold
+    assert item["f1"] == pytest.approx(2 * (2 / 3) * 1.0 / (2 / 3 + 1.0))

@@ -86,14 +86,16 @@ def test_queue_full_and_disconnect(tmp_path):
                 waiter = threading.Thread(target=complete, args=(running.url, "second", 3))
                 waiter.start()
                 wait_until(lambda: len(running.scheduler.waiting) == 1)
-                third = httpx.post(running.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
+                third = httpx.post(
+                    running.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=60
+                )
                 assert third.status_code == 429 and third.headers["retry-after"] == "1"
                 assert third.json()["error"]["code"] == "queue_full"
             # the stream is closed here, long before its 4000 tokens
         waiter.join(timeout=60)
         assert not waiter.is_alive()
         wait_until(lambda: not running.scheduler.rows)
-        metrics = httpx.get(running.url + "/metrics").text
+        metrics = httpx.get(running.url + "/metrics", timeout=60).text
         assert 'lmforge_finished_requests_total{reason="cancelled"} 1.0' in metrics
     finally:
         running.close()

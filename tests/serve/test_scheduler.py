@@ -4,6 +4,7 @@ equal to ``generate_ids`` (the reference decoding loop)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
@@ -149,3 +150,119 @@ def test_queue_bound():
         pass
     else:
         raise AssertionError("with 1 slot free and 2 waiting, the queue of 1 is full")
+
+
+def run_requests(scheduler: Scheduler, requests: list[Request]) -> list[dict]:
+    """Submit ``requests`` (each with ``emit`` unset) together; their final dicts with the generated ids."""
+    finals: list[dict | None] = [None] * len(requests)
+    done = threading.Semaphore(0)
+    for i, r in enumerate(requests):
+
+        def emit(delta, final, i=i):
+            if final is not None:
+                finals[i] = final
+                done.release()
+
+        r.emit = emit
+        scheduler.submit(r)
+    for _ in requests:
+        assert done.acquire(timeout=60)
+    return [dict(f, tokens=r.generated) for f, r in zip(finals, requests)]
+
+
+def started(model, tok, **kw) -> Scheduler:
+    scheduler = Scheduler(model, tok, device=torch.device("cpu"), **{"max_batch": 8, "max_queue": 16, **kw})
+    scheduler.start()
+    return scheduler
+
+
+def test_seeded_sampling_follows_each_requests_seed_alone_and_in_a_batch():
+    """A sampled request with a seed draws what ``generate_ids`` draws with that seed, whatever runs beside
+    it; another seed draws other tokens."""
+    model, tok = tiny_model(), ByteTokenizer()
+    tok.eot_id = None
+    cpu = torch.device("cpu")
+
+    def sampling(seed):
+        return SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=0.95, seed=seed)
+
+    prompts = [tok.encode(p) for p in ("seeded", "other row", "x")]
+    seeds = [7, 8, 9]
+    scheduler = started(model, tok)
+    try:
+        alone = [run_requests(scheduler, [Request(p, sampling(s), None)])[0] for p, s in zip(prompts, seeds)]
+        together = run_requests(scheduler, [Request(p, sampling(s), None) for p, s in zip(prompts, seeds)])
+        same_prompt = run_requests(scheduler, [Request(prompts[0], sampling(s), None) for s in (7, 8)])
+    finally:
+        scheduler.stop(timeout=10)
+    for p, s, a, b in zip(prompts, seeds, alone, together):
+        ref = generate_ids(model, [p], sampling(s), device=cpu).tokens[0]
+        assert a["tokens"] == ref and b["tokens"] == ref
+    assert same_prompt[0]["tokens"] == alone[0]["tokens"]
+    assert same_prompt[1]["tokens"] != same_prompt[0]["tokens"]  # another seed, another draw
+
+
+def test_a_budget_past_the_context_ends_at_the_context():
+    """max_new_tokens beyond the room left after the prompt: the request stops when the context is full,
+    with the tokens ``generate_ids`` gives (which stops there too)."""
+    model, tok = tiny_model(), ByteTokenizer()  # a context of 64 tokens
+    tok.eot_id = None
+    prompt = tok.encode("x" * 58)
+    sampling = SamplingConfig(max_new_tokens=20, temperature=0.0)
+    scheduler = started(model, tok)
+    try:
+        (final,) = run_requests(scheduler, [Request(prompt, sampling, None)])
+    finally:
+        scheduler.stop(timeout=10)
+    ref = generate_ids(model, [prompt], sampling, device=torch.device("cpu"))
+    assert ref.finish_reasons == ["context"] and len(ref.tokens[0]) == 64 - 58
+    assert final["finish_reason"] == "length" and final["error"] is None
+    assert final["tokens"] == ref.tokens[0] and final["completion_tokens"] == 6
+
+
+def test_end_of_text_ends_the_request_and_is_not_part_of_it():
+    """With the model's 4th greedy token as end-of-text, a request gets what ``generate_ids`` with that
+    ``eos_id`` gets: the tokens before it, no end-of-text among them, finish reason stop."""
+    model, tok = tiny_model(), ByteTokenizer()
+    cpu = torch.device("cpu")
+    prompt = tok.encode("hello there")
+    sampling = SamplingConfig(max_new_tokens=10, temperature=0.0)
+    free = generate_ids(model, [prompt], sampling, device=cpu).tokens[0]
+    tok.eot_id = free[3]
+    ref = generate_ids(model, [prompt], sampling, device=cpu, eos_id=tok.eot_id)
+    assert ref.finish_reasons == ["eos"] and tok.eot_id not in ref.tokens[0]
+    scheduler = started(model, tok)
+    try:
+        (final,) = run_requests(scheduler, [Request(prompt, sampling, None)])
+    finally:
+        scheduler.stop(timeout=10)
+    assert final["finish_reason"] == "stop" and final["tokens"] == ref.tokens[0]
+    assert final["completion_tokens"] == len(ref.tokens[0]) and final["text"] == tok.decode(ref.tokens[0])
+
+
+def test_stop_cancels_the_running_and_the_queued_requests():
+    model, tok = tiny_model(), ByteTokenizer()
+    tok.eot_id = None
+    scheduler = started(model, tok, max_batch=1)
+    finals: list[dict] = []
+    done = threading.Semaphore(0)
+
+    def emit(delta, final):
+        if final is not None:
+            finals.append(final)
+            done.release()
+
+    sampling = SamplingConfig(max_new_tokens=59, temperature=0.0)
+    requests = [Request(tok.encode(p), sampling, emit) for p in ("first", "second", "third")]
+    for r in requests:
+        scheduler.submit(r)
+    deadline = time.monotonic() + 30
+    while not scheduler.rows:  # the first is decoding, the others wait (a batch of one)
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    scheduler.stop(timeout=30)
+    assert not scheduler.thread.is_alive()
+    for _ in requests:
+        assert done.acquire(timeout=1)
+    assert [f["finish_reason"] for f in finals] == ["cancelled"] * 3
+    assert requests[2].generated == [] and finals[-1]["completion_tokens"] == 0

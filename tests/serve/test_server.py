@@ -112,18 +112,32 @@ def test_errors(server):
     assert n17.status_code == 400 and n17.json()["error"]["param"] == "n"
 
 
-def test_metrics(server):
-    client(server).completions.create(model="tiny", prompt="m", max_tokens=3, temperature=0)
+def metric_values(server) -> dict[str, float]:
+    """Every sample of /metrics as {name{labels}: value}."""
     text = httpx.get(server.url + "/metrics").text
-    for name in (
-        "lmforge_requests_total",
-        "lmforge_completion_tokens_total",
-        "lmforge_queue_depth",
-        "lmforge_batch_size",
-        "lmforge_request_latency_seconds_bucket",
-        "lmforge_time_to_first_token_seconds_bucket",
-    ):
-        assert name in text, name
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def test_metrics(server):
+    """The counters move by what a request used (its usage), the histograms by one observation."""
+    before = metric_values(server)
+    out = client(server).completions.create(model="tiny", prompt="metrics", max_tokens=3, temperature=0)
+    after = metric_values(server)
+
+    def moved(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert moved('lmforge_requests_total{route="/v1/completions",status="200"}') == 1
+    assert moved("lmforge_prompt_tokens_total") == out.usage.prompt_tokens == 7
+    assert moved("lmforge_completion_tokens_total") == out.usage.completion_tokens
+    assert moved("lmforge_request_latency_seconds_count") == 1
+    assert moved("lmforge_time_to_first_token_seconds_count") == 1
+    assert moved("lmforge_time_to_first_token_seconds_sum") <= moved("lmforge_request_latency_seconds_sum")
+    assert after["lmforge_queue_depth"] == 0 and after["lmforge_batch_size"] == 0
 
 
 def test_content_parts_and_developer_role(server):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -14,7 +15,16 @@ from lmforge.errors import DataError
 from lmforge.infer.loading import load_for_inference
 from lmforge.tune.lora import LoRAConfig, LoRALinear, apply_lora
 from lmforge.tune.pairs import collate_pairs, load_pairs, tokenize_pairs
-from lmforge.tune.preference import DPO, ORPO, LiveReference, SimPO, cache_reference
+from lmforge.tune.preference import (
+    DPO,
+    ORPO,
+    LiveReference,
+    PreferenceConfig,
+    SimPO,
+    cache_reference,
+    log1m_exp,
+    score_pairs,
+)
 
 CPU = torch.device("cpu")
 
@@ -196,3 +206,103 @@ def test_finetune_dpo_through_the_cli_logs_rewards_and_reports_skipped_pairs(
     argv = ["finetune", str(base_checkpoint), str(sft), "--task", "simpo", "--out", str(tmp_path / "run2")]
     assert main(argv) == 2
     assert f"{sft}:1: not a preference pair" in capsys.readouterr().err
+
+
+# -- held-out figures, the configuration's objectives, log(1 - exp(x)), the live reference of a run ------------
+
+PAIRS3 = [("say abc:", "ABC", "abc"), ("1+1=", "2", "three"), ("name:", "Bo", "Al")]
+
+
+def test_held_out_figures_and_configured_objectives_equal_a_hand_computation(base_checkpoint, tmp_path):
+    """score_pairs gives the means per pair (3 pairs in batches of 2 and 1) of DPO's loss and reward figures;
+    the objectives PreferenceConfig builds use its beta, label smoothing, and SimPO's defaults (beta 2,
+    gamma 0.5); a model scored against itself has zero rewards, ties that are no correct preference."""
+    loaded = load_for_inference(base_checkpoint, device=CPU)
+    base, tok = loaded.model, loaded.tokenizer
+    records = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS3]
+    rows, _ = tokenize_pairs(load_pairs(write_jsonl(tmp_path / "p.jsonl", records)), tok, 64)
+    cached = cache_reference(base, rows, pad_id=0, device=CPU, precision="fp32", batch_size=2)
+    policy = copy.deepcopy(base)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    beta, eps = 0.3, 0.2
+    hand = {
+        k: [] for k in ("loss", "smoothed", "simpo", "reward_chosen", "reward_rejected", "reward_accuracy")
+    }
+    for r in records:
+        (pc, nc), (pj, nj) = (hand_logps(policy, tok, r["prompt"], r[s]) for s in ("chosen", "rejected"))
+        (bc, _), (bj, _) = (hand_logps(base, tok, r["prompt"], r[s]) for s in ("chosen", "rejected"))
+        wc, wj = beta * (pc - bc), beta * (pj - bj)
+        d = wc - wj
+        hand["loss"].append(-math.log(1 / (1 + math.exp(-d))))
+        hand["smoothed"].append(
+            -(1 - eps) * math.log(1 / (1 + math.exp(-d))) - eps * math.log(1 / (1 + math.exp(d)))
+        )
+        hand["simpo"].append(-math.log(1 / (1 + math.exp(-(2.0 * (pc / nc - pj / nj) - 0.5)))))
+        hand["reward_chosen"].append(wc)
+        hand["reward_rejected"].append(wj)
+        hand["reward_accuracy"].append(float(wc > wj))
+    mean = {k: sum(v) / 3 for k, v in hand.items()}
+    got = score_pairs(policy, DPO(beta=beta), cached, pad_id=0, device=CPU, batch_size=2)
+    expected = {k: mean[k] for k in ("loss", "reward_chosen", "reward_rejected", "reward_accuracy")}
+    expected["reward_margin"] = mean["reward_chosen"] - mean["reward_rejected"]
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    configured = PreferenceConfig(beta=beta, label_smoothing=eps).objective()
+    assert score_pairs(policy, configured, cached, pad_id=0, device=CPU)["loss"] == pytest.approx(
+        mean["smoothed"], rel=1e-4
+    )
+    simpo = PreferenceConfig(method="simpo").objective()
+    assert score_pairs(policy, simpo, rows, pad_id=0, device=CPU)["loss"] == pytest.approx(
+        mean["simpo"], rel=1e-4
+    )
+    itself = score_pairs(base, DPO(beta=beta), cached, pad_id=0, device=CPU, batch_size=2)
+    assert itself["reward_chosen"] == 0.0 and itself["reward_margin"] == 0.0
+    assert itself["reward_accuracy"] == 0.0 and itself["loss"] == pytest.approx(math.log(2))
+
+
+def test_label_smoothing_must_leave_a_preference():
+    assert PreferenceConfig(label_smoothing=0.49).problems() == []
+    (problem,) = PreferenceConfig(label_smoothing=0.5).problems()
+    assert problem.startswith("label_smoothing=0.5 must be in [0, 0.5)")
+
+
+def test_log1m_exp_is_accurate_in_float32_on_both_sides_of_minus_log_2():
+    xs = [-1e-7, -1e-4, -0.3, -0.69, -0.7, -2.0, -20.0, -40.0]
+    got = log1m_exp(torch.tensor(xs, dtype=torch.float32))
+    for x, value in zip(xs, got.tolist()):
+        expected = math.log(-math.expm1(x))  # in double
+        assert value == pytest.approx(expected, rel=1e-5), x
+
+
+def test_a_live_reference_run_trains_the_model_a_cached_one_trains(base_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    from lmforge.tune.preference import tune_preferences
+
+    words = ("ab", "cd", "ef", "gh") * 2
+    data = write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": f"say {w}:", "chosen": w.upper(), "rejected": w} for w in words]
+    )
+    overrides = ["train.micro_batch=4", "train.seq_len=32", "train.steps=2", "train.lr=1e-3", "train.warmup_steps=0",
+                 "train.eval_every=1000", "train.ckpt_every=1000", "train.log_every=1"]  # fmt: skip
+    results = {
+        mode: tune_preferences(
+            base_checkpoint,
+            data,
+            out_dir=tmp_path / mode,
+            preference=PreferenceConfig(reference=mode),
+            overrides=overrides,
+            val_fraction=0.25,
+            progress=False,
+        )
+        for mode in ("cached", "live")
+    }
+    assert results["cached"].reference == "cached" and results["live"].reference == "live: frozen copy"
+    cached, live = (load_file(results[m].model_dir / "model.safetensors") for m in ("cached", "live"))
+    base = load_file(base_checkpoint / "model.safetensors")
+    assert max((cached[k] - base[k]).abs().max().item() for k in base) > 1e-4  # training moved the weights
+    for k in cached:
+        torch.testing.assert_close(live[k], cached[k], atol=1e-5, rtol=0)
+    assert results["live"].val_after == pytest.approx(results["cached"].val_after, rel=1e-4, abs=1e-6)
