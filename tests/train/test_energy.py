@@ -67,6 +67,18 @@ def test_rapl_sums_the_packages_and_unwraps_the_counter(tmp_path):
     assert meter.co2_g(1.0) == pytest.approx(600.0)  # x PUE 1.5 x 400 g/kWh
 
 
+def test_rapl_wrap_counts_every_microjoule(tmp_path):
+    # a counter with range 0..999 (inclusive) read at 997 then at 2: 997 -> 998 -> 999 -> 0 -> 1 -> 2 is 5 uJ;
+    # an unchanged counter adds nothing
+    p0 = zone(tmp_path, "intel-rapl:0", "package-0", 997, 999)
+    counter = RaplCounter([p0])
+    set_energy(p0, 2)
+    assert counter.read_joules() * 1e6 == pytest.approx(5.0, abs=1e-9)
+    assert counter.read_joules() * 1e6 == pytest.approx(5.0, abs=1e-9)
+    set_energy(p0, 999)
+    assert counter.read_joules() * 1e6 == pytest.approx(5.0 + 997.0, abs=1e-9)
+
+
 def test_rapl_prefers_the_platform_zone(tmp_path):
     zone(tmp_path, "intel-rapl:0", "package-0", 0, 1000)
     psys = zone(tmp_path, "intel-rapl:1", "psys", 0, 1000)
@@ -109,6 +121,14 @@ def test_nvml_counter_read_at_known_times_gives_the_known_energy():
     clock.now = 3600.0 + 360.0
     assert meter.interval_kwh() == pytest.approx(0.065)
     assert meter.summary(0.715)["co2_g"] == pytest.approx(0.715 * 1.5 * 400.0)
+
+
+def test_nvml_opens_the_device_by_uuid_or_by_index():
+    nvml = FakeNvml(Clock(), 1.0)
+    open_meter(device_kind="cuda", settings=SITE, hardware="H100", power_w=700.0, nvml=nvml,
+               device_uuid="GPU-5f1e")  # fmt: skip
+    open_meter(device_kind="cuda", settings=SITE, hardware="H100", power_w=700.0, nvml=nvml, device_index=3)
+    assert nvml.handles == ["GPU-5f1e", 3]  # torch's uuid may already carry NVML's prefix: not doubled
 
 
 def test_without_a_counter_the_meter_estimates_and_says_why(tmp_path):
