@@ -262,7 +262,7 @@ def test_refusals_name_the_switch(tmp_path):
 
 def test_cli_export_gguf(tmp_path, capsys):
     tokenizer = bpe_tokenizer(tmp_path)
-    _, run = make_run(tmp_path, tiny(330), tokenizer)
+    model, run = make_run(tmp_path, tiny(330), tokenizer)
     out = tmp_path / "out" / "model.gguf"
     args = ["export", str(run), str(out), "--format", "gguf", "--dtype", "q8_0"]
     assert main([*args, "--no-verify"]) == 0
@@ -270,6 +270,12 @@ def test_cli_export_gguf(tmp_path, capsys):
     assert "gguf llama q8_0" in printed and "not verified (--no-verify)" in printed
     assert gguf.GGUFReader(out).get_field("general.architecture").contents() == "llama"
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]
+    tensors = read_tensors(out)  # the file holds the run's weights, q8_0-rounded
+    ours = model.state_dict()
+    np.testing.assert_allclose(tensors["token_embd.weight"], ours["embed_tokens.weight"].numpy(), atol=2e-3)
+    np.testing.assert_allclose(
+        tensors["blk.1.ffn_down.weight"], ours["layers.1.mlp.down_proj.weight"].numpy(), atol=2e-3
+    )
 
 
 # -- llama.cpp itself (llama-cpp-python) -------------------------------------------------------------------

@@ -206,8 +206,13 @@ def test_a_tiny_cpu_run_reports_energy_through_resume_card_and_export(tmp_path):
     assert co2["training_type"] == "pre-training" and co2["geographical_location"] == "france"
     assert co2["hardware_used"].startswith("CPU")
     assert ("estimated" in co2["source"]) == (method == "estimate")
-    tb = list((run_dir / "tensorboard").glob("events.*"))
-    assert tb  # the numeric energy metrics go to TensorBoard with the rest
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))  # the numeric energy metrics, with the rest
+    events.Reload()
+    tb = {e.step: e.value for e in events.Scalars("energy_kwh_total")}
+    assert tb[max(tb)] == pytest.approx(rest.energy_kwh, rel=1e-6)  # float32 in the event file
+    assert max(tb) == 6
 
 
 def test_the_card_states_fine_tuning_and_a_measurement():
