@@ -87,3 +87,36 @@ def test_dense_layers_lmforge_cannot_place_are_refused_on_import():
         hf.model_config_from_hf({**QWEN_MOE, "mlp_only_layers": [1]})  # layer 0 MoE, layer 1 dense
     with pytest.raises(ExportError, match="decoder_sparse_step=2"):
         hf.model_config_from_hf({**QWEN_MOE, "decoder_sparse_step": 2})
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe"])
+def test_a_hub_layout_folder_imports_back_to_the_same_model(tmp_path, family):
+    """Export writes one tensor per expert (the Hub's layout, which the export test loads in transformers);
+    importing that folder restacks them into the same experts: the same logits and expert tensors."""
+    from lmforge import convert
+    from lmforge.checkpoint import load_model, save_checkpoint
+    from lmforge.config import Config, TrainConfig
+
+    moe = (
+        MoEConfig(n_experts=5, top_k=2, router="topk_softmax")
+        if family == "mixtral"
+        else MoEConfig(n_experts=4, top_k=2, expert_hidden=24, router="softmax_topk", norm_topk_prob=True)
+    )
+    cfg = ModelConfig(**ATTENTION, n_layers=2, qk_norm=family == "qwen3-moe", moe=moe)
+    model = build_model(cfg, seed=1).eval()
+    sharpen(model)
+    run = tmp_path / "run" / "checkpoints" / "step_00000001"
+    save_checkpoint(
+        run, model_state=model.state_dict(), config=Config(model=cfg, train=TrainConfig(seq_len=32))
+    )
+    convert.export_model(run, tmp_path / "hf", verify=False)
+    back, _, _ = load_model(convert.import_model(tmp_path / "hf", tmp_path / "ck").checkpoint)
+    ours, theirs = model.state_dict(), back.state_dict()
+    for key in (
+        "layers.1.mlp.experts.gate_up_proj",
+        "layers.1.mlp.experts.down_proj",
+        "layers.1.mlp.gate.weight",
+    ):
+        assert torch.equal(theirs[key], ours[key]), key
+    with torch.no_grad():
+        assert torch.equal(back.eval()(probe()), model(probe()))
