@@ -59,8 +59,17 @@ def test_keys_a_config_omits_take_transformers_defaults():
 def test_yarn_without_betas_imports_as_transformers_runs_it(tmp_path):
     """Hub configs of YaRN models often give only factor and the original length (Qwen2.5's README does):
     transformers fills in beta_fast 32 and beta_slow 1; the import must build the same rotary frequencies."""
-    rope = {"rope_type": "yarn", "rope_theta": 1000.0, "factor": 4.0, "original_max_position_embeddings": 16}
-    config = transformers.Qwen2Config(**HF_BASE, rope_parameters=rope, tie_word_embeddings=False)
+    # head_dim 32 and a 4096 original context: the betas move YaRN's ramp by whole dimensions here
+    rope = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 4096,
+    }
+    shape = {**HF_BASE, "hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
+    config = transformers.Qwen2Config(
+        **{**shape, "max_position_embeddings": 16384}, rope_parameters=rope, tie_word_embeddings=False
+    )
     torch.manual_seed(0)
     transformers.Qwen2ForCausalLM(config).save_pretrained(tmp_path / "hf")
     saved = json.loads((tmp_path / "hf" / "config.json").read_text())
