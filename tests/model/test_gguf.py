@@ -115,6 +115,7 @@ CASES = {
     "llama-mha-untied": dict(tie_embeddings=False, norm_eps=1e-6),
     "llama-gqa-tied": dict(n_kv_heads=2, rope_theta=500.0),
     "llama-head-size": dict(n_kv_heads=2, head_size=8),
+    "llama-mqa-bias": dict(n_kv_heads=1, bias=True, tie_embeddings=False),
     "gpt2-untied": dict(**GPT2_SWITCHES, tie_embeddings=False),
 }
 
@@ -137,6 +138,18 @@ def test_tensors_read_back_equal_ours(tmp_path, name):
                 torch.testing.assert_close(
                     back, ours[f"layers.{i}.self_attn.{proj}_proj.weight"], rtol=0, atol=0
                 )
+                if cfg.bias:  # a bias is rotated with its weight's rows
+                    back = lmgguf.unpermute_rotary(
+                        torch.from_numpy(tensors[f"blk.{i}.attn_{short}.bias"]), heads
+                    )
+                    torch.testing.assert_close(
+                        back, ours[f"layers.{i}.self_attn.{proj}_proj.bias"], rtol=0, atol=0
+                    )
+            if cfg.bias:
+                for short, module in (("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+                                      ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"),
+                                      ("ffn_down", "mlp.down_proj")):  # fmt: skip
+                    assert np.array_equal(tensors[f"blk.{i}.{short}.bias"], ours[f"layers.{i}.{module}.bias"])
             assert np.array_equal(
                 tensors[f"blk.{i}.attn_v.weight"], ours[f"layers.{i}.self_attn.v_proj.weight"]
             )
@@ -266,7 +279,7 @@ def test_a_failed_write_removes_the_folders_it_created(tmp_path, monkeypatch):
 
 def test_cli_export_gguf(tmp_path, capsys):
     tokenizer = bpe_tokenizer(tmp_path)
-    _, run = make_run(tmp_path, tiny(330), tokenizer)
+    model, run = make_run(tmp_path, tiny(330), tokenizer)
     out = tmp_path / "out" / "model.gguf"
     args = ["export", str(run), str(out), "--format", "gguf", "--dtype", "q8_0"]
     assert main([*args, "--no-verify"]) == 0
@@ -274,6 +287,12 @@ def test_cli_export_gguf(tmp_path, capsys):
     assert "gguf llama q8_0" in printed and "not verified (--no-verify)" in printed
     assert gguf.GGUFReader(out).get_field("general.architecture").contents() == "llama"
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]
+    tensors = read_tensors(out)  # the file holds the run's weights, q8_0-rounded
+    ours = model.state_dict()
+    np.testing.assert_allclose(tensors["token_embd.weight"], ours["embed_tokens.weight"].numpy(), atol=2e-3)
+    np.testing.assert_allclose(
+        tensors["blk.1.ffn_down.weight"], ours["layers.1.mlp.down_proj.weight"].numpy(), atol=2e-3
+    )
 
 
 # -- llama.cpp itself (llama-cpp-python) -------------------------------------------------------------------
@@ -356,7 +375,6 @@ def test_llama_cpp_greedy_equals_lmforge_generate(tmp_path, shape, dtype):
 
 LLAMA_CPP_CASES = {
     **CASES,
-    "llama-mqa-bias": dict(n_kv_heads=1, bias=True, tie_embeddings=False),
     "gpt2-tied": dict(**GPT2_SWITCHES, tie_embeddings=True),
 }
 
@@ -370,3 +388,86 @@ def test_every_exportable_shape_runs_in_llama_cpp(tmp_path, name):
     report = convert.export_model(run, tmp_path / "model.gguf", format="gguf")
     assert report.architecture == f"gguf {'llama' if cfg.position == 'rope' else 'gpt2'} f32"
     assert report.max_abs_diff is not None and report.max_abs_diff <= lmgguf.VERIFY_TOLERANCE
+
+
+def test_q8_0_only_where_rows_split_into_whole_blocks(tmp_path):
+    """llama.cpp's rule: q8_0 quantises each row in blocks of 32 values, so a matrix is q8_0 only where its
+    row length (the nn.Linear input size) is a multiple of 32; the others fall back to f16."""
+    cfg = tiny(300, d_model=48, n_heads=4, ffn_hidden=64)  # rows of 48 values, except ffn_down's 64
+    model, run = make_run(tmp_path, cfg, None)
+    out = tmp_path / "model.gguf"
+    convert.export_model(run, out, format="gguf", dtype="q8_0", verify=False)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    ours = model.state_dict()
+    for i in range(cfg.n_layers):
+        for name, key in (
+            ("attn_v", "self_attn.v_proj"),
+            ("ffn_gate", "mlp.gate_proj"),
+            ("ffn_down", "mlp.down_proj"),
+        ):
+            rows = ours[f"layers.{i}.{key}.weight"].shape[1]
+            assert types[f"blk.{i}.{name}.weight"] == ("Q8_0" if rows % 32 == 0 else "F16"), (i, name)
+    assert types["blk.0.ffn_down.weight"] == "Q8_0" and types["token_embd.weight"] == "F16"
+    tensors = read_tensors(out)
+    np.testing.assert_allclose(
+        tensors["blk.1.ffn_down.weight"], ours["layers.1.mlp.down_proj.weight"].numpy(), atol=2e-3
+    )
+    np.testing.assert_allclose(
+        tensors["blk.1.ffn_gate.weight"], ours["layers.1.mlp.gate_proj.weight"].numpy(), atol=1e-3
+    )
+
+
+def test_metadata_of_narrow_heads_and_of_gpt2(tmp_path):
+    # 4 heads of 8 = 32 < d_model 64 (pruned heads): llama.cpp needs the head size written out
+    _, run = make_run(tmp_path / "a", tiny(300, n_kv_heads=2, head_size=8), None)
+    convert.export_model(run, tmp_path / "a.gguf", format="gguf", verify=False)
+    reader = gguf.GGUFReader(tmp_path / "a.gguf")
+    assert field(reader, "llama.rope.dimension_count") == 8
+    assert field(reader, "llama.attention.key_length") == 8
+    assert field(reader, "llama.attention.value_length") == 8
+    assert field(reader, "llama.embedding_length") == 64
+    # GPT-2: a LayerNorm epsilon under its own key, no RMS epsilon, no rope
+    _, run = make_run(tmp_path / "b", tiny(300, **GPT2_SWITCHES, norm_eps=1e-4, max_seq_len=40), None)
+    convert.export_model(run, tmp_path / "b.gguf", format="gguf", verify=False)
+    reader = gguf.GGUFReader(tmp_path / "b.gguf")
+    assert field(reader, "general.architecture") == "gpt2"
+    assert field(reader, "gpt2.attention.layer_norm_epsilon") == pytest.approx(1e-4)
+    assert reader.get_field("gpt2.attention.layer_norm_rms_epsilon") is None
+    assert reader.get_field("gpt2.rope.dimension_count") is None
+    assert (field(reader, "gpt2.context_length"), field(reader, "gpt2.attention.head_count")) == (40, 4)
+
+
+def byte_level_json(tmp_path: Path) -> dict:
+    return json.loads(bpe_tokenizer(tmp_path).read_text())
+
+
+def test_vocab_fills_the_embedding_exactly_or_is_refused(tmp_path):
+    tok = byte_level_json(tmp_path)
+    size = len({*tok["model"]["vocab"].values(), *(t["id"] for t in tok["added_tokens"])})  # ids 0..size-1
+    ids = {"eos": 0, "pad": None}
+    exact = lmgguf.gguf_vocab(tok, ids, size, "tok")  # a tokenizer exactly as large as the embedding
+    assert len(exact.tokens) == size and lmgguf.UNUSED not in exact.token_types
+    with pytest.raises(ExportError, match=f"ids up to {size - 1}, but model.vocab_size={size - 1}"):
+        lmgguf.gguf_vocab(tok, ids, size - 1, "tok")
+    padded = lmgguf.gguf_vocab(tok, ids, size + 3, "tok")
+    assert padded.tokens[:size] == exact.tokens
+    assert padded.token_types[size:] == [lmgguf.UNUSED] * 3  # llama.cpp's LLAMA_TOKEN_TYPE_UNUSED = 5
+    assert lmgguf.UNUSED == 5 and lmgguf.USER_DEFINED == 4
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t: t["pre_tokenizer"].update(add_prefix_space=True),
+        lambda t: t["model"].update(byte_fallback=True),
+        lambda t: t.update(normalizer={"type": "NFC"}),
+        lambda t: t["pre_tokenizer"].update(use_regex=False),
+    ],
+    ids=["add_prefix_space", "byte_fallback", "normalizer", "no_regex"],
+)
+def test_byte_level_variants_llama_cpp_splits_differently_are_refused(tmp_path, edit):
+    tok = byte_level_json(tmp_path)
+    lmgguf.gguf_vocab(tok, {}, 400, "tok")  # the plain byte-level BPE passes
+    edit(tok)
+    with pytest.raises(ExportError, match="data.tokenizer=bpe"):
+        lmgguf.gguf_vocab(tok, {}, 400, "tok")

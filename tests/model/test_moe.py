@@ -189,6 +189,43 @@ def test_balancing_losses_match_their_formulas_and_reach_the_router():
     assert layer.last_stats is None  # evaluation leaves no stats
 
 
+@pytest.mark.parametrize("aux_coef, z_coef", [(0.01, 0.0), (0.0, 0.001)], ids=["aux-only", "z-only"])
+def test_each_balancing_term_alone_reaches_the_router_with_its_autograd_gradient(aux_coef, z_coef):
+    """The router's gradient from ``router_loss`` against autograd of the formulas in float64 (the choice,
+    a step function, is held fixed): either coefficient alone is enough for the term to be trained."""
+    cfg = tiny(aux_loss_coef=aux_coef, z_loss_coef=z_coef)
+    layer = layer_of(cfg).train()
+    x = inputs(cfg)
+    layer(x)
+    loss = router_loss([layer])
+    assert loss is not None
+    loss.backward()
+    W = layer.gate.weight.detach().double().requires_grad_()
+    logits = x.reshape(-1, cfg.d_model).double() @ W.T  # (N, E)
+    _, choices, _ = reference(layer, x)
+    N, E = logits.shape[0], cfg.moe.n_experts
+    counts = torch.zeros(E, dtype=torch.float64)
+    for chosen in choices:
+        counts[chosen] += 1
+    aux = E * ((counts / N) * torch.softmax(logits, -1).mean(0)).sum()
+    z = (torch.logsumexp(logits, -1) ** 2).mean()
+    expected = aux_coef * aux + z_coef * z
+    expected.backward()
+    assert W.grad.abs().max() > 0
+    torch.testing.assert_close(layer.gate.weight.grad.double(), W.grad, rtol=1e-4, atol=1e-9)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+def test_a_no_grad_pass_in_training_mode_keeps_the_stats_of_the_training_forward():
+    cfg = tiny(aux_loss_coef=0.01)
+    layer = layer_of(cfg).train()
+    layer(inputs(cfg))
+    stats = layer.last_stats
+    with torch.no_grad():  # a probe or a frozen reference, still in training mode
+        layer(inputs(cfg, seed=9))
+    assert layer.last_stats is stats and stats.loss.requires_grad
+
+
 class TwoRankDispatcher:
     """Expert parallelism over two pretend ranks in one process: this layer keeps experts [0:split], the
     "other rank" holds the rest and computes its share here, as an all-to-all dispatcher would remotely."""

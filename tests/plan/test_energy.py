@@ -9,7 +9,7 @@ import pytest
 from lmforge.cli import main
 from lmforge.config import PRESETS
 from lmforge.errors import ConfigError
-from lmforge.plan.energy import GRID_INTENSITY, energy_settings, run_energy
+from lmforge.plan.energy import GRID_INTENSITY, device_power_w, energy_settings, run_energy
 from lmforge.plan.hardware import KNOWN_HARDWARE, load_hardware_file
 from lmforge.plan.planner import Cluster, Workload, plan_cluster
 
@@ -29,6 +29,26 @@ def test_run_energy_by_hand():
     e = run_energy(400.0, 1.0, 1, 1800.0, energy_settings(region="france", pue=1.0, node_overhead=0.5))
     assert (e.device_kwh, e.kwh) == (pytest.approx(0.2), pytest.approx(0.3))
     assert e.co2_kg == pytest.approx(0.3 * GRID_INTENSITY["france"] / 1000)
+
+
+def test_device_power_stays_between_the_idle_draw_and_the_board_power():
+    # A measured busy fraction can overshoot 1 (timer jitter) or undershoot 0: the draw stays within
+    # 0.3 x 700 W idle (the documented assumption) and 700 W, never beyond the board's rating.
+    assert device_power_w(700.0, 1.7) == pytest.approx(700.0)
+    assert device_power_w(700.0, -0.5) == pytest.approx(210.0)
+    assert device_power_w(700.0, 0.25) == pytest.approx(700.0 * (0.3 + 0.7 * 0.25))
+
+
+def test_energy_settings_boundaries_and_region_names():
+    assert energy_settings(region="France").grid_g_per_kwh == 56.0  # region names are case-insensitive
+    # the boundaries are valid sites: no facility overhead, no node overhead, a carbon-free grid
+    settings = energy_settings(region="norway", grid_intensity=0.0, pue=1.0, node_overhead=0.0)
+    assert settings.region == "norway"  # the number was given for that region: the card names it
+    e = run_energy(500.0, 1.0, 2, 3600.0, settings)  # 2 x 500 W for an hour
+    assert (e.kwh, e.co2_kg) == (pytest.approx(1.0), 0.0)
+    assert energy_settings(grid_intensity=100.0).region == "custom"
+    with pytest.raises(ConfigError, match="--node-overhead=-0.1 must be >= 0"):
+        energy_settings(node_overhead=-0.1)
 
 
 def _hand_kwh(report, candidate, *, watts, overhead, pue):

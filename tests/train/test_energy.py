@@ -67,6 +67,18 @@ def test_rapl_sums_the_packages_and_unwraps_the_counter(tmp_path):
     assert meter.co2_g(1.0) == pytest.approx(600.0)  # x PUE 1.5 x 400 g/kWh
 
 
+def test_rapl_wrap_counts_every_microjoule(tmp_path):
+    # a counter with range 0..999 (inclusive) read at 997 then at 2: 997 -> 998 -> 999 -> 0 -> 1 -> 2 is 5 uJ;
+    # an unchanged counter adds nothing
+    p0 = zone(tmp_path, "intel-rapl:0", "package-0", 997, 999)
+    counter = RaplCounter([p0])
+    set_energy(p0, 2)
+    assert counter.read_joules() * 1e6 == pytest.approx(5.0, abs=1e-9)
+    assert counter.read_joules() * 1e6 == pytest.approx(5.0, abs=1e-9)
+    set_energy(p0, 999)
+    assert counter.read_joules() * 1e6 == pytest.approx(5.0 + 997.0, abs=1e-9)
+
+
 def test_rapl_prefers_the_platform_zone(tmp_path):
     zone(tmp_path, "intel-rapl:0", "package-0", 0, 1000)
     psys = zone(tmp_path, "intel-rapl:1", "psys", 0, 1000)
@@ -109,6 +121,14 @@ def test_nvml_counter_read_at_known_times_gives_the_known_energy():
     clock.now = 3600.0 + 360.0
     assert meter.interval_kwh() == pytest.approx(0.065)
     assert meter.summary(0.715)["co2_g"] == pytest.approx(0.715 * 1.5 * 400.0)
+
+
+def test_nvml_opens_the_device_by_uuid_or_by_index():
+    nvml = FakeNvml(Clock(), 1.0)
+    open_meter(device_kind="cuda", settings=SITE, hardware="H100", power_w=700.0, nvml=nvml,
+               device_uuid="GPU-5f1e")  # fmt: skip
+    open_meter(device_kind="cuda", settings=SITE, hardware="H100", power_w=700.0, nvml=nvml, device_index=3)
+    assert nvml.handles == ["GPU-5f1e", 3]  # torch's uuid may already carry NVML's prefix: not doubled
 
 
 def test_without_a_counter_the_meter_estimates_and_says_why(tmp_path):
@@ -186,8 +206,13 @@ def test_a_tiny_cpu_run_reports_energy_through_resume_card_and_export(tmp_path):
     assert co2["training_type"] == "pre-training" and co2["geographical_location"] == "france"
     assert co2["hardware_used"].startswith("CPU")
     assert ("estimated" in co2["source"]) == (method == "estimate")
-    tb = list((run_dir / "tensorboard").glob("events.*"))
-    assert tb  # the numeric energy metrics go to TensorBoard with the rest
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))  # the numeric energy metrics, with the rest
+    events.Reload()
+    tb = {e.step: e.value for e in events.Scalars("energy_kwh_total")}
+    assert tb[max(tb)] == pytest.approx(rest.energy_kwh, rel=1e-6)  # float32 in the event file
+    assert max(tb) == 6
 
 
 def test_the_card_states_fine_tuning_and_a_measurement():
