@@ -21,6 +21,7 @@ from lmforge.data.tokenizer import train_bpe, train_char
 from lmforge.errors import ExportError
 from lmforge.model import gguf as lmgguf
 from lmforge.model.transformer import build_model
+from lmforge.shapes import MoEConfig
 from tests.conftest import require_module
 
 gguf = require_module("gguf", "gguf")
@@ -471,3 +472,173 @@ def test_byte_level_variants_llama_cpp_splits_differently_are_refused(tmp_path, 
     edit(tok)
     with pytest.raises(ExportError, match="data.tokenizer=bpe"):
         lmgguf.gguf_vocab(tok, {}, 400, "tok")
+
+
+# -- every family llama.cpp runs: Qwen2, Qwen3, Mistral, Mixtral, Qwen2-MoE, Qwen3-MoE, muP -----------------
+
+FAMILIES = {  # name: (lmforge switches, llama.cpp's architecture)
+    "qwen2": (dict(qkv_bias=True, n_kv_heads=2, tie_embeddings=True), "qwen2"),
+    "qwen3": (dict(qk_norm=True, n_kv_heads=2, head_size=24, tie_embeddings=False), "qwen3"),
+    "mistral": (dict(sliding_window=24, n_kv_heads=2, tie_embeddings=False), "llama"),
+    "mixtral": (
+        dict(n_kv_heads=2, tie_embeddings=False, moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=40)),
+        "llama",
+    ),
+    "qwen2-moe": (
+        dict(
+            n_kv_heads=2,
+            qkv_bias=True,
+            tie_embeddings=True,  # llama.cpp's qwen2moe requires output.weight: written although tied
+            moe=MoEConfig(
+                n_experts=4,
+                top_k=2,
+                expert_hidden=40,
+                n_shared_experts=1,
+                shared_expert_hidden=56,
+                shared_expert_gate=True,
+                router="softmax_topk",
+            ),
+        ),
+        "qwen2moe",
+    ),
+    "qwen3-moe": (
+        dict(
+            n_kv_heads=2,
+            qk_norm=True,
+            tie_embeddings=False,
+            moe=MoEConfig(n_experts=5, top_k=3, expert_hidden=40, router="softmax_topk", norm_topk_prob=True),
+        ),
+        "qwen3moe",
+    ),
+    "mup": (dict(n_kv_heads=2, mup=True, mup_base_width=32, tie_embeddings=False), "llama"),
+}
+
+
+def family_run(tmp_path: Path, cfg: ModelConfig):
+    """make_run's model with the final norm scaled up: logits of std ~5 instead of ~0.2, so that a layout
+    slip moves them far beyond the tolerance and greedy choices are no near-ties."""
+    model, run = make_run(tmp_path, cfg, None)
+    with torch.no_grad():
+        model.norm.weight.mul_(30.0)
+    save_checkpoint(
+        run / "checkpoints" / "step_00000010",
+        model_state=model.state_dict(),
+        config=Config(model=cfg, train=TrainConfig(seq_len=32)),
+    )
+    return model, run
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_tensors_and_metadata_read_back(tmp_path, name):
+    switches, arch = FAMILIES[name]
+    cfg = tiny(300, **switches)
+    model, run = make_run(tmp_path, cfg, None)
+    out = tmp_path / "model.gguf"
+    convert.export_model(run, out, format="gguf", verify=False)
+    reader = gguf.GGUFReader(out)
+    assert field(reader, "general.architecture") == arch
+    tensors = read_tensors(out)
+    ours = {k: v.detach() for k, v in model.state_dict().items()}
+    if cfg.mup:  # the file holds the folded weights (muP's multipliers in them), as the HF export
+        from lmforge.model.mup import fold_mup
+
+        ours = {k: v.detach() for k, v in fold_mup(model).state_dict().items()}
+    neox = arch != "llama"  # llama.cpp's Qwen architectures rotate halves, as lmforge: no permutation
+    moe = cfg.moe
+    for i in range(cfg.n_layers):
+        for p in ("q", "k"):
+            weight = ours[f"layers.{i}.self_attn.{p}_proj.weight"]
+            heads = cfg.n_heads if p == "q" else cfg.kv_heads
+            expected = weight if neox else lmgguf.permute_rotary(weight, heads)
+            assert np.array_equal(tensors[f"blk.{i}.attn_{p}.weight"], expected.numpy()), (i, p)
+            if cfg.qkv_bias:
+                assert np.array_equal(
+                    tensors[f"blk.{i}.attn_{p}.bias"], ours[f"layers.{i}.self_attn.{p}_proj.bias"]
+                )
+            if cfg.qk_norm:
+                assert np.array_equal(
+                    tensors[f"blk.{i}.attn_{p}_norm.weight"], ours[f"layers.{i}.self_attn.{p}_norm.weight"]
+                )
+        if moe.enabled:
+            gate_up, down = (
+                ours[f"layers.{i}.mlp.experts.gate_up_proj"],
+                ours[f"layers.{i}.mlp.experts.down_proj"],
+            )
+            hidden = moe.expert_hidden
+            assert tensors[f"blk.{i}.ffn_gate_exps.weight"].shape == (moe.n_experts, hidden, cfg.d_model)
+            for e in range(moe.n_experts):  # expert e's gate rows, then its up rows
+                assert np.array_equal(tensors[f"blk.{i}.ffn_gate_exps.weight"][e], gate_up[e, :hidden])
+                assert np.array_equal(tensors[f"blk.{i}.ffn_up_exps.weight"][e], gate_up[e, hidden:])
+            assert np.array_equal(tensors[f"blk.{i}.ffn_down_exps.weight"], down.numpy())
+            assert np.array_equal(
+                tensors[f"blk.{i}.ffn_gate_inp.weight"], ours[f"layers.{i}.mlp.gate.weight"]
+            )
+            if moe.n_shared_experts:
+                for m in ("gate", "up", "down"):
+                    assert np.array_equal(
+                        tensors[f"blk.{i}.ffn_{m}_shexp.weight"],
+                        ours[f"layers.{i}.mlp.shared_expert.{m}_proj.weight"],
+                    )
+                shared_gate = ours[f"layers.{i}.mlp.shared_expert_gate.weight"]  # (1, C) -> (C,)
+                assert np.array_equal(tensors[f"blk.{i}.ffn_gate_inp_shexp.weight"], shared_gate[0].numpy())
+        else:
+            assert np.array_equal(
+                tensors[f"blk.{i}.ffn_gate.weight"], ours[f"layers.{i}.mlp.gate_proj.weight"]
+            )
+    assert np.array_equal(tensors["token_embd.weight"], ours["embed_tokens.weight"])
+    head_written = not cfg.tie_embeddings or arch == "qwen2moe"
+    assert ("output.weight" in tensors) == head_written
+    if head_written:
+        assert np.array_equal(tensors["output.weight"], ours["lm_head.weight"])
+    n_params = sum(v.numel() for k, v in ours.items() if not (cfg.tie_embeddings and k == "lm_head.weight"))
+    n_params -= sum(v.numel() for k, v in ours.items() if k.endswith("expert_bias"))  # a zero buffer
+    n_params += cfg.vocab_size * cfg.d_model if cfg.tie_embeddings and head_written else 0
+    assert sum(t.size for t in tensors.values()) == n_params  # nothing lost, nothing invented
+    expected = {
+        f"{arch}.context_length": cfg.sliding_window or cfg.max_seq_len,  # Mistral: only the exact context
+        f"{arch}.feed_forward_length": moe.expert_hidden
+        if arch == "llama" and moe.enabled
+        else cfg.hidden_dim,
+        f"{arch}.attention.head_count_kv": cfg.kv_heads,
+        f"{arch}.rope.dimension_count": cfg.head_dim,
+    }
+    if moe.enabled:
+        expected |= {f"{arch}.expert_count": moe.n_experts, f"{arch}.expert_used_count": moe.top_k}
+    if arch in ("qwen2moe", "qwen3moe"):
+        expected[f"{arch}.expert_feed_forward_length"] = moe.expert_hidden
+    if arch == "qwen2moe":
+        expected[f"{arch}.expert_shared_feed_forward_length"] = moe.shared_expert_hidden
+    for key, value in expected.items():
+        assert field(reader, key) == value, key
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_runs_in_llama_cpp_as_in_lmforge(tmp_path, name):
+    """llama.cpp's logits over a prompt and its greedy continuation equal lmforge's (its KV-cached
+    ``generate``), f32; the export's own check passes too."""
+    require_llama_cpp()
+    from lmforge.infer.generate import SamplingConfig, generate_ids
+
+    switches, arch = FAMILIES[name]
+    cfg = tiny(300, **switches)
+    model, run = family_run(tmp_path, cfg)
+    out = tmp_path / "model.gguf"
+    report = convert.export_model(run, out, format="gguf")  # verifies itself with llama.cpp
+    assert report.architecture == f"gguf {arch} f32"
+    assert report.max_abs_diff is not None and report.max_abs_diff <= lmgguf.VERIFY_TOLERANCE
+    prompt = torch.randint(0, cfg.vocab_size, (8,), generator=torch.Generator().manual_seed(5)).tolist()
+    new_tokens = 16  # 24 positions: inside Mistral's window of 24
+    llm = lmgguf.open_llama_cpp(out, len(prompt) + new_tokens)
+    theirs_logits, theirs = lmgguf.llama_cpp_greedy(llm, prompt, new_tokens)
+    llm.close()
+    with torch.no_grad():
+        ours_logits = model(torch.tensor([prompt]))[0].numpy()  # (T, V), muP's multipliers applied
+    assert ours_logits.std() > 1.0  # confident logits: a layout slip cannot hide below the tolerance
+    np.testing.assert_allclose(theirs_logits, ours_logits, atol=lmgguf.VERIFY_TOLERANCE, rtol=0)
+    ours = generate_ids(
+        model,
+        [prompt],
+        SamplingConfig(max_new_tokens=new_tokens, temperature=0.0),
+        device=torch.device("cpu"),
+    ).tokens[0]
+    assert theirs == ours

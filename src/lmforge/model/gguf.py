@@ -1,4 +1,6 @@
-"""GGUF conversion: lmforge models as llama.cpp reads them (``llama`` and ``gpt2`` architectures).
+"""GGUF conversion: lmforge models as llama.cpp reads them (its ``llama``, ``qwen2``, ``qwen3``, ``qwen2moe``,
+``qwen3moe`` and ``gpt2`` architectures; Mistral and Mixtral are ``llama``, as llama.cpp's own converter writes
+them).
 
 Pure conversion, like ``model/hf.py``: the tensors (names, layouts, dtypes) and the metadata
 (hyper-parameters, tokenizer) of a GGUF file, and the function that writes them with the ``gguf`` package;
@@ -8,7 +10,14 @@ the check against llama.cpp (``verify_with_llama_cpp``). Reading checkpoints and
 Two layout facts decide the tensors:
 - llama.cpp's Llama rotates *interleaved* pairs of a head's dimensions (0,1), (2,3), ...; Hugging Face's and
   lmforge's RoPE rotate the two halves (i, i + hd/2). Permuting the rows of q_proj and k_proj inside each head
-  (``permute_rotary``, the same permutation llama.cpp's converter applies) makes the two agree.
+  (``permute_rotary``, the same permutation llama.cpp's converter applies) makes the two agree. llama.cpp's
+  Qwen architectures rotate the halves ("NEOX" RoPE), as lmforge does: their q and k are written as they are.
+- llama.cpp stacks a layer's experts in one tensor per projection, (E, F, C) for gate and up and (E, C, F) for
+  down in numpy order: lmforge's (E, 2F, C) ``gate_up_proj`` is split in two, its ``down_proj`` is kept.
+
+Where llama.cpp computes something else than lmforge, the export refuses, naming the switch, or (Mistral's
+sliding window, which llama.cpp's ``llama`` ignores: it attends to every cached position) declares only the
+context where the two agree: ``{arch}.context_length`` is the window when it is shorter than max_seq_len.
 - GGUF lists a tensor's shape fastest dimension first; numpy's C order is the same bytes, so an (out, in)
   ``nn.Linear`` weight is written as it is and appears as [in, out] in the file.
 
@@ -27,7 +36,9 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ExportError
-from lmforge.model.hf import GPT2, LLAMA, architecture_for
+from lmforge.model.hf import architecture_for
+from lmforge.model.hf_families import GPT2, LLAMA, MISTRAL, MIXTRAL, QWEN2, QWEN2_MOE, QWEN3, QWEN3_MOE
+from lmforge.model.hf_moe import normalised_topk
 
 DTYPES = ("f32", "f16", "q8_0")
 GPT2_PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for GPT-2's split regex (Hugging Face ByteLevel, use_regex)
@@ -55,6 +66,18 @@ LLAMA_TENSORS: dict[str, str] = {
     "layers.{i}.mlp.up_proj.bias": "blk.{i}.ffn_up.bias",
     "layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
     "layers.{i}.mlp.down_proj.bias": "blk.{i}.ffn_down.bias",
+    "layers.{i}.self_attn.q_norm.weight": "blk.{i}.attn_q_norm.weight",  # qk_norm (Qwen3), (hd,)
+    "layers.{i}.self_attn.k_norm.weight": "blk.{i}.attn_k_norm.weight",
+    # Mixture of Experts: the router, the routed experts stacked (gate and up split from gate_up_proj),
+    # the shared expert and its sigmoid gate (Qwen2-MoE; the gate's (1, C) weight written as (C,))
+    "layers.{i}.mlp.gate.weight": "blk.{i}.ffn_gate_inp.weight",  # (E, C)
+    "layers.{i}.mlp.experts.gate_proj": "blk.{i}.ffn_gate_exps.weight",  # (E, F, C)
+    "layers.{i}.mlp.experts.up_proj": "blk.{i}.ffn_up_exps.weight",  # (E, F, C)
+    "layers.{i}.mlp.experts.down_proj": "blk.{i}.ffn_down_exps.weight",  # (E, C, F)
+    "layers.{i}.mlp.shared_expert.gate_proj.weight": "blk.{i}.ffn_gate_shexp.weight",
+    "layers.{i}.mlp.shared_expert.up_proj.weight": "blk.{i}.ffn_up_shexp.weight",
+    "layers.{i}.mlp.shared_expert.down_proj.weight": "blk.{i}.ffn_down_shexp.weight",
+    "layers.{i}.mlp.shared_expert_gate.weight": "blk.{i}.ffn_gate_inp_shexp.weight",  # (C,)
     "norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
 }
@@ -81,19 +104,66 @@ GPT2_TENSORS: dict[str, str] = {
     "lm_head.weight": "output.weight",
 }
 
-GGUF_ARCH = {LLAMA: "llama", GPT2: "gpt2"}
-TENSOR_TABLES = {LLAMA: LLAMA_TENSORS, GPT2: GPT2_TENSORS}
+# Hugging Face architecture -> llama.cpp's. Mistral and Mixtral are llama.cpp's ``llama`` (Mixtral with
+# expert tensors); llama.cpp has no architecture of their own for text-only checkpoints.
+GGUF_ARCH = {
+    LLAMA: "llama",
+    MISTRAL: "llama",
+    MIXTRAL: "llama",
+    QWEN2: "qwen2",
+    QWEN3: "qwen3",
+    QWEN2_MOE: "qwen2moe",
+    QWEN3_MOE: "qwen3moe",
+    GPT2: "gpt2",
+}
+NEOX_ROPE = ("qwen2", "qwen3", "qwen2moe", "qwen3moe")  # llama.cpp rotates halves there, as lmforge does
+MOE_GGUF = ("qwen2moe", "qwen3moe")  # llama.cpp's own MoE architectures (Mixtral is llama with experts)
+
+
+def _llama_cpp_problems(cfg: ModelConfig, arch: str) -> list[str]:
+    """What llama.cpp's ``arch`` computes differently from lmforge for ``cfg`` (llama.cpp 0.3.36's
+    src/models/*.cpp): Hugging Face can express these, llama.cpp cannot."""
+    wrong = []
+    if arch in ("qwen2", "qwen2moe") and cfg.head_dim * cfg.n_heads != cfg.d_model:
+        wrong.append(
+            f"model.head_size={cfg.head_dim} (llama.cpp's {arch} sizes attention as d_model = n_heads * head size)"
+        )
+    if arch in MOE_GGUF and cfg.moe.first_dense_layers:
+        wrong.append(
+            f"model.moe.first_dense_layers={cfg.moe.first_dense_layers} (llama.cpp's {arch}: every layer is MoE)"
+        )
+    if arch == "qwen2moe" and normalised_topk(cfg):  # llama.cpp's qwen2moe never renormalises
+        wrong.append(
+            f"model.moe.norm_topk_prob={cfg.moe.norm_topk_prob} with router={cfg.moe.router} "
+            "(llama.cpp's qwen2moe uses the top-k softmax probabilities as they are)"
+        )
+    if arch == "qwen3moe" and not normalised_topk(cfg):  # llama.cpp's qwen3moe always renormalises
+        wrong.append(
+            f"model.moe.norm_topk_prob={cfg.moe.norm_topk_prob} with router={cfg.moe.router} "
+            "(llama.cpp's qwen3moe renormalises the top-k weights to sum 1)"
+        )
+    return wrong
 
 
 def gguf_architecture(cfg: ModelConfig) -> str:
-    """llama.cpp's architecture name (``llama`` or ``gpt2``), or an ExportError naming the switch."""
-    arch = architecture_for(cfg)
-    if arch not in GGUF_ARCH:  # e.g. the Mixture-of-Experts families: their expert tensors have no table here
+    """llama.cpp's architecture name (``llama``, ``qwen2``, ``qwen3``, ``qwen2moe``, ``qwen3moe`` or ``gpt2``),
+    or an ExportError naming the switch."""
+    arch = GGUF_ARCH[architecture_for(cfg)]
+    wrong = _llama_cpp_problems(cfg, arch)
+    if wrong:
         raise ExportError(
-            f"cannot export to GGUF: {arch} is not supported (GGUF export writes llama and gpt2); "
-            "export to a Hugging Face folder instead (--format hf)"
+            f"cannot export to GGUF: these switches map to llama.cpp's {arch}, which computes them "
+            "differently: " + "; ".join(wrong) + " (export to a Hugging Face folder instead: --format hf)"
         )
-    return GGUF_ARCH[arch]
+    return arch
+
+
+def exact_context(cfg: ModelConfig) -> int:
+    """The longest context over which llama.cpp computes what lmforge does: ``max_seq_len``, or the sliding
+    window when it is shorter (llama.cpp's ``llama`` attends to every position; a window of W positions
+    changes nothing while the context holds at most W)."""
+    window = cfg.sliding_window
+    return cfg.max_seq_len if window is None else min(cfg.max_seq_len, window)
 
 
 def permute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -118,14 +188,31 @@ def gguf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     arch = architecture_for(cfg)
     ours = {k: v.detach().float().cpu() for k, v in state.items()}
     if cfg.tie_embeddings:
-        ours.pop("lm_head.weight", None)
+        head = ours.pop("lm_head.weight", None)
+        if GGUF_ARCH[arch] == "qwen2moe" and head is not None:  # llama.cpp's qwen2moe requires output.weight
+            ours["lm_head.weight"] = head
+    for key in [k for k in ours if k.endswith(".mlp.expert_bias")]:  # as the Hugging Face export
+        if ours.pop(key).abs().max() > 0:
+            raise ExportError(
+                f"cannot export: {key} is not zero (trained with model.moe.bias_update_rate > 0), and "
+                "llama.cpp's Mixtral and Qwen-MoE route without a bias; it would choose other experts"
+            )
+    for i in range(cfg.n_layers):
+        gate_up = ours.pop(f"layers.{i}.mlp.experts.gate_up_proj", None)  # (E, 2F, C)
+        if gate_up is not None:
+            hidden = gate_up.shape[1] // 2
+            ours[f"layers.{i}.mlp.experts.gate_proj"] = gate_up[:, :hidden]  # (E, F, C)
+            ours[f"layers.{i}.mlp.experts.up_proj"] = gate_up[:, hidden:]
+        shared_gate = f"layers.{i}.mlp.shared_expert_gate.weight"
+        if shared_gate in ours:
+            ours[shared_gate] = ours[shared_gate].reshape(-1)  # (1, C) -> (C,)
     if arch == GPT2:
         for i in range(cfg.n_layers):
             for kind in ("weight", "bias"):
                 parts = [f"{m.format(i=i)}.{kind}" for m in _QKV]
                 if all(p in ours for p in parts):
                     ours[f"layers.{i}.self_attn.qkv.{kind}"] = torch.cat([ours.pop(p) for p in parts], dim=0)
-    else:
+    elif GGUF_ARCH[arch] not in NEOX_ROPE:
         for i in range(cfg.n_layers):
             for proj, heads in (("q_proj", cfg.n_heads), ("k_proj", cfg.kv_heads)):
                 for kind in ("weight", "bias"):
@@ -133,7 +220,7 @@ def gguf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
                     if key in ours:
                         ours[key] = permute_rotary(ours[key], heads)
     out = {}
-    for ours_name, gguf_name in TENSOR_TABLES[arch].items():
+    for ours_name, gguf_name in (GPT2_TENSORS if arch == GPT2 else LLAMA_TENSORS).items():
         for i in range(cfg.n_layers) if "{i}" in ours_name else [None]:
             key = ours_name.format(i=i) if i is not None else ours_name
             if key in ours:
@@ -250,14 +337,25 @@ def write_gguf(
             dtype
         ]
     )
-    writer.add_context_length(cfg.max_seq_len)
+    writer.add_context_length(exact_context(cfg))  # max_seq_len, or a shorter sliding window (see the top)
     writer.add_embedding_length(cfg.d_model)
     writer.add_block_count(cfg.n_layers)
-    writer.add_feed_forward_length(cfg.hidden_dim)
+    moe = cfg.moe
+    expert_hidden = moe.expert_hidden or cfg.hidden_dim
+    # llama.cpp's llama sizes its experts by feed_forward_length (every Mixtral layer is MoE)
+    writer.add_feed_forward_length(expert_hidden if arch == "llama" and moe.enabled else cfg.hidden_dim)
+    if moe.enabled:
+        writer.add_expert_count(moe.n_experts)
+        writer.add_expert_used_count(moe.top_k)
+        if arch in MOE_GGUF:
+            writer.add_expert_feed_forward_length(expert_hidden)
+        if arch == "qwen2moe":
+            shared = moe.shared_expert_hidden or moe.n_shared_experts * expert_hidden
+            writer.add_expert_shared_feed_forward_length(shared)
     writer.add_head_count(cfg.n_heads)
     writer.add_head_count_kv(cfg.kv_heads)
     writer.add_vocab_size(cfg.vocab_size)
-    if arch == "llama":
+    if arch != "gpt2":
         writer.add_layer_norm_rms_eps(cfg.norm_eps)
         writer.add_rope_freq_base(cfg.rope_theta)
         writer.add_rope_dimension_count(cfg.head_dim)
@@ -366,7 +464,7 @@ def llama_cpp_greedy(llm, prompt: list[int], new_tokens: int) -> tuple[np.ndarra
 def check_with_llama_cpp(model: torch.nn.Module, path: Path, prompt: list[int]) -> LlamaCppCheck:
     """Load ``path`` with llama.cpp and compare its logits on ``prompt`` and its greedy continuation with
     ``model``'s."""
-    n_ctx = min(model.cfg.max_seq_len, len(prompt) + VERIFY_NEW_TOKENS)
+    n_ctx = min(exact_context(model.cfg), len(prompt) + VERIFY_NEW_TOKENS)
     new_tokens = n_ctx - len(prompt)
     llm = open_llama_cpp(path, n_ctx)
     try:
@@ -394,7 +492,7 @@ def verify_with_llama_cpp(model: torch.nn.Module, path: Path, dtype: str) -> tup
     except ImportError:
         return None, f"not verified: llama-cpp-python is not installed ({INSTALL_HINT})"
     generator = torch.Generator().manual_seed(0)
-    length = min(16, max(1, model.cfg.max_seq_len - VERIFY_NEW_TOKENS))
+    length = min(16, max(1, exact_context(model.cfg) - VERIFY_NEW_TOKENS))
     prompt = torch.randint(0, model.cfg.vocab_size, (length,), generator=generator).tolist()
     check = check_with_llama_cpp(model, path, prompt)
     note = (
