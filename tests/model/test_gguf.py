@@ -6,6 +6,7 @@ The llama.cpp tests skip with the reason where the binding is absent, also under
 install, and the issue allows CI to skip them.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -510,7 +511,8 @@ FAMILIES = {  # name: (lmforge switches, llama.cpp's architecture)
         ),
         "qwen3moe",
     ),
-    "mup": (dict(n_kv_heads=2, mup=True, mup_base_width=32, tie_embeddings=False), "llama"),
+    # muP at width multiplier 2, tied: the export folds the multipliers in (the head becomes its own tensor)
+    "mup": (dict(n_kv_heads=2, mup=True, mup_base_width=32, tie_embeddings=True), "llama"),
 }
 
 
@@ -538,11 +540,13 @@ def test_family_tensors_and_metadata_read_back(tmp_path, name):
     reader = gguf.GGUFReader(out)
     assert field(reader, "general.architecture") == arch
     tensors = read_tensors(out)
-    ours = {k: v.detach() for k, v in model.state_dict().items()}
-    if cfg.mup:  # the file holds the folded weights (muP's multipliers in them), as the HF export
+    if cfg.mup:  # the file holds the folded weights (muP's multipliers in them, untied), as the HF export
         from lmforge.model.mup import fold_mup
 
-        ours = {k: v.detach() for k, v in fold_mup(model).state_dict().items()}
+        model = fold_mup(model)
+        cfg = model.cfg
+        assert not cfg.tie_embeddings
+    ours = {k: v.detach() for k, v in model.state_dict().items()}
     neox = arch != "llama"  # llama.cpp's Qwen architectures rotate halves, as lmforge: no permutation
     moe = cfg.moe
     for i in range(cfg.n_layers):
@@ -642,3 +646,92 @@ def test_family_runs_in_llama_cpp_as_in_lmforge(tmp_path, name):
         device=torch.device("cpu"),
     ).tokens[0]
     assert theirs == ours
+
+
+def test_mistral_window_llama_cpp_attends_to_every_position(tmp_path):
+    """llama.cpp's ``llama`` has no sliding window: past the window its logits are those of the same weights
+    attending to every position, not lmforge's. The file declares the window as its context length, the
+    range where the two agree (llama.cpp warns when asked for more)."""
+    require_llama_cpp()
+    cfg = tiny(300, sliding_window=6, n_kv_heads=2, tie_embeddings=False)
+    model, run = family_run(tmp_path, cfg)
+    out = tmp_path / "model.gguf"
+    report = convert.export_model(run, out, format="gguf")  # the self-check stays inside the window
+    assert report.max_abs_diff <= lmgguf.VERIFY_TOLERANCE
+    assert field(gguf.GGUFReader(out), "llama.context_length") == 6
+    prompt = torch.randint(0, cfg.vocab_size, (20,), generator=torch.Generator().manual_seed(2)).tolist()
+    llm = lmgguf.open_llama_cpp(out, len(prompt))
+    theirs, _ = lmgguf.llama_cpp_greedy(llm, prompt, 0)
+    llm.close()
+    full = build_model(dataclasses.replace(cfg, sliding_window=None), seed=None).eval()
+    full.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        windowed = model(torch.tensor([prompt]))[0].numpy()  # (T, V)
+        everything = full(torch.tensor([prompt]))[0].numpy()
+    np.testing.assert_allclose(theirs[:6], windowed[:6], atol=lmgguf.VERIFY_TOLERANCE, rtol=0)
+    np.testing.assert_allclose(theirs, everything, atol=lmgguf.VERIFY_TOLERANCE, rtol=0)
+    assert np.abs(theirs[6:] - windowed[6:]).max() > 0.1  # past the window: not lmforge's model
+
+
+@pytest.mark.parametrize(
+    "switches, match",
+    [  # what Hugging Face expresses but llama.cpp computes otherwise (src/models/*.cpp of llama.cpp)
+        (dict(qkv_bias=True, head_size=8), "head_size=8"),  # qwen2: attention is d_model wide
+        (
+            dict(
+                moe=MoEConfig(
+                    n_experts=4,
+                    n_shared_experts=1,
+                    shared_expert_gate=True,
+                    router="softmax_topk",
+                    norm_topk_prob=True,
+                )
+            ),  # fmt: skip
+            "qwen2moe uses the top-k softmax probabilities as they are",
+        ),
+        (
+            dict(
+                moe=MoEConfig(
+                    n_experts=4,
+                    n_shared_experts=1,
+                    shared_expert_gate=True,
+                    router="softmax_topk",
+                    first_dense_layers=1,
+                )
+            ),  # fmt: skip
+            "first_dense_layers=1",
+        ),
+        (
+            dict(qk_norm=True, moe=MoEConfig(n_experts=4, router="softmax_topk", norm_topk_prob=False)),
+            "qwen3moe renormalises",
+        ),
+        (
+            dict(
+                qk_norm=True,
+                moe=MoEConfig(n_experts=4, router="softmax_topk", norm_topk_prob=True, first_dense_layers=1),
+            ),  # fmt: skip
+            "qwen3moe: every layer is MoE",
+        ),
+    ],
+    ids=[
+        "qwen2-narrow-heads",
+        "qwen2moe-normalised",
+        "qwen2moe-dense-first",
+        "qwen3moe-unnormalised",
+        "qwen3moe-dense-first",
+    ],  # fmt: skip
+)
+def test_what_llama_cpp_computes_otherwise_is_refused(tmp_path, switches, match):
+    _, run = make_run(tmp_path, tiny(300, **switches), None)
+    with pytest.raises(ExportError, match=match):
+        convert.export_model(run, tmp_path / "m.gguf", format="gguf", verify=False)
+    assert not list(tmp_path.glob("*.gguf*"))
+
+
+def test_a_trained_expert_bias_is_refused(tmp_path):
+    cfg = tiny(300, moe=MoEConfig(n_experts=4, top_k=2))
+    model = build_model(cfg, seed=1)
+    with torch.no_grad():
+        model.layers[1].mlp.expert_bias[2] = 0.5  # DeepSeek-style balancing: routing llama.cpp cannot do
+    with pytest.raises(ExportError, match="layers.1.mlp.expert_bias is not zero"):
+        lmgguf.gguf_state_dict(model.state_dict(), cfg)

@@ -228,5 +228,6 @@ def test_refusals_name_what_no_family_expresses(tmp_path):
         )
     from lmforge.model.gguf import gguf_architecture
 
-    with pytest.raises(ExportError, match="GGUF"):  # a clear refusal, not a KeyError
-        gguf_architecture(CASES["mixtral"])
+    assert gguf_architecture(CASES["mixtral"]) == "llama"  # llama.cpp's llama with expert tensors
+    with pytest.raises(ExportError, match="first_dense_layers=1"):  # llama.cpp: every qwen2moe layer is MoE
+        gguf_architecture(CASES["qwen2-moe"])
