@@ -46,7 +46,10 @@ class DataConfig:
     near_dedup_threshold: float = 0.8
     scrub_pii: bool = False
     document_mask: bool = False  # pass document boundaries to attention (no attending across documents)
-    text_chunk_chars: int = 8192  # text files: documents of ~this size cut at blank lines (0: whole file)
+    # text files: documents cut after blank lines (of ~text_chunk_chars), one per line, or one per file; any
+    # document longer than max_chars is cut into pieces of at most max_chars (at line ends), never dropped
+    split: Literal["blank", "lines", "file"] = "blank"
+    text_chunk_chars: int = 8192  # split=blank: documents of ~this size cut at blank lines (0: whole file)
     shard_tokens: int = 50_000_000  # tokens per shard file
     tokenizer_train_chars: int = 200_000_000  # characters of kept text a bpe/char tokenizer is trained on
     encoder: Literal["auto", "tokenizers"] = "auto"  # auto: tiktoken where it gives the very same ids

@@ -66,8 +66,10 @@ KEPT_HEADER = struct.Struct("<?Q")  # a kept.bin record: is it a validation docu
 RECIPE_FIELDS = (
     "tokenizer", "vocab_size", "text_field", "val_fraction", "seed", "min_chars", "max_chars",
     "max_repeated_line_fraction", "dedup", "near_dedup", "near_dedup_threshold", "scrub_pii",
-    "text_chunk_chars", "shard_tokens", "tokenizer_train_chars",
+    "text_chunk_chars", "shard_tokens", "tokenizer_train_chars", "split",
 )  # fmt: skip
+# Recipe fields added after folders were prepared without them: the value those folders were prepared with.
+RECIPE_ADDED = {"split": "blank"}
 
 
 def is_prepared(out_dir: str | Path) -> bool:
@@ -314,6 +316,7 @@ def read_tokenizer_fingerprint(out: Path) -> str | None:
 
 def _check_same(out: Path, old: dict, old_fp: str | None, new: dict, wanted: Tokenizer | None) -> None:
     """Refuse to reuse a folder prepared (or being prepared) with another tokenizer or other settings."""
+    old = {**RECIPE_ADDED, **old}
     if wanted is not None and old_fp is not None and old_fp != wanted.fingerprint:
         raise DataError(
             f"{out} was prepared with a different tokenizer (fingerprint {old_fp}, requested "
@@ -355,7 +358,13 @@ def _stage_documents(
     read = 0
     tmp = out / "kept.bin.tmp"
     docs = read_documents(
-        paths, text_field=cfg.text_field, chunk_chars=cfg.text_chunk_chars, stats=stats, strict=strict
+        paths,
+        text_field=cfg.text_field,
+        chunk_chars=cfg.text_chunk_chars,
+        stats=stats,
+        strict=strict,
+        split=cfg.split,
+        max_chars=cfg.max_chars,
     )
     with (
         open(tmp, "wb") as f,

@@ -60,6 +60,8 @@ class SourceStats:
     invalid_utf8_chars: int = 0  # U+FFFD characters introduced by decoding
     malformed_records: int = 0
     malformed_examples: list[str] = field(default_factory=list)
+    cut_documents: int = 0  # documents longer than data.max_chars, kept as pieces rather than dropped
+    cut_pieces: int = 0  # the pieces they became
 
     def malformed(self, where: str, why: str, strict: bool) -> None:
         message = f"{where}: {why}"
@@ -79,6 +81,8 @@ class SourceStats:
             "invalid_utf8_chars": self.invalid_utf8_chars,
             "malformed_records": self.malformed_records,
             "malformed_examples": self.malformed_examples,
+            "cut_documents": self.cut_documents,
+            "cut_pieces": self.cut_pieces,
         }
 
 
@@ -152,24 +156,44 @@ def is_arrow_dataset(path: Path) -> bool:
 
 
 def read_documents(
-    paths: list[Path], *, text_field: str, chunk_chars: int, stats: SourceStats, strict: bool = False
+    paths: list[Path],
+    *,
+    text_field: str,
+    chunk_chars: int,
+    stats: SourceStats,
+    strict: bool = False,
+    split: str = "blank",
+    max_chars: int = 0,
 ) -> Iterator[Document]:
-    """Stream the documents of every input in order."""
+    """Stream the documents of every input in order. Text files are cut into documents by ``split`` (see
+    ``_read_text``); a document (a piece of text, a record) longer than ``max_chars`` (0: no limit) is cut
+    into pieces of at most ``max_chars``, at line ends where it can be, and counted in ``stats``."""
     for path in paths:
         stats.files += 1
         if path.is_dir():
-            yield from _read_arrow_dataset(path, text_field, stats)
+            yield from _cut_long(_read_arrow_dataset(path, text_field, stats), max_chars, stats)
             continue
         stats.bytes += path.stat().st_size
         kind = _kind(path)
         if kind == "binary":
             stats.binary_skipped.append(str(path))
         elif kind == "parquet":
-            yield from _read_parquet(path, text_field, stats)
+            yield from _cut_long(_read_parquet(path, text_field, stats), max_chars, stats)
         elif kind == "json":
-            yield from _read_json(path, text_field, stats, strict)
+            yield from _cut_long(_read_json(path, text_field, stats, strict), max_chars, stats)
         else:
-            yield from _read_text(path, chunk_chars, stats)
+            yield from _read_text(path, chunk_chars, stats, split, max_chars)
+
+
+def _cut_long(documents: Iterator[Document], max_chars: int, stats: SourceStats) -> Iterator[Document]:
+    """Records longer than ``max_chars`` as pieces (``origin#piece``), cut after a line where one fits."""
+    for doc in documents:
+        if max_chars <= 0 or len(doc.text) <= max_chars:
+            yield doc
+            continue
+        pieces = _text_pieces(iter([doc.text, ""]), 0, False, max_chars, stats)
+        for i, piece in enumerate(pieces):
+            yield Document(piece, f"{doc.origin}#{i}")
 
 
 def _kind(path: Path) -> str:
@@ -223,36 +247,103 @@ class _Decoder:
             self.stats.invalid_utf8_chars += self.bad
 
 
-def _read_text(path: Path, chunk_chars: int, stats: SourceStats) -> Iterator[Document]:
-    """One document per file, or documents of about ``chunk_chars`` cut after a blank line.
+def _read_text(
+    path: Path, chunk_chars: int, stats: SourceStats, split: str, max_chars: int
+) -> Iterator[Document]:
+    """The documents of a text file, by ``split``: ``blank`` cuts after the first blank line past
+    ``chunk_chars`` characters (0: a document per file), ``lines`` makes each non-blank line a document (the
+    line ending dropped), ``file`` one document per file. A piece longer than ``max_chars`` (0: no limit) is
+    cut after its last line that fits, or at ``max_chars`` inside a longer line, and counted.
 
-    The documents of a file concatenate back to the file's text exactly.
+    In ``blank`` and ``file`` mode the documents of a file concatenate back to the file's text exactly. Each
+    character is searched about once: reading is linear in the file's size.
     """
     decode = _Decoder(stats)
-    buffer = ""
-    chunk = 0
     with _open_binary(path) as f:
-        first = True
-        while True:
-            data = f.read(BLOCK_BYTES)
-            if first:
-                first = False
-                if looks_binary(data[:SNIFF_BYTES]):
-                    stats.binary_skipped.append(str(path))
-                    return
-            buffer += decode(data, final=not data)
-            while chunk_chars > 0 and len(buffer) > chunk_chars:
-                match = BLANK_LINES.search(buffer, chunk_chars)
-                if match is None or match.end() == len(buffer):
-                    break  # the blank line may continue in the next block
-                yield Document(buffer[: match.end()], f"{path}#{chunk}")
-                chunk += 1
-                buffer = buffer[match.end() :]
-            if not data:
-                break
+        head = f.read(BLOCK_BYTES)
+        if looks_binary(head[:SNIFF_BYTES]):
+            stats.binary_skipped.append(str(path))
+            return
+
+        def blocks() -> Iterator[str]:
+            data = head
+            while data:
+                yield decode(data)
+                data = f.read(BLOCK_BYTES)
+            yield decode(b"", final=True)
+
+        pieces = _text_pieces(
+            blocks(), chunk_chars if split == "blank" else 0, split == "lines", max_chars, stats
+        )
+        whole = split == "file" or (split == "blank" and chunk_chars == 0)
+        for i, text in enumerate(pieces):
+            yield Document(text, str(path) if whole and i == 0 else f"{path}#{i}")
     decode.finish()
-    if buffer:
-        yield Document(buffer, f"{path}#{chunk}" if chunk_chars > 0 else str(path))
+
+
+def _text_pieces(
+    blocks: Iterator[str], chunk_chars: int, lines: bool, max_chars: int, stats: SourceStats
+) -> Iterator[str]:
+    """Cut the text of ``blocks`` (the last one empty) into documents, as ``_read_text`` says. The pending
+    document begins at ``start`` in ``buffer``, and the next search for a boundary at ``scan``: text searched
+    once is not searched again, and the buffer is compacted once per block."""
+    buffer, start, scan = "", 0, 0
+    cutting = False  # the pending text continues a document already cut at max_chars
+
+    def counted(piece: str, cut: bool) -> str:
+        nonlocal cutting
+        if cut or cutting:
+            stats.cut_pieces += 1
+            stats.cut_documents += not cutting
+        cutting = cut
+        return piece
+
+    for text in blocks:
+        buffer = buffer[start:] + text
+        scan, start = max(scan - start, 0), 0
+        final = not text
+        while start < len(buffer):
+            end = stop = None  # the next document is buffer[start:end]; the one after it begins at stop
+            if lines:
+                newline = buffer.find("\n", max(scan, start))
+                if newline >= 0:
+                    end, stop = newline - (buffer[newline - 1 : newline] == "\r"), newline + 1
+                else:
+                    scan = len(buffer)
+            elif chunk_chars > 0:
+                match = BLANK_LINES.search(buffer, max(scan, start + chunk_chars))
+                if match is None:
+                    scan = _trailing_space(buffer, max(scan, start))  # where a blank line may still begin
+                else:
+                    scan = match.start()
+                    if match.end() < len(buffer):  # at the end, the blank lines may go on in the next block
+                        end = stop = match.end()
+            if end is None and final:
+                end = stop = len(buffer)
+            if end is not None and (max_chars <= 0 or end - start <= max_chars):
+                piece, start = buffer[start:end], stop
+                scan = max(scan, start)
+                if lines and not piece.strip():
+                    cutting = False  # a blank line, or the line ending of a line cut at max_chars
+                    continue
+                yield counted(piece, cut=False)
+            elif max_chars > 0 and len(buffer) - start > max_chars:
+                limit = start + max_chars
+                newline = -1 if lines else buffer.rfind("\n", start, limit)  # a line of `lines` is too long
+                end = newline + 1 if newline >= 0 else limit
+                piece, start = buffer[start:end], end
+                scan = max(scan, start)
+                yield counted(piece, cut=True)
+            else:
+                break
+
+
+def _trailing_space(text: str, floor: int) -> int:
+    """The index where the run of whitespace characters that ends ``text`` begins (not below ``floor``)."""
+    i = len(text)
+    while i > floor and text[i - 1] in " \t\r\n":
+        i -= 1
+    return i
 
 
 def _field(record: object, text_field: str, where: str, first: bool, stats: SourceStats, strict: bool):

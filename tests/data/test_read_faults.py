@@ -1,0 +1,91 @@
+"""Issue 27: data preparation never drops text silently (each test reproduces one reported fault)."""
+
+import json
+
+import pytest
+
+from lmforge.config import DataConfig, load_config
+from lmforge.data import sources
+from lmforge.data.prepare import prepare_data
+from lmforge.data.sources import SourceStats, read_documents
+from lmforge.errors import ConfigError
+
+
+def read(paths, **options):
+    stats = SourceStats()
+    options = {"text_field": "text", "chunk_chars": 8192, **options}
+    return list(read_documents(paths, stats=stats, **options)), stats
+
+
+class CountingPattern:
+    """BLANK_LINES with a count of the characters each search may scan (from its start to the buffer end)."""
+
+    def __init__(self, pattern):
+        self.pattern, self.scanned = pattern, 0
+
+    def search(self, text, pos=0):
+        self.scanned += len(text) - pos
+        return self.pattern.search(text, pos)
+
+
+def test_reading_a_file_without_blank_lines_is_linear_in_its_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 4096)  # many blocks: the old re-search over the buffer shows
+    line = "one sentence per line, the commonest corpus layout\n"
+    scanned = {}
+    for size in (200_000, 800_000):
+        path = tmp_path / f"{size}.txt"
+        text = line * (size // len(line))
+        path.write_text(text, encoding="utf-8")
+        counter = CountingPattern(sources.BLANK_LINES)
+        monkeypatch.setattr(sources, "BLANK_LINES", counter)
+        docs, _ = read([path])
+        monkeypatch.setattr(sources, "BLANK_LINES", counter.pattern)
+        assert "".join(d.text for d in docs) == text
+        scanned[size] = counter.scanned
+        assert counter.scanned <= 2 * len(text)  # each character searched about once, not once per block
+    assert scanned[800_000] < 5 * scanned[200_000]
+
+
+def test_a_document_over_max_chars_is_cut_at_lines_never_dropped(tmp_path):
+    lines = [f"record {i:04d} " + "x" * (i % 37) + "\n" for i in range(400)]
+    text = "".join(lines)
+    (tmp_path / "lines.txt").write_text(text, encoding="utf-8")
+    docs, stats = read([tmp_path / "lines.txt"], max_chars=1000)
+    assert "".join(d.text for d in docs) == text
+    assert all(0 < len(d.text) <= 1000 for d in docs)
+    assert all(d.text.endswith("\n") for d in docs)  # cut after a line, never inside one
+    assert len(docs) in (-(-len(text) // 1000), -(-len(text) // 1000) + 1)  # pieces nearly full
+    assert stats.cut_documents == 1 and stats.cut_pieces == len(docs)
+    # a single line longer than max_chars is cut at max_chars
+    (tmp_path / "one.txt").write_text("y" * 2500, encoding="utf-8")
+    docs, stats = read([tmp_path / "one.txt"], max_chars=1000)
+    assert [len(d.text) for d in docs] == [1000, 1000, 500]
+    assert stats.cut_documents == 1 and stats.cut_pieces == 3
+
+
+def test_split_choices_lines_file_and_blank(tmp_path):
+    text = "alpha one\nalpha two\n\n  \nbeta\n\ngamma\n"
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    docs, _ = read([tmp_path / "a.txt"], split="lines")
+    assert [d.text for d in docs] == ["alpha one", "alpha two", "beta", "gamma"]
+    docs, _ = read([tmp_path / "a.txt"], split="file")
+    assert [d.text for d in docs] == [text]
+    docs, _ = read([tmp_path / "a.txt"], split="blank", chunk_chars=1)
+    assert [d.text for d in docs] == ["alpha one\nalpha two\n\n  \n", "beta\n\n", "gamma\n"]
+    with pytest.raises(ConfigError, match="data.split='paragraphs' must be one of 'blank', 'lines', 'file'"):
+        load_config(None, ["data.split=paragraphs"])
+
+
+def test_prepare_keeps_a_file_without_blank_lines_whole_in_pieces(tmp_path):
+    lines = [f"line {i} of a corpus with one record per line\n" for i in range(3000)]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "c.txt").write_text("".join(lines), encoding="utf-8")
+    cfg = DataConfig(tokenizer="char", max_chars=20_000, val_fraction=0.0, workers=1, dedup=False)
+    meta = prepare_data(cfg, [str(tmp_path / "src")], tmp_path / "out", progress=False)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["sources"]["cut_documents"] == 1
+    assert report["filter_reasons"].get("too_long", 0) == 0
+    chars = sum(len(line) for line in lines)
+    pieces = report["sources"]["cut_pieces"]
+    assert meta["documents"] == pieces and pieces in (-(-chars // 20_000), -(-chars // 20_000) + 1)
+    assert meta["tokens"] == chars + pieces  # every character kept, plus one end-of-text per piece
