@@ -89,3 +89,47 @@ def test_prepare_keeps_a_file_without_blank_lines_whole_in_pieces(tmp_path):
     pieces = report["sources"]["cut_pieces"]
     assert meta["documents"] == pieces and pieces in (-(-chars // 20_000), -(-chars // 20_000) + 1)
     assert meta["tokens"] == chars + pieces  # every character kept, plus one end-of-text per piece
+
+
+def _records(first: int, count: int) -> bytes:
+    return "".join(
+        json.dumps({"text": f"record {i} of the corpus"}) + "\n" for i in range(first, first + count)
+    ).encode()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst"])
+def test_a_truncated_compressed_file_is_skipped_named_and_counted(tmp_path, capsys, suffix):
+    import gzip
+
+    import zstandard
+
+    from lmforge.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(_records(0, 300))
+    (src / "c.jsonl").write_bytes(_records(50_000, 300))
+    body = _records(1000, 12000)  # over one 128 KiB zstd block: some records come before the damage
+    packed = gzip.compress(body) if suffix == ".jsonl.gz" else zstandard.ZstdCompressor().compress(body)
+    (src / f"b{suffix}").write_bytes(packed[: len(packed) // 2])
+    rc = main(["data", "prepare", str(src), "data.tokenizer=char", "data.workers=1", "--out", str(tmp_path / "out"),
+               "--no-progress"])  # fmt: skip
+    assert rc == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())["sources"]
+    assert report["damaged_skipped"] == 1
+    [damaged] = report["damaged_files"]
+    assert damaged.startswith(str(src / f"b{suffix}")) and "truncated" in damaged
+    assert "damaged" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    kept_before = int(damaged.split("; ")[-1].split()[0])  # "...; N records before the damage kept"
+    assert 0 < kept_before < 12000
+    assert meta["documents"] == 600 + kept_before  # every record of the good files, and those before damage
+
+
+def test_an_unreadable_parquet_file_is_skipped_and_nothing_left_is_an_error(tmp_path):
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not a parquet file at all")
+    cfg = DataConfig(tokenizer="char", workers=1)
+    from lmforge.errors import DataError
+
+    with pytest.raises(DataError, match=r"damaged.*bad.parquet"):
+        prepare_data(cfg, [str(tmp_path / "bad.parquet")], tmp_path / "out", progress=False)

@@ -376,8 +376,9 @@ def merge_sources(parts: list[dict]) -> dict:
     for part in parts:
         for key in ("files", "bytes", "binary_skipped", "invalid_utf8_files", "invalid_utf8_chars"):
             out[key] += part[key]
-        for key in ("cut_documents", "cut_pieces"):
+        for key in ("cut_documents", "cut_pieces", "damaged_skipped"):
             out[key] += part.get(key, 0)
+        out["damaged_files"] = (out["damaged_files"] + part.get("damaged_files", []))[:20]
         out["malformed_records"] += part["malformed_records"]
         out["binary_files"] = (out["binary_files"] + part["binary_files"])[:20]
         out["malformed_examples"] = (out["malformed_examples"] + part["malformed_examples"])[:20]

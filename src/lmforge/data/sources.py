@@ -5,7 +5,9 @@ lines, or one document per file), ``.jsonl``/``.json`` (one document per record,
 of these also compressed as ``.gz`` or ``.zst``; ``.parquet``; Hugging Face ``datasets`` folders written by
 ``save_to_disk`` (``state.json`` + ``data-*.arrow``, or a ``dataset_dict.json`` of splits).
 
-Bad input is counted in a ``SourceStats`` rather than crashing: binary files are skipped, invalid UTF-8 is
+Bad input is counted in a ``SourceStats`` rather than crashing: a damaged file (truncated or corrupt gzip, zstd
+or parquet, unreadable, vanished) is skipped and named, the documents read before the damage kept; binary
+files are skipped, invalid UTF-8 is
 replaced (U+FFFD), malformed JSON lines are reported as ``file:line`` and skipped (``strict`` aborts). A few
 stray control bytes (crawl shards have them) do not make a file binary: in JSON Lines only the record that
 holds one is lost (named in the report); in text the cleaner's ``normalize`` stage removes them.
@@ -18,13 +20,17 @@ import glob
 import gzip
 import io
 import json
+import logging
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from lmforge.errors import DataError
+
+log = logging.getLogger(__name__)
 
 BLOCK_BYTES = 1 << 20
 SNIFF_BYTES = 8192
@@ -62,6 +68,12 @@ class SourceStats:
     malformed_examples: list[str] = field(default_factory=list)
     cut_documents: int = 0  # documents longer than data.max_chars, kept as pieces rather than dropped
     cut_pieces: int = 0  # the pieces they became
+    damaged_files: list[str] = field(default_factory=list)  # "file: why; N documents before the damage kept"
+
+    def damaged(self, path: Path, why: str, kept: int) -> None:
+        message = f"{path}: {why}; {kept} documents before the damage kept"
+        log.warning(f"data: skipped a damaged input: {message}")
+        self.damaged_files.append(message)
 
     def malformed(self, where: str, why: str, strict: bool) -> None:
         message = f"{where}: {why}"
@@ -83,6 +95,8 @@ class SourceStats:
             "malformed_examples": self.malformed_examples,
             "cut_documents": self.cut_documents,
             "cut_pieces": self.cut_pieces,
+            "damaged_skipped": len(self.damaged_files),
+            "damaged_files": self.damaged_files[:MAX_REPORTED],
         }
 
 
@@ -170,19 +184,48 @@ def read_documents(
     into pieces of at most ``max_chars``, at line ends where it can be, and counted in ``stats``."""
     for path in paths:
         stats.files += 1
-        if path.is_dir():
-            yield from _cut_long(_read_arrow_dataset(path, text_field, stats), max_chars, stats)
-            continue
-        stats.bytes += path.stat().st_size
-        kind = _kind(path)
-        if kind == "binary":
-            stats.binary_skipped.append(str(path))
-        elif kind == "parquet":
-            yield from _cut_long(_read_parquet(path, text_field, stats), max_chars, stats)
-        elif kind == "json":
-            yield from _cut_long(_read_json(path, text_field, stats, strict), max_chars, stats)
-        else:
-            yield from _read_text(path, chunk_chars, stats, split, max_chars)
+        kept = 0
+        try:
+            for doc in _read_one(path, text_field, chunk_chars, stats, strict, split, max_chars):
+                kept += 1
+                yield doc
+        except DamagedFile as exc:
+            stats.damaged(path, str(exc), kept)
+        except EOFError as exc:
+            stats.damaged(path, f"truncated ({exc})", kept)
+        except zlib.error as exc:
+            stats.damaged(path, f"corrupt compressed data ({exc})", kept)
+        except OSError as exc:
+            what = "vanished" if isinstance(exc, FileNotFoundError) else "unreadable"
+            stats.damaged(path, f"{what} ({exc.strerror or exc})", kept)
+
+
+class DamagedFile(Exception):
+    """An input that cannot be read to its end; ``read_documents`` skips it and names it in the report."""
+
+
+def _read_one(
+    path: Path,
+    text_field: str,
+    chunk_chars: int,
+    stats: SourceStats,
+    strict: bool,
+    split: str,
+    max_chars: int,
+) -> Iterator[Document]:
+    if path.is_dir():
+        yield from _cut_long(_read_arrow_dataset(path, text_field, stats), max_chars, stats)
+        return
+    stats.bytes += path.stat().st_size
+    kind = _kind(path)
+    if kind == "binary":
+        stats.binary_skipped.append(str(path))
+    elif kind == "parquet":
+        yield from _cut_long(_read_parquet(path, text_field, stats), max_chars, stats)
+    elif kind == "json":
+        yield from _cut_long(_read_json(path, text_field, stats, strict), max_chars, stats)
+    else:
+        yield from _read_text(path, chunk_chars, stats, split, max_chars)
 
 
 def _cut_long(documents: Iterator[Document], max_chars: int, stats: SourceStats) -> Iterator[Document]:
@@ -220,10 +263,55 @@ def _open_binary(path: Path) -> IO[bytes]:
     if suffix == ".gz":
         return gzip.open(path, "rb")
     if suffix == ".zst":
+        return io.BufferedReader(_ZstdReader(path))
+    return open(path, "rb")
+
+
+class _ZstdReader(io.RawIOBase):
+    """A ``.zst`` file decompressed frame after frame; a stream that ends inside a frame (truncated) or
+    corrupt data raises ``DamagedFile`` (zstandard's own stream reader ends quietly on a truncated file)."""
+
+    def __init__(self, path: Path):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
+        self.zstd, self.path = zstandard, path
+        self.f = open(path, "rb")
+        self.frame = zstandard.ZstdDecompressor().decompressobj()
+        self.fed = False  # the current frame has had input
+        self.out = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.out += self.frame.decompress(data)
+        except self.zstd.ZstdError as exc:
+            raise DamagedFile(f"corrupt zstd data ({exc})") from None
+        self.fed = True
+
+    def readinto(self, buffer) -> int:
+        while not self.out:
+            if self.frame.eof:  # the next frame begins with what the last one left over
+                rest = self.frame.unused_data
+                self.frame, self.fed = self.zstd.ZstdDecompressor().decompressobj(), False
+                if rest:
+                    self._feed(rest)
+                continue
+            data = self.f.read(BLOCK_BYTES)
+            if not data:
+                if self.fed:
+                    raise DamagedFile("truncated (the zstd stream ends inside a frame)")
+                return 0
+            self._feed(data)
+        n = min(len(buffer), len(self.out))
+        buffer[:n] = self.out[:n]
+        self.out = self.out[n:]
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
 
 
 class _Decoder:
@@ -513,20 +601,24 @@ def _column_texts(table_batches, text_field: str, where: str, stats: SourceStats
 
 
 def _read_parquet(path: Path, text_field: str, stats: SourceStats) -> Iterator[Document]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises its own ArrowInvalid for non-parquet bytes
-        raise DataError(f"{path}: not a readable parquet file ({exc})") from None
+        raise DamagedFile(f"not a readable parquet file ({exc})") from None
     if text_field not in parquet.schema_arrow.names:
         raise DataError(
             f"{path}: no column {text_field!r} (found: {', '.join(parquet.schema_arrow.names)}); "
             f"set data.text_field to the column that holds the text"
         )
-    yield from _column_texts(
-        parquet.iter_batches(batch_size=1024, columns=[text_field]), text_field, str(path), stats
-    )
+    try:
+        yield from _column_texts(
+            parquet.iter_batches(batch_size=1024, columns=[text_field]), text_field, str(path), stats
+        )
+    except pa.ArrowException as exc:
+        raise DamagedFile(f"corrupt parquet data ({exc})") from None
 
 
 def _arrow_files(folder: Path) -> list[Path]:
