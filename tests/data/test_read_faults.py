@@ -133,3 +133,33 @@ def test_an_unreadable_parquet_file_is_skipped_and_nothing_left_is_an_error(tmp_
 
     with pytest.raises(DataError, match=r"damaged.*bad.parquet"):
         prepare_data(cfg, [str(tmp_path / "bad.parquet")], tmp_path / "out", progress=False)
+
+
+TEXT = "Füße und Öl, 你好世界 😀\nsecond line\n\nnext paragraph\n"
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-be", "utf-32", "utf-32-be"])
+def test_utf16_and_utf32_files_with_a_bom_are_decoded_not_skipped_as_binary(tmp_path, codec):
+    bom = {"utf-16-be": "\ufeff", "utf-32-be": "\ufeff"}.get(codec, "")  # utf-16/utf-32 write their own
+    (tmp_path / "a.txt").write_bytes((bom + TEXT).encode(codec))
+    records = "".join(json.dumps({"text": line}, ensure_ascii=False) + "\n" for line in TEXT.splitlines())
+    (tmp_path / "b.jsonl").write_bytes((bom + records).encode(codec))
+    docs, stats = read([tmp_path / "a.txt"], split="file")
+    assert [d.text for d in docs] == [TEXT] and stats.binary_skipped == []
+    docs, stats = read([tmp_path / "b.jsonl"])
+    assert [d.text for d in docs] == TEXT.splitlines() and stats.malformed_records == 0
+
+
+@pytest.mark.parametrize("codec", ["latin-1", "gb18030"])
+def test_data_encoding_names_a_legacy_encoding(tmp_path, codec):
+    text = "Füße und Öl\n" if codec == "latin-1" else "你好世界，简体中文\n"
+    (tmp_path / "a.txt").write_bytes(text.encode(codec))
+    docs, stats = read([tmp_path / "a.txt"], split="file", encoding=codec)
+    assert [d.text for d in docs] == [text] and stats.invalid_utf8_chars == 0
+    docs, stats = read([tmp_path / "a.txt"], split="file")  # read as UTF-8: replaced and counted
+    assert docs[0].text != text and stats.invalid_utf8_files == 1
+
+
+def test_an_unknown_encoding_is_a_config_error():
+    with pytest.raises(ConfigError, match="data.encoding='latin-9x'"):
+        load_config(None, ["data.encoding=latin-9x"])

@@ -170,6 +170,7 @@ def map_file(work: Path, f: int, *, flush_bytes: int = FLUSH_BYTES) -> dict:
         strict=plan["strict"],
         split=cfg.split,
         max_chars=cfg.max_chars,
+        encoding=cfg.encoding,
     )
     for position, doc in enumerate(docs):
         text = cleaner.clean(doc.text)

@@ -67,9 +67,10 @@ RECIPE_FIELDS = (
     "tokenizer", "vocab_size", "text_field", "val_fraction", "seed", "min_chars", "max_chars",
     "max_repeated_line_fraction", "dedup", "near_dedup", "near_dedup_threshold", "scrub_pii",
     "text_chunk_chars", "shard_tokens", "tokenizer_train_chars", "split",
+    "encoding",
 )  # fmt: skip
 # Recipe fields added after folders were prepared without them: the value those folders were prepared with.
-RECIPE_ADDED = {"split": "blank"}
+RECIPE_ADDED = {"split": "blank", "encoding": "utf-8"}
 
 
 def is_prepared(out_dir: str | Path) -> bool:
@@ -365,6 +366,7 @@ def _stage_documents(
         strict=strict,
         split=cfg.split,
         max_chars=cfg.max_chars,
+        encoding=cfg.encoding,
     )
     with (
         open(tmp, "wb") as f,

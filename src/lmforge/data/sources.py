@@ -178,15 +178,17 @@ def read_documents(
     strict: bool = False,
     split: str = "blank",
     max_chars: int = 0,
+    encoding: str = "utf-8",
 ) -> Iterator[Document]:
     """Stream the documents of every input in order. Text files are cut into documents by ``split`` (see
     ``_read_text``); a document (a piece of text, a record) longer than ``max_chars`` (0: no limit) is cut
-    into pieces of at most ``max_chars``, at line ends where it can be, and counted in ``stats``."""
+    into pieces of at most ``max_chars``, at line ends where it can be, and counted in ``stats``. Text and
+    JSON files are read as ``encoding``, unless they begin with a UTF-16 or UTF-32 byte-order mark."""
     for path in paths:
         stats.files += 1
         kept = 0
         try:
-            for doc in _read_one(path, text_field, chunk_chars, stats, strict, split, max_chars):
+            for doc in _read_one(path, text_field, chunk_chars, stats, strict, split, max_chars, encoding):
                 kept += 1
                 yield doc
         except DamagedFile as exc:
@@ -212,6 +214,7 @@ def _read_one(
     strict: bool,
     split: str,
     max_chars: int,
+    encoding: str,
 ) -> Iterator[Document]:
     if path.is_dir():
         yield from _cut_long(_read_arrow_dataset(path, text_field, stats), max_chars, stats)
@@ -223,9 +226,9 @@ def _read_one(
     elif kind == "parquet":
         yield from _cut_long(_read_parquet(path, text_field, stats), max_chars, stats)
     elif kind == "json":
-        yield from _cut_long(_read_json(path, text_field, stats, strict), max_chars, stats)
+        yield from _cut_long(_read_json(path, text_field, stats, strict, encoding), max_chars, stats)
     else:
-        yield from _read_text(path, chunk_chars, stats, split, max_chars)
+        yield from _read_text(path, chunk_chars, stats, split, max_chars, encoding)
 
 
 def _cut_long(documents: Iterator[Document], max_chars: int, stats: SourceStats) -> Iterator[Document]:
@@ -258,13 +261,60 @@ def looks_binary(head: bytes) -> bool:
     return odd > BINARY_ODD_FRACTION * len(head)
 
 
-def _open_binary(path: Path) -> IO[bytes]:
+# Byte-order marks that name an encoding whose text is not ASCII-compatible (longest first: the UTF-32 LE
+# mark begins with the UTF-16 LE one).
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+        (codecs.BOM_UTF16_BE, "utf-16"))  # fmt: skip
+
+
+def _open_binary(path: Path, encoding: str = "utf-8", stats: SourceStats | None = None) -> IO[bytes]:
+    """The file's bytes (decompressed), as UTF-8: a file with a UTF-16/32 byte-order mark, or in another
+    ``encoding`` than UTF-8, is transcoded while it is read."""
     suffix = path.suffix.lower()
     if suffix == ".gz":
-        return gzip.open(path, "rb")
-    if suffix == ".zst":
-        return io.BufferedReader(_ZstdReader(path))
-    return open(path, "rb")
+        f = gzip.open(path, "rb")
+    elif suffix == ".zst":
+        f = io.BufferedReader(_ZstdReader(path))
+    else:
+        f = open(path, "rb")
+    head = f.peek(4)[:4]
+    found = next((name for bom, name in BOMS if head.startswith(bom)), None)
+    name = found or codecs.lookup(encoding).name
+    if name == "utf-8":
+        return f
+    return io.BufferedReader(_Transcoder(f, name, stats))
+
+
+class _Transcoder(io.RawIOBase):
+    """Bytes in ``encoding`` read as UTF-8 bytes; undecodable bytes become U+FFFD, counted in ``stats``."""
+
+    def __init__(self, f: IO[bytes], encoding: str, stats: SourceStats | None):
+        self.f, self.stats = f, stats
+        self.decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
+        self.out, self.done, self.bad = b"", False, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.out and not self.done:
+            data = self.f.read(BLOCK_BYTES)
+            self.done = not data
+            text = self.decoder.decode(data, final=self.done)
+            self.bad += text.count(REPLACEMENT)
+            self.out = text.encode("utf-8")
+        n = min(len(buffer), len(self.out))
+        buffer[:n] = self.out[:n]
+        self.out = self.out[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed and self.stats is not None and self.bad:
+            self.stats.invalid_utf8_files += 1
+            self.stats.invalid_utf8_chars += self.bad
+            self.bad = 0
+        self.f.close()
+        super().close()
 
 
 class _ZstdReader(io.RawIOBase):
@@ -336,7 +386,7 @@ class _Decoder:
 
 
 def _read_text(
-    path: Path, chunk_chars: int, stats: SourceStats, split: str, max_chars: int
+    path: Path, chunk_chars: int, stats: SourceStats, split: str, max_chars: int, encoding: str = "utf-8"
 ) -> Iterator[Document]:
     """The documents of a text file, by ``split``: ``blank`` cuts after the first blank line past
     ``chunk_chars`` characters (0: a document per file), ``lines`` makes each non-blank line a document (the
@@ -347,7 +397,7 @@ def _read_text(
     character is searched about once: reading is linear in the file's size.
     """
     decode = _Decoder(stats)
-    with _open_binary(path) as f:
+    with _open_binary(path, encoding, stats) as f:
         head = f.read(BLOCK_BYTES)
         if looks_binary(head[:SNIFF_BYTES]):
             stats.binary_skipped.append(str(path))
@@ -459,9 +509,11 @@ def _base_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def _read_json(path: Path, text_field: str, stats: SourceStats, strict: bool) -> Iterator[Document]:
+def _read_json(
+    path: Path, text_field: str, stats: SourceStats, strict: bool, encoding: str = "utf-8"
+) -> Iterator[Document]:
     """JSON Lines (one object per line, streamed), or a ``.json`` file holding an object or a list of them."""
-    with _open_binary(path) as f:
+    with _open_binary(path, encoding, stats) as f:
         head = f.peek(SNIFF_BYTES)[:SNIFF_BYTES]
         if looks_binary(head):
             stats.binary_skipped.append(str(path))
@@ -474,7 +526,7 @@ def _read_json(path: Path, text_field: str, stats: SourceStats, strict: bool) ->
                     if value is not None:
                         yield Document(value, f"{path}[{i}]")
                 return
-            f = _open_binary(path)  # not one JSON value: read it as JSON Lines
+            f = _open_binary(path, encoding, stats)  # not one JSON value: read it as JSON Lines
         decode = _Decoder(stats)
         first = True
         for lineno, raw in enumerate(f, start=1):
