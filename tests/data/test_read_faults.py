@@ -163,3 +163,61 @@ def test_data_encoding_names_a_legacy_encoding(tmp_path, codec):
 def test_an_unknown_encoding_is_a_config_error():
     with pytest.raises(ConfigError, match="data.encoding='latin-9x'"):
         load_config(None, ["data.encoding=latin-9x"])
+
+
+def _corpus(root):
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for f in range(4):
+        paragraphs = [
+            f"File {f}, paragraph {i}: the array tasks each read a share of the files." for i in range(60)
+        ]
+        (corpus / f"part{f}.txt").write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+
+
+def _shards(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.bin"))}
+
+
+def test_the_documented_array_merge_merges_the_tasks_work(tmp_path, monkeypatch):
+    """docs/data.md: `--task-index i --tasks N` per task, then "the same command without --task-index"."""
+    from lmforge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _corpus(tmp_path)
+    common = ["data.text_chunk_chars=500", "data.vocab_size=300", "--no-progress"]
+    assert main(["data", "prepare", "corpus/", *common, "--out", "data/ref", "data.executor=local"]) == 0
+    for i in range(2):
+        assert main(["data", "prepare", "corpus/", *common, "--out", "data/big", "--task-index", str(i),
+                     "--tasks", "2"]) == 0  # fmt: skip
+    maps = sorted(p.parent.name for p in (tmp_path / "data/big/work").rglob("done.json"))
+    assert main(["data", "prepare", "corpus/", *common, "--out", "data/big"]) == 0  # the merge
+    assert maps and not (tmp_path / "data/big/work").exists()
+    assert _shards(tmp_path / "data/big") == _shards(tmp_path / "data/ref") != {}
+    meta = json.loads((tmp_path / "data/big/meta.json").read_text())
+    assert meta["splits"]["train"]["shards"][0]["file"].startswith(
+        "train_p"
+    )  # partitioned shards, not stream
+
+
+def test_the_slurm_scripts_merge_line_merges(tmp_path, monkeypatch):
+    import shlex
+
+    from lmforge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _corpus(tmp_path)
+    items = ["corpus/", "data.text_chunk_chars=500", "data.vocab_size=300"]
+    assert main(["data", "prepare", *items, "--out", "data/ref", "data.executor=local", "--no-progress"]) == 0
+    assert (
+        main(["data", "prepare", *items, "--out", "data/big", "--tasks", "2", "--slurm", "prep.sbatch"]) == 0
+    )
+    script = (tmp_path / "prep.sbatch").read_text()
+    commands = [row.strip().removeprefix("exec ").removesuffix(" ;;") for row in script.splitlines()
+                if row.strip().startswith("exec lmforge")]  # fmt: skip
+    task_line, merge_line = commands
+    for i in range(2):
+        argv = shlex.split(task_line.replace('"$SLURM_ARRAY_TASK_ID"', str(i)))
+        assert main(argv[1:]) == 0
+    assert main(shlex.split(merge_line)[1:]) == 0
+    assert _shards(tmp_path / "data/big") == _shards(tmp_path / "data/ref") != {}

@@ -34,6 +34,7 @@ import numpy as np
 from lmforge.config import DataConfig, load_config
 from lmforge.data.clean import Cleaner, empty_message
 from lmforge.data.job import Task, prepare_partitioned
+from lmforge.data.partitioned import PLAN
 from lmforge.data.shards import (
     TIKTOKEN_SAMPLE_CHARS,
     DocumentEncoder,
@@ -99,7 +100,8 @@ def prepare_data(
 ) -> dict:
     """Prepare ``sources`` into ``out_dir`` and return its meta: in one stream (``data.executor=stream``,
     the module docstring) or as partitioned stages (``local``, ``ray``, or array ``task`` i of N, which
-    runs its share of the first stage and returns its counts; ``data/partitioned.py``). Object storage
+    runs its share of the first stage and returns its counts; ``data/partitioned.py``). Without ``task``,
+    a folder where array tasks ran is merged, whatever the executor. Object storage
     URLs (sources or ``out_dir``) go through ``data/remote.py``, which stages them locally."""
     sources = [str(s) for s in sources]
     if is_remote(out_dir) or any(is_remote(s) for s in sources):  # object storage: data/remote.py
@@ -143,7 +145,12 @@ def prepare_data(
     else:
         write_json(out / "recipe.json", recipe)
 
-    if task is not None or cfg.executor != "stream":
+    # Array tasks leave their plan in out/work: the same command without --task-index merges their work,
+    # whatever data.executor says (with `stream`, the merge runs on `data.workers` local processes).
+    merge = task is None and (out / "work" / PLAN).exists()
+    if merge and cfg.executor == "stream":
+        log.info(f"data: merging the array tasks' work in {out / 'work'}")
+    if task is not None or cfg.executor != "stream" or merge:
         paths = input_paths(sources, out)
         result = prepare_partitioned(
             cfg, paths, out, wanted=wanted, progress=progress, strict=strict, task=task
