@@ -8,7 +8,7 @@ from lmforge.config import DataConfig, load_config
 from lmforge.data import sources
 from lmforge.data.prepare import prepare_data
 from lmforge.data.sources import SourceStats, read_documents
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, DataError
 
 
 def read(paths, **options):
@@ -129,8 +129,6 @@ def test_a_truncated_compressed_file_is_skipped_named_and_counted(tmp_path, caps
 def test_an_unreadable_parquet_file_is_skipped_and_nothing_left_is_an_error(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not a parquet file at all")
     cfg = DataConfig(tokenizer="char", workers=1)
-    from lmforge.errors import DataError
-
     with pytest.raises(DataError, match=r"damaged.*bad.parquet"):
         prepare_data(cfg, [str(tmp_path / "bad.parquet")], tmp_path / "out", progress=False)
 
@@ -221,3 +219,59 @@ def test_the_slurm_scripts_merge_line_merges(tmp_path, monkeypatch):
         assert main(argv[1:]) == 0
     assert main(shlex.split(merge_line)[1:]) == 0
     assert _shards(tmp_path / "data/big") == _shards(tmp_path / "data/ref") != {}
+
+
+@pytest.fixture()
+def prepared(tmp_path):
+    (tmp_path / "t.txt").write_text(
+        "".join(f"line {i} of a small corpus\n\n" for i in range(400)), encoding="utf-8"
+    )
+    cfg = DataConfig(tokenizer="char", val_fraction=0.1, workers=1, text_chunk_chars=200)
+    meta = prepare_data(cfg, [str(tmp_path / "t.txt")], tmp_path / "out", progress=False)
+    return tmp_path / "out", meta
+
+
+def test_a_shard_with_ids_past_the_vocabulary_is_named_not_a_traceback(prepared):
+    import numpy as np
+
+    from lmforge.data.loader import TokenLoader
+
+    out, meta = prepared
+    shard = meta["splits"]["train"]["shards"][0]
+    ids = np.fromfile(out / shard["file"], dtype=meta["dtype"])
+    assert shard["max_id"] == int(ids.max()) < meta["vocab_size"]  # recorded when the shard was written
+    ids[len(ids) // 2] = meta["vocab_size"] + 7  # a damaged shard: same size, one id out of range
+    ids.tofile(out / shard["file"])
+    loader = TokenLoader(str(out), seq_len=16, batch_size=len(ids) // 17, seed=0)
+    with pytest.raises(
+        DataError, match=rf"{shard['file']}.*id {meta['vocab_size'] + 7}.*vocab_size={meta['vocab_size']}"
+    ):
+        loader.next_batch()
+    # a meta.json whose recorded maximum is past the vocabulary is refused when the split opens
+    meta["splits"]["train"]["shards"][0]["max_id"] = meta["vocab_size"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=rf"{shard['file']}.*ids up to {meta['vocab_size']}"):
+        TokenLoader(str(out), seq_len=16, batch_size=2, seed=0)
+
+
+def test_a_truncated_shard_is_named_as_truncated_not_as_a_missing_meta_json(prepared, tmp_path):
+    from lmforge.config import Config
+    from lmforge.train.data import prepared_datasets
+
+    out, meta = prepared
+    shard = meta["splits"]["train"]["shards"][0]
+    path = out / shard["file"]
+    path.write_bytes(path.read_bytes()[:-10])
+    cfg = load_config(None, [f"data.prepared={out}"])
+    assert isinstance(cfg, Config)
+
+    class World:
+        is_main, distributed = True, False
+
+    with pytest.raises(DataError) as info:
+        prepared_datasets(cfg, world=World(), cache_dir=None, progress=False)
+    message = str(info.value)
+    assert "no meta.json" not in message and shard["file"] in message and "truncated" in message
+    cfg = load_config(None, [f"data.mixture={{{str(out)!r}: 1.0}}"])
+    with pytest.raises(DataError, match=rf"{shard['file']}.*truncated"):
+        prepared_datasets(cfg, world=World(), cache_dir=None, progress=False)

@@ -74,19 +74,32 @@ RECIPE_FIELDS = (
 RECIPE_ADDED = {"split": "blank", "encoding": "utf-8"}
 
 
-def is_prepared(out_dir: str | Path) -> bool:
-    """True when ``out_dir`` holds a complete prepared dataset (meta.json and every shard at full size)."""
+def prepared_problem(out_dir: str | Path) -> str | None:
+    """What keeps ``out_dir`` from being a complete prepared dataset (None when it is one): no meta.json,
+    an unreadable one, or a shard that is missing or shorter/longer than meta.json says."""
     out = Path(out_dir)
+    if not (out / "meta.json").is_file():
+        return "no meta.json"
     try:
         meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
         itemsize = np.dtype(meta["dtype"]).itemsize
-        return all(
-            (out / shard["file"]).stat().st_size == shard["tokens"] * itemsize
-            for split in meta["splits"].values()
-            for shard in split["shards"]
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+        shards = [shard for split in meta["splits"].values() for shard in split["shards"]]
+        for shard in shards:
+            path = out / shard["file"]
+            if not path.is_file():
+                return f"shard {shard['file']} is missing"
+            size, expected = path.stat().st_size, shard["tokens"] * itemsize
+            if size != expected:
+                what = "truncated" if size < expected else "longer than meta.json says"
+                return f"shard {shard['file']} is {what} ({size:,} bytes, meta.json says {expected:,})"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"meta.json is unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def is_prepared(out_dir: str | Path) -> bool:
+    """True when ``out_dir`` holds a complete prepared dataset (meta.json and every shard at full size)."""
+    return prepared_problem(out_dir) is None
 
 
 def prepare_data(
@@ -127,10 +140,9 @@ def prepare_data(
     if (out / "meta.json").exists():
         meta = read_json(out / "meta.json")
         _check_same(out, meta.get("recipe", {}), meta.get("tokenizer_fingerprint"), recipe, wanted)
-        if not is_prepared(out):
-            raise DataError(
-                f"{out}: meta.json is there but shards are missing or truncated; delete the folder"
-            )
+        problem = prepared_problem(out)
+        if problem is not None:
+            raise DataError(f"{out}: meta.json is there but {problem}; delete the folder and prepare again")
         return meta
     if not sources:
         raise DataError("no data sources given (pass files, folders or globs, or set data.sources)")
