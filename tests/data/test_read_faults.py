@@ -70,6 +70,10 @@ def test_split_choices_lines_file_and_blank(tmp_path):
     assert [d.text for d in docs] == ["alpha one", "alpha two", "beta", "gamma"]
     docs, _ = read([tmp_path / "a.txt"], split="file")
     assert [d.text for d in docs] == [text]
+    (tmp_path / "cut.txt").write_bytes("end of file: ü".encode()[:-1])  # the last character cut short
+    for split in ("blank", "lines", "file"):
+        docs, stats = read([tmp_path / "cut.txt"], split=split)
+        assert [d.text for d in docs] == ["end of file: \ufffd"] and stats.invalid_utf8_chars == 1
     docs, _ = read([tmp_path / "a.txt"], split="blank", chunk_chars=1)
     assert [d.text for d in docs] == ["alpha one\nalpha two\n\n  \n", "beta\n\n", "gamma\n"]
     with pytest.raises(ConfigError, match="data.split='paragraphs' must be one of 'blank', 'lines', 'file'"):
@@ -275,3 +279,39 @@ def test_a_truncated_shard_is_named_as_truncated_not_as_a_missing_meta_json(prep
     cfg = load_config(None, [f"data.mixture={{{str(out)!r}: 1.0}}"])
     with pytest.raises(DataError, match=rf"{shard['file']}.*truncated"):
         prepared_datasets(cfg, world=World(), cache_dir=None, progress=False)
+
+
+def _reference_cuts(text: str, chunk: int, max_chars: int) -> list[str]:
+    """The documents of ``text`` held whole in memory: cut after the first blank line past ``chunk``
+    characters; a document over ``max_chars`` cut after its last line end within max_chars, else at it."""
+    docs, pos = [], 0
+    while pos < len(text):
+        match = sources.BLANK_LINES.search(text, pos + chunk)
+        end = match.end() if match is not None and match.end() < len(text) else len(text)
+        while end - pos > max_chars:
+            newline = text.rfind("\n", pos, pos + max_chars)
+            cut = newline + 1 if newline >= 0 else pos + max_chars
+            docs.append(text[pos:cut])
+            pos = cut
+            match = sources.BLANK_LINES.search(text, pos + chunk)
+            end = match.end() if match is not None and match.end() < len(text) else len(text)
+        docs.append(text[pos:end])
+        pos = end
+    return docs
+
+
+@pytest.mark.parametrize("block", [5, 64, 1 << 20])
+def test_blank_line_cuts_equal_a_whole_text_reference_whatever_the_blocks(tmp_path, monkeypatch, block):
+    import random
+
+    monkeypatch.setattr(sources, "BLOCK_BYTES", block)
+    rng = random.Random(block)
+    for trial in range(40):
+        text = "".join(
+            rng.choice(["ab", "c ", "\n", "\n\n", " \t", "\r\n", "xyz\n\n  \n"]) for _ in range(300)
+        )
+        chunk, max_chars = rng.choice([1, 10, 50]), rng.choice([40, 100, 10_000])
+        path = tmp_path / f"{trial}.txt"
+        path.write_bytes(text.encode())
+        docs, _ = read([path], chunk_chars=chunk, max_chars=max_chars)
+        assert [d.text for d in docs] == _reference_cuts(text, chunk, max_chars), (trial, chunk, max_chars)

@@ -42,6 +42,7 @@ BINARY_SUFFIXES = {
     ".gif", ".pdf", ".so", ".o", ".pyc", ".arrow", ".bz2", ".xz", ".7z", ".whl", ".exe", ".ttf", ".woff",
 }  # fmt: skip
 BLANK_LINES = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")
+MAY_GO_ON = re.compile(r"[ \t]*\r?\Z")  # after blank lines at the end of a block: the next may add to them
 # Bytes that text never holds (all C0 controls but tab, LF, VT, FF, CR and ESC; and DEL). A file whose first
 # block has more than this fraction of them is binary: random bytes have ~11%, text with stray bytes ~0.
 ODD_BYTES = bytes([*range(0x00, 0x09), *range(0x0E, 0x1B), *range(0x1C, 0x20), 0x7F])
@@ -408,7 +409,10 @@ def _read_text(
             while data:
                 yield decode(data)
                 data = f.read(BLOCK_BYTES)
-            yield decode(b"", final=True)
+            tail = decode(b"", final=True)  # an incomplete character at the end: U+FFFD
+            if tail:
+                yield tail
+            yield ""  # the end
 
         pieces = _text_pieces(
             blocks(), chunk_chars if split == "blank" else 0, split == "lines", max_chars, stats
@@ -454,7 +458,7 @@ def _text_pieces(
                     scan = _trailing_space(buffer, max(scan, start))  # where a blank line may still begin
                 else:
                     scan = match.start()
-                    if match.end() < len(buffer):  # at the end, the blank lines may go on in the next block
+                    if final or not MAY_GO_ON.match(buffer, match.end()):  # else more blank lines may follow
                         end = stop = match.end()
             if end is None and final:
                 end = stop = len(buffer)
@@ -477,11 +481,16 @@ def _text_pieces(
 
 
 def _trailing_space(text: str, floor: int) -> int:
-    """The index where the run of whitespace characters that ends ``text`` begins (not below ``floor``)."""
-    i = len(text)
-    while i > floor and text[i - 1] in " \t\r\n":
-        i -= 1
-    return i
+    """The index where the run of whitespace characters that ends ``text`` begins (not below ``floor``),
+    found in slices of doubling size, so the walk runs in C."""
+    i, step = len(text), 64
+    while i > floor:
+        lo = max(floor, i - step)
+        kept = text[lo:i].rstrip(" \t\r\n")
+        if kept:
+            return lo + len(kept)
+        i, step = lo, 2 * step
+    return floor
 
 
 def _field(record: object, text_field: str, where: str, first: bool, stats: SourceStats, strict: bool):
