@@ -8,6 +8,7 @@ Overrides on the command line use dotted keys: ``train.lr=3e-4 model.n_layers=8`
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import types
@@ -46,7 +47,12 @@ class DataConfig:
     near_dedup_threshold: float = 0.8
     scrub_pii: bool = False
     document_mask: bool = False  # pass document boundaries to attention (no attending across documents)
-    text_chunk_chars: int = 8192  # text files: documents of ~this size cut at blank lines (0: whole file)
+    # text files: documents cut after blank lines (of ~text_chunk_chars), one per line, or one per file; any
+    # document longer than max_chars is cut into pieces of at most max_chars (at line ends), never dropped
+    split: Literal["blank", "lines", "file"] = "blank"
+    # text and JSON inputs: a Python codec name (latin-1, gb18030, ...); a UTF-16/32 byte-order mark wins
+    encoding: str = "utf-8"
+    text_chunk_chars: int = 8192  # split=blank: documents of ~this size cut at blank lines (0: whole file)
     shard_tokens: int = 50_000_000  # tokens per shard file
     tokenizer_train_chars: int = 200_000_000  # characters of kept text a bpe/char tokenizer is trained on
     encoder: Literal["auto", "tokenizers"] = "auto"  # auto: tiktoken where it gives the very same ids
@@ -79,6 +85,12 @@ class DataConfig:
         for name, weight in self.mixture.items():
             if weight <= 0:
                 out.append(f"data.mixture[{name!r}]={weight} must be > 0")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            out.append(
+                f"data.encoding={self.encoding!r} is not a known encoding (utf-8, latin-1, gb18030, ...)"
+            )
         if self.text_chunk_chars < 0:
             out.append(f"data.text_chunk_chars={self.text_chunk_chars} must be >= 0 (0: a document per file)")
         if self.worker_memory_mb < 1:

@@ -67,10 +67,13 @@ def run_data(args) -> int:
     print(
         f"inputs {src['files']:,} ({src['bytes'] / 1e6:.1f} MB), binary skipped {src['binary_skipped']}, "
         f"invalid UTF-8 files {src['invalid_utf8_files']} ({src['invalid_utf8_chars']} chars replaced), "
-        f"malformed records {src['malformed_records']}"
+        f"malformed records {src['malformed_records']}, damaged files skipped {src.get('damaged_skipped', 0)}, "
+        f"documents cut at data.max_chars {src.get('cut_documents', 0)}"
     )
     for example in src["malformed_examples"][:5]:
         print(f"  skipped {example}")
+    for damaged in src.get("damaged_files", [])[:5]:
+        print(f"  skipped damaged {damaged}")
     for split, info in meta["splits"].items():
         shards = len(info["shards"])
         print(f"{split:<6} {info['docs']:>10,} docs {info['tokens']:>14,} tokens in {shards} shards")

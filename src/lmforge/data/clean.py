@@ -174,9 +174,12 @@ def empty_message(report: dict, sources: list[str]) -> str:
     """What to tell the user when no document survived: nothing was read, or which stage removed all."""
     src = report["sources"]
     if report["stages"]["read"]["docs_in"] == 0:
+        damaged = src.get("damaged_files", [])
+        named = f": {'; '.join(damaged[:3])}" if damaged else ""
         return (
             f"no documents were read from {', '.join(sources)} ({src['files']} inputs, "
-            f"{src['binary_skipped']} binary files skipped, {src['malformed_records']} malformed records)"
+            f"{src['binary_skipped']} binary files skipped, {src['malformed_records']} malformed records, "
+            f"{src.get('damaged_skipped', 0)} damaged files skipped{named})"
         )
     for name in STAGES:
         stage = report["stages"][name]

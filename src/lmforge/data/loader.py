@@ -57,6 +57,11 @@ class TokenSplit:
             path = self.folder / shard["file"]
             if not path.is_file() or path.stat().st_size != shard["tokens"] * dtype.itemsize:
                 raise DataError(f"{path}: shard missing or truncated; prepare {self.folder} again")
+            if shard.get("max_id", -1) >= self.vocab_size:
+                raise DataError(
+                    f"{path}: meta.json records ids up to {shard['max_id']} in this shard, but the vocabulary "
+                    f"has {self.vocab_size} (vocab_size={self.vocab_size}); prepare {self.folder} again"
+                )
             self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
         self.ends = np.cumsum([int(s["tokens"]) for s in self.entries], dtype=np.int64)
         self.n_tokens = int(self.ends[-1]) if len(self.ends) else 0
@@ -81,9 +86,19 @@ class TokenSplit:
             tokens = self.shards[shard]
             take = min(length - filled, len(tokens) - lo)
             out[filled : filled + take] = tokens[lo : lo + take]
+            if take and out[filled : filled + take].max() >= self.vocab_size:  # a damaged shard
+                self._bad_id(shard, lo, out[filled : filled + take])
             filled += take
             shard += 1
         return out
+
+    def _bad_id(self, shard: int, lo: int, tokens: np.ndarray) -> None:
+        at = int(np.argmax(tokens >= self.vocab_size))
+        name = self.entries[shard]["file"]
+        raise DataError(
+            f"{self.folder}/{name}: token {lo + at} of the shard is id {int(tokens[at])}, outside the vocabulary "
+            f"(vocab_size={self.vocab_size}); the shard is damaged: prepare {self.folder} again"
+        )
 
     def n_windows(self, seq_len: int, offset: int = 0) -> int:
         return max(0, (self.n_tokens - 1 - offset) // seq_len)

@@ -168,6 +168,9 @@ def map_file(work: Path, f: int, *, flush_bytes: int = FLUSH_BYTES) -> dict:
         chunk_chars=cfg.text_chunk_chars,
         stats=stats,
         strict=plan["strict"],
+        split=cfg.split,
+        max_chars=cfg.max_chars,
+        encoding=cfg.encoding,
     )
     for position, doc in enumerate(docs):
         text = cleaner.clean(doc.text)
@@ -374,6 +377,9 @@ def merge_sources(parts: list[dict]) -> dict:
     for part in parts:
         for key in ("files", "bytes", "binary_skipped", "invalid_utf8_files", "invalid_utf8_chars"):
             out[key] += part[key]
+        for key in ("cut_documents", "cut_pieces", "damaged_skipped"):
+            out[key] += part.get(key, 0)
+        out["damaged_files"] = (out["damaged_files"] + part.get("damaged_files", []))[:20]
         out["malformed_records"] += part["malformed_records"]
         out["binary_files"] = (out["binary_files"] + part["binary_files"])[:20]
         out["malformed_examples"] = (out["malformed_examples"] + part["malformed_examples"])[:20]

@@ -34,6 +34,7 @@ import numpy as np
 from lmforge.config import DataConfig, load_config
 from lmforge.data.clean import Cleaner, empty_message
 from lmforge.data.job import Task, prepare_partitioned
+from lmforge.data.partitioned import PLAN
 from lmforge.data.shards import (
     TIKTOKEN_SAMPLE_CHARS,
     DocumentEncoder,
@@ -66,23 +67,39 @@ KEPT_HEADER = struct.Struct("<?Q")  # a kept.bin record: is it a validation docu
 RECIPE_FIELDS = (
     "tokenizer", "vocab_size", "text_field", "val_fraction", "seed", "min_chars", "max_chars",
     "max_repeated_line_fraction", "dedup", "near_dedup", "near_dedup_threshold", "scrub_pii",
-    "text_chunk_chars", "shard_tokens", "tokenizer_train_chars",
+    "text_chunk_chars", "shard_tokens", "tokenizer_train_chars", "split",
+    "encoding",
 )  # fmt: skip
+# Recipe fields added after folders were prepared without them: the value those folders were prepared with.
+RECIPE_ADDED = {"split": "blank", "encoding": "utf-8"}
+
+
+def prepared_problem(out_dir: str | Path) -> str | None:
+    """What keeps ``out_dir`` from being a complete prepared dataset (None when it is one): no meta.json,
+    an unreadable one, or a shard that is missing or shorter/longer than meta.json says."""
+    out = Path(out_dir)
+    if not (out / "meta.json").is_file():
+        return "no meta.json"
+    try:
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        shards = [shard for split in meta["splits"].values() for shard in split["shards"]]
+        for shard in shards:
+            path = out / shard["file"]
+            if not path.is_file():
+                return f"shard {shard['file']} is missing"
+            size, expected = path.stat().st_size, shard["tokens"] * itemsize
+            if size != expected:
+                what = "truncated" if size < expected else "longer than meta.json says"
+                return f"shard {shard['file']} is {what} ({size:,} bytes, meta.json says {expected:,})"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"meta.json is unreadable ({type(exc).__name__}: {exc})"
+    return None
 
 
 def is_prepared(out_dir: str | Path) -> bool:
     """True when ``out_dir`` holds a complete prepared dataset (meta.json and every shard at full size)."""
-    out = Path(out_dir)
-    try:
-        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        return all(
-            (out / shard["file"]).stat().st_size == shard["tokens"] * itemsize
-            for split in meta["splits"].values()
-            for shard in split["shards"]
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    return prepared_problem(out_dir) is None
 
 
 def prepare_data(
@@ -96,7 +113,8 @@ def prepare_data(
 ) -> dict:
     """Prepare ``sources`` into ``out_dir`` and return its meta: in one stream (``data.executor=stream``,
     the module docstring) or as partitioned stages (``local``, ``ray``, or array ``task`` i of N, which
-    runs its share of the first stage and returns its counts; ``data/partitioned.py``). Object storage
+    runs its share of the first stage and returns its counts; ``data/partitioned.py``). Without ``task``,
+    a folder where array tasks ran is merged, whatever the executor. Object storage
     URLs (sources or ``out_dir``) go through ``data/remote.py``, which stages them locally."""
     sources = [str(s) for s in sources]
     if is_remote(out_dir) or any(is_remote(s) for s in sources):  # object storage: data/remote.py
@@ -122,10 +140,9 @@ def prepare_data(
     if (out / "meta.json").exists():
         meta = read_json(out / "meta.json")
         _check_same(out, meta.get("recipe", {}), meta.get("tokenizer_fingerprint"), recipe, wanted)
-        if not is_prepared(out):
-            raise DataError(
-                f"{out}: meta.json is there but shards are missing or truncated; delete the folder"
-            )
+        problem = prepared_problem(out)
+        if problem is not None:
+            raise DataError(f"{out}: meta.json is there but {problem}; delete the folder and prepare again")
         return meta
     if not sources:
         raise DataError("no data sources given (pass files, folders or globs, or set data.sources)")
@@ -140,7 +157,12 @@ def prepare_data(
     else:
         write_json(out / "recipe.json", recipe)
 
-    if task is not None or cfg.executor != "stream":
+    # Array tasks leave their plan in out/work: the same command without --task-index merges their work,
+    # whatever data.executor says (with `stream`, the merge runs on `data.workers` local processes).
+    merge = task is None and (out / "work" / PLAN).exists()
+    if merge and cfg.executor == "stream":
+        log.info(f"data: merging the array tasks' work in {out / 'work'}")
+    if task is not None or cfg.executor != "stream" or merge:
         paths = input_paths(sources, out)
         result = prepare_partitioned(
             cfg, paths, out, wanted=wanted, progress=progress, strict=strict, task=task
@@ -314,6 +336,7 @@ def read_tokenizer_fingerprint(out: Path) -> str | None:
 
 def _check_same(out: Path, old: dict, old_fp: str | None, new: dict, wanted: Tokenizer | None) -> None:
     """Refuse to reuse a folder prepared (or being prepared) with another tokenizer or other settings."""
+    old = {**RECIPE_ADDED, **old}
     if wanted is not None and old_fp is not None and old_fp != wanted.fingerprint:
         raise DataError(
             f"{out} was prepared with a different tokenizer (fingerprint {old_fp}, requested "
@@ -355,7 +378,14 @@ def _stage_documents(
     read = 0
     tmp = out / "kept.bin.tmp"
     docs = read_documents(
-        paths, text_field=cfg.text_field, chunk_chars=cfg.text_chunk_chars, stats=stats, strict=strict
+        paths,
+        text_field=cfg.text_field,
+        chunk_chars=cfg.text_chunk_chars,
+        stats=stats,
+        strict=strict,
+        split=cfg.split,
+        max_chars=cfg.max_chars,
+        encoding=cfg.encoding,
     )
     with (
         open(tmp, "wb") as f,

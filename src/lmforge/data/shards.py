@@ -81,13 +81,15 @@ class ShardWriter:
         self.out, self.split, self.dtype, self.shard_tokens = out, split, np.dtype(dtype), shard_tokens
         self.done = done
         self.file = None
-        self.tokens = self.docs = 0
+        self.tokens = self.docs = self.max_id = 0
 
     def add(self, ids: np.ndarray) -> bool:
         """Write one document's ids (separator included); True when this closed a shard."""
         if self.file is None:
             self.file = open(self._path(".tmp"), "wb")
         self.file.write(ids.astype(self.dtype, copy=False).tobytes())
+        if len(ids):
+            self.max_id = max(self.max_id, int(ids.max()))
         self.tokens += len(ids)
         self.docs += 1
         if self.tokens >= self.shard_tokens:
@@ -106,5 +108,6 @@ class ShardWriter:
         self.file.close()
         self.file = None
         os.replace(self._path(".tmp"), self._path())
-        self.done.append({"file": self._path().name, "tokens": self.tokens, "docs": self.docs})
-        self.tokens = self.docs = 0
+        entry = {"file": self._path().name, "tokens": self.tokens, "docs": self.docs, "max_id": self.max_id}
+        self.done.append(entry)  # max_id: checked against the vocabulary when training opens the shard
+        self.tokens = self.docs = self.max_id = 0

@@ -5,7 +5,9 @@ lines, or one document per file), ``.jsonl``/``.json`` (one document per record,
 of these also compressed as ``.gz`` or ``.zst``; ``.parquet``; Hugging Face ``datasets`` folders written by
 ``save_to_disk`` (``state.json`` + ``data-*.arrow``, or a ``dataset_dict.json`` of splits).
 
-Bad input is counted in a ``SourceStats`` rather than crashing: binary files are skipped, invalid UTF-8 is
+Bad input is counted in a ``SourceStats`` rather than crashing: a damaged file (truncated or corrupt gzip, zstd
+or parquet, unreadable, vanished) is skipped and named, the documents read before the damage kept; binary
+files are skipped, invalid UTF-8 is
 replaced (U+FFFD), malformed JSON lines are reported as ``file:line`` and skipped (``strict`` aborts). A few
 stray control bytes (crawl shards have them) do not make a file binary: in JSON Lines only the record that
 holds one is lost (named in the report); in text the cleaner's ``normalize`` stage removes them.
@@ -18,13 +20,17 @@ import glob
 import gzip
 import io
 import json
+import logging
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from lmforge.errors import DataError
+
+log = logging.getLogger(__name__)
 
 BLOCK_BYTES = 1 << 20
 SNIFF_BYTES = 8192
@@ -36,6 +42,7 @@ BINARY_SUFFIXES = {
     ".gif", ".pdf", ".so", ".o", ".pyc", ".arrow", ".bz2", ".xz", ".7z", ".whl", ".exe", ".ttf", ".woff",
 }  # fmt: skip
 BLANK_LINES = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")
+MAY_GO_ON = re.compile(r"[ \t]*\r?\Z")  # after blank lines at the end of a block: the next may add to them
 # Bytes that text never holds (all C0 controls but tab, LF, VT, FF, CR and ESC; and DEL). A file whose first
 # block has more than this fraction of them is binary: random bytes have ~11%, text with stray bytes ~0.
 ODD_BYTES = bytes([*range(0x00, 0x09), *range(0x0E, 0x1B), *range(0x1C, 0x20), 0x7F])
@@ -60,6 +67,14 @@ class SourceStats:
     invalid_utf8_chars: int = 0  # U+FFFD characters introduced by decoding
     malformed_records: int = 0
     malformed_examples: list[str] = field(default_factory=list)
+    cut_documents: int = 0  # documents longer than data.max_chars, kept as pieces rather than dropped
+    cut_pieces: int = 0  # the pieces they became
+    damaged_files: list[str] = field(default_factory=list)  # "file: why; N documents before the damage kept"
+
+    def damaged(self, path: Path, why: str, kept: int) -> None:
+        message = f"{path}: {why}; {kept} documents before the damage kept"
+        log.warning(f"data: skipped a damaged input: {message}")
+        self.damaged_files.append(message)
 
     def malformed(self, where: str, why: str, strict: bool) -> None:
         message = f"{where}: {why}"
@@ -79,6 +94,10 @@ class SourceStats:
             "invalid_utf8_chars": self.invalid_utf8_chars,
             "malformed_records": self.malformed_records,
             "malformed_examples": self.malformed_examples,
+            "cut_documents": self.cut_documents,
+            "cut_pieces": self.cut_pieces,
+            "damaged_skipped": len(self.damaged_files),
+            "damaged_files": self.damaged_files[:MAX_REPORTED],
         }
 
 
@@ -152,24 +171,76 @@ def is_arrow_dataset(path: Path) -> bool:
 
 
 def read_documents(
-    paths: list[Path], *, text_field: str, chunk_chars: int, stats: SourceStats, strict: bool = False
+    paths: list[Path],
+    *,
+    text_field: str,
+    chunk_chars: int,
+    stats: SourceStats,
+    strict: bool = False,
+    split: str = "blank",
+    max_chars: int = 0,
+    encoding: str = "utf-8",
 ) -> Iterator[Document]:
-    """Stream the documents of every input in order."""
+    """Stream the documents of every input in order. Text files are cut into documents by ``split`` (see
+    ``_read_text``); a document (a piece of text, a record) longer than ``max_chars`` (0: no limit) is cut
+    into pieces of at most ``max_chars``, at line ends where it can be, and counted in ``stats``. Text and
+    JSON files are read as ``encoding``, unless they begin with a UTF-16 or UTF-32 byte-order mark."""
     for path in paths:
         stats.files += 1
-        if path.is_dir():
-            yield from _read_arrow_dataset(path, text_field, stats)
+        kept = 0
+        try:
+            for doc in _read_one(path, text_field, chunk_chars, stats, strict, split, max_chars, encoding):
+                kept += 1
+                yield doc
+        except DamagedFile as exc:
+            stats.damaged(path, str(exc), kept)
+        except EOFError as exc:
+            stats.damaged(path, f"truncated ({exc})", kept)
+        except zlib.error as exc:
+            stats.damaged(path, f"corrupt compressed data ({exc})", kept)
+        except OSError as exc:
+            what = "vanished" if isinstance(exc, FileNotFoundError) else "unreadable"
+            stats.damaged(path, f"{what} ({exc.strerror or exc})", kept)
+
+
+class DamagedFile(Exception):
+    """An input that cannot be read to its end; ``read_documents`` skips it and names it in the report."""
+
+
+def _read_one(
+    path: Path,
+    text_field: str,
+    chunk_chars: int,
+    stats: SourceStats,
+    strict: bool,
+    split: str,
+    max_chars: int,
+    encoding: str,
+) -> Iterator[Document]:
+    if path.is_dir():
+        yield from _cut_long(_read_arrow_dataset(path, text_field, stats), max_chars, stats)
+        return
+    stats.bytes += path.stat().st_size
+    kind = _kind(path)
+    if kind == "binary":
+        stats.binary_skipped.append(str(path))
+    elif kind == "parquet":
+        yield from _cut_long(_read_parquet(path, text_field, stats), max_chars, stats)
+    elif kind == "json":
+        yield from _cut_long(_read_json(path, text_field, stats, strict, encoding), max_chars, stats)
+    else:
+        yield from _read_text(path, chunk_chars, stats, split, max_chars, encoding)
+
+
+def _cut_long(documents: Iterator[Document], max_chars: int, stats: SourceStats) -> Iterator[Document]:
+    """Records longer than ``max_chars`` as pieces (``origin#piece``), cut after a line where one fits."""
+    for doc in documents:
+        if max_chars <= 0 or len(doc.text) <= max_chars:
+            yield doc
             continue
-        stats.bytes += path.stat().st_size
-        kind = _kind(path)
-        if kind == "binary":
-            stats.binary_skipped.append(str(path))
-        elif kind == "parquet":
-            yield from _read_parquet(path, text_field, stats)
-        elif kind == "json":
-            yield from _read_json(path, text_field, stats, strict)
-        else:
-            yield from _read_text(path, chunk_chars, stats)
+        pieces = _text_pieces(iter([doc.text, ""]), 0, False, max_chars, stats)
+        for i, piece in enumerate(pieces):
+            yield Document(piece, f"{doc.origin}#{i}")
 
 
 def _kind(path: Path) -> str:
@@ -191,15 +262,107 @@ def looks_binary(head: bytes) -> bool:
     return odd > BINARY_ODD_FRACTION * len(head)
 
 
-def _open_binary(path: Path) -> IO[bytes]:
+# Byte-order marks that name an encoding whose text is not ASCII-compatible (longest first: the UTF-32 LE
+# mark begins with the UTF-16 LE one).
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+        (codecs.BOM_UTF16_BE, "utf-16"))  # fmt: skip
+
+
+def _open_binary(path: Path, encoding: str = "utf-8", stats: SourceStats | None = None) -> IO[bytes]:
+    """The file's bytes (decompressed), as UTF-8: a file with a UTF-16/32 byte-order mark, or in another
+    ``encoding`` than UTF-8, is transcoded while it is read."""
     suffix = path.suffix.lower()
     if suffix == ".gz":
-        return gzip.open(path, "rb")
-    if suffix == ".zst":
+        f = gzip.open(path, "rb")
+    elif suffix == ".zst":
+        f = io.BufferedReader(_ZstdReader(path))
+    else:
+        f = open(path, "rb")
+    head = f.peek(4)[:4]
+    found = next((name for bom, name in BOMS if head.startswith(bom)), None)
+    name = found or codecs.lookup(encoding).name
+    if name == "utf-8":
+        return f
+    return io.BufferedReader(_Transcoder(f, name, stats))
+
+
+class _Transcoder(io.RawIOBase):
+    """Bytes in ``encoding`` read as UTF-8 bytes; undecodable bytes become U+FFFD, counted in ``stats``."""
+
+    def __init__(self, f: IO[bytes], encoding: str, stats: SourceStats | None):
+        self.f, self.stats = f, stats
+        self.decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
+        self.out, self.done, self.bad = b"", False, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.out and not self.done:
+            data = self.f.read(BLOCK_BYTES)
+            self.done = not data
+            text = self.decoder.decode(data, final=self.done)
+            self.bad += text.count(REPLACEMENT)
+            self.out = text.encode("utf-8")
+        n = min(len(buffer), len(self.out))
+        buffer[:n] = self.out[:n]
+        self.out = self.out[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed and self.stats is not None and self.bad:
+            self.stats.invalid_utf8_files += 1
+            self.stats.invalid_utf8_chars += self.bad
+            self.bad = 0
+        self.f.close()
+        super().close()
+
+
+class _ZstdReader(io.RawIOBase):
+    """A ``.zst`` file decompressed frame after frame; a stream that ends inside a frame (truncated) or
+    corrupt data raises ``DamagedFile`` (zstandard's own stream reader ends quietly on a truncated file)."""
+
+    def __init__(self, path: Path):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
+        self.zstd, self.path = zstandard, path
+        self.f = open(path, "rb")
+        self.frame = zstandard.ZstdDecompressor().decompressobj()
+        self.fed = False  # the current frame has had input
+        self.out = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.out += self.frame.decompress(data)
+        except self.zstd.ZstdError as exc:
+            raise DamagedFile(f"corrupt zstd data ({exc})") from None
+        self.fed = True
+
+    def readinto(self, buffer) -> int:
+        while not self.out:
+            if self.frame.eof:  # the next frame begins with what the last one left over
+                rest = self.frame.unused_data
+                self.frame, self.fed = self.zstd.ZstdDecompressor().decompressobj(), False
+                if rest:
+                    self._feed(rest)
+                continue
+            data = self.f.read(BLOCK_BYTES)
+            if not data:
+                if self.fed:
+                    raise DamagedFile("truncated (the zstd stream ends inside a frame)")
+                return 0
+            self._feed(data)
+        n = min(len(buffer), len(self.out))
+        buffer[:n] = self.out[:n]
+        self.out = self.out[n:]
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
 
 
 class _Decoder:
@@ -223,36 +386,111 @@ class _Decoder:
             self.stats.invalid_utf8_chars += self.bad
 
 
-def _read_text(path: Path, chunk_chars: int, stats: SourceStats) -> Iterator[Document]:
-    """One document per file, or documents of about ``chunk_chars`` cut after a blank line.
+def _read_text(
+    path: Path, chunk_chars: int, stats: SourceStats, split: str, max_chars: int, encoding: str = "utf-8"
+) -> Iterator[Document]:
+    """The documents of a text file, by ``split``: ``blank`` cuts after the first blank line past
+    ``chunk_chars`` characters (0: a document per file), ``lines`` makes each non-blank line a document (the
+    line ending dropped), ``file`` one document per file. A piece longer than ``max_chars`` (0: no limit) is
+    cut after its last line that fits, or at ``max_chars`` inside a longer line, and counted.
 
-    The documents of a file concatenate back to the file's text exactly.
+    In ``blank`` and ``file`` mode the documents of a file concatenate back to the file's text exactly. Each
+    character is searched about once: reading is linear in the file's size.
     """
     decode = _Decoder(stats)
-    buffer = ""
-    chunk = 0
-    with _open_binary(path) as f:
-        first = True
-        while True:
-            data = f.read(BLOCK_BYTES)
-            if first:
-                first = False
-                if looks_binary(data[:SNIFF_BYTES]):
-                    stats.binary_skipped.append(str(path))
-                    return
-            buffer += decode(data, final=not data)
-            while chunk_chars > 0 and len(buffer) > chunk_chars:
-                match = BLANK_LINES.search(buffer, chunk_chars)
-                if match is None or match.end() == len(buffer):
-                    break  # the blank line may continue in the next block
-                yield Document(buffer[: match.end()], f"{path}#{chunk}")
-                chunk += 1
-                buffer = buffer[match.end() :]
-            if not data:
-                break
+    with _open_binary(path, encoding, stats) as f:
+        head = f.read(BLOCK_BYTES)
+        if looks_binary(head[:SNIFF_BYTES]):
+            stats.binary_skipped.append(str(path))
+            return
+
+        def blocks() -> Iterator[str]:
+            data = head
+            while data:
+                yield decode(data)
+                data = f.read(BLOCK_BYTES)
+            tail = decode(b"", final=True)  # an incomplete character at the end: U+FFFD
+            if tail:
+                yield tail
+            yield ""  # the end
+
+        pieces = _text_pieces(
+            blocks(), chunk_chars if split == "blank" else 0, split == "lines", max_chars, stats
+        )
+        whole = split == "file" or (split == "blank" and chunk_chars == 0)
+        for i, text in enumerate(pieces):
+            yield Document(text, str(path) if whole and i == 0 else f"{path}#{i}")
     decode.finish()
-    if buffer:
-        yield Document(buffer, f"{path}#{chunk}" if chunk_chars > 0 else str(path))
+
+
+def _text_pieces(
+    blocks: Iterator[str], chunk_chars: int, lines: bool, max_chars: int, stats: SourceStats
+) -> Iterator[str]:
+    """Cut the text of ``blocks`` (the last one empty) into documents, as ``_read_text`` says. The pending
+    document begins at ``start`` in ``buffer``, and the next search for a boundary at ``scan``: text searched
+    once is not searched again, and the buffer is compacted once per block."""
+    buffer, start, scan = "", 0, 0
+    cutting = False  # the pending text continues a document already cut at max_chars
+
+    def counted(piece: str, cut: bool) -> str:
+        nonlocal cutting
+        if cut or cutting:
+            stats.cut_pieces += 1
+            stats.cut_documents += not cutting
+        cutting = cut
+        return piece
+
+    for text in blocks:
+        buffer = buffer[start:] + text
+        scan, start = max(scan - start, 0), 0
+        final = not text
+        while start < len(buffer):
+            end = stop = None  # the next document is buffer[start:end]; the one after it begins at stop
+            if lines:
+                newline = buffer.find("\n", max(scan, start))
+                if newline >= 0:
+                    end, stop = newline - (buffer[newline - 1 : newline] == "\r"), newline + 1
+                else:
+                    scan = len(buffer)
+            elif chunk_chars > 0:
+                match = BLANK_LINES.search(buffer, max(scan, start + chunk_chars))
+                if match is None:
+                    scan = _trailing_space(buffer, max(scan, start))  # where a blank line may still begin
+                else:
+                    scan = match.start()
+                    if final or not MAY_GO_ON.match(buffer, match.end()):  # else more blank lines may follow
+                        end = stop = match.end()
+            if end is None and final:
+                end = stop = len(buffer)
+            if end is not None and (max_chars <= 0 or end - start <= max_chars):
+                piece, start = buffer[start:end], stop
+                scan = max(scan, start)
+                if lines and not piece.strip():
+                    cutting = False  # a blank line, or the line ending of a line cut at max_chars
+                    continue
+                yield counted(piece, cut=False)
+            elif max_chars > 0 and len(buffer) - start > max_chars:
+                limit = start + max_chars
+                newline = -1 if lines else buffer.rfind("\n", start, limit)  # a line of `lines` is too long
+                end = newline + 1 if newline >= 0 else limit
+                piece, start = buffer[start:end], end
+                scan = max(scan, start)
+                yield counted(piece, cut=True)
+            else:
+                break
+
+
+def _trailing_space(text: str, floor: int) -> int:
+    """The index where the run of whitespace characters that ends ``text`` begins (not below ``floor``),
+    found in slices of doubling size, so the walk runs in C."""
+    i, step = len(text), 64
+    while i > floor:
+        lo = max(floor, i - step)
+        kept = text[lo:i].rstrip(" \t\r\n")
+        if kept:
+            return lo + len(kept)
+        i, step = lo, 2 * step
+    return floor
 
 
 def _field(record: object, text_field: str, where: str, first: bool, stats: SourceStats, strict: bool):
@@ -280,9 +518,11 @@ def _base_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def _read_json(path: Path, text_field: str, stats: SourceStats, strict: bool) -> Iterator[Document]:
+def _read_json(
+    path: Path, text_field: str, stats: SourceStats, strict: bool, encoding: str = "utf-8"
+) -> Iterator[Document]:
     """JSON Lines (one object per line, streamed), or a ``.json`` file holding an object or a list of them."""
-    with _open_binary(path) as f:
+    with _open_binary(path, encoding, stats) as f:
         head = f.peek(SNIFF_BYTES)[:SNIFF_BYTES]
         if looks_binary(head):
             stats.binary_skipped.append(str(path))
@@ -295,7 +535,7 @@ def _read_json(path: Path, text_field: str, stats: SourceStats, strict: bool) ->
                     if value is not None:
                         yield Document(value, f"{path}[{i}]")
                 return
-            f = _open_binary(path)  # not one JSON value: read it as JSON Lines
+            f = _open_binary(path, encoding, stats)  # not one JSON value: read it as JSON Lines
         decode = _Decoder(stats)
         first = True
         for lineno, raw in enumerate(f, start=1):
@@ -422,20 +662,24 @@ def _column_texts(table_batches, text_field: str, where: str, stats: SourceStats
 
 
 def _read_parquet(path: Path, text_field: str, stats: SourceStats) -> Iterator[Document]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises its own ArrowInvalid for non-parquet bytes
-        raise DataError(f"{path}: not a readable parquet file ({exc})") from None
+        raise DamagedFile(f"not a readable parquet file ({exc})") from None
     if text_field not in parquet.schema_arrow.names:
         raise DataError(
             f"{path}: no column {text_field!r} (found: {', '.join(parquet.schema_arrow.names)}); "
             f"set data.text_field to the column that holds the text"
         )
-    yield from _column_texts(
-        parquet.iter_batches(batch_size=1024, columns=[text_field]), text_field, str(path), stats
-    )
+    try:
+        yield from _column_texts(
+            parquet.iter_batches(batch_size=1024, columns=[text_field]), text_field, str(path), stats
+        )
+    except pa.ArrowException as exc:
+        raise DamagedFile(f"corrupt parquet data ({exc})") from None
 
 
 def _arrow_files(folder: Path) -> list[Path]:

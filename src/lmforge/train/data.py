@@ -92,21 +92,26 @@ def prepared_datasets(cfg: Config, *, world, cache_dir: str | Path | None, progr
 
     from lmforge.data.prepare import prepare_data
 
-    def is_prepared(name: str | Path) -> bool:
+    def problem(name: str | Path) -> str | None:
+        """Why ``name`` is not a complete prepared folder, or None when it is one."""
         if is_remote(name):
             from lmforge.data.remote import is_prepared_url, storage_for
 
-            return is_prepared_url(str(name), storage_for(cfg.data))
-        from lmforge.data.prepare import is_prepared as is_prepared_folder
+            return None if is_prepared_url(str(name), storage_for(cfg.data)) else "no meta.json"
+        from lmforge.data.prepare import prepared_problem
 
-        return is_prepared_folder(name)
+        return prepared_problem(name)
+
+    def is_prepared(name: str | Path) -> bool:
+        return problem(name) is None
 
     if cfg.data.mixture:
         datasets = {_as_prepared(d): w for d, w in cfg.data.mixture.items()}
-        missing = [d for d in datasets if not is_prepared(d)]
+        missing = [(d, problem(d)) for d in datasets if not is_prepared(d)]
         if missing:
+            name, why = missing[0]
             raise DataError(
-                f"data.mixture names {missing[0]!r}, which is not a prepared folder (no meta.json); "
+                f"data.mixture names {name!r}, which is not a prepared folder ({why}); "
                 "prepare it with `lmforge data prepare` or list raw files in data.sources"
             )
         return datasets, []
@@ -129,7 +134,8 @@ def prepared_datasets(cfg: Config, *, world, cache_dir: str | Path | None, progr
     if not is_prepared(out):
         if not sources:
             raise DataError(
-                f"data.prepared={str(out)!r} is not a prepared folder (no meta.json) and data.sources is empty"
+                f"data.prepared={str(out)!r} is not a prepared folder ({problem(out)}) and "
+                "data.sources is empty"
             )
         if world.is_main:
             bar = sys.stderr.isatty() if progress is None else progress
