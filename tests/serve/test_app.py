@@ -13,9 +13,10 @@ from lmforge.errors import ConfigError
 from lmforge.infer.chat import ChatTemplate, default_template
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.serve.app import ServeConfig, build_app, check_serve_config
+from tests.conftest import require_module
 from tests.serve.conftest import ascii_tokenizer
 
-pytest.importorskip("httpx", reason="the dev extra is not installed: pip install -e '.[dev]'")
+require_module("httpx")
 from fastapi.testclient import TestClient  # noqa: E402  (needs httpx)
 
 CPU = torch.device("cpu")

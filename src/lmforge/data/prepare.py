@@ -131,6 +131,7 @@ def prepare_data(
             out_dir,
             prepare=prepare_data,
             recipe_fields=RECIPE_FIELDS,
+            recipe_added=RECIPE_ADDED,
             progress=progress,
             strict=strict,
         )

@@ -109,6 +109,7 @@ def prepare_remote(
     *,
     prepare: Callable[..., dict],
     recipe_fields: tuple[str, ...],
+    recipe_added: dict,
     progress: bool,
     strict: bool,
 ) -> dict:
@@ -123,9 +124,7 @@ def prepare_remote(
     recipe = {"sources": sources, **{name: getattr(cfg, name) for name in recipe_fields}}
     if storage.exists(join(url, META)):
         meta = read_meta(url, storage)
-        from lmforge.data.prepare import RECIPE_ADDED
-
-        old = {**RECIPE_ADDED, **meta.get("recipe", {})}
+        old = {**recipe_added, **meta.get("recipe", {})}
         changed = [k for k in recipe if old.get(k) != recipe[k]]
         if changed:
             what = "; ".join(f"{k}: {old.get(k)!r} -> {recipe[k]!r}" for k in changed)
