@@ -11,32 +11,17 @@ from lmforge.model import hf
 from lmforge.model.transformer import build_model
 from lmforge.shapes import MoEConfig
 from tests.conftest import require_transformers
+from tests.model.test_moe_hf import VOCAB, probe, sharpen  # the same probe batch and sharpened weights
 
 transformers = require_transformers()
 
 PARITY = 1e-4
-VOCAB = 61
 ATTENTION = dict(vocab_size=VOCAB, max_seq_len=64, d_model=60, n_heads=6, n_kv_heads=2, ffn_hidden=36)
 QWEN_MOE = dict(
     model_type="qwen2_moe", vocab_size=VOCAB, hidden_size=60, intermediate_size=36, num_hidden_layers=3,
     num_attention_heads=6, num_key_value_heads=2, num_experts=6, num_experts_per_tok=2,
     moe_intermediate_size=20, shared_expert_intermediate_size=28,
 )  # fmt: skip
-
-
-def probe() -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
-
-
-@torch.no_grad()
-def sharpen(model: torch.nn.Module) -> None:
-    """Non-trivial norms and decisive routers (initialisation leaves them near uniform)."""
-    generator = torch.Generator().manual_seed(3)
-    for name, p in model.named_parameters():
-        if "norm" in name or "bias" in name:
-            p.add_(0.2 * torch.randn(p.shape, generator=generator))
-        if name.endswith("mlp.gate.weight"):
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
 
 
 @torch.no_grad()

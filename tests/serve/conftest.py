@@ -35,12 +35,10 @@ def ascii_tokenizer():
     return Tokenizer(hf)
 
 
-def tiny_checkpoint(folder: Path, max_seq_len: int = 256) -> Path:
-    """A random 2-layer GQA model with an ASCII tokenizer, saved as a checkpoint."""
-    tokenizer = ascii_tokenizer()
-    tok_file = tokenizer.save(folder / "tok" / "tokenizer.json")
-    cfg = ModelConfig(
-        vocab_size=tokenizer.vocab_size,
+def tiny_config(vocab_size: int, max_seq_len: int = 256) -> ModelConfig:
+    """The served test model: 2 layers, GQA, untied head, weights large enough for varied greedy tokens."""
+    return ModelConfig(
+        vocab_size=vocab_size,
         max_seq_len=max_seq_len,
         n_layers=2,
         d_model=64,
@@ -50,6 +48,13 @@ def tiny_checkpoint(folder: Path, max_seq_len: int = 256) -> Path:
         tie_embeddings=False,
         init_std=0.2,
     )
+
+
+def tiny_checkpoint(folder: Path, max_seq_len: int = 256) -> Path:
+    """A random 2-layer GQA model with an ASCII tokenizer, saved as a checkpoint."""
+    tokenizer = ascii_tokenizer()
+    tok_file = tokenizer.save(folder / "tok" / "tokenizer.json")
+    cfg = tiny_config(tokenizer.vocab_size, max_seq_len)
     model = build_model(cfg, seed=0)
     return save_checkpoint(
         folder / "tiny", model_state=model.state_dict(), config=Config(model=cfg), tokenizer_file=tok_file

@@ -14,7 +14,7 @@ from lmforge.infer.chat import ChatTemplate, default_template
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.serve.app import ServeConfig, build_app, check_serve_config
 from tests.conftest import require_module
-from tests.serve.conftest import ascii_tokenizer
+from tests.serve.conftest import ascii_tokenizer, tiny_config
 
 require_module("httpx")
 from fastapi.testclient import TestClient  # noqa: E402  (needs httpx)
@@ -23,21 +23,10 @@ CPU = torch.device("cpu")
 
 
 def tiny():
-    from lmforge.config import ModelConfig
     from lmforge.model.transformer import build_model
 
     tokenizer = ascii_tokenizer()
-    cfg = ModelConfig(
-        vocab_size=tokenizer.vocab_size,
-        max_seq_len=128,
-        n_layers=2,
-        d_model=64,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_hidden=128,
-        tie_embeddings=False,
-        init_std=0.2,
-    )
+    cfg = tiny_config(tokenizer.vocab_size, max_seq_len=128)
     return build_model(cfg, seed=0), tokenizer
 
 
