@@ -735,3 +735,55 @@ def test_a_trained_expert_bias_is_refused(tmp_path):
         model.layers[1].mlp.expert_bias[2] = 0.5  # DeepSeek-style balancing: routing llama.cpp cannot do
     with pytest.raises(ExportError, match="layers.1.mlp.expert_bias is not zero"):
         lmgguf.gguf_state_dict(model.state_dict(), cfg)
+
+
+ROPE_SCALINGS = {  # long-context RoPE scaling (Hugging Face's rope_scaling), each with a short original context
+    "linear": dict(rope_scaling="linear", rope_factor=4.0),
+    "llama3": dict(
+        rope_scaling="llama3",
+        rope_factor=8.0,
+        rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0,
+        rope_original_max_len=16,
+    ),
+    "yarn": dict(rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=16),
+}
+
+
+@pytest.mark.parametrize(
+    "arch_switches", [dict(n_kv_heads=2), dict(n_kv_heads=2, qkv_bias=True)], ids=["llama", "qwen2"]
+)
+@pytest.mark.parametrize("scaling", list(ROPE_SCALINGS))
+def test_rope_scaling_runs_in_llama_cpp_as_in_lmforge(tmp_path, scaling, arch_switches):
+    """llama.cpp computes the scaled RoPE as lmforge does (keys for linear and YaRN, the ``rope_freqs``
+    factors for Llama 3.1's scaling, which only its ``llama`` reads: elsewhere it is refused); the same weights
+    without the scaling give other logits, so a scaling the file dropped would fail here."""
+    require_llama_cpp()
+    cfg = tiny(300, tie_embeddings=False, **arch_switches, **ROPE_SCALINGS[scaling])
+    model, run = family_run(tmp_path, cfg)
+    with torch.no_grad():  # sharp attention, so that positions (what RoPE encodes) move the logits
+        for layer in model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+    save_checkpoint(
+        run / "checkpoints" / "step_00000010",
+        model_state=model.state_dict(),
+        config=Config(model=cfg, train=TrainConfig(seq_len=32)),
+    )
+    out = tmp_path / "model.gguf"
+    if scaling == "llama3" and arch_switches.get("qkv_bias"):
+        with pytest.raises(ExportError, match="rope_scaling=llama3"):
+            convert.export_model(run, out, format="gguf", verify=False)
+        return
+    report = convert.export_model(run, out, format="gguf")  # verifies itself with llama.cpp
+    assert report.max_abs_diff <= lmgguf.VERIFY_TOLERANCE
+    prompt = torch.randint(0, cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    llm = lmgguf.open_llama_cpp(out, len(prompt))
+    theirs, _ = lmgguf.llama_cpp_greedy(llm, prompt, 0)
+    llm.close()
+    plain = build_model(dataclasses.replace(cfg, rope_scaling="none", rope_factor=1.0), seed=None).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt]))[0].numpy()  # (T, V)
+        unscaled = plain(torch.tensor([prompt]))[0].numpy()
+    np.testing.assert_allclose(theirs, ours, atol=lmgguf.VERIFY_TOLERANCE, rtol=0)
+    assert np.abs(unscaled - ours).max() > 0.5  # the scaling matters at these positions

@@ -39,6 +39,7 @@ from lmforge.errors import ExportError
 from lmforge.model.hf import architecture_for
 from lmforge.model.hf_families import GPT2, LLAMA, MISTRAL, MIXTRAL, QWEN2, QWEN2_MOE, QWEN3, QWEN3_MOE
 from lmforge.model.hf_moe import normalised_topk
+from lmforge.model.transformer import rope_inv_freq, scaled_rope_inv_freq
 
 DTYPES = ("f32", "f16", "q8_0")
 GPT2_PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for GPT-2's split regex (Hugging Face ByteLevel, use_regex)
@@ -137,6 +138,10 @@ def _llama_cpp_problems(cfg: ModelConfig, arch: str) -> list[str]:
             f"model.moe.norm_topk_prob={cfg.moe.norm_topk_prob} with router={cfg.moe.router} "
             "(llama.cpp's qwen2moe uses the top-k softmax probabilities as they are)"
         )
+    if cfg.rope_scaling == "llama3" and arch != "llama":  # only llama.cpp's llama reads rope_freqs
+        wrong.append(
+            f"model.rope_scaling=llama3 (llama.cpp's {arch} has no per-frequency RoPE factors: rope_freqs)"
+        )
     if arch == "qwen3moe" and not normalised_topk(cfg):  # llama.cpp's qwen3moe always renormalises
         wrong.append(
             f"model.moe.norm_topk_prob={cfg.moe.norm_topk_prob} with router={cfg.moe.router} "
@@ -227,7 +232,33 @@ def gguf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
                 out[gguf_name.format(i=i) if i is not None else gguf_name] = ours.pop(key).contiguous()
     if ours:  # a parameter the table does not know: exporting without it would silently lose weights
         raise ExportError(f"no GGUF name for lmforge parameters {sorted(ours)[:5]}")
+    if cfg.rope_scaling == "llama3":
+        out["rope_freqs.weight"] = rope_freq_factors(cfg)
     return out
+
+
+def rope_freq_factors(cfg: ModelConfig) -> torch.Tensor:
+    """llama.cpp's ``rope_freqs`` (hd/2,): each RoPE frequency is divided by its factor, so the factors are
+    the plain frequencies over lmforge's scaled ones (Llama 3.1's scaling: 1 for the high frequencies,
+    ``rope_factor`` for the low ones, interpolated between)."""
+    return rope_inv_freq(cfg.head_dim, cfg.rope_theta) / scaled_rope_inv_freq(cfg)  # (hd/2,)
+
+
+def add_rope_scaling(writer, cfg: ModelConfig) -> None:
+    """The RoPE scaling keys llama.cpp reads: "linear" as a frequency scale, "yarn" with its original context
+    and correction range (llama.cpp's YaRN blends and scales cos/sin as Hugging Face's does); "llama3" is
+    the ``rope_freqs`` tensor instead (``gguf_state_dict``)."""
+    from gguf import RopeScalingType
+
+    if cfg.rope_scaling == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(cfg.rope_factor)
+    elif cfg.rope_scaling == "yarn":
+        writer.add_rope_scaling_type(RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(cfg.rope_factor)
+        writer.add_rope_scaling_orig_ctx_len(cfg.rope_original_max_len)
+        writer.add_rope_scaling_yarn_beta_fast(cfg.rope_beta_fast)
+        writer.add_rope_scaling_yarn_beta_slow(cfg.rope_beta_slow)
 
 
 def encode_tensor(name: str, value: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
@@ -359,6 +390,7 @@ def write_gguf(
         writer.add_layer_norm_rms_eps(cfg.norm_eps)
         writer.add_rope_freq_base(cfg.rope_theta)
         writer.add_rope_dimension_count(cfg.head_dim)
+        add_rope_scaling(writer, cfg)
         if cfg.head_dim * cfg.n_heads != cfg.d_model:  # pruned heads: attention narrower than d_model
             writer.add_key_length(cfg.head_dim)
             writer.add_value_length(cfg.head_dim)
