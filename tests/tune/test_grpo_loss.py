@@ -8,7 +8,14 @@ import math
 import pytest
 import torch
 
-from lmforge.tune.grpo import STD_EPS, VARIANTS, PolicyLoss, group_advantages, informative_groups, policy_terms
+from lmforge.tune.grpo import (
+    STD_EPS,
+    VARIANTS,
+    PolicyLoss,
+    group_advantages,
+    informative_groups,
+    policy_terms,
+)
 
 P, G, T = 3, 4, 7
 N = P * G
@@ -93,7 +100,16 @@ def test_policy_loss_and_its_gradient_equal_the_papers_formula(variant):
 
     theirs_in = logps.clone().requires_grad_(True)
     expected, units = reference_loss(
-        variant, theirs_in, old, ref, mask, advantages, cfg.epsilon_low, cfg.epsilon_high, cfg.beta, max_length
+        variant,
+        theirs_in,
+        old,
+        ref,
+        mask,
+        advantages,
+        cfg.epsilon_low,
+        cfg.epsilon_high,
+        cfg.beta,
+        max_length,
     )
     expected.backward()
 

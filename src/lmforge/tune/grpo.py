@@ -138,7 +138,9 @@ def policy_terms(
     mask = mask.to(logps.dtype)
     lengths = mask.sum(dim=-1).clamp(min=1)  # (N,)
     log_ratio = (logps - old_logps) * mask  # (N, T)
-    if cfg.ratio_level == "sequence":  # GSPO: one ratio per completion, its length-normalised likelihood ratio
+    if (
+        cfg.ratio_level == "sequence"
+    ):  # GSPO: one ratio per completion, its length-normalised likelihood ratio
         ratio = (log_ratio.sum(dim=-1) / lengths).exp()[:, None].expand_as(logps)  # (N, T)
     else:
         ratio = log_ratio.exp()  # (N, T)
@@ -153,7 +155,11 @@ def policy_terms(
         kl = d.exp() - d - 1  # (N, T), k3: unbiased, >= 0
         per_token = per_token + cfg.beta * kl
     else:
-        kl = torch.zeros_like(logps) if ref_logps is None else (ref_logps - logps).exp() - (ref_logps - logps) - 1
+        kl = (
+            torch.zeros_like(logps)
+            if ref_logps is None
+            else (ref_logps - logps).exp() - (ref_logps - logps) - 1
+        )
 
     def aggregate(x: torch.Tensor) -> torch.Tensor:
         x = x * mask
