@@ -180,7 +180,7 @@ def feature_matrix(texts: Iterable[str], bits: int = BITS):
 
 
 def fit_quality_model(
-    positives: list[str], negatives: list[str], *, l2: float = 1e-4, bits: int = BITS, max_iter: int = 200
+    positives: list[str], negatives: list[str], *, l2: float = 1e-5, bits: int = BITS, max_iter: int = 200
 ) -> QualityModel:
     """Logistic regression of positive (1) against negative (0) documents, each class weighted equally."""
     try:
