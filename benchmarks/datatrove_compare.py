@@ -240,6 +240,10 @@ def main() -> None:
         "jaccard_of_removed_sets": overlap,
     }
     out_path = Path(__file__).parent / "results" / f"datatrove_compare_{args.mb:g}mb.json"
+    if out_path.exists() and set(args.modes.split(",")) != set(MODES):  # a rerun of some modes: merge
+        old = json.loads(out_path.read_text(encoding="utf-8"))
+        result["filters"] = {**old["filters"], **rows}
+        result["jaccard_of_removed_sets"] = {**old["jaccard_of_removed_sets"], **overlap}
     out_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({k: v for k, v in result.items() if k != "jaccard_of_removed_sets"}, indent=1))
     print(f"wrote {out_path}")
