@@ -46,6 +46,15 @@ class DataConfig:
     near_dedup: bool = False
     near_dedup_threshold: float = 0.8
     scrub_pii: bool = False
+    # Language identification (data/language.py, py3langid): keep documents whose language is one of these
+    # ISO 639-1 codes ('und': undetermined); empty keeps all. language_id: identify and count without removing.
+    languages: list[str] = field(default_factory=list)
+    language_id: bool = False
+    language_threshold: float = 0.0  # a document whose top language probability is lower is 'und'
+    # Learned quality filter (data/quality.py, `lmforge data train-quality`): a safetensors model; documents
+    # scoring below quality_threshold are removed (report.json keeps the histogram of scores)
+    quality_model: str | None = None
+    quality_threshold: float = 0.5
     document_mask: bool = False  # pass document boundaries to attention (no attending across documents)
     # text files: documents cut after blank lines (of ~text_chunk_chars), one per line, or one per file; any
     # document longer than max_chars is cut into pieces of at most max_chars (at line ends), never dropped
@@ -80,6 +89,13 @@ class DataConfig:
             out.append(f"data.near_dedup_threshold={self.near_dedup_threshold} must be in (0, 1]")
         if not 0.0 < self.max_repeated_line_fraction <= 1.0:
             out.append(f"data.max_repeated_line_fraction={self.max_repeated_line_fraction} must be in (0, 1]")
+        if not 0.0 <= self.language_threshold < 1.0:
+            out.append(f"data.language_threshold={self.language_threshold} must be in [0, 1)")
+        if not 0.0 <= self.quality_threshold <= 1.0:
+            out.append(f"data.quality_threshold={self.quality_threshold} must be in [0, 1]")
+        for code in self.languages:
+            if not (isinstance(code, str) and code.isascii() and code.isalpha() and code.islower()):
+                out.append(f"data.languages: {code!r} is not a lower-case ISO 639 code such as 'en' or 'zh'")
         if self.min_chars > self.max_chars:
             out.append(f"data.min_chars={self.min_chars} is larger than data.max_chars={self.max_chars}")
         for name, weight in self.mixture.items():

@@ -1,4 +1,4 @@
-"""``lmforge data prepare``."""
+"""``lmforge data prepare`` and ``lmforge data train-quality``."""
 
 from __future__ import annotations
 
@@ -30,9 +30,38 @@ def add_data(sub) -> None:
     prep.add_argument(
         "--slurm", metavar="SCRIPT", help="write an sbatch script for --tasks array tasks + merge"
     )
+    qual = dsub.add_parser(
+        "train-quality", help="train a quality filter (data.quality_model) on good and bad example documents"
+    )
+    qual.add_argument("--positive", nargs="+", required=True, help="files/folders/globs of good documents")
+    qual.add_argument("--negative", nargs="+", required=True, help="files/folders/globs of bad documents")
+    qual.add_argument("--out", required=True, help="the model file to write (.safetensors)")
+    qual.add_argument(
+        "--holdout", type=float, default=0.1, help="share of each side kept aside to measure (default 0.1)"
+    )
+    qual.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
+    qual.add_argument("--config", help="a YAML config whose data section says how files are cut")
+
+
+def run_train_quality(args) -> int:
+    from lmforge.config import load_config
+    from lmforge.data.quality import train_quality
+
+    cfg = load_config(args.config, []).data
+    result = train_quality(args.positive, args.negative, args.out, cfg, holdout=args.holdout, seed=args.seed)
+    held = result["held_out"]
+    print(
+        f"trained on {result['train_positives']:,} positive and {result['train_negatives']:,} negative "
+        f"documents; held out {held['positives']:,} + {held['negatives']:,}: precision {held['precision']:.3f}, "
+        f"recall {held['recall']:.3f} at score >= 0.5"
+    )
+    print(f"wrote {result['model']}: use it with data.quality_model={result['model']}")
+    return 0
 
 
 def run_data(args) -> int:
+    if args.data_cmd == "train-quality":
+        return run_train_quality(args)
     from lmforge.data.clean import format_report
     from lmforge.data.job import Task
     from lmforge.data.prepare import prepare_from_arguments, write_slurm_script

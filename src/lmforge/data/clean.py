@@ -3,7 +3,9 @@
 Stages, in order: ``normalize`` (Unicode NFC, CRLF and CR to LF, control characters and byte-order marks
 removed), ``pii`` (optional: e-mail addresses, phone numbers and IP addresses become placeholders),
 ``filter`` (length in characters and the fraction of repeated lines: measures that treat Chinese and other
-scripts without spaces the same as English), ``exact_dedup`` (hash of the normalised document) and
+scripts without spaces the same as English), ``language`` (optional: py3langid per document, keeps
+``data.languages``; ``data/language.py``), ``quality`` (optional: a learned model's score against
+``data.quality_threshold``; ``data/quality.py``), ``exact_dedup`` (hash of the normalised document) and
 ``near_dedup`` (optional MinHash-LSH over character 5-grams, which work for any script; ``data/dedup.py``).
 """
 
@@ -19,7 +21,8 @@ import numpy as np
 from lmforge.config import DataConfig
 from lmforge.data.dedup import BandIndex, MinHasher, band_keys, lsh_params, shingle_hashes  # noqa: F401
 
-STAGES = ("read", "normalize", "pii", "filter", "exact_dedup", "near_dedup")
+STAGES = ("read", "normalize", "pii", "filter", "language", "quality", "exact_dedup", "near_dedup")
+QUALITY_BINS = 20  # report.json's histogram of quality scores: bins of 0.05 over [0, 1]
 CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff]")  # keeps \t and \n
 LINE_ENDS = re.compile(r"\r\n?")
 EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?!\w)")
@@ -55,13 +58,22 @@ class CleanReport:
     stages: dict[str, StageCount] = field(default_factory=lambda: {s: StageCount() for s in STAGES})
     removed: dict[str, int] = field(default_factory=dict)  # filter reason -> documents
     pii_replaced: dict[str, int] = field(default_factory=dict)  # placeholder -> occurrences
+    languages: dict[str, dict[str, int]] | None = (
+        None  # language -> {docs, chars} reaching the language stage
+    )
+    quality: dict | None = None  # the model, the threshold and the histogram of scores
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "stages": {name: vars(count) for name, count in self.stages.items()},
             "filter_reasons": dict(self.removed),
             "pii_replaced": dict(self.pii_replaced),
         }
+        if self.languages is not None:
+            out["languages"] = {code: dict(c) for code, c in sorted(self.languages.items())}
+        if self.quality is not None:
+            out["quality"] = {**self.quality, "histogram": list(self.quality["histogram"])}
+        return out
 
 
 def normalize(text: str) -> str:
@@ -131,9 +143,56 @@ class Cleaner:
         self.report = CleanReport()
         self.hashes: set[bytes] = set()
         self.near = NearDuplicates(cfg.near_dedup_threshold) if cfg.near_dedup else None
+        self.identifier = None
+        self.language = None  # the language of the last document identified
+        if cfg.languages or cfg.language_id:
+            from lmforge.data.language import LanguageIdentifier
+
+            self.identifier = LanguageIdentifier(cfg.language_threshold)
+            self.identifier.check(cfg.languages)
+            self.report.languages = {}
+        self.quality = None
+        if cfg.quality_model is not None:
+            from lmforge.data.quality import load_quality_model
+
+            self.quality = load_quality_model(cfg.quality_model)
+            self.report.quality = {
+                "model": cfg.quality_model,
+                "fingerprint": self.quality.fingerprint,
+                "threshold": cfg.quality_threshold,
+                "scored": 0,
+                "score_sum": 0.0,
+                "histogram": [0] * QUALITY_BINS,
+            }
+
+    def _removed(self, reason: str) -> None:
+        self.report.removed[reason] = self.report.removed.get(reason, 0) + 1
+
+    def _language_keeps(self, text: str) -> bool:
+        if self.identifier is None:
+            return True
+        code, _ = self.identifier.identify(text)
+        self.language = code
+        assert self.report.languages is not None
+        count = self.report.languages.setdefault(code, {"docs": 0, "chars": 0})
+        count["docs"] += 1
+        count["chars"] += len(text)
+        return not self.cfg.languages or code in self.cfg.languages
+
+    def _quality_keeps(self, text: str) -> bool:
+        if self.quality is None:
+            return True
+        score = self.quality.score(text)
+        q = self.report.quality
+        assert q is not None
+        q["scored"] += 1
+        q["score_sum"] += score
+        q["histogram"][min(int(score * QUALITY_BINS), QUALITY_BINS - 1)] += 1
+        return score >= self.cfg.quality_threshold
 
     def clean(self, text: str) -> str | None:
-        """The first stages (normalize, pii, filter): the cleaned text, or None when the filter removed it."""
+        """The first stages (normalize, pii, filter, language, quality): the cleaned text, or None when a
+        filter removed it."""
         stages = self.report.stages
         stages["read"].add(len(text), len(text))
         cleaned = normalize(text)
@@ -146,7 +205,17 @@ class Cleaner:
         reason = filter_reason(text, self.cfg)
         stages["filter"].add(len(text), None if reason else len(text))
         if reason:
-            self.report.removed[reason] = self.report.removed.get(reason, 0) + 1
+            self._removed(reason)
+            return None
+        keep = self._language_keeps(text)
+        stages["language"].add(len(text), len(text) if keep else None)
+        if not keep:
+            self._removed("language")
+            return None
+        keep = self._quality_keeps(text)
+        stages["quality"].add(len(text), len(text) if keep else None)
+        if not keep:
+            self._removed("low_quality")
             return None
         return text
 
@@ -186,9 +255,15 @@ def empty_message(report: dict, sources: list[str]) -> str:
         if stage["docs_in"] > 0 and stage["docs_out"] == 0:
             reasons = ", ".join(f"{k}: {v}" for k, v in report["filter_reasons"].items())
             hint = f" ({reasons})" if name == "filter" and reasons else ""
+            settings = "data.min_chars, data.max_chars, ..."
+            if name == "language":
+                found = ", ".join(f"{k}: {v['docs']}" for k, v in report.get("languages", {}).items())
+                hint, settings = f" (languages found: {found})", "data.languages"
+            elif name == "quality":
+                settings = "data.quality_threshold, data.quality_model"
             return (
                 f"the '{name}' stage removed all {stage['docs_in']} documents{hint}; "
-                f"relax its settings (data.min_chars, data.max_chars, ...)"
+                f"relax its settings ({settings})"
             )
     return "no document was kept"  # pragma: no cover - every removal is one of the stages
 
@@ -203,4 +278,12 @@ def format_report(report: dict) -> str:
     extras = {f"removed ({k})": v for k, v in report.get("filter_reasons", {}).items()}
     extras.update({f"pii {k}": v for k, v in report.get("pii_replaced", {}).items()})
     rows += [f"{k:<25} {v:>10,}" for k, v in extras.items()]
+    for code, c in report.get("languages", {}).items():
+        tokens = report.get("language_tokens", {}).get(code, {}).get("tokens")
+        kept = f" {tokens:>14,} tokens kept" if tokens is not None else ""
+        rows.append(f"{'language ' + code:<25} {c['docs']:>10,} docs {c['chars']:>14,} chars{kept}")
+    quality = report.get("quality")
+    if quality and quality["scored"]:
+        mean = quality["score_sum"] / quality["scored"]
+        rows.append(f"{'quality mean score':<25} {mean:>10.3f} (threshold {quality['threshold']})")
     return "\n".join(rows)

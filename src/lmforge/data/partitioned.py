@@ -392,24 +392,45 @@ def merged_report(work: Path, plan: dict) -> dict:
     stages = {name: {"docs_in": 0, "docs_out": 0, "chars_in": 0, "chars_out": 0} for name in STAGES}
     reasons: dict[str, int] = {}
     pii: dict[str, int] = {}
+    languages: dict[str, dict[str, int]] | None = None
+    quality: dict | None = None
     for m in maps:
-        for name in ("read", "normalize", "pii", "filter"):
-            for key, value in m["report"]["stages"][name].items():
+        for name in ("read", "normalize", "pii", "filter", "language", "quality"):
+            for key, value in m["report"]["stages"].get(name, {}).items():
                 stages[name][key] += value
         for key, value in m["report"]["filter_reasons"].items():
             reasons[key] = reasons.get(key, 0) + value
         for key, value in m["report"]["pii_replaced"].items():
             pii[key] = pii.get(key, 0) + value
+        if "languages" in m["report"]:
+            languages = {} if languages is None else languages
+            for code, count in m["report"]["languages"].items():
+                total = languages.setdefault(code, {"docs": 0, "chars": 0})
+                for key, value in count.items():
+                    total[key] += value
+        if "quality" in m["report"]:
+            part = m["report"]["quality"]
+            if quality is None:
+                quality = {**part, "histogram": list(part["histogram"])}
+            else:
+                quality["scored"] += part["scored"]
+                quality["score_sum"] += part["score_sum"]
+                quality["histogram"] = [a + b for a, b in zip(quality["histogram"], part["histogram"])]
     for p in range(plan["partitions"]):
         exact = read_json(marker(work, "exact", p))
         for key in stages["exact_dedup"]:
             stages["exact_dedup"][key] += exact[key]
-    return {
+    out = {
         "sources": merge_sources([m["sources"] for m in maps]),
         "stages": stages,
         "filter_reasons": reasons,
         "pii_replaced": pii,
     }
+    if languages is not None:
+        out["languages"] = dict(sorted(languages.items()))
+    if quality is not None:
+        out["quality"] = quality
+    return out
 
 
 def finish(work: Path, out: Path) -> tuple[dict, dict]:

@@ -68,10 +68,14 @@ RECIPE_FIELDS = (
     "tokenizer", "vocab_size", "text_field", "val_fraction", "seed", "min_chars", "max_chars",
     "max_repeated_line_fraction", "dedup", "near_dedup", "near_dedup_threshold", "scrub_pii",
     "text_chunk_chars", "shard_tokens", "tokenizer_train_chars", "split",
-    "encoding",
+    "encoding", "languages", "language_threshold", "quality_model", "quality_threshold",
 )  # fmt: skip
 # Recipe fields added after folders were prepared without them: the value those folders were prepared with.
-RECIPE_ADDED = {"split": "blank", "encoding": "utf-8"}
+RECIPE_ADDED = {
+    "split": "blank", "encoding": "utf-8", "languages": [], "language_threshold": 0.0, "quality_model": None,
+    "quality_threshold": 0.5,
+}  # fmt: skip
+LANGUAGES_FILE = "languages.bin"  # stage 1 with language identification: per kept document, its language
 
 
 def prepared_problem(out_dir: str | Path) -> str | None:
@@ -173,6 +177,10 @@ def prepare_data(
         tokenizer, use_tiktoken, splits = result["tokenizer"], result["use_tiktoken"], result["splits"]
     else:
         tokenizer, use_tiktoken, splits = _prepare_stream(cfg, sources, out, wanted, progress, strict)
+        if (out / LANGUAGES_FILE).exists():
+            report = read_json(out / "report.json")
+            report["language_tokens"] = tokens_by_language(out, splits, tokenizer)
+            write_json(out / "report.json", report)
     meta = {
         "format": FORMAT,
         "tokenizer_fingerprint": tokenizer.fingerprint,
@@ -191,7 +199,7 @@ def prepare_data(
         "recipe": recipe,
     }
     write_json(out / "meta.json", meta)
-    for name in ("kept.bin", "progress.json", "staged.json", "recipe.json"):
+    for name in ("kept.bin", "progress.json", "staged.json", "recipe.json", LANGUAGES_FILE):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "work", ignore_errors=True)
     log.info(
@@ -378,6 +386,8 @@ def _stage_documents(
     lowest = (2.0, -1)  # the lowest split score and its document index: val's member of last resort
     read = 0
     tmp = out / "kept.bin.tmp"
+    codes: dict[str, int] = {}  # language -> its number in languages.bin
+    languages = bytearray()  # per kept document: uint16 language number
     docs = read_documents(
         paths,
         text_field=cfg.text_field,
@@ -404,6 +414,8 @@ def _stage_documents(
             index = counts["train"] + counts["val"]
             lowest = min(lowest, (score, index))
             counts[split] += 1
+            if cleaner.language is not None:
+                languages += struct.pack("<H", codes.setdefault(cleaner.language, len(codes)))
             data = text.encode("utf-8")
             f.write(KEPT_HEADER.pack(split == "val", len(data)) + data)
             yield split, text
@@ -416,8 +428,49 @@ def _stage_documents(
     # A tiny corpus can draw no validation document at all; then the lowest-scoring one goes there.
     forced_val = lowest[1] if cfg.val_fraction > 0 and counts["val"] == 0 and kept_docs >= 2 else None
     os.replace(tmp, out / "kept.bin")
-    write_json(out / "staged.json", {"counts": counts, "forced_val": forced_val})
+    staged = {"counts": counts, "forced_val": forced_val}
+    if cleaner.identifier is not None:
+        (out / (LANGUAGES_FILE + ".tmp")).write_bytes(bytes(languages))
+        os.replace(out / (LANGUAGES_FILE + ".tmp"), out / LANGUAGES_FILE)
+        staged["languages"] = list(codes)
+    write_json(out / "staged.json", staged)
     log.info(f"data: cleaned {read:,} documents, kept {kept_docs:,}")
+
+
+def tokens_by_language(out: Path, splits: dict, tokenizer: Tokenizer) -> dict[str, dict[str, int]]:
+    """Documents and tokens (end-of-text included) in the shards per language, from ``languages.bin`` and
+    the end-of-text tokens that close each document in the shards; {} when they do not line up (a document
+    whose text encodes to the end-of-text id)."""
+    staged = read_json(out / "staged.json")
+    names = staged["languages"]
+    codes = np.frombuffer((out / LANGUAGES_FILE).read_bytes(), dtype="<u2")
+    is_val = np.zeros(len(codes), dtype=bool)
+    with open(out / "kept.bin", "rb") as f:  # the split of each kept document: the record headers
+        for i in range(len(codes)):
+            flag, length = KEPT_HEADER.unpack(f.read(KEPT_HEADER.size))
+            is_val[i] = flag or i == staged["forced_val"]
+            f.seek(length, os.SEEK_CUR)
+    dtype = np.dtype(dtype_for(tokenizer.vocab_size))
+    totals: dict[str, dict[str, int]] = {}
+    for split, info in splits.items():
+        ends = []  # per document of this split, the position after its end-of-text token
+        offset = 0
+        for shard in info["shards"]:
+            ids = np.fromfile(out / shard["file"], dtype=dtype)
+            ends.append(np.flatnonzero(ids == tokenizer.eot_id) + offset + 1)
+            offset += len(ids)
+        lengths = np.diff(np.concatenate([[0], *ends])) if ends else np.zeros(0, dtype=np.int64)
+        mine = codes[is_val] if split == "val" else codes[~is_val]
+        if len(lengths) != len(mine):
+            log.warning(f"data: {split} shards do not line up with the documents; no tokens per language")
+            return {}
+        for number, name in enumerate(names):
+            chosen = lengths[mine == number]
+            if len(chosen):
+                total = totals.setdefault(name, {"docs": 0, "tokens": 0})
+                total["docs"] += len(chosen)
+                total["tokens"] += int(chosen.sum())
+    return dict(sorted(totals.items()))
 
 
 def _kept(out: Path, forced_val: int | None = None) -> Iterator[tuple[str, str]]:
