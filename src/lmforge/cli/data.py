@@ -1,4 +1,4 @@
-"""``lmforge data prepare``."""
+"""``lmforge data prepare``, ``lmforge data verify``."""
 
 from __future__ import annotations
 
@@ -30,14 +30,26 @@ def add_data(sub) -> None:
     prep.add_argument(
         "--slurm", metavar="SCRIPT", help="write an sbatch script for --tasks array tasks + merge"
     )
+    verify = dsub.add_parser(
+        "verify", help="check a prepared folder: every shard present, at full size, with its recorded SHA-256"
+    )
+    verify.add_argument("folder", help="the prepared dataset folder")
 
 
 def run_data(args) -> int:
     from lmforge.data.clean import format_report
     from lmforge.data.job import Task
     from lmforge.data.prepare import prepare_from_arguments, write_slurm_script
-    from lmforge.errors import ConfigError
+    from lmforge.errors import ConfigError, DataError
 
+    if args.data_cmd == "verify":
+        from lmforge.data.prepare import prepared_problem
+
+        problem = prepared_problem(args.folder, checksums=True)
+        if problem is not None:
+            raise DataError(f"{args.folder}: {problem}; prepare it again")
+        print(f"{args.folder}: every shard present, at full size, with the SHA-256 meta.json records")
+        return 0
     if args.slurm:
         if not args.tasks:
             raise ConfigError("--slurm needs --tasks N (the number of array tasks)")
