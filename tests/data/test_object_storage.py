@@ -287,6 +287,68 @@ def test_fetched_sources_keep_their_layout_and_a_truncated_copy_is_fetched_again
     assert copy.read_bytes() == texts["raw-fetch/a.txt"]
 
 
+def test_a_source_written_again_at_the_same_size_is_fetched_again(s3, tmp_path):
+    """Issue 27: an object uploaded again at the same size with 1,445 edits was read stale from the cache."""
+    from lmforge.data.storage import Storage, fetch_sources
+
+    storage = Storage()
+    rng = random.Random(5)
+    first = "".join(rng.choice("abcdefgh \n") for _ in range(20_000))
+    edited = list(first)
+    for i in rng.sample(range(len(first)), 1445):
+        edited[i] = "XYZ"[i % 3]
+    second = "".join(edited)
+    assert len(second) == len(first) and sum(a != b for a, b in zip(first, second)) == 1445
+    key = f"s3://{BUCKET}/raw-etag/a.txt"
+    downloads = []
+    download = storage.download
+    storage.download = lambda url, dest, **kw: downloads.append(url) or download(url, dest, **kw)
+    (tmp_path / "a.txt").write_text(first, encoding="utf-8")
+    storage.upload(tmp_path / "a.txt", key)
+    [root] = fetch_sources(storage, [f"s3://{BUCKET}/raw-etag"], tmp_path / "cache")
+    copy = Path(root) / BUCKET / "raw-etag" / "a.txt"
+    assert copy.read_text(encoding="utf-8") == first and downloads == [key]
+    fetch_sources(storage, [f"s3://{BUCKET}/raw-etag"], tmp_path / "cache")
+    assert downloads == [key]  # unchanged: read from the cache
+    (tmp_path / "a.txt").write_text(second, encoding="utf-8")
+    storage.upload(tmp_path / "a.txt", key)
+    fetch_sources(storage, [f"s3://{BUCKET}/raw-etag"], tmp_path / "cache")
+    assert downloads == [key, key] and copy.read_text(encoding="utf-8") == second
+
+
+def test_a_missing_output_bucket_fails_before_any_work(s3, datasets, tmp_path):
+    """Issue 27: ``--out s3://missing-bucket/`` failed only after the whole preparation."""
+    from lmforge.data.storage import Storage
+
+    Storage().upload_folder(datasets["corpus"] / "txt", f"s3://{BUCKET}/raw-out-check")
+    cfg = dataclasses.replace(datasets["cfg"], cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match="writing to s3://no-such-out-bucket/prepared.*no such bucket"):
+        prepare_data(
+            cfg, [f"s3://{BUCKET}/raw-out-check"], "s3://no-such-out-bucket/prepared", progress=False
+        )
+    assert not (tmp_path / "cache").exists()  # no source fetched, nothing staged
+    prepare_data(cfg, [f"s3://{BUCKET}/raw-out-check"], f"s3://{BUCKET}/prepared/out-check", progress=False)
+    assert not Storage().exists(f"s3://{BUCKET}/prepared/out-check/.lmforge-write-check")
+
+
+def test_an_unreachable_endpoint_is_reported_within_seconds_with_each_retry(s3, caplog):
+    """Issue 27: with no server at the endpoint the error came after 80 s with nothing printed (s3fs's and
+    botocore's retries nested under lmforge's)."""
+    import time
+
+    from lmforge.data.storage import Storage
+
+    storage = Storage({"endpoint_url": f"http://127.0.0.1:{free_port()}"}, retries=2, backoff_s=0.05)
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="lmforge.data.storage"):
+        with pytest.raises(DataError, match="still failing after 2 retries.*EndpointConnectionError"):
+            storage.read_bytes(f"s3://{BUCKET}/anything")
+    assert time.monotonic() - started < 5
+    retries = [r.getMessage() for r in caplog.records if r.name == "lmforge.data.storage"]
+    assert len(retries) == 2 and "retry 1 of 2" in retries[0] and "retry 2 of 2" in retries[1]
+    assert all(f"reading s3://{BUCKET}/anything" in m and "Could not connect" in m for m in retries)
+
+
 @pytest.mark.parametrize(
     ("where", "expected"),
     [

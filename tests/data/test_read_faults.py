@@ -281,6 +281,41 @@ def test_a_truncated_shard_is_named_as_truncated_not_as_a_missing_meta_json(prep
         prepared_datasets(cfg, world=World(), cache_dir=None, progress=False)
 
 
+@pytest.mark.parametrize("executor", ["stream", "local"])
+def test_local_shards_carry_their_sha256_and_verify_names_a_shard_changed_in_place(
+    tmp_path, executor, capsys
+):
+    import hashlib
+
+    from lmforge.cli import main
+
+    (tmp_path / "t.txt").write_text("".join(f"line {i} here\n\n" for i in range(300)), encoding="utf-8")
+    cfg = DataConfig(
+        tokenizer="char",
+        val_fraction=0.1,
+        workers=1,
+        text_chunk_chars=200,
+        executor=executor,
+        shard_tokens=1000,
+    )
+    out = tmp_path / "out"
+    meta = prepare_data(cfg, [str(tmp_path / "t.txt")], out, progress=False)
+    shards = [shard for split in meta["splits"].values() for shard in split["shards"]]
+    assert len(meta["splits"]["train"]["shards"]) >= 3  # a writer's later shards hash only their own bytes
+    assert json.loads((out / "meta.json").read_text())["splits"] == meta["splits"]
+    for shard in shards:  # recorded as written, equal to an independent hash of the file
+        assert shard["sha256"] == hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest()
+    assert main(["data", "verify", str(out)]) == 0
+    path = out / shards[-1]["file"]
+    data = bytearray(path.read_bytes())
+    data[2] ^= 1  # same size, ids still inside the vocabulary: only the checksum sees it
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["data", "verify", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert shards[-1]["file"] in err and "damaged" in err and "SHA-256" in err
+
+
 def _reference_cuts(text: str, chunk: int, max_chars: int) -> list[str]:
     """The documents of ``text`` held whole in memory: cut after the first blank line past ``chunk``
     characters; a document over ``max_chars`` cut after its last line end within max_chars, else at it."""

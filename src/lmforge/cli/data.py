@@ -1,4 +1,4 @@
-"""``lmforge data prepare`` and ``lmforge data train-quality``."""
+"""``lmforge data prepare``, ``lmforge data verify`` and ``lmforge data train-quality``."""
 
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ def add_data(sub) -> None:
     prep.add_argument(
         "--slurm", metavar="SCRIPT", help="write an sbatch script for --tasks array tasks + merge"
     )
+    verify = dsub.add_parser(
+        "verify", help="check a prepared folder: every shard present, at full size, with its recorded SHA-256"
+    )
+    verify.add_argument("folder", help="the prepared dataset folder")
     qual = dsub.add_parser(
         "train-quality", help="train a quality filter (data.quality_model) on good and bad example documents"
     )
@@ -65,8 +69,16 @@ def run_data(args) -> int:
     from lmforge.data.clean import format_report
     from lmforge.data.job import Task
     from lmforge.data.prepare import prepare_from_arguments, write_slurm_script
-    from lmforge.errors import ConfigError
+    from lmforge.errors import ConfigError, DataError
 
+    if args.data_cmd == "verify":
+        from lmforge.data.prepare import prepared_problem
+
+        problem = prepared_problem(args.folder, checksums=True)
+        if problem is not None:
+            raise DataError(f"{args.folder}: {problem}; prepare it again")
+        print(f"{args.folder}: every shard present, at full size, with the SHA-256 meta.json records")
+        return 0
     if args.slurm:
         if not args.tasks:
             raise ConfigError("--slurm needs --tasks N (the number of array tasks)")

@@ -46,7 +46,7 @@ from lmforge.data.shards import (
     write_json,
 )
 from lmforge.data.sources import SourceStats, expand_sources, read_documents
-from lmforge.data.storage import is_remote
+from lmforge.data.storage import is_remote, sha256_file
 from lmforge.data.tokenizer import (
     Tokenizer,
     is_trained_kind,
@@ -78,9 +78,10 @@ RECIPE_ADDED = {
 LANGUAGES_FILE = "languages.bin"  # stage 1 with language identification: per kept document, its language
 
 
-def prepared_problem(out_dir: str | Path) -> str | None:
+def prepared_problem(out_dir: str | Path, *, checksums: bool = False) -> str | None:
     """What keeps ``out_dir`` from being a complete prepared dataset (None when it is one): no meta.json,
-    an unreadable one, or a shard that is missing or shorter/longer than meta.json says."""
+    an unreadable one, or a shard that is missing or shorter/longer than meta.json says. ``checksums`` also
+    reads every shard and compares its SHA-256 with the one meta.json records (``lmforge data verify``)."""
     out = Path(out_dir)
     if not (out / "meta.json").is_file():
         return "no meta.json"
@@ -96,6 +97,15 @@ def prepared_problem(out_dir: str | Path) -> str | None:
             if size != expected:
                 what = "truncated" if size < expected else "longer than meta.json says"
                 return f"shard {shard['file']} is {what} ({size:,} bytes, meta.json says {expected:,})"
+        for shard in shards if checksums else ():
+            if "sha256" not in shard:
+                return f"meta.json records no SHA-256 for shard {shard['file']} (prepared before checksums)"
+            digest = sha256_file(out / shard["file"])
+            if digest != shard["sha256"]:
+                return (
+                    f"shard {shard['file']} is damaged: its SHA-256 is {digest[:16]}..., meta.json records "
+                    f"{shard['sha256'][:16]}... (same size: changed in place)"
+                )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"meta.json is unreadable ({type(exc).__name__}: {exc})"
     return None

@@ -117,8 +117,8 @@ def prepare_remote(
     docstring). Preparing again into a complete remote ``out`` is a no-op when the recipe is the same."""
     storage = storage_for(cfg)
     root = cache_root(cfg)
-    local_sources = fetch_sources(storage, sources, root / "sources")
     if not is_remote(out):
+        local_sources = fetch_sources(storage, sources, root / "sources")
         return prepare(cfg, local_sources, out, progress=progress, strict=strict)
     url = str(out).rstrip("/")
     recipe = {"sources": sources, **{name: getattr(cfg, name) for name in recipe_fields}}
@@ -132,6 +132,8 @@ def prepare_remote(
                 f"{url} was prepared with different settings ({what}); use another --out or delete it"
             )
         return meta
+    storage.check_writable(url)  # a missing bucket or a denied write: said now, not after the preparation
+    local_sources = fetch_sources(storage, sources, root / "sources")
     staging = root / "staging" / url_key(url)
     meta = prepare(cfg, local_sources, staging, progress=progress, strict=strict)
     # the published meta.json names the sources as given, not their local copies

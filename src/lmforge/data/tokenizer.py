@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -68,6 +69,24 @@ class Tokenizer:
             path = path / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         return write_text_atomic(path, self.hf.to_str(pretty=True))
+
+    @property
+    def cuts_safely(self) -> bool:
+        """True when encoding ``text_pieces(text)`` one after another gives exactly the ids of encoding ``text``
+        whole (see ``text_pieces``): a byte-level BPE with GPT-2's split pattern, or a vocabulary without
+        merges or pre-tokenizer (the char tokenizer), with no normalizer and only special added tokens (which
+        documents never produce). Other tokenizers (a Metaspace prefix, a custom split) encode whole."""
+        config = json.loads(self.hf.to_str())
+        model, pre = config.get("model") or {}, config.get("pre_tokenizer")
+        if config.get("normalizer") is not None or model.get("type") != "BPE":
+            return False
+        if any(not token.get("special") for token in config.get("added_tokens") or []):
+            return False
+        if pre is None:
+            return not model.get("merges")
+        return (
+            pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+        )
 
     def tiktoken_encoder(self, sample: list[str]):
         """This tokenizer as a ``tiktoken.Encoding`` (several times faster), or None when it cannot be
@@ -246,6 +265,35 @@ def byte_level_alphabet() -> dict[str, int]:
             chars[b] = chr(256 + extra)
             extra += 1
     return {ch: b for b, ch in chars.items()}
+
+
+# A cut before a space, newline or tab that follows a character other than whitespace: no match of the GPT-2
+# pattern holds a non-space followed by whitespace (a leading space only comes before letters, numbers or
+# punctuation, whitespace runs hold only whitespace), and the pattern looks ahead only inside whitespace runs,
+# so the pieces on either side split, and encode, exactly as they do inside the whole text.
+_CUT_AT = re.compile(r"[^\s](?=[ \n\t])")  # a cut at the match's end
+_CUT_AT_REVERSED = re.compile(r"[ \n\t](?=[^\s])")  # the same place searched in the reversed text
+
+
+def text_pieces(text: str, size: int) -> Iterator[str]:
+    """``text`` in consecutive pieces of at most ``size`` characters, each cut where a tokenizer with
+    ``cuts_safely`` splits anyway (see ``_CUT_AT``): the last such place in the second half of the
+    ``size`` window, else the first one after it (a piece is longer than ``size`` only when a whole window
+    has no such place; without any, the rest of the text is one piece)."""
+    start = 0
+    while len(text) - start > size:
+        lo, hi = start + size // 2, start + size
+        back = _CUT_AT_REVERSED.search(text[hi - 1 : lo : -1])  # from hi - 1 back to lo + 1
+        if back is not None:
+            cut = hi - 1 - back.start()
+        else:
+            ahead = _CUT_AT.search(text, hi)
+            if ahead is None:
+                break
+            cut = ahead.end()
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def tiktoken_encoding(tok: Tokenizer, sample: list[str]):
