@@ -13,8 +13,11 @@ generation of up to N tokens with random logits (the same seeded logits for ever
 allowed tokens), measured end to end (mask -> (V,) boolean tensor -> masked sampling -> advance). Engines run
 interleaved within each (tokenizer, schema) so machine load falls on all alike. An engine that fails to
 compile a schema (or exceeds the compile budget) is recorded as such.
+Then the cost in the server: the scheduler's decoding step with 8 rows on benchmarks/serve_load.py's model
+shape (llama 8 x 512), every row constrained by the chosen engine (masks are computed on the scheduler
+thread, row by row): mean step time, the grammar time per row within it, and the grammar's share of a step.
 Writes benchmarks/results/grammar_engines.json.
-Run: python benchmarks/grammar_engines.py [--tokens 200] [--repeats 3]
+Run: python benchmarks/grammar_engines.py [--tokens 200] [--repeats 3] [--steps 48]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import os
 import platform
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -203,6 +207,82 @@ def _stats(name: str, seconds: list[float]) -> dict:
     return {f"{name}_us_mean": round(1e6 * statistics.fmean(ts), 1), f"{name}_us_p99": round(1e6 * p99, 1)}
 
 
+def step_overhead(tokenizer, repeats: int, steps: int) -> dict:
+    """The serve scheduler's decoding steps with 8 rows, all constrained by llguidance (an array of at
+    least ``steps`` flat records: it cannot complete within ``steps`` tokens, so every row runs every step):
+    the mean step time, and the time each row's grammar work (mask, then advance) takes within it."""
+    from lmforge.config import ModelConfig
+    from lmforge.infer.generate import SamplingConfig
+    from lmforge.model.transformer import build_model
+    from lmforge.serve.grammar import Constraint, Grammars
+    from lmforge.serve.scheduler import Request, Scheduler
+
+    cfg = ModelConfig(  # benchmarks/serve_load.py's shape: llama 8 x 512, GQA 8/2
+        vocab_size=tokenizer.vocab_size,
+        max_seq_len=512,
+        n_layers=8,
+        d_model=512,
+        n_heads=8,
+        n_kv_heads=2,
+        ffn_hidden=1536,
+        tie_embeddings=False,
+    )
+    model = build_model(cfg, seed=0)
+    grammars = Grammars(tokenizer, cfg.vocab_size)
+    records = {"type": "array", "items": SCHEMAS["flat"], "minItems": steps}  # cannot end within the steps
+    compiled = grammars.compile(records)
+    grammar_times: list[float] = []
+
+    class Timed(Constraint):
+        def allowed(self):
+            t0 = time.perf_counter()
+            out = super().allowed()
+            grammar_times.append(time.perf_counter() - t0)
+            return out
+
+        def accept(self, token):
+            t0 = time.perf_counter()
+            super().accept(token)
+            grammar_times[-1] += time.perf_counter() - t0
+
+    scheduler = Scheduler(model, tokenizer, device=torch.device("cpu"), max_batch=8, max_queue=8)
+    step_times: list[float] = []
+    inner = scheduler._step
+
+    def timed_step():
+        t0 = time.perf_counter()
+        inner()
+        if len(scheduler.rows) == 8:  # the full batch only
+            step_times.append(time.perf_counter() - t0)
+
+    scheduler._step = timed_step
+    scheduler.start()
+    for repeat in range(repeats):
+        done = threading.Semaphore(0)
+        requests = [
+            Request(
+                tokenizer.encode("the model reads a prompt"),
+                SamplingConfig(max_new_tokens=steps, temperature=1.0, seed=repeat * 8 + i),
+                lambda delta, final, done=done: final is not None and done.release(),
+                constraint=Timed(grammars.constraint(compiled).matcher, cfg.vocab_size),
+            )
+            for i in range(8)
+        ]
+        scheduler.submit(*requests)
+        for _ in requests:
+            done.acquire()
+    scheduler.stop(10)
+    step, row = statistics.fmean(step_times[1:]), statistics.fmean(grammar_times)
+    out = {
+        "step_ms_mean": round(1e3 * step, 3),
+        "steps": len(step_times) - 1,
+        "grammar_ms_per_row_step": round(1e3 * row, 3),
+        "grammar_share_of_step": round(8 * row / step, 4),
+    }
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def texts() -> list[str]:
     files = sorted(DATA.glob("*.txt"))[:3]
     return [f.read_text(encoding="utf-8")[:300_000] for f in files]
@@ -212,6 +292,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=48, help="decoding steps per serve-step measurement")
     args = parser.parse_args()
     corpus = texts()
     tokenizers = {"bpe-4096": train_bpe(corpus, 4096), "char": train_char(corpus, 512)}
@@ -264,6 +345,8 @@ def main() -> None:
                     )
                 results.append(out)
                 print(json.dumps(out), flush=True)
+    print("serve step, 8 rows, llguidance", flush=True)
+    serve_step = step_overhead(tokenizers["char"], args.repeats, args.steps)
     report = {
         "claim": "llguidance is the fastest engine on lmforge tokenizers (compile and per-token mask)",
         "engines": {"xgrammar": "0.2.9", "llguidance": "1.9.1", "outlines-core": "0.2.14"},
@@ -272,6 +355,11 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch threads 1",
         "load_average": os.getloadavg(),
         "results": results,
+        "serve_step": {
+            "setup": "llama 8 x 512 GQA 8/2 (benchmarks/serve_load.py's shape), char tokenizer, fp32, 8 rows "
+            f"decoding {args.steps} tokens at temperature 1, each constrained by llguidance",
+            "results": serve_step,
+        },
     }
     out_path = Path(__file__).parent / "results" / "grammar_engines.json"
     tmp = out_path.with_suffix(".tmp")

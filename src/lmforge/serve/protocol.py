@@ -486,11 +486,11 @@ def parse_embeddings(
     """The checked request of a /v1/embeddings body: ``input`` is a string, a list of strings, a list of
     token ids or a list of such lists; ``pooling`` ("last" or "mean", an lmforge extra) overrides the
     server's default."""
-    model = _typed(body, "model", (str,), model_name, "a string")
-    if model != model_name:
+    name = _typed(body, "model", (str,), model_name, "a string")
+    if name != model_name:
         raise ApiError(
             404,
-            f"the model '{model}' does not exist; this server serves '{model_name}'",
+            f"the model '{name}' does not exist; this server serves '{model_name}'",
             param="model",
             code="model_not_found",
         )
@@ -541,7 +541,7 @@ def parse_embeddings(
                 code="context_length_exceeded",
             )
         inputs.append(ids)
-    return EmbeddingRequest(model, inputs, pooling, fmt == "base64")
+    return EmbeddingRequest(name, inputs, pooling, fmt == "base64")
 
 
 def _is_ids(value) -> bool:

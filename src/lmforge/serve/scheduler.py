@@ -257,16 +257,18 @@ class Scheduler:
             request.first_token_at = time.perf_counter()
         if token == self.tokenizer.eot_id:
             return "stop"
+        request.generated.append(token)
         if constraint is not None:
             constraint.accept(token)
-        request.generated.append(token)
         if request.top_logprobs is not None:  # the model's own, before the grammar's mask
             request.logprobs.append(token_logprobs(raw[0], token, request.top_logprobs))
         assert request.tracker is not None
         delta = request.tracker.update(request.generated)
         if delta:
             request.emit(delta, None)
-        if request.tracker.stopped or constraint is not None and constraint.complete:
+        if request.tracker.stopped:
+            return "stop"
+        if constraint is not None and constraint.complete:  # the grammar admits nothing more
             return "stop"
         if len(request.generated) >= request.budget:
             return "length"
