@@ -336,3 +336,37 @@ def test_embeddings_match_a_direct_computation(server, checkpoint):
 def test_bad_embedding_requests_are_400(server, body, param):
     answer = httpx.post(server.url + "/v1/embeddings", json=body, timeout=30)
     assert answer.status_code == 400 and answer.json()["error"]["param"] == param
+
+
+def test_side_jobs_run_on_the_scheduler_thread(server):
+    """Embedding forwards run where the model's owner runs them, and an error reaches the caller only."""
+    import threading
+
+    assert server.scheduler.call(lambda: threading.current_thread().name).result(30) == "lmforge-scheduler"
+    with pytest.raises(ZeroDivisionError):
+        server.scheduler.call(lambda: 1 / 0).result(30)
+    assert server.scheduler.call(lambda: 2).result(30) == 2  # the thread goes on
+
+
+def test_tool_call_parsing_and_streamed_holdback():
+    from lmforge.serve.app import _shown_until
+    from lmforge.serve.protocol import parse_tool_calls
+
+    text = 'Let me look.\n<tool_call>\n{"name": "f", "arguments": {"x": [1, 2]}}\n</tool_call>'
+    content, calls = parse_tool_calls(text, ("f", "g"))
+    assert content == "Let me look." and len(calls) == 1 and calls[0]["type"] == "function"
+    assert calls[0]["function"] == {"name": "f", "arguments": '{"x": [1, 2]}'}
+    two = '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "arguments": {}}</tool_call>'
+    content, calls = parse_tool_calls(two, ("f", "g"))
+    assert content is None and [c["function"]["name"] for c in calls] == ["f", "g"]
+    assert len({c["id"] for c in calls}) == 2
+    for bad in (
+        '<tool_call>{"name": "h", "arguments": {}}</tool_call>',
+        "<tool_call>{nope</tool_call>",
+        "plain",
+    ):
+        assert parse_tool_calls(bad, ("f",)) == (bad, [])  # not a call of a listed function: all text
+    # streamed content stops before a tag, and holds back what may be its beginning
+    assert _shown_until("Hello <tool") == len("Hello ")
+    assert _shown_until("Hello <tool_call>{") == len("Hello ")
+    assert _shown_until("a < b") == len("a < b") and _shown_until("x<") == 1

@@ -231,6 +231,16 @@ def _finish_reason(reason: str) -> str:
     return "length" if reason in ("length", "context") else "stop"
 
 
+def busy(exc: Exception) -> ApiError:
+    return ApiError(
+        429,
+        f"the server is busy: {exc}; retry later",
+        kind="rate_limit_error",
+        code="queue_full",
+        headers={"Retry-After": "1"},
+    )
+
+
 def _grammars(tokenizer, vocab_size: int) -> Grammars | None:
     """The grammar engine over ``tokenizer``, or None without llguidance (response_format then answers 400)."""
     try:
@@ -413,15 +423,7 @@ def build_app(
         except ShuttingDown:
             return error_response(SHUTTING_DOWN)
         except QueueFull as exc:
-            return error_response(
-                ApiError(
-                    429,
-                    f"the server is busy: {exc}; retry later",
-                    kind="rate_limit_error",
-                    code="queue_full",
-                    headers={"Retry-After": "1"},
-                )
-            )
+            return error_response(busy(exc))
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if parsed.stream:
             return StreamingResponse(
@@ -590,6 +592,8 @@ def build_app(
                 vectors.append(await asyncio.wrap_future(job))
         except ShuttingDown:
             return error_response(SHUTTING_DOWN)
+        except QueueFull as exc:
+            return error_response(busy(exc))
         data = []
         for index, vector in enumerate(torch.cat(vectors)):
             if request.base64:  # little-endian float32, as OpenAI sends it

@@ -2,8 +2,10 @@
 llguidance into a matcher that masks each step's logits, so the output always parses and validates.
 
 Why llguidance: ``benchmarks/grammar_engines.py`` measured it against xgrammar and outlines-core on lmforge's
-tokenizers (docs/using.md has the figures): it compiles a schema in milliseconds where outlines-core takes
-seconds or fails on ``json_object``, and its per-token mask is the fastest of the three on a small vocabulary.
+tokenizers (docs/using.md has the figures). It and xgrammar compile a schema in 1-2 ms (outlines-core takes
+15 s for ``json_object``); xgrammar's mask is ~1.5x faster on bounded schemas, llguidance's on ``json_object``,
+and either is ~2% of a decoding step. llguidance's wheel depends on nothing; xgrammar's requires torch,
+transformers and triton.
 
 The engine sees the tokenizer as the bytes of each token (``token_bytes``): a byte-level BPE token's
 stand-in characters become their bytes, a char tokenizer's ``<0xAB>`` fallback tokens become that byte, and

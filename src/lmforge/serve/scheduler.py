@@ -116,11 +116,14 @@ class Scheduler:
 
     def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
         """Run ``fn()`` on the scheduler thread (the model's owner) before its next decoding step: side work
-        such as an embedding forward, never concurrent with a step. The future holds its result or error."""
+        such as an embedding forward, never concurrent with a step. The future holds its result or error.
+        At most ``max_queue`` jobs wait (a caller waits for each of its jobs before the next)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self.wake:
             if self.closing:
                 raise ShuttingDown("the server is shutting down")
+            if len(self.jobs) >= self.max_queue:
+                raise QueueFull(f"{len(self.jobs)} side jobs are waiting (--max-queue {self.max_queue})")
             self.jobs.append((fn, future))
             self.wake.notify()
         return future
