@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -148,14 +149,30 @@ def test_json_object_and_completions_and_stream(server):
 
 
 def test_budget_before_the_grammar_completes_is_length(server):
-    out = client(server).chat.completions.create(
-        model="tiny",
-        messages=[{"role": "user", "content": "go"}],
-        response_format=schema_format(SCHEMA),
-        max_tokens=5,
-        temperature=0,
+    """max_tokens ending before the JSON is whole: "length"; ending on the token that completes it: "stop"
+    (the request ends when the grammar admits nothing more, not at the next step's end-of-text)."""
+    c = client(server)
+    kwargs = dict(
+        model="tiny", messages=[{"role": "user", "content": "go"}], response_format=schema_format(SCHEMA)
     )
+    out = c.chat.completions.create(**kwargs, max_tokens=5, temperature=0)
     assert out.choices[0].finish_reason == "length" and out.choices[0].message.content.startswith('{"')
+    whole = c.chat.completions.create(**kwargs, max_tokens=150, temperature=0)
+    exact = c.chat.completions.create(**kwargs, max_tokens=whole.usage.completion_tokens, temperature=0)
+    assert exact.choices[0].message.content == whole.choices[0].message.content
+    assert exact.choices[0].finish_reason == "stop"
+
+
+def test_grammars_are_cached_by_schema_and_form(server):
+    """The same schema compiled bare and as a tool call are two grammars: one starts with "{", the other with
+    the tag."""
+    grammars = server.server.config.app.state.grammars
+    tokenizer = server.scheduler.tokenizer
+    bare, call = grammars.compile(SCHEMA), grammars.compile(SCHEMA, tool_call=True)
+    assert grammars.compile(SCHEMA) is bare and grammars.compile(SCHEMA, tool_call=True) is call
+    for compiled, first in ((bare, "{"), (call, "<")):
+        allowed = grammars.constraint(compiled).allowed()
+        assert allowed.nonzero().flatten().tolist() == tokenizer.encode(first)
 
 
 @pytest.mark.parametrize(
@@ -339,13 +356,33 @@ def test_bad_embedding_requests_are_400(server, body, param):
 
 
 def test_side_jobs_run_on_the_scheduler_thread(server):
-    """Embedding forwards run where the model's owner runs them, and an error reaches the caller only."""
+    """Embedding forwards run where the model's owner runs them, between the steps of running requests, and
+    an error reaches the caller only."""
     import threading
 
-    assert server.scheduler.call(lambda: threading.current_thread().name).result(30) == "lmforge-scheduler"
+    from lmforge.infer.generate import SamplingConfig
+    from lmforge.serve.scheduler import Request
+
+    scheduler = server.scheduler
+    records = {"type": "array", "items": SCHEMA, "minItems": 20}  # no end-of-text within 100 tokens
+    grammars = server.server.config.app.state.grammars
+    finished = threading.Event()
+    request = Request(
+        [5, 6, 7],
+        SamplingConfig(max_new_tokens=100, temperature=1.0, seed=0),
+        lambda delta, final: final is not None and finished.set(),
+        constraint=grammars.constraint(grammars.compile(records)),
+    )
+    scheduler.submit(request)
+    while not request.generated:
+        time.sleep(0.001)
+    name, running = scheduler.call(lambda: (threading.current_thread().name, not finished.is_set())).result(
+        10
+    )
+    assert name == "lmforge-scheduler" and running  # served while the request decodes
     with pytest.raises(ZeroDivisionError):
-        server.scheduler.call(lambda: 1 / 0).result(30)
-    assert server.scheduler.call(lambda: 2).result(30) == 2  # the thread goes on
+        scheduler.call(lambda: 1 / 0).result(10)
+    assert finished.wait(30) and len(request.generated) == 100  # the request went on to its budget
 
 
 def test_tool_call_parsing_and_streamed_holdback():
@@ -370,3 +407,23 @@ def test_tool_call_parsing_and_streamed_holdback():
     assert _shown_until("Hello <tool") == len("Hello ")
     assert _shown_until("Hello <tool_call>{") == len("Hello ")
     assert _shown_until("a < b") == len("a < b") and _shown_until("x<") == 1
+
+
+def test_token_bytes_of_lmforge_tokenizers():
+    """What the grammar engine is told each token is: the bytes the tokenizer's own decoding gives."""
+    from lmforge.data.tokenizer import train_bpe, train_char
+    from lmforge.serve.grammar import token_bytes
+
+    corpus = [
+        'Caf\u00e9 au lait, na\u00efve {"json": [1, 2]} \u65e5\u672c ' * 20,
+        "plain words and more words " * 20,
+    ]
+    text = 'Caf\u00e9 {"json": [12]} \u65e5\u672c\u8a9e \u00fcber \n\t end'
+    for tokenizer in (train_bpe(corpus, 300), train_char(corpus, 280)):
+        tokens = token_bytes(tokenizer)
+        assert tokens[tokenizer.eot_id] is None and tokens[tokenizer.pad_id] is None
+        ids = tokenizer.encode(text)
+        assert (
+            b"".join(tokens[i] for i in ids) == text.encode("utf-8") == tokenizer.decode(ids).encode("utf-8")
+        )
+        assert any(len(tokens[i]) == 1 and tokens[i][0] >= 0x80 for i in ids)  # part of a character: a byte

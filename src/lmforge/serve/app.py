@@ -294,6 +294,7 @@ def build_app(
 
     app = FastAPI(title="lmforge serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler = scheduler
+    app.state.grammars = grammars
 
     app.add_middleware(Guard, cfg=cfg, metrics=metrics)
 
