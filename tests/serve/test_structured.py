@@ -427,3 +427,19 @@ def test_token_bytes_of_lmforge_tokenizers():
             b"".join(tokens[i] for i in ids) == text.encode("utf-8") == tokenizer.decode(ids).encode("utf-8")
         )
         assert any(len(tokens[i]) == 1 and tokens[i][0] >= 0x80 for i in ids)  # part of a character: a byte
+
+
+def test_without_a_grammar_engine_response_format_is_400():
+    from lmforge.serve.protocol import ApiError, parse_request
+    from tests.serve.conftest import ascii_tokenizer
+
+    tokenizer = ascii_tokenizer()
+    body = {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}
+    settings = dict(model_name="tiny", tokenizer=tokenizer, specials={}, template_stops=(), context=64)
+    with pytest.raises(ApiError) as exc:
+        parse_request(body, chat=True, template=default_template(tokenizer), grammars=None, **settings)
+    assert (
+        exc.value.status == 400 and exc.value.param == "response_format" and "llguidance" in exc.value.message
+    )
+    plain = parse_request({"prompt": "x"}, chat=False, template=None, grammars=None, **settings)
+    assert plain.grammar is None and plain.tools == ()

@@ -242,12 +242,17 @@ def busy(exc: Exception) -> ApiError:
 
 
 def _grammars(tokenizer, vocab_size: int) -> Grammars | None:
-    """The grammar engine over ``tokenizer``, or None without llguidance (response_format then answers 400)."""
+    """The grammar engine over ``tokenizer``, or None (response_format and forced tool calls then answer 400):
+    without llguidance, or for a tokenizer the engine cannot read (the server still serves the rest)."""
     try:
         import llguidance  # noqa: F401
     except ImportError:
         return None
-    return Grammars(tokenizer, vocab_size)
+    try:
+        return Grammars(tokenizer, vocab_size)
+    except Exception as exc:  # a tokenizer whose token bytes cannot be read: no constrained decoding
+        logger.warning("constrained decoding is off: the grammar engine cannot read the tokenizer (%s)", exc)
+        return None
 
 
 HELD = "<tool_call>"

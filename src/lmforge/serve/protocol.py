@@ -294,7 +294,8 @@ def _compile(grammars: Grammars | None, schema: dict, *, tool_call: bool, param:
     if grammars is None:
         raise ApiError(
             400,
-            f"'{param}' needs the grammar engine: pip install 'lmforge[serve]' (llguidance)",
+            f"'{param}' needs the grammar engine, which this server does not have: pip install "
+            "'lmforge[serve]' (llguidance); the server's log says why if it is installed",
             param=param,
         )
     try:
