@@ -90,6 +90,55 @@ def test_templates_render_byte_for_byte_as_transformers(template, tmp_path):
         )
 
 
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+        ],
+    },
+    {"role": "tool", "content": "21 C"},
+]
+# a model's own template that reads ``tools`` the Hugging Face way (Hermes/Qwen style, shortened)
+HERMES = """{% if tools %}<tools>{% for tool in tools %}{{ tool['function']['name'] }};{% endfor %}</tools>
+{% endif %}{% for message in messages %}<|im_start|>{{ message['role'] }}
+{{ message['content'] }}{% for call in message.tool_calls or [] %}<tool_call>{{ call.function | tojson }}</tool_call>\
+{% endfor %}<|im_end|>
+{% endfor %}"""
+
+
+@pytest.mark.parametrize("template", [DEFAULT_CHAT_TEMPLATE, HERMES])
+def test_tools_render_as_transformers(template, tmp_path):
+    """``tools`` reach the template as transformers passes them; the default template lists the functions,
+    renders an assistant's calls in the <tool_call> form it asks for, and the tool's result as its own turn."""
+    hf = hf_tokenizer(char_tok(), template, tmp_path)
+    ours = ChatTemplate(template, eos_token="<|endoftext|>")
+    rendered = ours.render(TOOL_CONVERSATION, add_generation_prompt=True, tools=TOOLS)
+    assert rendered == hf.apply_chat_template(
+        TOOL_CONVERSATION, tools=TOOLS, tokenize=False, add_generation_prompt=True
+    )
+    if template == DEFAULT_CHAT_TEMPLATE:
+        assert rendered.startswith("<|system|>\nYou may call these functions.")
+        assert json.dumps(TOOLS[0]) + "<|endoftext|><|user|>\nWeather in Paris?" in rendered
+        call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+        assert f"<|assistant|>\n{call}<|endoftext|><|tool|>\n21 C<|endoftext|><|assistant|>\n" in rendered
+        assert ours.render(CONVERSATION) == ours.render(CONVERSATION, tools=None)  # no tools: as before
+    else:
+        assert rendered.startswith("<tools>get_weather;</tools>\n")
+
+
 def test_segments_cover_the_conversation_and_train_each_assistant_turn():
     template = ChatTemplate(CHATML)
     messages = CONVERSATION + [{"role": "assistant", "content": "Ok."}]

@@ -73,6 +73,7 @@ def test_serve_settings_are_checked():
         "--port 70000": dict(port=70000),
         "--max-body-bytes 100": dict(max_body_bytes=100),
         "--api-key must not be empty": dict(api_key=""),
+        "--embedding-pooling max": dict(embedding_pooling="max"),
     }
     for expected, bad in cases.items():
         problems = ServeConfig(**bad).problems()

@@ -26,6 +26,13 @@ def add_serve(sub) -> None:
         "--grace", type=float, default=10.0, help="seconds running requests get to finish on SIGTERM"
     )
     p.add_argument("--name", default=None, help="the model id clients use (default: the folder's name)")
+    p.add_argument(
+        "--embedding-pooling",
+        choices=("last", "mean"),
+        default="last",
+        help="/v1/embeddings: the last token's hidden state, or the mean over the tokens (a request's "
+        "'pooling' overrides it)",
+    )
     p.add_argument("--device", default="auto")
 
 
@@ -42,6 +49,7 @@ def run_serve(args) -> int:
         max_body_bytes=args.max_body_bytes,
         grace_seconds=args.grace,
         model_name=args.name,
+        embedding_pooling=args.embedding_pooling,
     )
 
     def notice(text: str) -> None:

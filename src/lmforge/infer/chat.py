@@ -39,12 +39,29 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where newer transformers versions save a template
 
 # One line on purpose: no whitespace for trim_blocks/lstrip_blocks to change; "\\n" is a newline in Jinja.
+# Without ``tools`` and tool messages it renders exactly as it always has. With ``tools`` (the Hugging Face
+# convention: a list of {"type": "function", "function": {name, description, parameters}}) a system block
+# lists them and asks for calls as ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (the
+# Hermes/Qwen convention); an assistant message's ``tool_calls`` render in that form after its content, and a
+# ``tool`` message (a function's result) gets its own ``<|tool|>`` turn.
 DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown role ' + message['role'] + ' (the roles are system, user, assistant)') }}"
+    "{% if tools %}"
+    "{{ '<|system|>\\nYou may call these functions. To call one, answer with <tool_call>' }}"
+    '{{ \'{"name": NAME, "arguments": {...}}</tool_call>. The functions:\' }}'
+    "{% for tool in tools %}{{ '\\n' + (tool | tojson) }}{% endfor %}"
+    "{{ eos_token }}"
     "{% endif %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('unknown role ' + message['role'] + ' (the roles are system, user, assistant, tool)') }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>\\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% set function = call['function'] if call['function'] is defined else call %}"
+    "{{ '<tool_call>' + ({'name': function['name'], 'arguments': function['arguments']} | tojson) }}"
+    "{{ '</tool_call>' }}"
+    "{% endfor %}"
+    "{{ eos_token }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
@@ -127,11 +144,17 @@ class ChatTemplate:
             raise DataError(f"{self.origin}: the chat template does not compile ({exc})") from None
 
     def render(
-        self, messages: Sequence[dict], *, add_generation_prompt: bool = False, where: str = ""
+        self,
+        messages: Sequence[dict],
+        *,
+        add_generation_prompt: bool = False,
+        where: str = "",
+        tools: Sequence[dict] | None = None,
     ) -> str:
-        """The conversation as text; a template error names ``where`` (the record) and the template."""
+        """The conversation as text; a template error names ``where`` (the record) and the template.
+        ``tools``: function descriptions, passed to the template as ``tools`` (as transformers does)."""
         self.check()
-        variables = {"bos_token": self.bos_token, "eos_token": self.eos_token}
+        variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, "tools": tools}
         try:
             return _compile(self.source).render(
                 messages=[dict(m) for m in messages],
@@ -202,15 +225,15 @@ def read_chat_template(folder: str | Path) -> ChatTemplate | None:
 # -- conversations --------------------------------------------------------------------------------------
 
 
-def check_messages(messages, where: str) -> list[dict]:
+def check_messages(messages, where: str, roles: Sequence[str] = CHAT_ROLES) -> list[dict]:
     """``messages`` as a list of {role, content} dicts, or a DataError naming ``where`` and the message."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+        if not isinstance(m, dict) or m.get("role") not in roles:
             role = m.get("role") if isinstance(m, dict) else None
             raise DataError(
-                f"{where}: messages[{i}] has role {role!r}; the roles are {', '.join(CHAT_ROLES)} (got {m!r})"
+                f"{where}: messages[{i}] has role {role!r}; the roles are {', '.join(roles)} (got {m!r})"
             )
         if not isinstance(m.get("content"), str):
             raise DataError(

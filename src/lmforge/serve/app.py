@@ -1,13 +1,15 @@
 """``lmforge serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the batching scheduler.
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both stream server-sent events
-with ``stream: true``), GET /health, GET /metrics (Prometheus text), GET / (the chat page). One scheduler
-thread owns the model; HTTP handlers only parse, queue, and relay text deltas.
+with ``stream: true``), POST /v1/embeddings, GET /health, GET /metrics (Prometheus text), GET / (the chat
+page). One scheduler thread owns the model; HTTP handlers only parse, queue, and relay text deltas.
+``response_format`` and forced tool calls are enforced by a grammar (``serve/grammar.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hmac
@@ -31,12 +33,30 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmforge.errors import ConfigError
 from lmforge.infer.chat import ChatTemplate, special_token_ids
 from lmforge.infer.generate import SamplingConfig
-from lmforge.serve.protocol import ApiError, Parsed, parse_json, parse_request
+from lmforge.serve.embeddings import embed
+from lmforge.serve.grammar import Grammars
+from lmforge.serve.protocol import (
+    POOLINGS,
+    ApiError,
+    Parsed,
+    parse_embeddings,
+    parse_json,
+    parse_request,
+    parse_tool_calls,
+)
 from lmforge.serve.scheduler import QueueFull, Request, Scheduler, ShuttingDown
 
 logger = logging.getLogger(__name__)
 PAGE = Path(__file__).parent / "static" / "chat.html"
-ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics", "/")
+ROUTES = (
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/health",
+    "/metrics",
+    "/",
+)
 SHUTTING_DOWN = ApiError(
     503, "the server is shutting down: the request was cancelled", kind="server_error", code="shutting_down"
 )
@@ -55,6 +75,7 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000
     grace_seconds: float = 10.0  # on SIGTERM: how long running requests may finish before they are cancelled
     model_name: str | None = None  # what /v1/models lists; default: the model folder's name
+    embedding_pooling: str = "last"  # /v1/embeddings: "last" (the last token's state) or "mean"
 
     def problems(self) -> list[str]:
         out = []
@@ -70,6 +91,8 @@ class ServeConfig:
             out.append(f"--grace {self.grace_seconds} must be >= 0")
         if self.api_key is not None and not self.api_key:
             out.append("--api-key must not be empty")
+        if self.embedding_pooling not in POOLINGS:
+            out.append(f"--embedding-pooling {self.embedding_pooling} must be one of {', '.join(POOLINGS)}")
         return out
 
 
@@ -208,6 +231,45 @@ def _finish_reason(reason: str) -> str:
     return "length" if reason in ("length", "context") else "stop"
 
 
+def busy(exc: Exception) -> ApiError:
+    return ApiError(
+        429,
+        f"the server is busy: {exc}; retry later",
+        kind="rate_limit_error",
+        code="queue_full",
+        headers={"Retry-After": "1"},
+    )
+
+
+def _grammars(tokenizer, vocab_size: int) -> Grammars | None:
+    """The grammar engine over ``tokenizer``, or None (response_format and forced tool calls then answer 400):
+    without llguidance, or for a tokenizer the engine cannot read (the server still serves the rest)."""
+    try:
+        import llguidance  # noqa: F401
+    except ImportError:
+        return None
+    try:
+        return Grammars(tokenizer, vocab_size)
+    except Exception as exc:  # a tokenizer whose token bytes cannot be read: no constrained decoding
+        logger.warning("constrained decoding is off: the grammar engine cannot read the tokenizer (%s)", exc)
+        return None
+
+
+HELD = "<tool_call>"
+
+
+def _shown_until(text: str) -> int:
+    """How much of a streamed choice's text may go out as content while its tool calls are parsed at the end:
+    everything before a ``<tool_call>`` tag, or before a tail that may be the tag's beginning."""
+    at = text.find(HELD)
+    if at >= 0:
+        return at
+    for keep in range(min(len(HELD) - 1, len(text)), 0, -1):
+        if HELD.startswith(text[-keep:]):
+            return len(text) - keep
+    return len(text)
+
+
 def build_app(
     model: torch.nn.Module,
     tokenizer,
@@ -227,6 +289,7 @@ def build_app(
     template_stops = (end,) if end and specials.get(end) != tokenizer.eot_id else ()
     context = model.cfg.max_seq_len
     created = int(time.time())
+    grammars = _grammars(tokenizer, model.cfg.vocab_size)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -236,6 +299,7 @@ def build_app(
 
     app = FastAPI(title="lmforge serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler = scheduler
+    app.state.grammars = grammars
 
     app.add_middleware(Guard, cfg=cfg, metrics=metrics)
 
@@ -323,6 +387,7 @@ def build_app(
             specials=specials,
             template_stops=template_stops,
             context=context,
+            grammars=grammars,
         )
 
     async def cancel_on_disconnect(http: HttpRequest, requests: list[Request]) -> None:
@@ -355,6 +420,7 @@ def build_app(
                 choice_sampling(parsed.sampling, i),
                 emitter(i),
                 top_logprobs=parsed.top_logprobs,
+                constraint=None if parsed.grammar is None else grammars.constraint(parsed.grammar),
             )
             for i in range(parsed.n)
         ]
@@ -363,15 +429,7 @@ def build_app(
         except ShuttingDown:
             return error_response(SHUTTING_DOWN)
         except QueueFull as exc:
-            return error_response(
-                ApiError(
-                    429,
-                    f"the server is busy: {exc}; retry later",
-                    kind="rate_limit_error",
-                    code="queue_full",
-                    headers={"Retry-After": "1"},
-                )
-            )
+            return error_response(busy(exc))
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if parsed.stream:
             return StreamingResponse(
@@ -409,6 +467,10 @@ def build_app(
                 )
             if chat:
                 message = {"role": "assistant", "content": content}
+                if parsed.tools:
+                    message["content"], calls = parse_tool_calls(content, parsed.tools)
+                    if calls:
+                        message["tool_calls"], reason = calls, "tool_calls"
                 choices.append(
                     {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
                 )
@@ -430,6 +492,8 @@ def build_app(
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         sent = [0] * len(requests)  # per choice: the tokens whose log-probabilities have gone out
+        texts = [""] * len(requests)  # per choice, with tools: the text so far, and how much went out
+        shown = [0] * len(requests)
 
         def logprobs_since(index: int) -> dict | None:
             """The log-probabilities of the choice's tokens generated since its last chunk: over the whole
@@ -443,10 +507,14 @@ def build_app(
             sent[index] = end
             return out
 
-        def chunk(index: int, delta: str | None, reason: str | None, role: bool = False) -> str:
+        def chunk(
+            index: int, delta: str | None, reason: str | None, role: bool = False, calls: list | None = None
+        ) -> str:
             logprobs = None if role else logprobs_since(index)
             if role:
                 piece = {"role": "assistant", "content": ""}
+            elif calls:  # OpenAI's streamed form: each call with its index, whole here
+                piece = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
             else:
                 piece = {} if delta is None else {"content": delta}
             if chat:
@@ -464,6 +532,13 @@ def build_app(
                     yield chunk(index, None, None, role=True)
             while any(final is None for final in finals):
                 index, delta, final = await events.get()
+                if final is None and parsed.tools:  # content goes out up to a tool call's tag
+                    texts[index] += delta
+                    end = _shown_until(texts[index])
+                    if end > shown[index]:
+                        yield chunk(index, texts[index][shown[index] : end], None)
+                        shown[index] = end
+                    continue
                 if final is None:
                     yield chunk(index, delta, None)
                     continue
@@ -478,7 +553,15 @@ def build_app(
                     yield f"data: {json.dumps(problem.body())}\n\n"
                     yield "data: [DONE]\n\n"
                     return
-                yield chunk(index, None, _finish_reason(final["finish_reason"]))
+                reason = _finish_reason(final["finish_reason"])
+                if parsed.tools:
+                    _, calls = parse_tool_calls(final["text"], parsed.tools)
+                    if calls:
+                        yield chunk(index, None, None, calls=calls)
+                        reason = "tool_calls"
+                    elif len(final["text"]) > shown[index]:
+                        yield chunk(index, final["text"][shown[index] :], None)
+                yield chunk(index, None, reason)
             ended = True
             if parsed.include_usage:
                 out = {"id": ident, "object": kind, "created": now, "model": model_name, "choices": []}
@@ -489,6 +572,44 @@ def build_app(
             if not ended:  # the client went away: the scheduler drops the rows at its next step
                 for request in requests:
                     request.cancelled = True
+
+    @app.post("/v1/embeddings")
+    async def embeddings(http: HttpRequest):
+        def parse_embedding_body(raw: bytes):
+            return parse_embeddings(
+                parse_json(raw, cfg.max_body_bytes),
+                model_name=model_name,
+                tokenizer=encoder,
+                vocab_size=model.cfg.vocab_size,
+                context=context,
+                pooling=cfg.embedding_pooling,
+                dimensions=model.cfg.d_model,
+            )
+
+        try:
+            request = await asyncio.to_thread(parse_embedding_body, await read_body(http))
+        except ApiError as exc:
+            return error_response(exc)
+        vectors = []
+        try:  # batches of --max-batch inputs, each a forward on the scheduler thread between decoding steps
+            for start in range(0, len(request.inputs), cfg.max_batch):
+                batch = request.inputs[start : start + cfg.max_batch]
+                job = scheduler.call(lambda batch=batch: embed(model, batch, request.pooling, device))
+                vectors.append(await asyncio.wrap_future(job))
+        except ShuttingDown:
+            return error_response(SHUTTING_DOWN)
+        except QueueFull as exc:
+            return error_response(busy(exc))
+        data = []
+        for index, vector in enumerate(torch.cat(vectors)):
+            if request.base64:  # little-endian float32, as OpenAI sends it
+                value = base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode("ascii")
+            else:
+                value = vector.tolist()
+            data.append({"object": "embedding", "index": index, "embedding": value})
+        tokens = sum(len(ids) for ids in request.inputs)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return {"object": "list", "data": data, "model": model_name, "usage": usage}
 
     @app.post("/v1/completions")
     async def completions(http: HttpRequest):

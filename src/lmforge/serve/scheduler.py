@@ -18,6 +18,7 @@ greedy output is the same whether it ran alone or in a batch: padding keys add e
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
@@ -28,6 +29,7 @@ import torch
 
 from lmforge.infer.generate import SamplingConfig, TextTracker, next_tokens
 from lmforge.model.transformer import KVCache, Transformer
+from lmforge.serve.grammar import Constraint
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class Request:
     sampling: SamplingConfig
     emit: Callable[[str | None, dict | None], None]  # (text delta, None) while running; (None, final) once
     top_logprobs: int | None = None  # None: no log-probabilities; k: each token's and its k most likely
+    constraint: Constraint | None = None  # a grammar (response_format, forced tool call) masking each token
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     # filled by the scheduler
@@ -82,6 +85,7 @@ class Scheduler:
         self.on_finish: Callable[[Request, dict], None] | None = None  # metrics, on this thread
         self.waiting: collections.deque[Request] = collections.deque()
         self.rows: list[Request] = []
+        self.jobs: collections.deque[tuple[Callable, concurrent.futures.Future]] = collections.deque()
         self.cache: KVCache | None = None
         self.logits: torch.Tensor | None = None  # (B, V) next-token logits of each running row
         self.wake = threading.Condition()
@@ -110,6 +114,20 @@ class Scheduler:
             self.waiting.extend(requests)
             self.wake.notify()
 
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run ``fn()`` on the scheduler thread (the model's owner) before its next decoding step: side work
+        such as an embedding forward, never concurrent with a step. The future holds its result or error.
+        At most ``max_queue`` jobs wait (a caller waits for each of its jobs before the next)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self.wake:
+            if self.closing:
+                raise ShuttingDown("the server is shutting down")
+            if len(self.jobs) >= self.max_queue:
+                raise QueueFull(f"{len(self.jobs)} side jobs are waiting (--max-queue {self.max_queue})")
+            self.jobs.append((fn, future))
+            self.wake.notify()
+        return future
+
     def close(self) -> None:
         """Take no new requests and cancel every queued or running one: each gets its final answer
         ('cancelled') at the next step, while the thread goes on."""
@@ -137,13 +155,21 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self.wake:
-                    while not self.stopping and not self.waiting and not self.rows:
+                    while not self.stopping and not self.waiting and not self.rows and not self.jobs:
                         self.wake.wait()
-                    if self.stopping and not self.rows and not self.waiting:
+                    jobs = list(self.jobs)
+                    self.jobs.clear()
+                    if self.stopping and not self.rows and not self.waiting and not jobs:
                         return
                     joining = None
                     if self.waiting and len(self.rows) < self.max_batch:
                         joining = self.waiting.popleft()
+                for fn, future in jobs:
+                    if future.set_running_or_notify_cancel():
+                        try:
+                            future.set_result(fn())
+                        except Exception as exc:  # the job's caller gets the error; the batch goes on
+                            future.set_exception(exc)
                 if joining is not None:
                     if joining.cancelled:
                         self._finish(joining, "cancelled")
@@ -226,19 +252,26 @@ class Scheduler:
         """Sample one token for ``request`` and stream its text; the finish reason when it is done."""
         if request.cancelled:
             return "cancelled"
+        constraint, raw = request.constraint, logits
+        if constraint is not None:  # end-of-text is allowed only where the grammar accepts
+            logits = logits.masked_fill(~constraint.allowed().to(logits.device), float("-inf"))  # (1, V)
         token = int(next_tokens(logits, None, request.sampling, request.generator)[0])
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
         if token == self.tokenizer.eot_id:
             return "stop"
         request.generated.append(token)
-        if request.top_logprobs is not None:
-            request.logprobs.append(token_logprobs(logits[0], token, request.top_logprobs))
+        if constraint is not None:
+            constraint.accept(token)
+        if request.top_logprobs is not None:  # the model's own, before the grammar's mask
+            request.logprobs.append(token_logprobs(raw[0], token, request.top_logprobs))
         assert request.tracker is not None
         delta = request.tracker.update(request.generated)
         if delta:
             request.emit(delta, None)
         if request.tracker.stopped:
+            return "stop"
+        if constraint is not None and constraint.complete:  # the grammar admits nothing more
             return "stop"
         if len(request.generated) >= request.budget:
             return "length"
