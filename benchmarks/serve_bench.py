@@ -5,20 +5,25 @@ alone per step, no prefix cache: --max-prefill-tokens 0 --prefix-cache-mb 0), sa
 
 In the manner of vLLM's `bench serve`: two real servers (`python -m lmforge.cli serve`, subprocesses on
 127.0.0.1, port 0, OMP_NUM_THREADS as given to this script, 1 by default) serve one checkpoint, a llama
-4 x 256 GQA 4/2 shape, context 1024, random weights, fp32 on the CPU, with a character tokenizer (one token
-per character). The official `openai` client (AsyncOpenAI, streaming chat completions) sends requests at
-Poisson arrivals (exponential gaps, seeded: the same arrival times for both servers): each request is a
-shared system prompt (~430 tokens) and a varied user question (20-120 characters), max_tokens 32, greedy
-(temperature 0; the random model may end a reply early with end-of-text, the same way on both servers).
-For each rate the two servers run the same workload one after the other, in alternating order.
+4 x 256 GQA 4/2 shape, context 1024, random weights, fp32 on the CPU, with an ASCII tokenizer (one token
+per character, no byte tokens: every generated token streams as text). The official `openai` client
+(AsyncOpenAI, streaming chat completions) sends requests at Poisson arrivals (exponential gaps, seeded:
+the same arrival times for every server): each request is a shared system prompt (~490 tokens with the
+chat template) and a varied user question (20-120 characters; new questions at each rate), max_tokens 32,
+greedy (temperature 0; the random model may end a reply early with end-of-text, the same way on every
+server). For each rate the servers run the same workload one after the other, in alternating order. The
+prefix cache starts cold (the warm-up uses another system prompt).
 
 Reported per rate and server: completed, failed, duration, request throughput, output tokens/s, TTFT, TPOT
 (time per output token after the first) and ITL (gaps between streamed tokens): mean, p50, p99; goodput
 (requests/s meeting both SLOs: TTFT <= 1 s and TPOT <= 0.1 s); and from the server's /metrics, prefill
-forwards, prefix-cache hits and cached prompt tokens. Then new/old ratios per rate. `serve_load.py` stays as
-the closed-loop concurrency claim (N clients back to back); this is the open-loop one.
+forwards, prefix-cache hits and cached prompt tokens. Then new/old ratios per rate. `--servers
+old,batch,new` adds the ablation "batch" (group prefill, no prefix cache) to tell the two changes apart.
+`serve_load.py` stays as the closed-loop concurrency claim (N clients back to back); this is the open-loop
+one.
 Writes benchmarks/results/serve_bench.json (with the machine and the load average before and after).
 Run: OMP_NUM_THREADS=1 python benchmarks/serve_bench.py [--rates 1,4,16] [--requests 60] [--quick]
+     [--servers old,batch,new] [--out FILE]  (about 6 minutes at load average 4.5 on 2 cores)
 """
 
 from __future__ import annotations
@@ -40,12 +45,15 @@ from pathlib import Path
 
 import httpx
 
-SHAPE = "llama 4 x 256, GQA 4/2, context 1024, fp32, random weights, character tokenizer"
+SHAPE = "llama 4 x 256, GQA 4/2, context 1024, fp32, random weights, ASCII tokenizer (no byte fallback)"
 SLO_TTFT_S = 1.0
 SLO_TPOT_S = 0.1
 MAX_TOKENS = 32
-OLD = ("--max-prefill-tokens", "0", "--prefix-cache-mb", "0")
-NEW = ("--max-prefill-tokens", "2048", "--prefix-cache-mb", "256")
+SERVERS = {  # name: lmforge serve options
+    "old": ("--max-prefill-tokens", "0", "--prefix-cache-mb", "0"),  # one prompt alone per step, no cache
+    "batch": ("--max-prefill-tokens", "2048", "--prefix-cache-mb", "0"),  # group prefill only (ablation)
+    "new": ("--max-prefill-tokens", "2048", "--prefix-cache-mb", "256"),  # group prefill + prefix cache
+}
 SYSTEM = (
     "You are the help desk of a small public library. Answer in one or two plain sentences. Opening hours "
     "are nine to six on weekdays and ten to four on Saturdays; the library is closed on Sundays and public "
@@ -56,15 +64,30 @@ SYSTEM = (
 TOPICS = "renew a book, opening hours, late fees, group rooms, borrowing limits, Sunday visits, reservations"
 
 
-def make_checkpoint(folder: Path) -> Path:
-    import torch  # noqa: F401  (the checkpoint is built here, in the client process, once)
+def ascii_tokenizer():
+    """One token per printable ASCII character and no byte fallback: every generated token is visible text,
+    so each one streams as its own chunk and ITL is per token (with byte tokens, a random model's invalid
+    UTF-8 would be held back and arrive in lumps)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
 
+    from lmforge.data.tokenizer import SPECIAL_TOKENS, Tokenizer, _special
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for c in [chr(c) for c in range(32, 127)] + ["\n"]:
+        vocab[c] = len(vocab)
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    hf.decoder = decoders.Fuse()
+    hf.add_special_tokens([_special(t) for t in SPECIAL_TOKENS])
+    return Tokenizer(hf)
+
+
+def make_checkpoint(folder: Path) -> Path:
     from lmforge.checkpoint import save_checkpoint
     from lmforge.config import Config, ModelConfig
-    from lmforge.data.tokenizer import char_tokenizer
     from lmforge.model.transformer import build_model
 
-    tokenizer = char_tokenizer([chr(c) for c in range(32, 127)] + ["\n"])
+    tokenizer = ascii_tokenizer()
     tok_file = tokenizer.save(folder / "tok" / "tokenizer.json")
     cfg = ModelConfig(
         vocab_size=tokenizer.vocab_size,
@@ -282,28 +305,35 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=60, help="requests per rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a smoke test: 6 requests at 2 rates")
+    parser.add_argument(
+        "--servers", default="old,new", help=f"which of {', '.join(SERVERS)} to compare (old: the baseline)"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_bench.json"))
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
+    names = args.servers.split(",")
+    if "old" not in names or not set(names) <= set(SERVERS):
+        parser.error(f"--servers {args.servers}: names from {', '.join(SERVERS)}, old among them")
     n = args.requests
     if args.quick:
         rates, n = rates[:2], 6
-    conversations = workload(n, args.seed)
     load_before = os.getloadavg()
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_checkpoint(Path(tmp))
-        servers = {"old": Server(checkpoint, OLD), "new": Server(checkpoint, NEW)}
+        servers = {name: Server(checkpoint, SERVERS[name]) for name in names}
         try:
-            for server in servers.values():  # warm-up: first calls allocate; the prefix cache stays cold
-                asyncio.run(run_load(server.url, "bench", workload(2, seed=99), [0.0, 0.0]))
+            warm_up = [[{"role": "system", "content": "Warm-up."}, {"role": "user", "content": "Hello"}]] * 2
+            for (
+                server
+            ) in servers.values():  # first calls allocate; another system prompt: the cache stays cold
+                asyncio.run(run_load(server.url, "bench", warm_up, [0.0, 0.0]))
             for i, rate in enumerate(rates):
+                conversations = workload(n, args.seed + 1000 * i)  # new questions at each rate
                 arrivals = arrival_times(n, rate, args.seed + i)
-                for name in ("old", "new") if i % 2 == 0 else ("new", "old"):
+                for name in names if i % 2 == 0 else names[::-1]:  # alternating order
                     report = measured(servers[name].url, "bench", conversations, arrivals)
-                    report.update(
-                        rate=rate, server=name, server_options=" ".join(OLD if name == "old" else NEW)
-                    )
+                    report.update(rate=rate, server=name, server_options=" ".join(SERVERS[name]))
                     runs.append(report)
                     print(
                         f"rate {rate}/s {name}: TTFT p50 {report['ttft_s']['p50']} p99 {report['ttft_s']['p99']}"
@@ -317,34 +347,37 @@ def main() -> None:
     ratios = []
     for rate in rates:
         old = next(r for r in runs if r["rate"] == rate and r["server"] == "old")
-        new = next(r for r in runs if r["rate"] == rate and r["server"] == "new")
+        for name in names[1:] if names[0] == "old" else [m for m in names if m != "old"]:
+            new = next(r for r in runs if r["rate"] == rate and r["server"] == name)
 
-        def ratio(kind: str, q: str, new=new, old=old) -> float | None:
-            a, b = new[kind][q], old[kind][q]
-            return round(a / b, 3) if a is not None and b else None
+            def ratio(kind: str, q: str, new=new, old=old) -> float | None:
+                a, b = new[kind][q], old[kind][q]
+                return round(a / b, 3) if a is not None and b else None
 
-        ratios.append(
-            {
-                "rate": rate,
-                "ttft_p50_new_over_old": ratio("ttft_s", "p50"),
-                "ttft_p99_new_over_old": ratio("ttft_s", "p99"),
-                "tpot_p50_new_over_old": ratio("tpot_s", "p50"),
-                "tpot_p99_new_over_old": ratio("tpot_s", "p99"),
-                "goodput_new_over_old": round(new["goodput"] / old["goodput"], 3) if old["goodput"] else None,
-            }
-        )
+            ratios.append(
+                {
+                    "rate": rate,
+                    "server": name,
+                    "ttft_p50_over_old": ratio("ttft_s", "p50"),
+                    "ttft_p99_over_old": ratio("ttft_s", "p99"),
+                    "tpot_p50_over_old": ratio("tpot_s", "p50"),
+                    "tpot_p99_over_old": ratio("tpot_s", "p99"),
+                    "goodput_over_old": round(new["goodput"] / old["goodput"], 3) if old["goodput"] else None,
+                }
+            )
     report = {
         "claim": "group prefill + prefix cache cut TTFT under load without slowing decoding (TPOT)",
         "shape": SHAPE,
         "workload": {
             "requests_per_rate": n,
             "rates": rates,
-            "arrivals": "Poisson (exponential gaps), seeded, the same for both servers",
+            "arrivals": "Poisson (exponential gaps), seeded, the same for every server",
             "system_prompt_chars": len(SYSTEM),
-            "user_prompt_chars": "20-120",
+            "user_prompt_chars": "20-120, new questions at each rate",
             "max_tokens": MAX_TOKENS,
             "temperature": 0,
         },
+        "servers": {name: " ".join(SERVERS[name]) for name in names},
         "slo": {"ttft_s": SLO_TTFT_S, "tpot_s": SLO_TPOT_S},
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "1"),
         "machine": platform.processor() or platform.machine(),

@@ -80,8 +80,8 @@ class PrefixCache:
         return PrefixHit(len(hits) * self.block, torch.cat([kv for _, kv in hits], dim=3))
 
     def insert(self, tokens: list[int], kv: torch.Tensor) -> None:
-        """Keep the full blocks of ``tokens`` whose keys and values ``kv`` (L, 2, Hkv, N, hd), N >= len(tokens)
-        rows of which the first len(tokens) belong to ``tokens``, holds; then evict down to the budget."""
+        """Keep the full blocks of ``tokens`` not yet cached, copied out of ``kv`` (L, 2, Hkv, N, hd): the keys
+        and values of ``tokens`` (N = len(tokens)); then evict the least recently used down to the budget."""
         if self.budget <= 0:
             return
         names = block_names(tokens, len(tokens) // self.block, self.block)
