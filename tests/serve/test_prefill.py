@@ -218,3 +218,51 @@ def test_metrics_count_prefix_cache_hits_and_prefill_groups(server):
     assert delta("lmforge_prefix_cache_hit_tokens_total") == (prompt - 1) // BLOCK * BLOCK
     assert delta("lmforge_prefill_forwards_total") == 2
     assert after["lmforge_prefix_cache_blocks"] >= prompt // BLOCK
+
+
+def test_the_options_reach_the_scheduler_and_bad_values_are_refused(checkpoint, monkeypatch):
+    """`lmforge serve --max-prefill-tokens 0 --prefix-cache-mb 1.5` builds a scheduler with those settings;
+    negative values are refused with a message naming the flag."""
+    import lmforge.serve.app as app_module
+    from lmforge.cli import build_parser
+    from lmforge.cli.serve import run_serve
+    from lmforge.errors import ConfigError
+    from lmforge.infer.chat import default_template
+    from lmforge.serve.app import ServeConfig, build_app, check_serve_config
+    from tests.serve.conftest import ascii_tokenizer
+
+    seen = {}
+
+    def fake_open_server(model, cfg, *, device, on_notice):
+        seen["cfg"] = cfg
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(app_module, "open_server", fake_open_server)
+    args = build_parser().parse_args(
+        ["serve", str(checkpoint), "--max-prefill-tokens", "0", "--prefix-cache-mb", "1.5", "--device", "cpu"]
+    )
+    try:
+        run_serve(args)
+    except ConfigError:
+        pass
+    assert (seen["cfg"].max_prefill_tokens, seen["cfg"].prefix_cache_mb) == (0, 1.5)
+    defaults = build_parser().parse_args(["serve", str(checkpoint)])
+    assert (defaults.max_prefill_tokens, defaults.prefix_cache_mb) == (2048, 256.0)
+    for field, flag in (
+        ("max_prefill_tokens", "--max-prefill-tokens -1"),
+        ("prefix_cache_mb", "--prefix-cache-mb -1"),
+    ):
+        try:
+            check_serve_config(ServeConfig(**{field: -1}))
+        except ConfigError as exc:
+            assert flag in str(exc)
+        else:
+            raise AssertionError(f"{field} = -1 was accepted")
+    tokenizer = ascii_tokenizer()
+    model = tiny_model(vocab_size=tokenizer.vocab_size)
+    cfg = ServeConfig(max_prefill_tokens=0, prefix_cache_mb=1.5)
+    app = build_app(
+        model, tokenizer, template=default_template(tokenizer), cfg=cfg, model_name="m", device=CPU
+    )
+    scheduler = app.state.scheduler
+    assert scheduler.max_prefill_tokens == 0 and scheduler.prefix_cache.budget == int(1.5 * 2**20)
