@@ -74,6 +74,8 @@ def test_a_group_of_very_different_lengths_joining_running_rows_equals_each_alon
     first = [5, 9, 200, 3]
     first_sampling = SamplingConfig(max_new_tokens=40, temperature=0.0)
     scheduler, groups, _ = started(model)
+    rows_after, counted = [], scheduler.on_prefill
+    scheduler.on_prefill = lambda requests: (rows_after.append(len(scheduler.rows)), counted(requests))
     try:
         running = {}
         thread = threading.Thread(target=lambda: running.update(run(scheduler, [first], [first_sampling])[0]))
@@ -83,7 +85,7 @@ def test_a_group_of_very_different_lengths_joining_running_rows_equals_each_alon
         thread.join(timeout=60)
     finally:
         scheduler.stop(timeout=10)
-    assert groups == [1, 7]  # one group of seven, prefilled while the first decoded
+    assert groups == [1, 7] and rows_after == [1, 8]  # one group of seven, joining the first as it decoded
     for prompt, sampling, got in zip(prompts, samplings, together):
         assert got["tokens"] == generate_ids(model, [prompt], sampling, device=CPU).tokens[0], len(prompt)
     assert running["tokens"] == generate_ids(model, [first], first_sampling, device=CPU).tokens[0]
