@@ -6,9 +6,11 @@ weights on the CPU (fp32) and a char tokenizer (so the vocabulary is the tokeniz
 For each client count (1, 4, 8) the same fixed list of requests (mixed prompt lengths 8..160 characters,
 max_tokens 32..128, greedy) is sent by that many concurrent streaming clients. Reported per client count:
 requests/s, generated tokens/s, p50/p95 latency and time to first token, errors, and the ratio of aggregate
-tokens/s at 8 clients over 1 client. Prefill does not gain from batching (one joining prompt per step), so
-the ratio is bounded by the workload's share of prompt tokens. Greedy decoding makes each request's tokens
-the same at every client count (the batching tests prove it), so the levels do the same work.
+tokens/s at 8 clients over 1 client. Greedy decoding makes each request's tokens the same at every client
+count (the batching tests prove it), so the levels do the same work. (Measured when one joining prompt was
+prefilled per step; the server now prefills joining prompts together. This closed-loop claim, N clients back
+to back, stays here; `serve_bench.py` is the open-loop one: Poisson arrivals at set rates, TTFT/TPOT
+percentiles and goodput, the old and new scheduler compared in one run.)
 Writes benchmarks/results/serve_load.json.
 Run: python benchmarks/serve_load.py [--requests N] [--clients 1,4,8] [--device cpu]
 """

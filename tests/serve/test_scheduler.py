@@ -106,27 +106,37 @@ def test_a_failing_row_fails_alone(monkeypatch):
 
 
 def test_a_failing_prefill_fails_alone(monkeypatch):
-    """A request whose prefill raises gets an error; the request already decoding goes on unharmed."""
+    """A request whose prefill raises gets an error; the request already decoding goes on unharmed, and so
+    does the request that joined in the same prefill group (the group is prefilled again one by one)."""
     torch.manual_seed(0)
     model, tok = tiny_model(), ByteTokenizer()
     tok.eot_id = None
     scheduler = Scheduler(model, tok, device=torch.device("cpu"), max_batch=8, max_queue=16)
-    real = Scheduler._join
+    real, groups = Scheduler._prefill, []
 
-    def join(self, request):
-        if request.sampling.seed == 666:
+    def prefill(self, requests):
+        groups.append(len(requests))
+        if any(r.sampling.seed == 666 for r in requests):
             raise RuntimeError("injected prefill failure")
-        return real(self, request)
+        return real(self, requests)
 
-    monkeypatch.setattr(Scheduler, "_join", join)
+    monkeypatch.setattr(Scheduler, "_prefill", prefill)
     scheduler.start()
     try:
-        clean = run_all(scheduler, ["hello there"], [30])[0]
-        both = run_all(scheduler, ["hello there", "xy"], [30, 5], [None, 666])
+        clean = run_all(scheduler, ["hello there", "zz top"], [30, 8])
+        groups.clear()
+        scheduler.submit(Request(tok.encode("warm up"), SamplingConfig(max_new_tokens=50), lambda d, f: None))
+        deadline = time.monotonic() + 30
+        while not scheduler.rows:  # it decodes while the three join
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        both = run_all(scheduler, ["hello there", "xy", "zz top"], [30, 5, 8], [None, 666, None])
     finally:
         scheduler.stop(timeout=10)
     assert both[1]["finish_reason"] == "error" and "injected prefill failure" in both[1]["error"]
-    assert both[0]["finish_reason"] == "length" and both[0]["tokens"] == clean["tokens"]
+    assert both[0]["finish_reason"] == "length" and both[0]["tokens"] == clean[0]["tokens"]
+    assert both[2]["finish_reason"] == "length" and both[2]["tokens"] == clean[1]["tokens"]
+    assert groups[1:] == [3, 1, 1, 1]  # a group of three failed, then each was prefilled alone
 
 
 def test_queue_bound():

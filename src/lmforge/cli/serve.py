@@ -19,6 +19,19 @@ def add_serve(sub) -> None:
         "--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429"
     )
     p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=2048,
+        help="prefill work per step: joining requests x longest uncached prompt (the first always joins); "
+        "0: one prompt prefilled alone per step",
+    )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=256.0,
+        help="memory for keys/values of prompt prefixes reused by later prompts (LRU); 0: no prefix cache",
+    )
+    p.add_argument(
         "--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set LMFORGE_API_KEY)"
     )
     p.add_argument("--max-body-bytes", type=int, default=1_000_000)
@@ -45,6 +58,8 @@ def run_serve(args) -> int:
         port=args.port,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        max_prefill_tokens=args.max_prefill_tokens,
+        prefix_cache_mb=args.prefix_cache_mb,
         api_key=args.api_key if args.api_key is not None else os.environ.get("LMFORGE_API_KEY") or None,
         max_body_bytes=args.max_body_bytes,
         grace_seconds=args.grace,

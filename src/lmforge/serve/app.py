@@ -71,6 +71,8 @@ class ServeConfig:
     port: int = 8000  # 0: any free port (the one bound is reported)
     max_batch: int = 8
     max_queue: int = 64
+    max_prefill_tokens: int = 2048  # per step: joining rows x longest uncached prompt; 0: one prompt alone
+    prefix_cache_mb: float = 256.0  # keys/values of prompt prefixes kept for reuse; 0: no prefix cache
     api_key: str | None = None
     max_body_bytes: int = 1_000_000
     grace_seconds: float = 10.0  # on SIGTERM: how long running requests may finish before they are cancelled
@@ -85,6 +87,12 @@ class ServeConfig:
             out.append(f"--max-batch {self.max_batch} must be >= 1")
         if self.max_queue < 1:
             out.append(f"--max-queue {self.max_queue} must be >= 1")
+        if self.max_prefill_tokens < 0:
+            out.append(
+                f"--max-prefill-tokens {self.max_prefill_tokens} must be >= 0 (0: one prompt prefilled per step)"
+            )
+        if not self.prefix_cache_mb >= 0:
+            out.append(f"--prefix-cache-mb {self.prefix_cache_mb} must be >= 0 (0: no prefix cache)")
         if self.max_body_bytes < 1024:
             out.append(f"--max-body-bytes {self.max_body_bytes} must be >= 1024")
         if not self.grace_seconds >= 0:
@@ -132,9 +140,39 @@ class Metrics:
         queue.set_function(lambda: len(scheduler.waiting))
         batch = prom.Gauge("lmforge_batch_size", "requests decoding in the batch", registry=r)
         batch.set_function(lambda: len(scheduler.rows))
+        self.prefills = prom.Counter(
+            "lmforge_prefill_forwards",
+            "prefill forward passes (each prefills a group of joining requests)",
+            registry=r,
+        )
+        self.prefix_hits = prom.Counter(
+            "lmforge_prefix_cache_hits", "prefilled requests that found a cached prompt prefix", registry=r
+        )
+        self.prefix_misses = prom.Counter(
+            "lmforge_prefix_cache_misses", "prefilled requests that found no cached prompt prefix", registry=r
+        )
+        self.cached_tokens = prom.Counter(
+            "lmforge_prefix_cache_hit_tokens",
+            "prompt tokens taken from the prefix cache, not prefilled",
+            registry=r,
+        )
+        cache_bytes = prom.Gauge(
+            "lmforge_prefix_cache_bytes", "bytes of keys/values in the prefix cache", registry=r
+        )
+        cache_bytes.set_function(lambda: scheduler.prefix_cache.bytes)
+        blocks = prom.Gauge(
+            "lmforge_prefix_cache_blocks", "blocks (16 tokens) in the prefix cache", registry=r
+        )
+        blocks.set_function(lambda: len(scheduler.prefix_cache))
+
+    def on_prefill(self, requests: list[Request]) -> None:  # on the scheduler thread
+        self.prefills.inc()
+        for request in requests:
+            (self.prefix_hits if request.cached else self.prefix_misses).inc()
+            self.cached_tokens.inc(request.cached)
 
     def on_finish(self, request: Request, final: dict) -> None:  # on the scheduler thread
-        if request.tracker is not None:  # it was prefilled
+        if request.tracker is not None:  # it was prefilled (the cached prefix included)
             self.prompt_tokens.inc(final["prompt_tokens"])
         self.completion_tokens.inc(final["completion_tokens"])
         self.finished.labels(final["finish_reason"]).inc()
@@ -281,9 +319,18 @@ def build_app(
 ):
     """The FastAPI application serving ``model``; its scheduler starts and stops with the app. (Long by choice:
     the routes are closures over one scheduler and its settings, declared together as the API they form.)"""
-    scheduler = Scheduler(model, tokenizer, device=device, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
+    scheduler = Scheduler(
+        model,
+        tokenizer,
+        device=device,
+        max_batch=cfg.max_batch,
+        max_queue=cfg.max_queue,
+        max_prefill_tokens=cfg.max_prefill_tokens,
+        prefix_cache_bytes=int(cfg.prefix_cache_mb * 2**20),
+    )
     metrics = Metrics(scheduler)
     scheduler.on_finish = metrics.on_finish
+    scheduler.on_prefill = metrics.on_prefill
     specials = special_token_ids(tokenizer, template)
     end = template.eos_token
     template_stops = (end,) if end and specials.get(end) != tokenizer.eot_id else ()
