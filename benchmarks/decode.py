@@ -2,21 +2,25 @@
 lmforge's eager path, llama.cpp (f32 and q8_0, the same model exported to GGUF) and transformers ``generate``.
 
 Setup: random weights, greedy, no end-of-text (every run makes all its tokens), on this machine's CPU with
-the same number of threads for every engine. Shapes: the ``tiny`` preset (4 x 128, vocab 2048, context
+the same number of threads for every engine (``--threads``, default 1: on a shared 2-core machine a second
+OpenMP thread waits on busy cores). Shapes: the ``tiny`` preset (4 x 128, vocab 2048, context
 raised to 1024) and a Llama 8 x 512 with GQA 8/2 (vocab 8192); batch 1 and 8; prompts of 32 and 512 tokens.
 Contestants, run interleaved (A B C ... A B C ...) per case:
   lmforge_eager      ``generate_ids`` on the eager path (``Transformer.hidden_states`` every step)
   lmforge_fast       ``generate_ids(decoder=FastDecoder(model))``: the static-cache step, eager PyTorch
   lmforge_compiled   the same step through ``torch.compile`` (only with ``--compile``: a minute per case)
-  lmforge_int8       the fast step on int8 weight-only projections
-  llama_cpp_f32 / llama_cpp_q8_0   llama-cpp-python, greedy on its logits; at batch 8 the rows run one after
-                     another (its high-level API decodes one sequence)
+  lmforge_int8       the fast step on int8 weight-only projections (``aten._weight_int8pack_mm``)
+  lmforge_int8_dyn   the fast step on fbgemm's dynamic int8 projections (activations rounded too, as q8_0)
+  llama_cpp_f32 / llama_cpp_q8_0   llama-cpp-python, greedy on its last logits (``logits_all=False``); at
+                     batch 8 the rows run one after another (its high-level API decodes one sequence)
   transformers       ``LlamaForCausalLM.generate`` (greedy) on the exported Hugging Face folder
 Reported per contestant: the median generated tokens/s over the rounds (prompt reading included, as every
 engine must do it), fastest and slowest round, the 1-minute load average beside each, its ratio to
-llama.cpp f32 (and q8_0 for int8), and the greedy tokens of row 0 agreeing with lmforge_eager.
+llama.cpp f32 (and q8_0 for the int8 ones), and the greedy tokens of row 0 agreeing with lmforge_eager.
 Writes benchmarks/results/decode.json.
-Run: python benchmarks/decode.py [--quick] [--rounds N] [--new-tokens N] [--compile]
+Run: python benchmarks/decode.py [--quick] [--rounds N] [--new-tokens N] [--compile] [--batch 1 8]
+     [--prompt 32 512] [--out decode.json]
+The compiled step's own figures: --compile --batch 1 --prompt 32 --out decode_compiled.json.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 import torch
 import transformers
 
@@ -42,7 +47,6 @@ from lmforge.convert import export_model
 from lmforge.infer.fast import FastDecoder
 from lmforge.infer.generate import SamplingConfig, generate_ids
 from lmforge.infer.quantize import quantize_model
-from lmforge.model.gguf import llama_cpp_greedy, open_llama_cpp
 from lmforge.model.transformer import build_model
 
 SHAPES = {
@@ -73,6 +77,37 @@ def export(cfg: ModelConfig, model: torch.nn.Module, tmp: Path) -> dict[str, Pat
     return files
 
 
+def open_llama(path: Path, n_ctx: int, threads: int):
+    """llama.cpp as it serves: logits of the last position only (``logits_all=False``), keys and values in f32
+    (as lmforge caches them)."""
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_batch=min(n_ctx, 512),
+        logits_all=False,
+        n_threads=threads,
+        n_gpu_layers=0,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+        seed=0,
+        verbose=False,
+    )
+
+
+def llama_greedy(llm, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy tokens: the argmax of llama.cpp's last logits, fed back one at a time (without ``logits_all``
+    llama-cpp-python keeps no copy of the logits: they are read from the context)."""
+    vocab = llm.n_vocab()
+    llm.reset()
+    llm.eval(prompt)
+    out = []
+    for _ in range(new_tokens):
+        token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
+        out.append(token)
+        llm.eval([token])
+    return out
+
+
 def contestants(
     cfg: ModelConfig, files: dict[str, Path], prompts: list[list[int]], new_tokens: int, compile: bool
 ) -> tuple[dict[str, Callable[[], list[int]]], list]:
@@ -80,10 +115,11 @@ def contestants(
     threads = torch.get_num_threads()
     model = build_model(cfg, seed=0).eval()
     int8 = quantize_model(build_model(cfg, seed=0).eval(), "int8")
+    dynamic = quantize_model(build_model(cfg, seed=0).eval(), "int8-dynamic")
     greedy = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
-    fast, fast_int8 = FastDecoder(model), FastDecoder(int8)
+    fast, fast_int8, fast_dynamic = FastDecoder(model), FastDecoder(int8), FastDecoder(dynamic)
     n_ctx = len(prompts[0]) + new_tokens
-    engines = {dtype: open_llama_cpp(files[dtype], n_ctx, n_threads=threads) for dtype in ("f32", "q8_0")}
+    engines = {dtype: open_llama(files[dtype], n_ctx, threads) for dtype in ("f32", "q8_0")}
     hf = transformers.AutoModelForCausalLM.from_pretrained(files["hf"], dtype=torch.float32).eval()
     hf_ids = torch.tensor(prompts)
 
@@ -91,7 +127,7 @@ def contestants(
         return lambda: generate_ids(m, prompts, greedy, device=CPU, decoder=decoder).tokens[0]
 
     def llama(dtype):
-        return lambda: [llama_cpp_greedy(engines[dtype], p, new_tokens)[1] for p in prompts][0]
+        return lambda: [llama_greedy(engines[dtype], p, new_tokens) for p in prompts][0]
 
     @torch.inference_mode()
     def hf_generate():
@@ -109,6 +145,7 @@ def contestants(
     if compile:
         out["lmforge_compiled"] = lmforge(model, FastDecoder(model, compile=True))
     out["lmforge_int8"] = lmforge(int8, fast_int8)
+    out["lmforge_int8_dyn"] = lmforge(dynamic, fast_dynamic)
     out["llama_cpp_f32"] = llama("f32")
     out["llama_cpp_q8_0"] = llama("q8_0")
     out["transformers"] = hf_generate
@@ -145,7 +182,8 @@ def run_case(cfg, files, *, batch: int, prompt_len: int, new_tokens: int, rounds
     q8 = result["llama_cpp_q8_0"]["tokens_per_s_median"]
     for row in result.values():
         row["ratio_to_llama_cpp_f32"] = row["tokens_per_s_median"] / f32
-    result["lmforge_int8"]["ratio_to_llama_cpp_q8_0"] = result["lmforge_int8"]["tokens_per_s_median"] / q8
+    for name in ("lmforge_int8", "lmforge_int8_dyn"):
+        result[name]["ratio_to_llama_cpp_q8_0"] = result[name]["tokens_per_s_median"] / q8
     return result
 
 
@@ -170,10 +208,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd step")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for every engine")
+    parser.add_argument("--batch", type=int, nargs="*", default=[1, 8], help="batch sizes to run")
+    parser.add_argument("--prompt", type=int, nargs="*", default=[32, 512], help="prompt lengths to run")
+    parser.add_argument("--out", default="decode.json", help="file name under benchmarks/results")
     args = parser.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     shapes = dict(list(SHAPES.items())[:1]) if args.quick else SHAPES
-    grid = [(1, 32)] if args.quick else [(1, 32), (1, 512), (8, 32), (8, 512)]
+    grid = [(1, 32)] if args.quick else [(b, p) for b in args.batch for p in args.prompt]
     cases = {}
     for shape, cfg in shapes.items():
         with tempfile.TemporaryDirectory() as tmp:
@@ -210,7 +253,7 @@ def main() -> None:
         "cases": cases,
         "table": table(cases).splitlines(),
     }
-    path = Path(__file__).parent / "results" / "decode.json"
+    path = Path(__file__).parent / "results" / args.out
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.with_suffix(".json.tmp")
     tmp_path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")

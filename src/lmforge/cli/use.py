@@ -41,9 +41,10 @@ def sampling_from_args(args, stop: tuple[str, ...] = ()):
 def add_quantize_option(p) -> None:
     p.add_argument(
         "--quantize",
-        choices=["int8", "int4"],
+        choices=["int8", "int8-dynamic", "int4"],
         default=None,
-        help="weight-only quantized projections (CPU): less memory, faster decoding, a small quality cost",
+        help="int8 projections (CPU): int8 and int4 weight-only; int8-dynamic also rounds activations "
+        "(fastest on AVX2, larger quality cost); see docs/inference.md",
     )
 
 

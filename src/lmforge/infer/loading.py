@@ -57,7 +57,7 @@ def load_hf_folder(path: Path, *, device: torch.device) -> tuple[Transformer, Co
 
 def load_for_inference(path: str | Path, *, device: torch.device, quantize: str | None = None) -> LoadedModel:
     """The model (in eval mode, on ``device``), its tokenizer and chat template from a run, checkpoint or HF
-    folder. ``quantize`` ("int8", "int4": ``infer.quantize``) replaces its projections by weight-only
+    folder. ``quantize`` ("int8", "int8-dynamic", "int4": ``infer.quantize``) replaces its projections by
     quantized ones (CPU)."""
     from lmforge.data.tokenizer import load_tokenizer
 
@@ -85,7 +85,7 @@ class DecodeOptions:
 
     fast: bool = True
     compile: bool = False
-    quantize: str | None = None  # "int8", "int4" or None (float)
+    quantize: str | None = None  # "int8", "int8-dynamic", "int4" or None (float)
 
     def decoder(self, model: Transformer) -> FastDecoder | None:
         return FastDecoder(model, compile=self.compile) if self.fast else None

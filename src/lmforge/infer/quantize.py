@@ -1,8 +1,13 @@
-"""Weight-only quantization for inference: every ``nn.Linear`` of the blocks and the head is replaced by an
-int8 (or int4) copy whose matmul is PyTorch's own CPU kernel (``aten._weight_int8pack_mm``,
-``aten._weight_int4pack_mm_for_cpu``); activations, norms, embeddings and the KV cache stay in float.
+"""Quantized projections for inference: every ``nn.Linear`` of the blocks and the head is replaced by an int8
+(or int4) copy whose matmul is one of PyTorch's own CPU kernels; norms, embeddings and the KV cache stay
+in float.
 
-int8: symmetric, one scale per output channel (w ~ q * scale, q in [-127, 127]).
+int8: weight-only, symmetric, one scale per output channel (w ~ q * scale, q in [-127, 127]), through
+``aten._weight_int8pack_mm``: activations stay float. That kernel is vectorised for AVX-512 only; on an
+AVX2 CPU it is slower than the float matmul (measured in docs/inference.md).
+int8-dynamic: the same int8 weights through fbgemm's ``quantized::linear_dynamic``, which also rounds each
+row of activations to int8 on the fly (per tensor, 7 bits: ``reduce_range``), as llama.cpp's q8_0 rounds its
+activations to 8 bits: fast on AVX2, at a larger quality cost.
 int4: asymmetric, one scale and zero per output channel and group of ``INT4_GROUP`` input features
 (w ~ (q - 8) * scale + zero, q in [0, 15]), the layout the int4 kernel reads.
 A projection whose input size is not a multiple of the group (or output size not a multiple of
@@ -20,7 +25,7 @@ from lmforge.errors import ConfigError
 from lmforge.model.moe import MoEFeedForward
 from lmforge.model.transformer import Readout, Transformer
 
-QUANTIZE_MODES = ("int8", "int4")
+QUANTIZE_MODES = ("int8", "int8-dynamic", "int4")
 INT4_GROUP = 32  # input features sharing one int4 scale and zero
 INT4_INNER_K_TILES = 2  # the packing the int4 CPU kernel expects
 INT4_ROWS = 16  # the int4 kernel packs output channels by 16
@@ -55,6 +60,30 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.view(*shape[:-1], self.out_features)
+
+
+class Int8DynamicLinear(nn.Module):
+    """``y = dequant(quant(x) @ q.T) * scale + bias``: int8 weights per output channel and activations
+    quantized per call (fbgemm). The packed weight is not a buffer: the module is for inference only."""
+
+    def __init__(self, linear: nn.Linear, multiplier: float = 1.0):
+        super().__init__()
+        weight = linear.weight.detach().float()  # (N, K)
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (N,)
+        zero = torch.zeros_like(scale, dtype=torch.long)
+        q = torch.quantize_per_channel(weight, scale.double(), zero, 0, torch.qint8)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.packed = torch.ops.quantized.linear_prepack(q, bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.multiplier = multiplier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        if self.multiplier != 1.0:
+            x = x * self.multiplier
+        flat = x.reshape(-1, self.in_features).float()  # (N_rows, K)
+        out = torch.ops.quantized.linear_dynamic(flat, self.packed, True)  # (N_rows, N)
+        return out.to(dtype).view(*shape[:-1], self.out_features)
 
 
 class Int4Linear(nn.Module):
@@ -94,12 +123,14 @@ def _quantized(linear: nn.Linear, mode: str) -> nn.Module:
     multiplier = linear.multiplier if isinstance(linear, Readout) else 1.0
     if mode == "int4" and linear.in_features % INT4_GROUP == 0 and linear.out_features % INT4_ROWS == 0:
         return Int4Linear(linear, multiplier)
+    if mode == "int8-dynamic":
+        return Int8DynamicLinear(linear, multiplier)
     return Int8Linear(linear, multiplier)
 
 
 @torch.no_grad()
 def quantize_model(model: Transformer, mode: str) -> Transformer:
-    """Replace the projections of every block and the head by ``mode`` ("int8", "int4") copies, in place.
+    """Replace the projections of every block and the head by ``mode`` (``QUANTIZE_MODES``) copies, in place.
     CPU only: the kernels are PyTorch's CPU ones."""
     check_quantize(mode)
     device = next(model.parameters()).device

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.errors import ConfigError
+from lmforge.infer.fast import FastDecoder
 from lmforge.infer.generate import SamplingConfig, check_prompts, check_sampling, filter_top_k_top_p
 from lmforge.model.transformer import KVCache, Transformer
 
@@ -62,8 +63,16 @@ def probabilities(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tenso
     return logits.softmax(dim=-1)
 
 
-def _feed(model: Transformer, cache: KVCache, tokens: list[int], device: torch.device) -> torch.Tensor:
-    """Logits (T, V) after reading ``tokens`` into ``cache`` (positions continue from ``cache.length``)."""
+def _feed(
+    model: Transformer, cache: KVCache, tokens: list[int], device: torch.device, step: FastDecoder
+) -> torch.Tensor:
+    """Logits (T, V) after reading ``tokens`` into ``cache`` (positions continue from ``cache.length``): one
+    token through the fast step (``infer.fast``), several through ``hidden_states``."""
+    if len(tokens) == 1:
+        index = torch.tensor([cache.length], device=device)  # (1,): batch 1, so position = cache index
+        logits = step.step(cache, torch.tensor([tokens], device=device), index[None], index)  # (1, V)
+        cache.length += 1
+        return logits
     ids = torch.tensor([tokens], device=device)  # (1, T)
     return model.lm_head(model.hidden_states(ids, cache=cache))[0]  # (T, V)
 
@@ -94,10 +103,11 @@ def speculative_generate(
     size = len(prompt) + budget + draft_tokens + 1
     target_cache = KVCache.empty(target.cfg, 1, size, device=device, dtype=dtype)
     draft_cache = KVCache.empty(draft.cfg, 1, size, device=device, dtype=next(draft.parameters()).dtype)
+    target_step, draft_step = FastDecoder(target), FastDecoder(draft)
     prompt = list(prompt)
     if len(prompt) > 1:  # both read all but the last prompt token; it is fed with the first proposals
-        _feed(target, target_cache, prompt[:-1], device)
-        _feed(draft, draft_cache, prompt[:-1], device)
+        _feed(target, target_cache, prompt[:-1], device, target_step)
+        _feed(draft, draft_cache, prompt[:-1], device, draft_step)
     last, draft_pending = prompt[-1], [prompt[-1]]
     out: list[int] = []
     proposed = accepted = 0
@@ -107,7 +117,7 @@ def speculative_generate(
         proposals: list[int] = []
         q_rows = []
         if k > 0:
-            logits = _feed(draft, draft_cache, draft_pending, device)[-1:]  # (1, V)
+            logits = _feed(draft, draft_cache, draft_pending, device, draft_step)[-1:]  # (1, V)
             for i in range(k):
                 if sampling.greedy:
                     token = int(logits.argmax(dim=-1))
@@ -117,9 +127,9 @@ def speculative_generate(
                     token = int(torch.multinomial(q, 1, generator=generator))
                 proposals.append(token)
                 if i < k - 1:
-                    logits = _feed(draft, draft_cache, [token], device)
+                    logits = _feed(draft, draft_cache, [token], device, draft_step)
         start = target_cache.length
-        target_logits = _feed(target, target_cache, [last, *proposals], device)  # (k + 1, V)
+        target_logits = _feed(target, target_cache, [last, *proposals], device, target_step)  # (k + 1, V)
         kept: list[int] = []
         extra = None
         if sampling.greedy:
