@@ -212,10 +212,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 8], help="batch sizes to run")
     parser.add_argument("--prompt", type=int, nargs="*", default=[32, 512], help="prompt lengths to run")
     parser.add_argument("--out", default="decode.json", help="file name under benchmarks/results")
+    parser.add_argument("--shape", default="", help="only the shapes whose name contains this")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     shapes = dict(list(SHAPES.items())[:1]) if args.quick else SHAPES
+    shapes = {name: cfg for name, cfg in shapes.items() if args.shape in name}
     grid = [(1, 32)] if args.quick else [(b, p) for b in args.batch for p in args.prompt]
     cases = {}
     for shape, cfg in shapes.items():
@@ -233,6 +235,10 @@ def main() -> None:
                     compile=args.compile,
                 )
                 print(table({name: cases[name]}), flush=True)
+                write(args, cases)  # after every case: a long run stopped early keeps what it measured
+
+
+def write(args, cases: dict) -> None:
     out = {
         "claim": "decode speed at batch 1 and 8: lmforge eager / fast / int8 vs llama.cpp f32, q8_0, transformers",
         "settings": {

@@ -25,13 +25,14 @@ def linear(n_out: int, n_in: int, bias: bool) -> nn.Linear:
     return layer
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_int8_linear_is_the_matmul_of_its_rounded_weights(bias):
+@pytest.mark.parametrize("bias, rows", [(False, 3), (True, 3), (True, 20)])
+def test_int8_linear_is_the_matmul_of_its_rounded_weights(bias, rows):
+    """3 rows per call go through the int8 kernel, 20 (a prompt) through the dequantized weights."""
     layer = linear(40, 64, bias)
     w = layer.weight.detach()
     scale = w.abs().amax(dim=1) / 127  # per output row, symmetric
     dequantized = torch.round(w / scale[:, None]).clamp(-127, 127) * scale[:, None]
-    x = torch.randn(2, 3, 64)
+    x = torch.randn(2, rows, 64)
     expected = F.linear(x, dequantized, layer.bias)
     got = Int8Linear(layer)(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

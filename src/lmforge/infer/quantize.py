@@ -29,6 +29,9 @@ QUANTIZE_MODES = ("int8", "int8-dynamic", "int4")
 INT4_GROUP = 32  # input features sharing one int4 scale and zero
 INT4_INNER_K_TILES = 2  # the packing the int4 CPU kernel expects
 INT4_ROWS = 16  # the int4 kernel packs output channels by 16
+# From this many rows (a prompt being read) the int8 weight-only layer multiplies by its dequantized weights:
+# the int8 kernel is tuned for decoding's few rows (and scalar on AVX2), a float matmul for many.
+DEQUANTIZE_ROWS = 16
 
 
 def check_quantize(mode: str | None) -> None:
@@ -56,7 +59,10 @@ class Int8Linear(nn.Module):
         if self.multiplier != 1.0:
             x = x * self.multiplier
         flat = x.reshape(-1, self.in_features).to(self.scale.dtype)  # (N_rows, K)
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)  # (N_rows, N)
+        if flat.shape[0] >= DEQUANTIZE_ROWS:
+            out = flat @ (self.weight_int8.to(flat.dtype) * self.scale[:, None]).T  # (N_rows, N)
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)  # (N_rows, N)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*shape[:-1], self.out_features)
