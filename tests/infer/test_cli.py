@@ -255,3 +255,31 @@ def test_eval_max_new_tokens_sets_a_shipped_tasks_generation_length(checkpoint, 
     prompts = [tok.encode(sample["prompt"]) for sample in task["samples"]]
     assert [s["prediction"] for s in task["samples"]] == [greedy(ids, 5) for ids in prompts]
     assert [s["prediction"] for s in task["samples"]] != [greedy(ids, 6) for ids in prompts]  # 5 did cut
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_generate_fast_and_eager_print_the_same_text(checkpoint, capsys, quantize):
+    """`--decode fast` (the default) and `--decode eager`, float or `--quantize int8`: the same greedy text;
+    the quantized text is the library's on a model quantized the same way."""
+    from lmforge.infer.loading import load_for_inference
+
+    args = ["generate", str(checkpoint), "--prompt", "to be", "--temperature", "0", "--max-new-tokens", "8",
+            "--json", *CPU, *(["--quantize", quantize] if quantize else [])]  # fmt: skip
+    texts = []
+    for decode in ("fast", "eager"):
+        assert main([*args, "--decode", decode]) == 0
+        texts.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"])
+    loaded = load_for_inference(checkpoint, device=torch.device("cpu"), quantize=quantize)
+    expected = generate(
+        loaded.model, loaded.tokenizer, ["to be"], SamplingConfig(max_new_tokens=8, temperature=0),
+        device=torch.device("cpu"),
+    )[0]  # fmt: skip
+    assert texts == [expected.text, expected.text]
+
+
+def test_an_unknown_quantize_mode_is_refused_before_loading(checkpoint):
+    from lmforge.errors import ConfigError
+    from lmforge.infer.loading import load_for_inference
+
+    with pytest.raises(ConfigError, match="int3"):
+        load_for_inference(checkpoint / "missing", device=torch.device("cpu"), quantize="int3")

@@ -80,9 +80,10 @@ def _unrecognized(verb_parser: argparse.ArgumentParser, extra: list[str]) -> str
         found = []
         for action in p._actions:
             found += action.option_strings
-            for nested in getattr(action, "choices", None) or {}:
-                if isinstance(action.choices[nested], argparse.ArgumentParser):
-                    found += options_of(action.choices[nested])
+            choices = getattr(action, "choices", None)  # a dict of parsers for verbs; a list for --x {a,b}
+            for nested in choices.values() if isinstance(choices, dict) else ():
+                if isinstance(nested, argparse.ArgumentParser):
+                    found += options_of(nested)
         return found
 
     options = options_of(verb_parser)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from lmforge.cli.use import add_sampling_options, sampling_from_args
+from lmforge.cli.use import add_decode_options, add_sampling_options, decode_from_args, sampling_from_args
 
 BLOCK = '"""'
 HELP = (
@@ -25,6 +25,7 @@ def add_chat(sub) -> None:
     p.add_argument("--system", default=None, help="a system prompt, kept when the history is trimmed")
     add_sampling_options(p, max_new_tokens=256, temperature=0.7, top_p=0.9)
     p.add_argument("--device", default="auto")
+    add_decode_options(p)
 
 
 def read_message(read_line: Callable[[str], str]) -> str | None:
@@ -63,7 +64,13 @@ def run_chat(args) -> int:
     from lmforge.train.run import pick_device
 
     sampling = sampling_from_args(args)
-    session, notice = open_chat(args.model, sampling, device=pick_device(args.device), system=args.system)
+    session, notice = open_chat(
+        args.model,
+        sampling,
+        device=pick_device(args.device),
+        system=args.system,
+        decode=decode_from_args(args),
+    )
     if notice:
         print(f"lmforge chat: {notice}", file=sys.stderr)
     interactive = sys.stdin.isatty()

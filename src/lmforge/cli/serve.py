@@ -6,6 +6,8 @@ import os
 import signal
 import sys
 
+from lmforge.cli.use import add_quantize_option
+
 
 def add_serve(sub) -> None:
     p = sub.add_parser(
@@ -47,6 +49,7 @@ def add_serve(sub) -> None:
         "'pooling' overrides it)",
     )
     p.add_argument("--device", default="auto")
+    add_quantize_option(p)
 
 
 def run_serve(args) -> int:
@@ -70,7 +73,9 @@ def run_serve(args) -> int:
     def notice(text: str) -> None:
         print(f"lmforge serve: {text}", file=sys.stderr, flush=True)
 
-    server, sock, url = open_server(args.model, cfg, device=pick_device(args.device), on_notice=notice)
+    server, sock, url = open_server(
+        args.model, cfg, device=pick_device(args.device), on_notice=notice, quantize=args.quantize
+    )
     print(f"lmforge serve: listening on {url} (chat page: {url}/)", flush=True)
     # uvicorn handles SIGTERM/SIGINT while it runs (drain, then stop) and raises the signal again once it has
     # stopped: that second delivery should end nothing, so the exit is a clean 0.

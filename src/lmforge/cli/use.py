@@ -38,6 +38,36 @@ def sampling_from_args(args, stop: tuple[str, ...] = ()):
     )
 
 
+def add_quantize_option(p) -> None:
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int8-dynamic", "int4"],
+        default=None,
+        help="int8 projections (CPU): int8 and int4 weight-only; int8-dynamic also rounds activations "
+        "(fastest on AVX2, larger quality cost); see docs/inference.md",
+    )
+
+
+def add_decode_options(p) -> None:
+    """How `generate`, `chat` and `eval` decode (``lmforge.infer.loading.DecodeOptions``)."""
+    p.add_argument(
+        "--decode",
+        choices=["fast", "eager"],
+        default="fast",
+        help="fast: the static-cache decoding step (default); eager: the reference path",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="compile the fast step with torch.compile (a minute at start)"
+    )
+    add_quantize_option(p)
+
+
+def decode_from_args(args):
+    from lmforge.infer.loading import DecodeOptions
+
+    return DecodeOptions(fast=args.decode == "fast", compile=args.compile, quantize=args.quantize)
+
+
 def add_generate(sub) -> None:
     p = sub.add_parser(
         "generate", help="continue prompts with a trained model (KV cache, sampling, streaming)"
@@ -56,6 +86,7 @@ def add_generate(sub) -> None:
         "--chat", action="store_true", help="send each prompt as a user message through the chat template"
     )
     p.add_argument("--system", default=None, help="--chat: a system prompt")
+    add_decode_options(p)
 
 
 def run_generate(args) -> int:
@@ -69,7 +100,13 @@ def run_generate(args) -> int:
     sampling = sampling_from_args(args, stop=tuple(args.stop))
     if args.chat:
         return _chat_generations(prompts, sampling, args)
-    generator = open_generator(args.model, sampling, device=_device(args.device), use_cache=not args.no_cache)
+    generator = open_generator(
+        args.model,
+        sampling,
+        device=_device(args.device),
+        use_cache=not args.no_cache,
+        decode=decode_from_args(args),
+    )
     if prompts:
         _print_generations(generator, prompts, args)
     while args.interactive:
@@ -97,7 +134,12 @@ def _chat_generations(prompts: list[str], sampling, args) -> int:
             "--chat answers --prompt/--prompts-file one by one; for a conversation use `lmforge chat`"
         )
     session, notice = open_chat(
-        args.model, sampling, device=_device(args.device), system=args.system, use_cache=not args.no_cache
+        args.model,
+        sampling,
+        device=_device(args.device),
+        system=args.system,
+        use_cache=not args.no_cache,
+        decode=decode_from_args(args),
     )
     if notice:
         print(f"lmforge generate: {notice}", file=sys.stderr)
@@ -172,6 +214,7 @@ def add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="write the results, config and fingerprint as JSON here")
+    add_decode_options(p)
     p.add_argument(
         "--no-log-samples",
         action="store_true",
@@ -201,6 +244,7 @@ def run_eval(args) -> int:
         temperature=args.temperature,
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
+        decode=decode_from_args(args),
     )
     for note in report.notes:
         print(note)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import DataError
+from lmforge.infer.fast import FastDecoder
 from lmforge.infer.generate import SamplingConfig, TextTracker, Tokenizer, check_sampling, generate_ids
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -326,6 +327,7 @@ class ChatSession:
     device: torch.device
     system: str | None = None
     use_cache: bool = True
+    decoder: FastDecoder | None = None  # the fast decoding step (``infer.fast``); None: the eager path
     messages: list[dict] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
     last: Reply | None = None
@@ -402,6 +404,7 @@ class ChatSession:
             pad_id=self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0,
             use_cache=self.use_cache,
             on_token=on_token,
+            decoder=self.decoder,
         )
         tail = tracker.flush()
         if tail and on_text is not None:

@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 
 from lmforge.errors import ConfigError, DataError
+from lmforge.infer.fast import FastDecoder, cache_length
 from lmforge.model.transformer import KVCache, Transformer
 
 
@@ -166,6 +167,7 @@ def generate_ids(
     pad_id: int = 0,
     use_cache: bool = True,
     on_token: Callable[[int, list[int]], bool] | None = None,
+    decoder: FastDecoder | None = None,
 ) -> IdsResult:
     """Continue each prompt (a list of token ids) by up to ``sampling.max_new_tokens`` tokens.
     (Long by choice: the decoding loop reads best as one piece, prefill, step, sample, stop, in order.)
@@ -173,6 +175,8 @@ def generate_ids(
     ``on_token(row, generated_so_far)`` is called after every new token of an unfinished row; returning True
     ends that row (stop strings, streaming). ``use_cache=False`` recomputes the whole sequence every step (the
     reference the cache is tested against). The context limit ``model.cfg.max_seq_len`` ends rows early.
+    ``decoder`` (a ``FastDecoder`` of this model, with the cache) takes the steps after the prompt: the fast
+    path; without it every step goes through ``model.hidden_states`` (the eager path, the reference).
     """
     check_sampling(sampling)
     max_seq_len = model.cfg.max_seq_len
@@ -194,7 +198,8 @@ def generate_ids(
     cache = None
     if use_cache:
         dtype = next(model.parameters()).dtype
-        cache = KVCache.empty(model.cfg, batch, longest + budget, device=device, dtype=dtype)
+        size = cache_length(longest + budget, compiled=decoder is not None and decoder.compiled)
+        cache = KVCache.empty(model.cfg, batch, size, device=device, dtype=dtype)
         hidden = model.hidden_states(ids, attention_mask=mask, position_ids=positions, cache=cache)
     else:
         hidden = model.hidden_states(ids, attention_mask=mask, position_ids=positions)
@@ -205,6 +210,8 @@ def generate_ids(
     unfinished = batch
     # positions of every token still to feed, computed once: (B, budget)
     step_positions = positions[:, -1:] + torch.arange(1, budget + 1, device=device)
+    fast = decoder is not None and cache is not None
+    index = torch.tensor([longest], device=device)  # (1,) the fast step's cache slot, advanced in place
     if not use_cache:  # the reference path grows full-length buffers instead of concatenating every step
         ids = torch.cat([ids, ids.new_zeros(batch, budget)], dim=1)  # (B, L + budget)
         mask = torch.cat([mask, mask.new_ones(batch, budget)], dim=1)
@@ -228,6 +235,10 @@ def generate_ids(
         if seen is not None:
             seen.scatter_(1, token.unsqueeze(1), True)
         step_ids = token.unsqueeze(1)  # (B, 1)
+        if fast:
+            logits = decoder.step(cache, step_ids, step_positions[:, step : step + 1], index)
+            index += 1
+            continue
         if cache is not None:
             hidden = model.hidden_states(
                 step_ids, position_ids=step_positions[:, step : step + 1], cache=cache
@@ -311,6 +322,7 @@ def generate(
     device: torch.device,
     use_cache: bool = True,
     on_text: Callable[[int, str], None] | None = None,
+    decoder: FastDecoder | None = None,
 ) -> list[Generation]:
     """Continue each prompt string. ``on_text(row, delta)`` streams each row's new text as it is produced."""
     check_sampling(sampling)
@@ -338,6 +350,7 @@ def generate(
         pad_id=pad_id,
         use_cache=use_cache,
         on_token=on_token if needs_text else None,
+        decoder=decoder,
     )
     out = []
     for row, tokens in enumerate(result.tokens):
@@ -363,6 +376,7 @@ class TextGenerator:
     sampling: SamplingConfig
     device: torch.device
     use_cache: bool = True
+    decoder: FastDecoder | None = None  # the fast decoding step; None: the eager path
 
     def __call__(
         self, prompts: Sequence[str], on_text: Callable[[int, str], None] | None = None
@@ -375,6 +389,7 @@ class TextGenerator:
             device=self.device,
             use_cache=self.use_cache,
             on_text=on_text,
+            decoder=self.decoder,
         )
 
 

@@ -17,7 +17,9 @@ from lmforge.infer.chat import (
     default_template,
     read_chat_template,
 )
+from lmforge.infer.fast import FastDecoder
 from lmforge.infer.generate import SamplingConfig, TextGenerator, check_sampling
+from lmforge.infer.quantize import check_quantize, quantize_model
 from lmforge.model.transformer import Transformer, build_model
 
 
@@ -53,11 +55,13 @@ def load_hf_folder(path: Path, *, device: torch.device) -> tuple[Transformer, Co
     return model, config
 
 
-def load_for_inference(path: str | Path, *, device: torch.device) -> LoadedModel:
+def load_for_inference(path: str | Path, *, device: torch.device, quantize: str | None = None) -> LoadedModel:
     """The model (in eval mode, on ``device``), its tokenizer and chat template from a run, checkpoint or HF
-    folder."""
+    folder. ``quantize`` ("int8", "int8-dynamic", "int4": ``infer.quantize``) replaces its projections by
+    quantized ones (CPU)."""
     from lmforge.data.tokenizer import load_tokenizer
 
+    check_quantize(quantize)
     path = Path(path)
     if path.is_dir() and is_hf_folder(path):
         model, config = load_hf_folder(path, device=device)
@@ -69,20 +73,42 @@ def load_for_inference(path: str | Path, *, device: torch.device) -> LoadedModel
         load_tokenizer(directory if is_hf_folder(directory) else tokenizer_path) if tokenizer_path else None
     )
     template = read_chat_template(directory)
+    if quantize is not None:
+        quantize_model(model, quantize)
     return LoadedModel(model.eval(), tokenizer, config, directory, tokenizer_path, template)
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How ``generate``, ``chat`` and ``eval`` decode: the fast step (``infer.fast``) or the eager reference,
+    compiled or not, on float or weight-only quantized weights."""
+
+    fast: bool = True
+    compile: bool = False
+    quantize: str | None = None  # "int8", "int8-dynamic", "int4" or None (float)
+
+    def decoder(self, model: Transformer) -> FastDecoder | None:
+        return FastDecoder(model, compile=self.compile) if self.fast else None
 
 
 # -- opening a model for a use ----------------------------------------------------------------------------
 
 
 def open_generator(
-    model: str | Path, sampling: SamplingConfig, *, device: torch.device, use_cache: bool = True
+    model: str | Path,
+    sampling: SamplingConfig,
+    *,
+    device: torch.device,
+    use_cache: bool = True,
+    decode: DecodeOptions = DecodeOptions(),
 ) -> TextGenerator:
     """Check ``sampling``, then open ``model`` (an lmforge run/checkpoint or a Hugging Face folder with a
     tokenizer) on ``device``."""
     check_sampling(sampling)  # before the weights are read
-    loaded = load_for_inference(model, device=device)
-    return TextGenerator(loaded.model, loaded.require_tokenizer(), sampling, device, use_cache)
+    loaded = load_for_inference(model, device=device, quantize=decode.quantize)
+    tokenizer = loaded.require_tokenizer()
+    decoder = decode.decoder(loaded.model)
+    return TextGenerator(loaded.model, tokenizer, sampling, device, use_cache, decoder)
 
 
 def open_chat(
@@ -92,11 +118,12 @@ def open_chat(
     device: torch.device,
     system: str | None = None,
     use_cache: bool = True,
+    decode: DecodeOptions = DecodeOptions(),
 ) -> tuple[ChatSession, str | None]:
     """A chat session with ``model`` (an lmforge run/checkpoint or a Hugging Face folder) and a notice when
     the model carries no chat template (the default one is used then)."""
     check_sampling(sampling)  # before the weights are read
-    loaded = load_for_inference(model, device=device)
+    loaded = load_for_inference(model, device=device, quantize=decode.quantize)
     tokenizer = loaded.require_tokenizer()
     template, notice = loaded.chat_template, None
     if template is None:
@@ -106,6 +133,13 @@ def open_chat(
             "default lmforge template; a model not fine-tuned on it may not follow it"
         )
     session = ChatSession(
-        loaded.model, tokenizer, template, sampling, device, system=system, use_cache=use_cache
+        loaded.model,
+        tokenizer,
+        template,
+        sampling,
+        device,
+        system=system,
+        use_cache=use_cache,
+        decoder=decode.decoder(loaded.model),
     )
     return session, notice

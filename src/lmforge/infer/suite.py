@@ -11,6 +11,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +24,9 @@ from lmforge.infer.evaluate import (
 )
 from lmforge.infer.generate import Tokenizer
 from lmforge.model.transformer import Transformer
+
+if TYPE_CHECKING:
+    from lmforge.infer.loading import DecodeOptions
 
 
 def task_metrics(
@@ -138,15 +142,17 @@ def evaluate_model(
     temperature: float = 0.0,
     seed: int = 0,
     max_new_tokens: int | None = None,
+    decode: DecodeOptions | None = None,
 ) -> EvalReport:
     """Open ``model`` (an lmforge run/checkpoint or a Hugging Face folder) and score: perplexity and bits per
     byte of each text file and of the val split of each prepared folder, accuracy on each multiple-choice
     task (first ``limit`` items). A task is a multiple-choice JSONL file, the name of a shipped task spec
     (its data under ``data_dir``) or the path of a spec (``lmforge.infer.tasks``): generative tasks are scored
     with their reference metrics, ``num_fewshot`` examples each, through ``render_chat`` (messages -> prompt)
-    when ``chat``, generating at most ``max_new_tokens`` (default: each spec's). Every input is checked before the weights are loaded. (Long by choice: one pass over
+    when ``chat``, generating at most ``max_new_tokens`` (default: each spec's) as ``decode`` says (default: the
+    fast step on float weights). Every input is checked before the weights are loaded. (Long by choice: one pass over
     each kind of input, in the order the report lists them.)"""
-    from lmforge.infer.loading import load_for_inference
+    from lmforge.infer.loading import DecodeOptions, load_for_inference
     from lmforge.infer.tasks import TaskOptions, resolve_task, run_task
     from lmforge.infer.tasks.spec import read_items
 
@@ -168,8 +174,10 @@ def evaluate_model(
     unprepared = [d for d in prepared if not (Path(d) / "meta.json").is_file()]
     if unprepared:
         raise DataError(f"{unprepared[0]}: not a prepared dataset (no meta.json); run `lmforge data prepare`")
-    loaded = load_for_inference(model, device=device)
+    decode = decode or DecodeOptions()
+    loaded = load_for_inference(model, device=device, quantize=decode.quantize)
     tokenizer = loaded.require_tokenizer()
+    decoder = decode.decoder(loaded.model)
     if render_chat is None and (chat or any(spec.chat for spec in specs)):
         render_chat, encode_chat = chat_functions(loaded, tokenizer)
     window = {"device": device, "seq_len": seq_len, "batch_size": batch_size, "max_tokens": max_tokens}
@@ -205,6 +213,7 @@ def evaluate_model(
             device=device,
             render_chat=render_chat,
             encode_chat=encode_chat,
+            decoder=decoder,
         )
         results[spec.name] = done.metrics
         ran[spec.name] = {"kind": done.kind, "config": done.config, "samples": done.samples}
@@ -212,7 +221,7 @@ def evaluate_model(
             notes.append(f"{spec.name}: {done.metrics['truncated']} prompts were cut to fit the context")
     config = {"limit": limit, "batch_size": batch_size, "num_fewshot": num_fewshot, "chat": chat,
               "temperature": temperature, "seed": seed, "max_new_tokens": max_new_tokens,
-              "device": str(device)}  # fmt: skip
+              "device": str(device), "quantize": decode.quantize}  # fmt: skip
     return EvalReport(
         model=str(loaded.directory),
         results=results,

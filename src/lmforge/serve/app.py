@@ -735,14 +735,16 @@ def open_server(
     *,
     device: torch.device,
     on_notice: Callable[[str], None] = logger.warning,
+    quantize: str | None = None,
 ):
-    """Load ``model_path``, build the app and bind the socket: returns (uvicorn.Server, socket, url)."""
+    """Load ``model_path`` (with ``quantize``d weights: "int8", "int4", ``infer.quantize``), build the app and
+    bind the socket: returns (uvicorn.Server, socket, url)."""
     from lmforge.infer.chat import default_template
     from lmforge.infer.loading import load_for_inference
 
     check_serve_config(cfg)
     sock = bind(cfg.host, cfg.port)  # before the weights are read: a busy port fails fast
-    loaded = load_for_inference(model_path, device=device)
+    loaded = load_for_inference(model_path, device=device, quantize=quantize)
     tokenizer = loaded.require_tokenizer()
     template = loaded.chat_template
     if template is None:

@@ -16,13 +16,20 @@ from lmforge.infer.evaluate import (
     encode_pair,
     load_choice_task,
 )
+from lmforge.infer.fast import FastDecoder
 from lmforge.infer.generate import SamplingConfig, Tokenizer, generate_ids
 from lmforge.infer.tasks.spec import TaskOptions, TaskResult, TaskSpec, read_items, render
 from lmforge.model.transformer import Transformer
 
 
 def run_loglikelihood_task(
-    model: Transformer, tokenizer: Tokenizer, spec: TaskSpec, options: TaskOptions, *, device: torch.device
+    model: Transformer,
+    tokenizer: Tokenizer,
+    spec: TaskSpec,
+    options: TaskOptions,
+    *,
+    device: torch.device,
+    decoder: FastDecoder | None = None,
 ) -> TaskResult:
     config = {**spec.to_dict(), "num_fewshot": 0, "limit": options.limit, "batch_size": options.batch_size}
     if spec.kind == "multiple_choice":
@@ -49,7 +56,7 @@ def run_loglikelihood_task(
         prompts = [context[-(window - longest) :] for context, _ in group]
         result = generate_ids(
             model, prompts, SamplingConfig(max_new_tokens=longest, temperature=0.0), device=device,
-            pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0,
+            pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0, decoder=decoder,
         )  # fmt: skip
         hits += [float(out[: len(t)] == t) for out, (_, t) in zip(result.tokens, group)]
     acc, acc_stderr = M.mean_stderr(hits)

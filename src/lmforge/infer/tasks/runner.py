@@ -16,6 +16,7 @@ import torch
 
 import lmforge.infer.tasks.metrics as M
 from lmforge.errors import ConfigError, DataError
+from lmforge.infer.fast import FastDecoder
 from lmforge.infer.generate import SamplingConfig, TextTracker, Tokenizer, check_sampling, generate_ids
 from lmforge.infer.tasks.spec import GENERATIVE, Item, TaskOptions, TaskResult, TaskSpec, read_items, render
 from lmforge.model.transformer import Transformer
@@ -109,6 +110,7 @@ def generate_batched(
     *,
     device: torch.device,
     batch_size: int,
+    decoder: FastDecoder | None = None,
 ) -> list[str]:
     """Continue every prompt (ids), ``batch_size`` at a time, longest first (less padding), each cut at the
     first stop string; the texts come back in prompt order."""
@@ -131,6 +133,7 @@ def generate_batched(
             eos_id=tokenizer.eot_id,
             pad_id=pad_id,
             on_token=on_token if sampling.stop else None,
+            decoder=decoder,
         )
         for r, i in enumerate(rows):
             texts[i] = trackers[r].text if sampling.stop else tokenizer.decode(result.tokens[r])
@@ -197,14 +200,16 @@ def run_task(
     device: torch.device,
     render_chat: RenderChat | None = None,
     encode_chat: Callable[[str], list[int]] | None = None,
+    decoder: FastDecoder | None = None,
 ) -> TaskResult:
     """Measure ``model`` on ``spec``. ``render_chat`` turns messages into a prompt with the model's chat
     template; it is needed when the spec or ``options.chat`` asks for chat. ``encode_chat`` encodes such a
-    prompt (special-token texts to their ids; default ``tokenizer.encode``)."""
+    prompt (special-token texts to their ids; default ``tokenizer.encode``). ``decoder``: the fast decoding
+    step of ``model`` (``infer.fast``); None decodes on the eager path."""
     if spec.kind not in GENERATIVE:
         from lmforge.infer.tasks.choice import run_loglikelihood_task
 
-        return run_loglikelihood_task(model, tokenizer, spec, options, device=device)
+        return run_loglikelihood_task(model, tokenizer, spec, options, device=device, decoder=decoder)
     k = spec.fewshot.k if options.num_fewshot is None else options.num_fewshot
     chat = spec.chat if options.chat is None else options.chat
     max_new = options.max_new_tokens or spec.max_new_tokens
@@ -239,7 +244,7 @@ def run_task(
         ids.append(prompt_ids)
         truncated += cut
     predictions = generate_batched(
-        model, tokenizer, ids, sampling, device=device, batch_size=options.batch_size
+        model, tokenizer, ids, sampling, device=device, batch_size=options.batch_size, decoder=decoder
     )
     references = [item.references(spec) for item in items]
     languages = [item.language(spec) for item in items]
