@@ -235,7 +235,7 @@ def test_the_options_reach_the_scheduler_and_bad_values_are_refused(checkpoint, 
 
     seen = {}
 
-    def fake_open_server(model, cfg, *, device, on_notice):
+    def fake_open_server(model, cfg, *, device, on_notice, quantize=None):
         seen["cfg"] = cfg
         raise ConfigError("stop here")
 
