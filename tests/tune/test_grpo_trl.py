@@ -16,7 +16,7 @@ import torch
 
 from lmforge.tune.grpo import VARIANTS, PolicyLoss, group_advantages, policy_terms
 from tests.conftest import require_module
-from tests.tune.test_grpo_loss import P, G, T, fixed_batch
+from tests.tune.test_grpo_loss import G, P, T, fixed_batch
 
 TRL_SETTINGS = {  # our variant -> (TRL loss_type, importance_sampling_level)
     "grpo": ("grpo", "token"),

@@ -28,6 +28,9 @@ from lmforge.tune.lora import LoRAConfig, apply_lora
 from lmforge.tune.rewards import parse_reward
 from lmforge.tune.rollout import Reference, RolloutConfig, RolloutLoader, evaluate_rewards, read_prompts
 
+DEFAULT_ROLLOUT = RolloutConfig()
+DEFAULT_LOSS = PolicyLoss()
+
 
 @dataclass
 class RLResult:
@@ -74,8 +77,8 @@ def tune_grpo(
     *,
     out_dir: str | Path,
     rewards: Sequence[str],
-    rollout: RolloutConfig = RolloutConfig(),
-    loss: PolicyLoss = PolicyLoss(),
+    rollout: RolloutConfig = DEFAULT_ROLLOUT,
+    loss: PolicyLoss = DEFAULT_LOSS,
     overrides: Sequence[str] = (),
     lora: LoRAConfig | None = None,
     raw_prompts: bool = False,
