@@ -98,6 +98,10 @@ def tune_grpo(
     from lmforge.tune.sft import save_final_model, split_examples
 
     problems = loss.problems() + rollout.problems() + (lora.problems() if lora is not None else [])
+    if lora is not None and any(o.replace(" ", "") == "parallel.strategy=fsdp" for o in overrides):
+        problems.append(
+            "LoRA with parallel.strategy=fsdp: use full fine-tuning or ddp (the final merge needs it)"
+        )
     if not rewards:
         problems.append(
             "no reward: give --reward NAME (exact, math, format, length, code) or module:function"
@@ -163,9 +167,11 @@ def tune_grpo(
     )
     result = train(cfg, resume=resume, task=task, progress=progress)
     loader.reference = None  # the frozen copy is no longer needed
-    model_dir = save_final_model(result.checkpoint, cfg, lora, Path(out_dir) / "model", loaded.tokenizer_path)
+    model_dir = Path(out_dir) / "model"
+    if loader.rank == 0:  # under torchrun, rank 0 writes the final model and scores it
+        save_final_model(whole_checkpoint(result.checkpoint), cfg, lora, model_dir, loaded.tokenizer_path)
     val_after = {}
-    if val_prompts:
+    if val_prompts and loader.rank == 0:
         from lmforge.checkpoint import load_model_state
         from lmforge.model.transformer import build_model
 
@@ -173,7 +179,7 @@ def tune_grpo(
         tuned.load_state_dict(load_model_state(model_dir, cfg), strict=True)
         val_after = evaluate(tuned.to(device))
     hf_dir = None
-    if export_hf is not None:
+    if export_hf is not None and loader.rank == 0:
         from lmforge.convert import export_model
 
         hf_dir = export_model(model_dir, export_hf, verify=True).out_dir
@@ -190,6 +196,21 @@ def tune_grpo(
         val_after=val_after,
         hf_dir=hf_dir,
     )
+
+
+def whole_checkpoint(directory: Path) -> Path:
+    """The run's last checkpoint as one folder: a sharded (FSDP) one is consolidated beside it first."""
+    import shutil
+
+    from lmforge.checkpoint.sharded import consolidate, is_sharded
+
+    if not is_sharded(directory):
+        return directory
+    out = consolidate(directory, directory.parent / f"{directory.name}-whole")
+    card = directory / "MODEL_CARD.md"
+    if card.is_file():
+        shutil.copyfile(card, out / "MODEL_CARD.md")
+    return out
 
 
 def rl_lineage(base, loaded, data_path, variant: str, template, split: tuple) -> dict:

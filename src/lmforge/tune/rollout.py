@@ -217,6 +217,7 @@ class RolloutLoader:
         self.log_path = log_path
         self.eot = tokenizer.eot_id
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (self.eot or 0)
+        self.rank = 0
         self.policy: nn.Module | None = None
         self.reference: Reference | None = None
         # the state a checkpoint saves
@@ -250,6 +251,7 @@ class RolloutLoader:
     def _draw_round(self) -> list[PromptRow]:
         """This process's slice of the next ``prompts_per_step`` prompts of the stream."""
         rank, world = self.rank_world
+        self.rank = rank  # remembered for after the run, when the process group is gone
         P = self.rollout.prompts_per_step
         if P % world:
             raise ConfigError(f"--prompts-per-step {P} must be a multiple of the process count {world}")
