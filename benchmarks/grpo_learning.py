@@ -96,7 +96,9 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=200)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--sft-lr", type=float, default=3e-3)
     parser.add_argument("--rl-lr", type=float, default=2e-4)
+    parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--timing-steps", type=int, default=6)
     parser.add_argument("--dir", default="/tmp/grpo-bench")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "grpo_learning.json"))
@@ -117,7 +119,7 @@ def main() -> None:
     started = time.perf_counter()
     sft = finetune(
         base, train_file, out_dir=work / "sft", val_fraction=0.0, progress=False,
-        overrides=[f"train.steps={args.sft_steps}", "train.lr=1e-3", "train.min_lr=1e-4", "train.micro_batch=32",
+        overrides=[f"train.steps={args.sft_steps}", f"train.lr={args.sft_lr}", f"train.min_lr={args.sft_lr / 10}", "train.micro_batch=32",
                    "train.seq_len=64", "train.warmup_steps=20", *quiet],
     )  # fmt: skip
     sft_seconds = time.perf_counter() - started
@@ -125,7 +127,9 @@ def main() -> None:
     print(f"SFT {args.sft_steps} steps ({sft_seconds:.0f} s): held-out accuracy {acc_sft:.3f}")
 
     per_step = args.group * args.prompts
-    rollout = RolloutConfig(group_size=args.group, prompts_per_step=args.prompts, max_new_tokens=6)
+    rollout = RolloutConfig(
+        group_size=args.group, prompts_per_step=args.prompts, max_new_tokens=6, temperature=args.temperature
+    )
     started = time.perf_counter()
     rl = tune_grpo(
         sft.model_dir, train_file, out_dir=work / "grpo", rewards=["exact"], rollout=rollout,
@@ -187,7 +191,8 @@ def main() -> None:
         "budget": {"steps": args.rl_steps, "sequences_per_step": per_step, "grpo_seconds": round(rl_seconds, 1),
                    "further_sft_seconds": round(more_seconds, 1)},
         "grpo": {"variant": "grpo (beta 0.04, eps 0.2)", "group_size": args.group, "prompts_per_step": args.prompts,
-                 "lr": args.rl_lr},
+                 "lr": args.rl_lr, "temperature": args.temperature},
+        "sft_lr": args.sft_lr,
         "reward_curve": curve,
         "timing": timing,
         "load_average": os.getloadavg()[0],

@@ -152,6 +152,7 @@ def test_finetune_grpo_through_the_cli(base_checkpoint, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "gspo: 10 training / 2 held-out prompts, 0 skipped" in out
     assert "held-out mean reward (greedy) reward " in out and "reward_length" in out
+    assert "planner: RL step peak " in out and "KV cache" in out
     logged = metrics(tmp_path / "run")
     assert [r["step"] for r in logged if "reward_exact" in r] == [
         2

@@ -397,6 +397,7 @@ def run_rl(args) -> int:
             + ", ".join(f"{k} {result.val_before[k]:.3f} -> {v:.3f}" for k, v in result.val_after.items())
         )
     print(f"final loss {result.final_loss}; sampled completions: {result.run_dir / 'completions.jsonl'}")
+    print(f"planner: {result.memory}")
     print(
         f"tuned model: {result.model_dir}"
         + (f"; Hugging Face folder: {result.hf_dir}" if result.hf_dir else "")

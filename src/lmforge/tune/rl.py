@@ -45,6 +45,7 @@ class RLResult:
     val_before: dict[str, float]  # mean held-out rewards of the base model's greedy answers
     val_after: dict[str, float]  # ... and of the tuned model's
     hf_dir: Path | None
+    memory: str = ""  # the planner's figure for the RL step (plan.rl)
 
 
 def rl_config(loaded_cfg, out_dir, overrides: Sequence[str], rollout: RolloutConfig, prompt_tokens: int):
@@ -155,6 +156,9 @@ def tune_grpo(
         loader.bind(model, reference)
         return model
 
+    memory = step_memory(
+        cfg, rollout, longest, reference_copy=resolved.beta > 0 and lora is None, device=device
+    )
     lineage = rl_lineage(
         base, loaded, data_path, resolved.variant, template, (train_prompts, val_prompts, skipped)
     )
@@ -195,6 +199,35 @@ def tune_grpo(
         val_before=val_before,
         val_after=val_after,
         hf_dir=hf_dir,
+        memory=memory.describe(),
+    )
+
+
+def step_memory(cfg, rollout: RolloutConfig, prompt_tokens: int, *, reference_copy: bool, device):
+    """The planner's memory of one process's RL step (``plan.rl``) for this run's layout and batches."""
+    from lmforge.plan.memory import Layout
+    from lmforge.plan.rl import rl_memory
+
+    tc, parallel = cfg.train, cfg.parallel
+    world = parallel.world_size or 1
+    strategy = parallel.strategy if parallel.strategy != "auto" else ("single" if world == 1 else "ddp")
+    per_process = rollout.prompts_per_step // world
+    layout = Layout(
+        strategy=strategy,
+        world_size=world,
+        micro_batch=tc.micro_batch,
+        seq_len=tc.seq_len,
+        grad_accum=max(1, per_process * rollout.group_size // tc.micro_batch),
+        precision=tc.precision,
+        device_kind=device.type,
+    )
+    return rl_memory(
+        cfg.model,
+        layout,
+        rows_per_call=(rollout.generation_batch or per_process) * rollout.group_size,
+        prompt_tokens=prompt_tokens,
+        max_new_tokens=rollout.max_new_tokens,
+        reference_copy=reference_copy,
     )
 
 
