@@ -159,3 +159,48 @@ def test_finetune_grpo_through_the_cli(base_checkpoint, tmp_path, capsys):
     ]  # finetune logs every 10 steps and the last
     card = (tmp_path / "run" / "model" / "MODEL_CARD.md").read_text()
     assert "GSPO" in card
+
+
+def test_with_lora_the_reference_is_the_base_with_adapters_off(base_checkpoint, tmp_path):
+    """The KL reference of a LoRA run is the policy with its adapters switched off: equal to a frozen copy
+    of the base (bit for bit) before training and after the adapters have moved; the run merges them."""
+    import copy
+
+    from lmforge.infer.loading import load_for_inference
+    from lmforge.tune.grpo import token_logps
+    from lmforge.tune.lora import LoRAConfig, apply_lora
+    from lmforge.tune.rewards import parse_reward
+    from lmforge.tune.rollout import Reference, RolloutLoader, read_prompts
+
+    loaded = load_for_inference(base_checkpoint, device=torch.device("cpu"))
+    tokenizer = loaded.require_tokenizer()
+    frozen = copy.deepcopy(loaded.model).eval()
+    policy = apply_lora(
+        loaded.model, LoRAConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
+    )
+    rows, _ = read_prompts(prompts(tmp_path / "p.jsonl", n=6), tokenizer, None, max_prompt_tokens=64)
+    loader = RolloutLoader(
+        rows, rewards=[parse_reward("tests.tune.test_grpo_run:share_lower")],
+        rollout=RolloutConfig(group_size=4, prompts_per_step=1, max_new_tokens=6), loss=PolicyLoss(beta=0.1),
+        tokenizer=tokenizer, micro_batch=4, seed=0, vocab_size=tokenizer.vocab_size, tokenizer_path=None,
+    )  # fmt: skip
+    loader.bind(policy, Reference(None))
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad:  # move the adapters (B starts at zero): the policy now differs from the base
+                p.add_(0.05 * torch.randn_like(p))
+    batch = loader.next_batch()
+    with torch.no_grad():
+        assert torch.equal(batch.ref_logps, token_logps(frozen, batch.inputs, batch.targets)[0])
+        moved = token_logps(policy, batch.inputs, batch.targets)[0]
+    assert not torch.allclose(moved, batch.ref_logps)
+
+    result = tune_grpo(
+        base_checkpoint, prompts(tmp_path / "q.jsonl", n=8), out_dir=tmp_path / "run",
+        rewards=["tests.tune.test_grpo_run:share_lower"], lora=LoRAConfig(rank=4, alpha=8.0),
+        rollout=RolloutConfig(group_size=4, prompts_per_step=2, max_new_tokens=4), val_fraction=0.0,
+        overrides=[*QUICK, "train.steps=2"], progress=False,
+    )  # fmt: skip
+    assert result.reference == "LoRA adapters off"
+    merged = load_file(result.model_dir / "model.safetensors")
+    assert not any("lora" in k for k in merged)

@@ -403,8 +403,9 @@ class RolloutLoader:
         self.generations += 1
 
     def _stats(self, kept: list[Group], sampled: list[Group]) -> dict[str, float]:
-        """Figures of a generation, over every process: rewards (total and per function) of the groups
-        trained on, the fraction of sampled groups without signal, completion lengths."""
+        """Figures of a generation, over every process: the mean and standard deviation of the rewards (the
+        weighted total and each function's) of the completions trained on, the fraction of sampled groups
+        without signal, the mean completion length."""
         names = [r.name for r in self.rewards]
         values = [[sum(g.rewards), sum(x * x for x in g.rewards)] for g in kept]
         sums = [
@@ -415,6 +416,7 @@ class RolloutLoader:
             float(len(sampled)),
             float(sum(len(c) for g in kept for c in g.completions)),
             *[sum(sum(g.scores[n]) for g in kept) for n in names],
+            *[sum(x * x for g in kept for x in g.scores[n]) for n in names],
         ]
         if self.rank_world[1] > 1:
             t = torch.tensor(sums, dtype=torch.float64, device=self._device())
@@ -428,7 +430,10 @@ class RolloutLoader:
             "zero_variance_groups": flat / groups,
             "completion_length": length / n,
         }
-        out.update({f"reward_{name}": s / n for name, s in zip(names, sums[6:])})
+        k = len(names)
+        for name, s, s2 in zip(names, sums[6 : 6 + k], sums[6 + k :]):
+            out[f"reward_{name}"] = s / n
+            out[f"reward_{name}_std"] = math.sqrt(max(0.0, s2 / n - (s / n) ** 2))
         return out
 
     def _log_completions(self, kept: list[Group]) -> None:
