@@ -132,7 +132,15 @@ def test_rollout_rows_hold_the_prompt_then_the_completion_with_loss_on_the_compl
     assert torch.equal(loader.next_batch().inputs, first.inputs) and torch.equal(
         loader.next_batch().inputs, second.inputs
     )
-    assert loader.generations == 1 and not torch.equal(loader.next_batch().inputs, first.inputs)
+    third = loader.next_batch()  # the second generation: the next prompts, sampled with the next round's seed
+    assert loader.generations == 2 and not torch.equal(third.inputs, first.inputs)
+    prompt = loader._prompt_at(2).ids
+    again = generate_ids(
+        loaded.model, [prompt] * 4 + [loader._prompt_at(3).ids] * 4, rollout.sampling(call_seed(3, 1, 0)),
+        device=torch.device("cpu"), eos_id=tokenizer.eot_id, pad_id=tokenizer.eot_id,
+    ).tokens[:4]  # fmt: skip
+    for r, completion in enumerate(again):
+        assert third.targets[r, len(prompt) - 1 : len(prompt) - 1 + len(completion)].tolist() == completion
 
 
 def test_finetune_grpo_through_the_cli(base_checkpoint, tmp_path, capsys):

@@ -302,9 +302,8 @@ class RolloutLoader:
         for c, start in enumerate(range(0, len(prompts), per_call)):
             chunk = prompts[start : start + per_call]
             rows = [p.ids for p in chunk for _ in range(G)]
-            completions = self._generate(
-                model, rows, call_seed(self.seed, self.rounds, first_call + c), device
-            )
+            seed = call_seed(self.seed, self.rounds, first_call + c)
+            completions = self._generate(model, rows, seed, device)
             for k, prompt in enumerate(chunk):
                 mine = completions[k * G : (k + 1) * G]
                 texts = [self.tokenizer.decode([t for t in c if t != self.eot]) for c in mine]
