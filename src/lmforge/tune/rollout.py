@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -240,8 +241,6 @@ class RolloutLoader:
 
     # -- the prompt stream --
     def _prompt_at(self, index: int) -> PromptRow:
-        import random
-
         n = len(self.prompts)
         epoch, offset = divmod(index, n)
         order = list(range(n))
@@ -354,7 +353,6 @@ class RolloutLoader:
         if self.policy is None:
             raise RuntimeError("RolloutLoader.bind(policy) must be called before drawing batches")
         device = self._device()
-        was_training = self.policy.training
         started = time.perf_counter()
         with autocast_for(device, self.precision):
             kept, sampled = self._collect(device)
@@ -375,7 +373,6 @@ class RolloutLoader:
             )
         stats = self._stats(kept, sampled)
         buffer = []
-        self.policy.train(was_training)
         for i in range(0, len(rows), self.batch_size):
             inputs, targets = pad_rows(rows[i : i + self.batch_size], self.pad_id)
             inputs, targets = inputs.to(device), targets.to(device)
