@@ -66,9 +66,8 @@ def rl_config(loaded_cfg, out_dir, overrides: Sequence[str], rollout: RolloutCon
             f"prompts per step x group size = {per_step} completions is not a multiple of "
             f"train.micro_batch={cfg.train.micro_batch}"
         )
-    tokens = (
-        per_step * cfg.train.seq_len
-    )  # the loop's accumulation: completions per step / (micro x processes)
+    # the loop accumulates global_batch_tokens / (micro x seq_len x processes) micro-batches per step
+    tokens = per_step * cfg.train.seq_len
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_tokens=tokens))
 
 
