@@ -40,15 +40,24 @@ from lmforge.tune.sft import finetune
 CPU = torch.device("cpu")
 
 
-def problems(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
+CIPHER = dict(zip("abcdefghijklmnopqrstuvwxyz", random.Random(7).sample("abcdefghijklmnopqrstuvwxyz", 26)))
+
+
+def problems(n: int, seed: int, task: str, exclude: set[str] = frozenset()) -> list[dict]:
+    """``addition``: "a+b" -> the sum of two 2-digit numbers; ``cipher``: a 4-letter word -> each letter
+    through a fixed substitution (a letter-mapping puzzle)."""
     rng, out, seen = random.Random(seed), [], set(exclude)
     while len(out) < n:
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        prompt = f"{a}+{b}"
+        if task == "addition":
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            prompt, answer = f"{a}+{b}", str(a + b)
+        else:
+            prompt = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(4))
+            answer = "".join(CIPHER[c] for c in prompt)
         if prompt in seen:
             continue
         seen.add(prompt)
-        out.append({"prompt": prompt, "response": str(a + b), "answer": str(a + b)})
+        out.append({"prompt": prompt, "response": answer, "answer": answer})
     return out
 
 
@@ -90,6 +99,7 @@ def step_times(run_dir: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--task", choices=["addition", "cipher"], default="cipher")
     parser.add_argument("--sft-steps", type=int, default=600)
     parser.add_argument("--rl-steps", type=int, default=60)
     parser.add_argument("--train", type=int, default=2000)
@@ -107,8 +117,8 @@ def main() -> None:
     work = Path(args.dir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    train = problems(args.train, seed=0)
-    held_out = problems(args.eval, seed=1, exclude={r["prompt"] for r in train})
+    train = problems(args.train, seed=0, task=args.task)
+    held_out = problems(args.eval, seed=1, task=args.task, exclude={r["prompt"] for r in train})
     train_file, eval_file = (
         write_jsonl(work / "train.jsonl", train),
         write_jsonl(work / "eval.jsonl", held_out),
@@ -124,7 +134,9 @@ def main() -> None:
     )  # fmt: skip
     sft_seconds = time.perf_counter() - started
     acc_sft = accuracy(sft.model_dir, eval_file)
-    print(f"SFT {args.sft_steps} steps ({sft_seconds:.0f} s): held-out accuracy {acc_sft:.3f}")
+    print(f"SFT {args.sft_steps} steps ({sft_seconds:.0f} s): held-out accuracy {acc_sft:.3f}", flush=True)
+    if args.rl_steps == 0:
+        return
 
     per_step = args.group * args.prompts
     rollout = RolloutConfig(
@@ -184,7 +196,7 @@ def main() -> None:
 
     result = {
         "claim": "GRPO on a verifiable reward raises held-out accuracy beyond the same budget of further SFT",
-        "task": f"2-digit addition, {args.train} training / {args.eval} held-out problems, greedy exact match",
+        "task": f"{args.task}, {args.train} training / {args.eval} held-out problems, greedy exact match",
         "model": "char-level, 2 layers, d_model 128 (printable ASCII)",
         "sft_steps": args.sft_steps,
         "held_out_accuracy": {"after_sft": acc_sft, "grpo": acc_rl, "further_sft": acc_more},

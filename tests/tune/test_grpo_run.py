@@ -212,3 +212,30 @@ def test_with_lora_the_reference_is_the_base_with_adapters_off(base_checkpoint, 
     assert result.reference == "LoRA adapters off"
     merged = load_file(result.model_dir / "model.safetensors")
     assert not any("lora" in k for k in merged)
+
+
+def test_a_run_that_died_after_its_last_checkpoint_resumes_like_an_uninterrupted_one(
+    base_checkpoint, tmp_path
+):
+    """The process dies after step 3 was sampled and trained but before its checkpoint: the resumed run
+    samples generation 2 again from the step-2 checkpoint, and its completions log holds it once."""
+    import shutil
+
+    data = prompts(tmp_path / "p.jsonl")
+    common = dict(
+        rewards=["tests.tune.test_grpo_run:share_lower"],
+        rollout=RolloutConfig(group_size=4, prompts_per_step=2, max_new_tokens=5),
+        loss=PolicyLoss(variant="dapo"),
+        val_fraction=0.0,
+        progress=False,
+        overrides=[*QUICK, "train.steps=3", "train.ckpt_every=2"],
+    )
+    whole = tune_grpo(base_checkpoint, data, out_dir=tmp_path / "whole", **common)
+    shutil.copytree(tmp_path / "whole", tmp_path / "died")
+    shutil.rmtree(tmp_path / "died" / "checkpoints" / "step_00000003")  # the checkpoint it never wrote
+    shutil.rmtree(tmp_path / "died" / "model")
+    rest = tune_grpo(base_checkpoint, data, out_dir=tmp_path / "died", resume="auto", **common)
+    assert rest.final_loss == whole.final_loss
+    log = (tmp_path / "died" / "completions.jsonl").read_text()
+    assert log == (tmp_path / "whole" / "completions.jsonl").read_text()
+    assert [json.loads(line)["generation"] for line in log.splitlines()] == [0] * 4 + [1] * 4 + [2] * 4
