@@ -23,6 +23,7 @@ import random
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -111,12 +112,20 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--timing-steps", type=int, default=6)
     parser.add_argument("--dir", default="/tmp/grpo-bench")
+    parser.add_argument(
+        "--reuse-sft", action="store_true", help="keep DIR/sft from an earlier run of these settings"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "grpo_learning.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     work = Path(args.dir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    reuse = args.reuse_sft and (work / "sft" / "model").is_dir()
+    if not reuse:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+    else:
+        for name in ("grpo", "more-sft", "timing-1", "timing-0"):
+            shutil.rmtree(work / name, ignore_errors=True)
     train = problems(args.train, seed=0, task=args.task)
     held_out = problems(args.eval, seed=1, task=args.task, exclude={r["prompt"] for r in train})
     train_file, eval_file = (
@@ -127,7 +136,7 @@ def main() -> None:
     quiet = ["train.log_every=1", "train.ckpt_every=100000", "train.eval_every=100000"]
 
     started = time.perf_counter()
-    sft = finetune(
+    sft = SimpleNamespace(model_dir=work / "sft" / "model") if reuse else finetune(
         base, train_file, out_dir=work / "sft", val_fraction=0.0, progress=False,
         overrides=[f"train.steps={args.sft_steps}", f"train.lr={args.sft_lr}", f"train.min_lr={args.sft_lr / 10}", "train.micro_batch=32",
                    "train.seq_len=64", "train.warmup_steps=20", *quiet],
@@ -199,6 +208,7 @@ def main() -> None:
         "task": f"{args.task}, {args.train} training / {args.eval} held-out problems, greedy exact match",
         "model": "char-level, 2 layers, d_model 128 (printable ASCII)",
         "sft_steps": args.sft_steps,
+        "sft_seconds": None if reuse else round(sft_seconds, 1),
         "held_out_accuracy": {"after_sft": acc_sft, "grpo": acc_rl, "further_sft": acc_more},
         "budget": {"steps": args.rl_steps, "sequences_per_step": per_step, "grpo_seconds": round(rl_seconds, 1),
                    "further_sft_seconds": round(more_seconds, 1)},

@@ -105,7 +105,7 @@ def test_rollout_rows_hold_the_prompt_then_the_completion_with_loss_on_the_compl
     loaded = load_for_inference(base_checkpoint, device=torch.device("cpu"))
     tokenizer = loaded.require_tokenizer()
     rows, _ = read_prompts(prompts(tmp_path / "p.jsonl", n=6), tokenizer, None, max_prompt_tokens=64)
-    rollout = RolloutConfig(group_size=4, prompts_per_step=2, max_new_tokens=6, iterations=2)
+    rollout = RolloutConfig(group_size=4, prompts_per_step=2, max_new_tokens=6, iterations=2, temperature=0.7)
     loader = RolloutLoader(
         rows, rewards=[parse_reward("tests.tune.test_grpo_run:share_lower")], rollout=rollout,
         loss=PolicyLoss(variant="dr_grpo"), tokenizer=tokenizer, micro_batch=4, seed=3,
@@ -127,7 +127,14 @@ def test_rollout_rows_hold_the_prompt_then_the_completion_with_loss_on_the_compl
     texts = [tokenizer.decode(c) for c in sampled]
     rewards = torch.tensor(share_lower(texts, []), dtype=torch.float64)
     assert torch.allclose(first.advantages.double(), rewards - rewards.mean(), atol=1e-6)  # Dr. GRPO: no std
-    assert first.old_logps is not None and first.ref_logps is None  # iterations=2 records the sampler's
+    assert first.ref_logps is None  # iterations=2 records the sampler's log-probs, at its temperature:
+    with torch.no_grad():
+        by_hand = (loaded.model(first.inputs) / 0.7).log_softmax(-1)  # (B, T, V)
+    mask = first.targets != IGNORE_INDEX
+    picked = by_hand.gather(-1, first.targets.clamp(min=0)[..., None])[..., 0]
+    assert (
+        torch.allclose(first.old_logps[mask], picked[mask], atol=1e-5) and (first.old_logps[~mask] == 0).all()
+    )
     # two optimizer steps per generation: the buffer is drawn twice before the next generation
     assert torch.equal(loader.next_batch().inputs, first.inputs) and torch.equal(
         loader.next_batch().inputs, second.inputs

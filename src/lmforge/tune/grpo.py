@@ -208,10 +208,13 @@ class RolloutBatch(Batch):
 
 
 def token_logps(
-    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-prob of each target token, fp32, 0 where ignored; the logits), (B, T) and (B, T, V)."""
+    """(log-prob of each target token under the sampling distribution, fp32, 0 where ignored; the logits
+    divided by ``temperature``), (B, T) and (B, T, V)."""
     logits = model(inputs)  # (B, T, V)
+    if temperature != 1.0:
+        logits = logits / temperature
     B, T, V = logits.shape
     logps = -F.cross_entropy(
         logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
@@ -222,10 +225,13 @@ def token_logps(
 @dataclass(frozen=True)
 class GRPOObjective:
     """The policy objective as an ``Objective``: sums over the variant's units (completions, or tokens for
-    DAPO); ``max_length`` is Dr. GRPO's constant normaliser (the generation budget)."""
+    DAPO); ``max_length`` is Dr. GRPO's constant normaliser (the generation budget). Log-probs are taken at
+    the sampling temperature (logits / T), for the policy, the sampling policy and the reference alike, as
+    TRL does."""
 
     cfg: PolicyLoss
     max_length: int
+    temperature: float = 1.0  # the sampling temperature: log-probs are those of the distribution sampled
 
     def units(self, batch: Batch) -> int:
         if self.cfg.aggregation == "token":
@@ -233,7 +239,7 @@ class GRPOObjective:
         return batch.inputs.shape[0]
 
     def terms(self, model: nn.Module, batch: RolloutBatch) -> tuple[PolicyTerms, torch.Tensor, torch.Tensor]:
-        logps, logits = token_logps(model, batch.inputs, batch.targets)  # (B, T), (B, T, V)
+        logps, logits = token_logps(model, batch.inputs, batch.targets, self.temperature)  # (B, T), (B, T, V)
         mask = batch.targets != IGNORE_INDEX  # (B, T)
         old = batch.old_logps if batch.old_logps is not None else logps.detach()
         terms = policy_terms(

@@ -164,7 +164,7 @@ def tune_grpo(
     task = Task(
         loader=loader,
         val_batches=lambda: (),
-        objective=GRPOObjective(resolved, rollout.max_new_tokens),
+        objective=GRPOObjective(resolved, rollout.max_new_tokens, rollout.temperature),
         adapt_model=adapt,
         lineage=lineage,
     )

@@ -153,13 +153,15 @@ class Reference:
         self.copy = copy
 
     @torch.no_grad()
-    def logps(self, policy: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def logps(
+        self, policy: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+    ) -> torch.Tensor:
         if self.copy is not None:
-            return token_logps(self.copy, inputs, targets)[0]
+            return token_logps(self.copy, inputs, targets, temperature)[0]
         from lmforge.tune.preference import adapters_off
 
         with adapters_off(policy):
-            return token_logps(policy, inputs, targets)[0]
+            return token_logps(policy, inputs, targets, temperature)[0]
 
 
 # -- the loader ---------------------------------------------------------------------------------------------
@@ -372,18 +374,18 @@ class RolloutLoader:
                 f"is not a multiple of train.micro_batch={self.batch_size}"
             )
         stats = self._stats(kept, sampled)
-        buffer = []
+        buffer, temperature = [], self.rollout.temperature
         for i in range(0, len(rows), self.batch_size):
             inputs, targets = pad_rows(rows[i : i + self.batch_size], self.pad_id)
             inputs, targets = inputs.to(device), targets.to(device)
             old = ref = None
             with autocast_for(device, self.precision):
                 if self.rollout.iterations > 1:
-                    old = token_logps(self.policy, inputs, targets)[0].cpu()
+                    old = token_logps(self.policy, inputs, targets, temperature)[0].cpu()
                 if self.loss.beta > 0:
                     if self.reference is None:
                         raise ConfigError(f"beta={self.loss.beta} needs a reference model")
-                    ref = self.reference.logps(self.policy, inputs, targets).cpu()
+                    ref = self.reference.logps(self.policy, inputs, targets, temperature).cpu()
             advantages_i = torch.tensor(adv[i : i + self.batch_size])  # (B,)
             buffer.append(
                 RolloutBatch(
