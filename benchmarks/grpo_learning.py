@@ -1,17 +1,18 @@
-"""Claim: GRPO with a verifiable reward (``exact``) raises held-out accuracy of a model that solves a task only
-sometimes, beyond what the same budget of further supervised fine-tuning gives; and where a GRPO step's time
-goes (generation vs training) and how the generator's batching changes it (issue 28).
+"""Claim: GRPO with a verifiable reward (``exact``) raises the held-out accuracy of a model that solves a task
+only sometimes; compared with the same budget of further supervised fine-tuning (issue 28).
 
 Setup: a char-level 2-layer model (printable ASCII) is SFT'd (``lmforge.tune.sft.finetune``, chat template) on
-2-digit additions "a+b" -> "a+b's sum" until it is right only part of the time. From that checkpoint:
+a letter-mapping puzzle (``--task cipher``: a 4-letter word -> each letter through a fixed substitution) or on
+2-digit additions (``--task addition``) until it is right only part of the time. From that checkpoint:
 (1) GRPO (``tune_grpo``, variant grpo, reward ``exact``, G completions per prompt, P prompts per step) on the
 same training problems; (2) the same number of optimizer steps of further SFT on P x G examples per step
 (the same sequences per step). Held-out accuracy: greedy answers to --eval problems (disjoint from training),
-exact match, before and after each. The reward curve (mean sampled reward per step) is recorded. Timing:
-GRPO steps with ``generation_batch`` 1 (one group per generate call) and 0 (every group in one call),
-generation and log-prob seconds per step (``generate_s``, ``logps_s``) against the step's wall time.
-Results: benchmarks/results/grpo_learning.json.
-Run: python benchmarks/grpo_learning.py [--sft-steps 600] [--rl-steps 60] [--eval 200] [--dir /tmp/grpo-bench]
+exact match, before and after each. The reward curve (mean sampled reward per step) is recorded. A rough
+timing (--timing-steps GRPO steps with ``generation_batch`` 1 and 0; means, noisy on a shared machine; see
+``grpo_step_time.py`` for medians over alternated rounds). ``--reuse-sft`` keeps DIR/sft from an earlier run.
+Results: benchmarks/results/grpo_learning.json (cipher, T 0.5; the defaults), grpo_learning_cipher_t1.json
+(--temperature 1), grpo_learning_addition.json (--task addition --sft-steps 500 --temperature 1).
+Run: python benchmarks/grpo_learning.py [--task cipher] [--sft-steps 400] [--rl-steps 100] [--dir /tmp/grpo-bench]
 """
 
 from __future__ import annotations
@@ -101,16 +102,16 @@ def step_times(run_dir: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--task", choices=["addition", "cipher"], default="cipher")
-    parser.add_argument("--sft-steps", type=int, default=600)
-    parser.add_argument("--rl-steps", type=int, default=60)
+    parser.add_argument("--sft-steps", type=int, default=400)
+    parser.add_argument("--rl-steps", type=int, default=100)
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--eval", type=int, default=200)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--sft-lr", type=float, default=3e-3)
-    parser.add_argument("--rl-lr", type=float, default=2e-4)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--timing-steps", type=int, default=6)
+    parser.add_argument("--rl-lr", type=float, default=1e-4)
+    parser.add_argument("--temperature", type=float, default=0.5)
+    parser.add_argument("--timing-steps", type=int, default=5)
     parser.add_argument("--dir", default="/tmp/grpo-bench")
     parser.add_argument(
         "--reuse-sft", action="store_true", help="keep DIR/sft from an earlier run of these settings"
@@ -204,7 +205,7 @@ def main() -> None:
         )
 
     result = {
-        "claim": "GRPO on a verifiable reward raises held-out accuracy beyond the same budget of further SFT",
+        "claim": "GRPO on a verifiable reward raises held-out accuracy; compared with the same budget of further SFT",
         "task": f"{args.task}, {args.train} training / {args.eval} held-out problems, greedy exact match",
         "model": "char-level, 2 layers, d_model 128 (printable ASCII)",
         "sft_steps": args.sft_steps,
