@@ -271,9 +271,10 @@ def add_finetune(sub) -> None:
     p.add_argument("--out", required=True, help="the run folder to write")
     p.add_argument(
         "--task",
-        choices=["sft", "classify", "dpo", "simpo", "orpo"],
+        choices=["sft", "classify", "dpo", "simpo", "orpo", "grpo", "dr_grpo", "dapo", "gspo"],
         default="sft",
-        help="dpo/simpo/orpo: preference tuning on prompt/chosen/rejected records",
+        help="dpo/simpo/orpo: preference tuning on prompt/chosen/rejected records; grpo/dr_grpo/dapo/gspo: "
+        "reinforcement learning with --reward on prompt (or messages) records",
     )
     p.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning; else LoRA with this rank")
     p.add_argument("--lora-alpha", type=float, default=16.0)
@@ -298,6 +299,28 @@ def add_finetune(sub) -> None:
         default="cached",
         help="dpo: reference log-probs computed once before training (cached) or on every batch (live)",
     )
+    rl = p.add_argument_group("reinforcement learning (--task grpo, dr_grpo, dapo, gspo)")
+    rl.add_argument(
+        "--reward",
+        action="append",
+        default=[],
+        help="NAME[=WEIGHT] (exact, math, format, length, code) or module:function[=WEIGHT]; repeatable",
+    )
+    rl.add_argument("--group-size", type=int, default=8, help="completions per prompt (G)")
+    rl.add_argument(
+        "--prompts-per-step", type=int, default=8, help="prompts per optimizer step, all processes"
+    )
+    rl.add_argument("--max-new-tokens", type=int, default=128, help="the completion budget")
+    rl.add_argument("--temperature", type=float, default=1.0)
+    rl.add_argument("--top-p", type=float, default=1.0)
+    rl.add_argument("--iterations", type=int, default=1, help="optimizer steps per generation (mu)")
+    rl.add_argument("--generation-batch", type=int, default=0, help="groups per generate call (0: all)")
+    rl.add_argument("--epsilon-low", type=float, default=None, help="clip below 1 - eps (variant's default)")
+    rl.add_argument("--epsilon-high", type=float, default=None, help="clip above 1 + eps (variant's default)")
+    rl.add_argument("--kl-beta", type=float, default=None, help="KL weight (grpo 0.04, the others 0)")
+    rl.add_argument(
+        "--raw-prompts", action="store_true", help="prompts as given, not through the chat template"
+    )
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
     p.add_argument("--no-progress", action="store_true")
 
@@ -317,6 +340,12 @@ def run_finetune(args) -> int:
         )
     if args.task in ("dpo", "simpo", "orpo"):
         return run_preference(args)
+    if args.task in ("grpo", "dr_grpo", "dapo", "gspo"):
+        return run_rl(args)
+    if args.reward:
+        raise ConfigError(
+            f"--reward only applies to the RL tasks (grpo, dr_grpo, dapo, gspo), not {args.task}"
+        )
     return run_classify(args) if args.task == "classify" else run_sft(args)
 
 
@@ -360,6 +389,59 @@ def run_preference(args) -> int:
             f"loss {before['loss']:.4f} -> {after['loss']:.4f}"
         )
     print(f"final loss {result.final_loss}")
+    print(
+        f"tuned model: {result.model_dir}"
+        + (f"; Hugging Face folder: {result.hf_dir}" if result.hf_dir else "")
+    )
+    return 0
+
+
+def run_rl(args) -> int:
+    from lmforge.tune.grpo import PolicyLoss
+    from lmforge.tune.rl import tune_grpo
+    from lmforge.tune.rollout import RolloutConfig
+
+    rollout = RolloutConfig(
+        group_size=args.group_size,
+        prompts_per_step=args.prompts_per_step,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        iterations=args.iterations,
+        generation_batch=args.generation_batch,
+    )
+    loss = PolicyLoss(
+        variant=args.task, epsilon_low=args.epsilon_low, epsilon_high=args.epsilon_high, beta=args.kl_beta
+    )
+    result = tune_grpo(
+        args.base,
+        args.data,
+        out_dir=args.out,
+        rewards=args.reward,
+        rollout=rollout,
+        loss=loss,
+        overrides=args.overrides,
+        lora=_lora(args),
+        raw_prompts=args.raw_prompts,
+        val_fraction=args.val_fraction,
+        limit=args.limit,
+        resume=args.resume,
+        export_hf=args.export_hf,
+        progress=False if args.no_progress else None,
+    )
+    print(
+        f"{result.variant}: {result.train_prompts} training / {result.val_prompts} held-out prompts, "
+        f"{len(result.skipped)} skipped" + (f"; reference: {result.reference}" if result.reference else "")
+    )
+    for line in result.skipped[:20]:
+        print(f"  skipped {line}")
+    if result.val_after:
+        print(
+            "held-out mean reward (greedy) "
+            + ", ".join(f"{k} {result.val_before[k]:.3f} -> {v:.3f}" for k, v in result.val_after.items())
+        )
+    print(f"final loss {result.final_loss}; sampled completions: {result.run_dir / 'completions.jsonl'}")
+    print(f"planner: {result.memory}")
     print(
         f"tuned model: {result.model_dir}"
         + (f"; Hugging Face folder: {result.hf_dir}" if result.hf_dir else "")

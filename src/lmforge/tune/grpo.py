@@ -28,10 +28,14 @@ Shape legend: P prompts, G completions per prompt, N = P x G completions, T comp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.data.batch import IGNORE_INDEX, Batch
 
 Variant = Literal["grpo", "dr_grpo", "dapo", "gspo"]
 VARIANTS: tuple[str, ...] = ("grpo", "dr_grpo", "dapo", "gspo")
@@ -177,3 +181,94 @@ def policy_terms(
         clipped=aggregate(held.to(logps.dtype)),
         ratio=aggregate(ratio.detach()),
     )
+
+
+# -- the objective of the one training loop ----------------------------------------------------------------
+
+
+@dataclass
+class RolloutBatch(Batch):
+    """A micro-batch of completions: ``inputs`` (B, T) prompt + completion, right-padded; ``targets`` (B, T)
+    the completion's tokens (its end-of-text included), IGNORE_INDEX on the prompt and padding. Beside them
+    what the rollout recorded: the advantages (B,), the sampling policy's token log-probs when the batch is
+    optimised more than once (else None: the policy's own, detached), the reference's when beta > 0, and
+    the figures of the generation the batch comes from (logged by the loop)."""
+
+    advantages: torch.Tensor | None = None  # (B,)
+    old_logps: torch.Tensor | None = None  # (B, T)
+    ref_logps: torch.Tensor | None = None  # (B, T)
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def to(self, device: torch.device) -> RolloutBatch:
+        moved = super().to(device)
+        move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
+        moved.advantages = move(self.advantages)
+        moved.old_logps, moved.ref_logps = move(self.old_logps), move(self.ref_logps)
+        return moved
+
+
+def token_logps(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of each target token under the sampling distribution, fp32, 0 where ignored; the logits
+    divided by ``temperature``), (B, T) and (B, T, V)."""
+    logits = model(inputs)  # (B, T, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    B, T, V = logits.shape
+    logps = -F.cross_entropy(
+        logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(B, T)
+    return logps, logits
+
+
+@dataclass(frozen=True)
+class GRPOObjective:
+    """The policy objective as an ``Objective``: sums over the variant's units (completions, or tokens for
+    DAPO); ``max_length`` is Dr. GRPO's constant normaliser (the generation budget). Log-probs are taken at
+    the sampling temperature (logits / T), for the policy, the sampling policy and the reference alike, as
+    TRL does."""
+
+    cfg: PolicyLoss
+    max_length: int
+    temperature: float = 1.0  # the sampling temperature: log-probs are those of the distribution sampled
+
+    def units(self, batch: Batch) -> int:
+        if self.cfg.aggregation == "token":
+            return int((batch.targets != IGNORE_INDEX).sum())
+        return batch.inputs.shape[0]
+
+    def terms(self, model: nn.Module, batch: RolloutBatch) -> tuple[PolicyTerms, torch.Tensor, torch.Tensor]:
+        logps, logits = token_logps(model, batch.inputs, batch.targets, self.temperature)  # (B, T), (B, T, V)
+        mask = batch.targets != IGNORE_INDEX  # (B, T)
+        old = batch.old_logps if batch.old_logps is not None else logps.detach()
+        terms = policy_terms(
+            logps,
+            old,
+            batch.advantages,
+            mask,
+            self.cfg,
+            ref_logps=batch.ref_logps,
+            max_length=self.max_length,
+        )
+        return terms, logits, mask
+
+    def loss(self, model: nn.Module, batch: RolloutBatch) -> torch.Tensor:
+        return self.terms(model, batch)[0].loss
+
+    def metrics(self, model: nn.Module, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+        """Sums over the batch's units (the loop divides by them): KL to the reference, the fraction of
+        tokens clipped, the ratio, the policy's entropy per token (each aggregated as the loss is), and the
+        figures of the batch's generation (rewards, zero-variance groups, lengths, times)."""
+        terms, logits, mask = self.terms(model, batch)
+        logp_all = logits.float().log_softmax(dim=-1)  # (B, T, V)
+        entropy = -(logp_all.exp() * logp_all).sum(dim=-1)  # (B, T)
+        m = mask.to(entropy.dtype)
+        if self.cfg.aggregation == "token":
+            entropy_sum = (entropy * m).sum()
+        else:
+            entropy_sum = ((entropy * m).sum(-1) / m.sum(-1).clamp(min=1)).sum()
+        units = self.units(batch)
+        out = {"kl": terms.kl, "clip_fraction": terms.clipped, "ratio": terms.ratio, "entropy": entropy_sum}
+        out.update({name: torch.tensor(value * units) for name, value in batch.stats.items()})
+        return out
