@@ -230,7 +230,7 @@ def run_modes(modes, corpus: Path, model: str, root: Path, caps: dict, parallel:
             load = os.getloadavg()[0]
             proc = subprocess.Popen(
                 [sys.executable, "-c", RUN, mode, str(corpus), model, str(work), str(caps.get(mode, 0))],
-                stdout=subprocess.PIPE, stderr=open(work / "stderr.txt", "w"), text=True,
+                stdout=open(work / "stdout.txt", "w"), stderr=open(work / "stderr.txt", "w"),
                 env={**os.environ, "OMP_NUM_THREADS": "1"},
             )  # fmt: skip
             running.append((mode, proc, load, work))
@@ -240,7 +240,7 @@ def run_modes(modes, corpus: Path, model: str, root: Path, caps: dict, parallel:
             if proc.poll() is None:
                 continue
             running.remove(item)
-            stdout = proc.stdout.read()
+            stdout = (work / "stdout.txt").read_text()  # a file: a pipe would fill and block the child
             if proc.returncode != 0:
                 print(f"{mode} failed:\n{(work / 'stderr.txt').read_text()[-3000:]}", flush=True)
                 continue
