@@ -22,7 +22,7 @@ Our quality model is trained first on language_quality.py's TRAINING sources. da
 needs a fastText model download and is not run. Before the runs the script waits (polling every 60 s, at most
 --wait-max seconds) for the 1-minute load average to drop below --wait-load; each row records the load when
 it started. Results: benchmarks/results/datatrove_compare.json.
-Run: python benchmarks/datatrove_compare.py [--mb 1000] [--sample-mb 20] [--dir /work/tmp-dt]
+Run: python benchmarks/datatrove_compare.py [--mb 1000] [--sample-mb 10] [--dir /work/tmp-dt]
 (needs datatrove and spacy; not lmforge dependencies)
 """
 
