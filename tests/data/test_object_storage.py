@@ -212,8 +212,12 @@ def test_a_server_outage_mid_run_is_retried_and_the_batches_stay_exact(s3, datas
     # botocore's own retries off, so the outage reaches lmforge's retry loop
     options = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
     stream = stream_settings(
-        cfg, cache_dir=str(datasets["root"] / "cache-outage"), cache_gb=1e-9, storage_options=options
-    )  # a cache of nothing: every batch downloads
+        cfg,
+        cache_dir=str(datasets["root"] / "cache-outage"),
+        cache_gb=1e-9,
+        storage_options=options,
+        read_ahead=0,
+    )  # a cache of nothing and no read-ahead: every batch downloads when it is drawn, after the outage began
     kw = dict(seq_len=48, batch_size=4, seed=2)
     reference = batches(TokenLoader(str(local), **kw), 10)
     loader = TokenLoader(url, stream=stream, **kw)
