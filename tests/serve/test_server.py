@@ -244,8 +244,14 @@ def test_streamed_logprobs_equal_the_whole_answers(server):
     for chunk in c.chat.completions.create(stream=True, **args):
         if chunk.choices and chunk.choices[0].logprobs is not None:
             streamed += chunk.choices[0].logprobs.content
-    assert [(x.token, x.logprob) for x in streamed] == [(x.token, x.logprob) for x in whole]
-    assert [x.top_logprobs for x in streamed] == [x.top_logprobs for x in whole]
+    # the second request's prompt comes from the prefix cache: the same values up to float rounding
+    assert [x.token for x in streamed] == [x.token for x in whole]
+    assert [x.logprob for x in streamed] == pytest.approx([x.logprob for x in whole], abs=1e-5)
+    for s, w in zip(streamed, whole):
+        assert [t.token for t in s.top_logprobs] == [t.token for t in w.top_logprobs]
+        assert [t.logprob for t in s.top_logprobs] == pytest.approx(
+            [t.logprob for t in w.top_logprobs], abs=1e-5
+        )
     args = dict(model="tiny", prompt="Well", max_tokens=10, temperature=0, logprobs=1)
     full = c.completions.create(**args).choices[0].logprobs
     tokens, offsets, values = [], [], []
@@ -257,4 +263,5 @@ def test_streamed_logprobs_equal_the_whole_answers(server):
                 offsets + part.text_offset,
                 values + part.token_logprobs,
             )
-    assert (tokens, offsets, values) == (full.tokens, full.text_offset, full.token_logprobs)
+    assert (tokens, offsets) == (full.tokens, full.text_offset)
+    assert values == pytest.approx(full.token_logprobs, abs=1e-5)

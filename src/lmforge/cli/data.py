@@ -49,7 +49,7 @@ def add_data(sub) -> None:
 
 def run_train_quality(args) -> int:
     from lmforge.config import load_config
-    from lmforge.data.quality import train_quality
+    from lmforge.data.quality_training import train_quality
 
     cfg = load_config(args.config, []).data
     result = train_quality(args.positive, args.negative, args.out, cfg, holdout=args.holdout, seed=args.seed)
